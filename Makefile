@@ -1,0 +1,30 @@
+# Every target that runs Python first makes sure .venv exists and holds the project.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint proto bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m service.demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+proto: $(STAMP)
+	$(PY) -m service.protogen
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.throughput --json benchmarks/results/throughput.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

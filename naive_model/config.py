@@ -1,0 +1,192 @@
+"""Training configuration as plain data.
+
+This module imports nothing heavy (no TensorFlow, no numpy) so that a server can
+validate a request without loading TensorFlow. Every invalid value raises
+`ValueError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ACTIVATIONS = ("relu", "softmax", "sigmoid", "tanh", "linear")
+INITIALIZERS = ("seed", "glorot")
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam")
+STRATEGIES = ("auto", "cpu", "gpu", "mirrored", "multi_worker")
+
+# A model whose weights and optimizer state exceed this is refused before any
+# tensor is built. The bound is generous for a dense network and keeps a typo
+# (units=10**9) from taking a worker's whole memory.
+MAX_MODEL_BYTES = 4 * 1024**3
+MAX_UNITS = 1_000_000
+MAX_LAYERS = 64
+MAX_BATCH_SIZE = 1 << 20
+MAX_EPOCHS = 100_000
+
+# Variables the optimizer keeps per weight (slots), used to size the model.
+_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """One dense layer: how many units and which activation follows it."""
+
+    units: int
+    activation: str = "relu"
+
+    def validate(self, index: int) -> None:
+        if not isinstance(self.units, int) or not 0 < self.units <= MAX_UNITS:
+            raise ValueError(
+                f"layers[{index}].units must be an integer in 1..{MAX_UNITS}, got {self.units!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"layers[{index}].activation must be one of {', '.join(ACTIVATIONS)}, "
+                f"got {self.activation!r}"
+            )
+
+
+def _default_layers() -> tuple[LayerSpec, ...]:
+    return (LayerSpec(units=512, activation="relu"), LayerSpec(units=10, activation="softmax"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that decides how a model is built and trained.
+
+    `batch_size` is the global batch: with N replicas each takes batch_size / N.
+    `steps_per_execution` is how many steps run inside one compiled call
+    (0 means a whole epoch per call).
+    """
+
+    layers: tuple[LayerSpec, ...] = field(default_factory=_default_layers)
+    initializer: str = "glorot"
+    optimizer: str = "rmsprop"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+    batch_size: int = 128
+    epochs: int = 5
+    steps_per_execution: int = 0
+    jit_compile: bool = False
+    seed: int = 0
+    shuffle: bool = True
+
+    def validate(
+        self,
+        *,
+        input_size: int | None = None,
+        num_classes: int | None = None,
+        num_replicas: int = 1,
+    ) -> None:
+        """Raise ValueError naming the first invalid field.
+
+        Args:
+            input_size: features per example, when the data set is known.
+            num_classes: classes in the data set, checked against the last layer.
+            num_replicas: replicas the global batch is split over.
+        """
+        if not self.layers:
+            raise ValueError("layers must hold at least one layer, got none")
+        if len(self.layers) > MAX_LAYERS:
+            raise ValueError(f"layers must hold at most {MAX_LAYERS} layers, got {len(self.layers)}")
+        for index, layer in enumerate(self.layers):
+            layer.validate(index)
+        if self.initializer not in INITIALIZERS:
+            raise ValueError(
+                f"initializer must be one of {', '.join(INITIALIZERS)}, got {self.initializer!r}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        _check_positive_finite("learning_rate", self.learning_rate)
+        if not isinstance(self.momentum, int | float) or not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.batch_size, int) or not 0 < self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(
+                f"batch_size must be an integer in 1..{MAX_BATCH_SIZE}, got {self.batch_size!r}"
+            )
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be at least 1, got {num_replicas!r}")
+        if self.batch_size % num_replicas:
+            raise ValueError(
+                f"batch_size must be divisible by the replica count {num_replicas}, "
+                f"got {self.batch_size}"
+            )
+        if not isinstance(self.epochs, int) or not 0 < self.epochs <= MAX_EPOCHS:
+            raise ValueError(f"epochs must be an integer in 1..{MAX_EPOCHS}, got {self.epochs!r}")
+        if not isinstance(self.steps_per_execution, int) or self.steps_per_execution < 0:
+            raise ValueError(
+                "steps_per_execution must be 0 (a whole epoch) or a positive integer, "
+                f"got {self.steps_per_execution!r}"
+            )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if num_classes is not None and self.layers[-1].units != num_classes:
+            raise ValueError(
+                f"layers[{len(self.layers) - 1}].units must equal the data set's "
+                f"{num_classes} classes, got {self.layers[-1].units}"
+            )
+        if input_size is not None:
+            needed = self.model_bytes(input_size)
+            if needed > MAX_MODEL_BYTES:
+                raise ValueError(
+                    f"layers describe a model needing about {needed / 1024**3:.1f} GiB for "
+                    f"weights and optimizer state, more than the {MAX_MODEL_BYTES / 1024**3:.0f} "
+                    f"GiB limit; got units {[layer.units for layer in self.layers]}"
+                )
+
+    def parameter_count(self, input_size: int) -> int:
+        """Weights and biases of the model for inputs of `input_size` features."""
+        count, fan_in = 0, input_size
+        for layer in self.layers:
+            count += fan_in * layer.units + layer.units
+            fan_in = layer.units
+        return count
+
+    def model_bytes(self, input_size: int) -> int:
+        """float32 bytes for the weights, their gradients and the optimizer slots."""
+        copies = 2 + _OPTIMIZER_SLOTS.get(self.optimizer, 2)
+        return 4 * copies * self.parameter_count(input_size)
+
+    @property
+    def effective_momentum(self) -> float:
+        """The momentum the optimizer uses: "momentum" defaults to 0.9."""
+        if self.optimizer == "momentum" and self.momentum == 0.0:
+            return 0.9
+        return float(self.momentum)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    """Which `tf.distribute` strategy runs the model.
+
+    kind: auto (mirrored over every GPU when several are visible, one GPU when
+    one is, else the CPU), cpu, gpu (one device), mirrored (`devices`, or the
+    first `num_devices` GPUs, or logical CPUs when there is no GPU), or
+    multi_worker (`cluster` is a TF_CONFIG-style dict; None reads TF_CONFIG).
+    """
+
+    kind: str = "auto"
+    num_devices: int = 0
+    devices: tuple[str, ...] = ()
+    cluster: dict | None = None
+
+    def validate(self) -> None:
+        if self.kind not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.kind!r}")
+        if not isinstance(self.num_devices, int) or self.num_devices < 0:
+            raise ValueError(
+                f"num_devices must be a non-negative integer, got {self.num_devices!r}"
+            )
+
+
+def _check_positive_finite(name: str, value: float) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
