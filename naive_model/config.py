@@ -89,7 +89,9 @@ class TrainConfig:
         if not self.layers:
             raise ValueError("layers must hold at least one layer, got none")
         if len(self.layers) > MAX_LAYERS:
-            raise ValueError(f"layers must hold at most {MAX_LAYERS} layers, got {len(self.layers)}")
+            raise ValueError(
+                f"layers must hold at most {MAX_LAYERS} layers, got {len(self.layers)}"
+            )
         for index, layer in enumerate(self.layers):
             layer.validate(index)
         if self.initializer not in INITIALIZERS:
