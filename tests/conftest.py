@@ -1,0 +1,43 @@
+"""Shared test fixtures.
+
+Tests that need a tool pip cannot install (prometheus, promtool,
+docker-compose) use `require_tool`: on a laptop without it they skip, but with
+CI=true they fail, because CI installs every such tool in .ci/run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Keep TensorFlow's C++ start-up chatter out of test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def require_tool(name: str) -> str:
+    """Return the path of executable `name`; skip without it, or fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_path() -> Path:
+    """The real MNIST file beside the repository (../shared/data/mnist.npz)."""
+    if not SHARED_MNIST.exists():
+        message = f"real MNIST not found at {SHARED_MNIST}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED_MNIST
