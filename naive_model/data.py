@@ -1,0 +1,297 @@
+"""Data sets and the book's BatchGenerator. numpy only: no TensorFlow here.
+
+A data set is an `.npz` with x_train, y_train, x_test, y_test (Keras's MNIST
+format). Images of any shape are flattened; uint8 pixels are scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MNIST_ENV = "NTRAIN_MNIST_PATH"
+KERAS_CACHE = Path("~/.keras/datasets/mnist.npz")
+_SPLITS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No file holds the requested data set; the message says where we looked."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits, flattened to (examples, features) float32."""
+
+    name: str
+    x_train: np.ndarray  # (num_train, input_size) float32
+    y_train: np.ndarray  # (num_train,) int32
+    x_test: np.ndarray  # (num_test, input_size) float32
+    y_test: np.ndarray  # (num_test,) int32
+    num_classes: int
+
+    @property
+    def input_size(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(
+            name=self.name,
+            input_size=self.input_size,
+            num_classes=self.num_classes,
+            num_train=len(self.x_train),
+            num_test=len(self.x_test),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    input_size: int
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+def from_arrays(
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int | None = None,
+) -> Dataset:
+    """Check, flatten and scale raw arrays into a Dataset.
+
+    Raises:
+        ValueError: empty splits, mismatched lengths, wrong dtypes, non-finite
+            values, negative labels, or labels >= num_classes.
+    """
+    splits = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    for key, array in splits.items():
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"{name}: {key} must be a numpy array, got {type(array).__name__}")
+        if len(array) == 0 if array.ndim else True:
+            raise ValueError(f"{name}: {key} is empty")
+    for split in ("train", "test"):
+        x, y = splits[f"x_{split}"], splits[f"y_{split}"]
+        if len(x) != len(y):
+            raise ValueError(
+                f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)} labels"
+            )
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"{name}: x_{split} must hold numbers, got dtype {x.dtype}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name}: y_{split} must hold integer class labels, got {y.dtype}")
+        if y.ndim != 1:
+            raise ValueError(f"{name}: y_{split} must be one label per example, got {y.shape}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise ValueError(f"{name}: x_{split} holds non-finite values (NaN or infinity)")
+        if y.min() < 0:
+            raise ValueError(f"{name}: y_{split} holds a negative label {int(y.min())}")
+    train_features = math.prod(x_train.shape[1:])
+    test_features = math.prod(x_test.shape[1:])
+    if train_features != test_features:
+        raise ValueError(
+            f"{name}: x_train has {train_features} features per example, x_test {test_features}"
+        )
+    labels_seen = int(max(y_train.max(), y_test.max())) + 1
+    if num_classes is None:
+        num_classes = labels_seen
+    elif labels_seen > num_classes:
+        raise ValueError(
+            f"{name}: label {labels_seen - 1} is out of range for {num_classes} classes"
+        )
+    return Dataset(
+        name=name,
+        x_train=_features(x_train),
+        y_train=y_train.astype(np.int32),
+        x_test=_features(x_test),
+        y_test=y_test.astype(np.int32),
+        num_classes=num_classes,
+    )
+
+
+def _features(images: np.ndarray) -> np.ndarray:
+    flat = images.reshape(len(images), -1)  # (examples, features)
+    if flat.dtype == np.uint8:
+        return flat.astype(np.float32) / 255.0
+    return flat.astype(np.float32)
+
+
+def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
+    """Load an .npz holding x_train, y_train, x_test and y_test."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [key for key in _SPLITS if key not in archive.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {', '.join(missing)} (has {archive.files})")
+        arrays = [archive[key] for key in _SPLITS]
+    return from_arrays(name or path.stem, *arrays)
+
+
+def mnist_candidates(path: str | os.PathLike | None = None, data_dir=None) -> list[Path]:
+    """Where MNIST is looked for, in order."""
+    candidates = []
+    if path is not None:
+        candidates.append(Path(path))
+    if os.environ.get(MNIST_ENV):
+        candidates.append(Path(os.environ[MNIST_ENV]))
+    if data_dir is not None:
+        candidates.append(Path(data_dir) / "mnist.npz")
+    candidates.append(KERAS_CACHE.expanduser())
+    return [candidate.expanduser() for candidate in candidates]
+
+
+def load_mnist(path: str | os.PathLike | None = None, *, data_dir=None, download=True) -> Dataset:
+    """Load MNIST from a path, $NTRAIN_MNIST_PATH, data_dir, Keras's cache, or a download.
+
+    Raises:
+        DatasetNotFoundError: nowhere held it and the download failed; the
+            message lists every place tried and how to fix it.
+    """
+    tried = mnist_candidates(path, data_dir)
+    for candidate in tried:
+        if candidate.is_file():
+            return load_npz(candidate, name="mnist")
+    reason = "download not attempted"
+    if download:
+        try:
+            from keras.datasets import mnist  # imported late: it pulls in TensorFlow
+
+            (x_train, y_train), (x_test, y_test) = mnist.load_data()
+            return from_arrays("mnist", x_train, y_train, x_test, y_test)
+        except Exception as error:  # the download has many ways to fail; report the one we saw
+            reason = f"Keras download failed: {type(error).__name__}: {error}"
+    places = ", ".join(str(candidate) for candidate in tried)
+    raise DatasetNotFoundError(
+        f"MNIST not found (looked in {places}; {reason}). Put Keras's mnist.npz in one of those "
+        f"places or set {MNIST_ENV}=/path/to/mnist.npz."
+    )
+
+
+def synthetic_dataset(
+    *,
+    num_train: int = 2048,
+    num_test: int = 512,
+    input_size: int = 784,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Dataset:
+    """A deterministic, learnable data set: noisy copies of one prototype per class."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.random((num_classes, input_size), dtype=np.float32)  # (classes, features)
+
+    def sample(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, num_classes, size=count)
+        noise = rng.normal(0.0, 0.3, size=(count, input_size)).astype(np.float32)
+        return np.clip(prototypes[labels] + noise, 0.0, 1.0), labels
+
+    x_train, y_train = sample(num_train)
+    x_test, y_test = sample(num_test)
+    return from_arrays("synthetic", x_train, y_train, x_test, y_test, num_classes=num_classes)
+
+
+def resolve_dataset_path(name: str, data_dir: str | os.PathLike | None) -> Path:
+    """The file inside data_dir that a data set name refers to.
+
+    Raises:
+        ValueError: the name is empty or reaches outside data_dir.
+        DatasetNotFoundError: no such file.
+    """
+    if not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ValueError(
+            f"dataset must be a plain file name inside the data directory, got {name!r}"
+        )
+    if data_dir is None:
+        raise DatasetNotFoundError(f"dataset {name!r}: no data directory is configured")
+    directory = Path(data_dir)
+    for candidate in (directory / name, directory / f"{name}.npz"):
+        if candidate.is_file():
+            return candidate
+    raise DatasetNotFoundError(f"dataset {name!r} not found in {directory}")
+
+
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load "mnist", "synthetic", or an .npz file named inside data_dir."""
+    if name == "synthetic":
+        return synthetic_dataset()
+    if name == "mnist":
+        return load_mnist(data_dir=data_dir)
+    return load_npz(resolve_dataset_path(name, data_dir), name=name)
+
+
+def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> DatasetInfo:
+    """Sizes of a data set, for validating a request before training.
+
+    Reads shapes and labels only: no float conversion of the images.
+    """
+    if name == "synthetic":
+        return synthetic_dataset().info
+    if name == "mnist":
+        path = next((p for p in mnist_candidates(data_dir=data_dir) if p.is_file()), None)
+        if path is None:
+            return load_mnist(data_dir=data_dir).info
+    else:
+        path = resolve_dataset_path(name, data_dir)
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [key for key in _SPLITS if key not in archive.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {', '.join(missing)} (has {archive.files})")
+        x_train, y_train, x_test, y_test = (archive[key] for key in _SPLITS)
+    return DatasetInfo(
+        name=name,
+        input_size=math.prod(x_train.shape[1:]),
+        num_classes=int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1,
+        num_train=len(x_train),
+        num_test=len(x_test),
+    )
+
+
+class BatchGenerator:
+    """Batches over in-memory arrays, the book's API with its bugs fixed.
+
+    The book's version advanced with `self.index += self.batch_size` written as
+    a slice typo, never reset between epochs and dropped the partial last
+    batch. This one visits every example exactly once per epoch (the last batch
+    may be smaller), starts a new epoch when one ends, and can shuffle.
+    """
+
+    def __init__(self, images, labels, batch_size: int = 128, *, shuffle=False, seed=0):
+        if len(images) != len(labels):
+            raise ValueError(f"images has {len(images)} examples but labels has {len(labels)}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.num_batches = math.ceil(len(images) / batch_size)
+        self._rng = np.random.default_rng(seed) if shuffle else None
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.index = 0
+        self._order = self._rng.permutation(len(self.images)) if self._rng is not None else None
+
+    def next(self):
+        """The next (images, labels) batch; after the last one, a new epoch begins."""
+        if self.index >= len(self.images):
+            self._start_epoch()
+        stop = self.index + self.batch_size
+        if self._order is None:
+            batch = slice(self.index, stop)
+        else:
+            batch = self._order[self.index : stop]
+        self.index = stop
+        return self.images[batch], self.labels[batch]
+
+    def __iter__(self):
+        """One epoch of batches."""
+        self._start_epoch()
+        for _ in range(self.num_batches):
+            yield self.next()
