@@ -1,0 +1,89 @@
+"""Choosing a tf.distribute strategy: CPU, one GPU, mirrored GPUs, or several hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from naive_model.config import StrategyConfig
+
+
+def split_cpu(count: int) -> list[tf.config.LogicalDevice]:
+    """Split the host CPU into `count` logical devices.
+
+    Lets a CPU-only machine run MirroredStrategy over several replicas (tests,
+    laptops). Must run before TensorFlow initialises its devices.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+    )
+    return tf.config.list_logical_devices("CPU")
+
+
+def make_strategy(config: StrategyConfig | None = None) -> tf.distribute.Strategy:
+    """The strategy `config` asks for.
+
+    Raises:
+        ValueError: an unknown kind, a GPU strategy on a host without one, or
+            more devices than the host has.
+    """
+    config = config or StrategyConfig()
+    config.validate()
+    if config.kind == "multi_worker":
+        return _multi_worker(config)
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+    if config.kind == "auto":
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy(gpus)
+        return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
+    if config.kind == "cpu":
+        return tf.distribute.OneDeviceStrategy(cpus[0])
+    if config.kind == "gpu":
+        if not gpus:
+            raise ValueError("strategy 'gpu' needs a GPU, but TensorFlow sees none")
+        return tf.distribute.OneDeviceStrategy(gpus[0])
+    # mirrored: explicit devices, else GPUs, else the logical CPUs of split_cpu.
+    devices = list(config.devices) or gpus or cpus
+    if config.num_devices:
+        if config.num_devices > len(devices):
+            raise ValueError(
+                f"num_devices must be at most the {len(devices)} devices visible, "
+                f"got {config.num_devices}"
+            )
+        devices = devices[: config.num_devices]
+    if all("GPU" in device.upper() for device in devices):
+        return tf.distribute.MirroredStrategy(devices)
+    # NCCL, MirroredStrategy's default, is GPU-only; reduce through one device instead.
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def _multi_worker(config: StrategyConfig) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy from a TF_CONFIG-style dict, or $TF_CONFIG.
+
+    Must be the first TensorFlow call of the process: it starts the
+    collective ops server that the other workers connect to.
+    """
+    if config.cluster is not None:
+        os.environ["TF_CONFIG"] = json.dumps(config.cluster)
+    if "TF_CONFIG" not in os.environ:
+        raise ValueError("strategy 'multi_worker' needs a cluster spec or the TF_CONFIG variable")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes shared artifacts (checkpoints, exports)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (
+        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+    )

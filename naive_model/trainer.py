@@ -1,0 +1,287 @@
+"""The compiled, distributed training loop.
+
+Built in layers, as Keras's trainer does: a per-replica step; `strategy.run`
+of it; and a loop of N such steps inside one `tf.function` that traces once
+(step counts are tensors under a fixed input signature). Loss and accuracy
+accumulate on the devices in sync-on-read variables and are read once per
+call. The caller (a notebook, the service's job runner) owns the outer loop:
+epochs, checkpoints, cancellation and reporting.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from naive_model.config import TrainConfig
+from naive_model.data import Dataset
+from naive_model.distribute import is_chief
+from naive_model.export import export_saved_model
+from naive_model.layers import build_model
+from naive_model.losses import per_example_loss
+from naive_model.optimizers import make_optimizer
+from naive_model.results import EpochResult, Metrics, Progress
+
+_SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
+
+
+def _sum_on_read(dtype: tf.DType) -> tf.Variable:
+    """A per-replica accumulator: local adds, summed across replicas when read."""
+    return tf.Variable(
+        tf.zeros((), dtype),
+        trainable=False,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.SUM,
+    )
+
+
+class Trainer:
+    """Trains a NaiveSequential on a Dataset under a tf.distribute strategy.
+
+    Args:
+        config: what to build and how to train it.
+        dataset: the data; the model's input and output sizes follow it.
+        strategy: where to run; None means the default (current) strategy.
+        eager: run the loop without tf.function, for debugging.
+
+    Raises:
+        ValueError: an invalid config for this data set and replica count.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        strategy: tf.distribute.Strategy | None = None,
+        *,
+        eager: bool = False,
+    ):
+        self.config = config
+        self.dataset = dataset
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.num_replicas = self.strategy.num_replicas_in_sync
+        config.validate(
+            input_size=dataset.input_size,
+            num_classes=dataset.num_classes,
+            num_replicas=self.num_replicas,
+        )
+        self.global_batch_size = config.batch_size
+        self.per_replica_batch_size = config.batch_size // self.num_replicas
+        # Fixed shapes: the partial last batch is dropped (a new shuffle each
+        # epoch brings the dropped examples back in later epochs).
+        self.steps_per_epoch = len(dataset.x_train) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size must be at most the {len(dataset.x_train)} training examples, "
+                f"got {config.batch_size}"
+            )
+        self.steps_per_execution = min(
+            config.steps_per_execution or self.steps_per_epoch, self.steps_per_epoch
+        )
+        with self.strategy.scope():
+            self.model = build_model(
+                dataset.input_size, config.layers, initializer=config.initializer, seed=config.seed
+            )
+            self.optimizer = make_optimizer(config)
+            # Built inside the scope before tracing: its slots must be mirrored too.
+            self.optimizer.build(self.model.weights)
+            self._epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # The training data lives on the devices; each step gathers its batch.
+            self._images = tf.Variable(dataset.x_train, trainable=False)  # (N, input_size)
+            self._labels = tf.Variable(dataset.y_train, trainable=False)  # (N,)
+            self._order = tf.Variable(
+                tf.range(len(dataset.x_train), dtype=tf.int64), trainable=False
+            )
+            self._loss_sum = _sum_on_read(tf.float32)
+            self._correct = _sum_on_read(tf.int64)
+        self._checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, epochs_done=self._epochs_done
+        )
+        self._managers: dict[str, tf.train.CheckpointManager] = {}
+        if eager:
+            self._train_loop = self._run_steps
+        else:
+            self._train_loop = tf.function(self._run_steps, input_signature=[_SCALAR_INT64] * 2)
+        step = self._replica_step
+        if config.jit_compile and not eager:
+            step = tf.function(step, jit_compile=True)
+        self._step = step
+        self._evaluate_batch = tf.function(
+            self._evaluate_batch_eager,
+            input_signature=[
+                tf.TensorSpec((None, dataset.input_size), tf.float32),
+                tf.TensorSpec((None,), tf.int32),
+            ],
+        )
+
+    # -- the compiled core -------------------------------------------------
+
+    def _replica_step(self, step_in_epoch: tf.Tensor) -> None:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        start = step_in_epoch * self.global_batch_size + tf.cast(
+            replica * self.per_replica_batch_size, tf.int64
+        )
+        indices = self._order[start : start + self.per_replica_batch_size]  # (per_replica,)
+        images = tf.gather(self._images, indices)  # (per_replica, input_size)
+        labels = tf.gather(self._labels, indices)  # (per_replica,)
+        with tf.GradientTape() as tape:
+            losses, scores = per_example_loss(self.model, images, labels)  # (per_replica,)
+            # Divide by the global batch: the optimizer sums gradients over
+            # replicas, so the sum is the gradient of the global mean loss.
+            loss = tf.reduce_sum(losses) / self.global_batch_size
+        gradients = tape.gradient(loss, self.model.weights)
+        self.optimizer.apply_gradients(zip(gradients, self.model.weights, strict=True))
+        predicted = tf.argmax(scores, axis=1, output_type=tf.int32)  # (per_replica,)
+        self._loss_sum.assign_add(tf.reduce_sum(losses))
+        self._correct.assign_add(tf.reduce_sum(tf.cast(predicted == labels, tf.int64)))
+
+    def _run_steps(self, first_step: tf.Tensor, num_steps: tf.Tensor) -> None:
+        for offset in tf.range(num_steps):
+            self.strategy.run(self._step, args=(first_step + offset,))
+
+    # -- the host loop ------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return int(self._epochs_done.numpy())
+
+    @property
+    def global_step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the training loop was traced (1 when all is well)."""
+        if isinstance(self._train_loop, tf.types.experimental.PolymorphicFunction):
+            return self._train_loop.experimental_get_tracing_count()
+        return 0
+
+    def train_epoch(self, on_progress: Callable[[Progress], None] | None = None) -> EpochResult:
+        """Train one epoch in calls of `steps_per_execution` steps.
+
+        Args:
+            on_progress: called after every compiled call with the epoch so far.
+        """
+        epoch = self.epoch + 1
+        self._start_epoch(epoch)
+        epoch_start = time.perf_counter()
+        step_in_epoch = 0
+        loss = accuracy = 0.0
+        while step_in_epoch < self.steps_per_epoch:
+            steps = min(self.steps_per_execution, self.steps_per_epoch - step_in_epoch)
+            call_start = time.perf_counter()
+            self._train_loop(tf.constant(step_in_epoch, tf.int64), tf.constant(steps, tf.int64))
+            step_in_epoch += steps
+            # Reading the accumulators is the one host sync of the call.
+            examples_so_far = step_in_epoch * self.global_batch_size
+            loss = float(self._loss_sum.numpy()) / examples_so_far
+            accuracy = int(self._correct.numpy()) / examples_so_far
+            if on_progress is not None:
+                on_progress(
+                    Progress(
+                        epoch=epoch,
+                        step=self.global_step,
+                        step_in_epoch=step_in_epoch,
+                        steps_per_epoch=self.steps_per_epoch,
+                        steps=steps,
+                        examples=steps * self.global_batch_size,
+                        loss=loss,
+                        accuracy=accuracy,
+                        seconds=time.perf_counter() - call_start,
+                    )
+                )
+        self._epochs_done.assign_add(1)
+        return EpochResult(
+            epoch=epoch,
+            loss=loss,
+            accuracy=accuracy,
+            steps=self.steps_per_epoch,
+            examples=self.steps_per_epoch * self.global_batch_size,
+            seconds=time.perf_counter() - epoch_start,
+        )
+
+    def fit(
+        self,
+        epochs: int | None = None,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_epoch_end: Callable[[EpochResult], None] | None = None,
+    ) -> list[EpochResult]:
+        """Train `epochs` more epochs (default: the config's)."""
+        results = []
+        for _ in range(epochs or self.config.epochs):
+            results.append(self.train_epoch(on_progress))
+            if on_epoch_end is not None:
+                on_epoch_end(results[-1])
+        return results
+
+    def _start_epoch(self, epoch: int) -> None:
+        if self.config.shuffle:
+            # Seeded by (seed, epoch): every worker of a cluster draws the same order.
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(len(self.dataset.x_train), dtype=tf.int64),
+                seed=[self.config.seed, epoch],
+            )
+            self._order.assign(order)
+        for accumulator in (self._loss_sum, self._correct):
+            accumulator.assign(tf.zeros_like(accumulator.read_value()))
+
+    # -- evaluation, checkpoints, export -------------------------------------
+
+    def _evaluate_batch_eager(self, images, labels):
+        losses, scores = per_example_loss(self.model, images, labels)  # (batch,)
+        predicted = tf.argmax(scores, axis=1, output_type=tf.int32)
+        return tf.reduce_sum(losses), tf.reduce_sum(tf.cast(predicted == labels, tf.int64))
+
+    def evaluate(self, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Metrics:
+        """Loss and accuracy on (x, y), by default the data set's test split."""
+        if x is None:
+            x, y = self.dataset.x_test, self.dataset.y_test
+        loss_sum, correct = 0.0, 0
+        batch = 2048
+        for start in range(0, len(x), batch):
+            batch_loss, batch_correct = self._evaluate_batch(
+                tf.constant(x[start : start + batch], tf.float32),
+                tf.constant(y[start : start + batch], tf.int32),
+            )
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+        return Metrics(loss=loss_sum / len(x), accuracy=correct / len(x), examples=len(x))
+
+    def _manager(self, directory: str | Path, max_to_keep: int) -> tf.train.CheckpointManager:
+        directory = Path(directory)
+        if not is_chief(self.strategy):
+            # Every worker must save (the save is collective); only the chief's copy is kept.
+            resolver = self.strategy.cluster_resolver
+            directory = directory / f".worker-{resolver.task_type}-{resolver.task_id}"
+        key = str(directory)
+        if key not in self._managers:
+            self._managers[key] = tf.train.CheckpointManager(
+                self._checkpoint, key, max_to_keep=max_to_keep
+            )
+        return self._managers[key]
+
+    def save_checkpoint(self, directory: str | Path, *, max_to_keep: int = 3) -> str:
+        """Save model, optimizer and progress; keep the newest `max_to_keep`."""
+        manager = self._manager(directory, max_to_keep)
+        path = manager.save(checkpoint_number=self.global_step)
+        if not is_chief(self.strategy):
+            shutil.rmtree(manager.directory, ignore_errors=True)
+        return path
+
+    def restore_checkpoint(self, directory: str | Path) -> str | None:
+        """Restore the newest checkpoint in `directory`; None when there is none."""
+        latest = tf.train.latest_checkpoint(str(directory))
+        if latest is not None:
+            self._checkpoint.restore(latest).assert_existing_objects_matched()
+        return latest
+
+    def export(self, path: str | Path) -> None:
+        """Write a SavedModel whose serving_default maps inputs to probabilities."""
+        export_saved_model(self.model, self.dataset.input_size, path)
