@@ -1,0 +1,300 @@
+"""Jobs, their state transitions and their event history in SQLite.
+
+One database, `state-dir/ntrain.db` (WAL), and one folder per job,
+`state-dir/jobs/<job_id>/`, for its checkpoints, SavedModel and log. Every
+event a job emits (state change, progress, end of epoch, result) is a row with
+a per-job sequence number that starts at 1 and has no gaps; WatchJob replays
+those rows, and the job's transitions are its state-change events. The job row
+keeps the latest state, progress and result so that GetJob and ListJobs need
+one query.
+
+Records are plain data with JSON-able payloads; proto conversion happens in
+`service.spec`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
+JOB_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELED")
+EVENT_KINDS = ("state", "progress", "epoch_end", "result")
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
+    job_id TEXT NOT NULL UNIQUE,
+    request_id TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,                     -- JSON of the normalized JobSpec
+    state TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    strategy TEXT NOT NULL DEFAULT '',
+    devices TEXT NOT NULL DEFAULT '[]',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    progress TEXT,                          -- JSON of the latest progress event
+    result TEXT,                            -- JSON of the result event
+    last_sequence INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs (job_id),
+    sequence INTEGER NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,                     -- state, progress, epoch_end or result
+    data TEXT NOT NULL,                     -- JSON; keys follow the proto message's fields
+    PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's history. `data` keys follow the proto message of `kind`."""
+
+    job_id: str
+    sequence: int
+    time: float
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: str
+    time: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    request_id: str
+    spec: dict[str, Any]  # JobSpec.to_dict()
+    state: str
+    create_time: float
+    strategy: str = ""
+    devices: tuple[str, ...] = ()
+    failure_reason: str = ""
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    last_sequence: int = 0
+    transitions: tuple[Transition, ...] = field(default=())
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class Store:
+    """SQLite storage for jobs and events, safe to use from many threads."""
+
+    def __init__(self, state_dir: str | Path):
+        self.state_dir = Path(state_dir)
+        self.jobs_dir = self.state_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / "ntrain.db"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL with NORMAL sync survives a process crash; only an OS crash may
+            # lose the last transactions, which is acceptable for progress rows.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def job_dir(self, job_id: str) -> Path:
+        """The folder of a job's checkpoints, SavedModel and log (not created here)."""
+        return self.jobs_dir / job_id
+
+    # -- writes ---------------------------------------------------------------
+
+    def create_job(self, record: JobRecord, time: float) -> Event:
+        """Insert a new job with its first event, the change to `record.state`."""
+        data = {"state": record.state, "reason": ""}
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
+                " VALUES (?, ?, ?, ?, ?, 1)",
+                (
+                    record.job_id,
+                    record.request_id,
+                    json.dumps(record.spec, sort_keys=True),
+                    record.state,
+                    record.create_time,
+                ),
+            )
+            self._insert_event(record.job_id, 1, time, "state", data)
+        return Event(record.job_id, 1, time, "state", data)
+
+    def append_event(
+        self,
+        job_id: str,
+        kind: str,
+        data: dict[str, Any],
+        time: float,
+        **job_fields: Any,
+    ) -> Event:
+        """Add the job's next event and update its row, in one transaction.
+
+        Args:
+            kind: state, progress, epoch_end or result. A state event sets the
+                job's state (and failure_reason, if given); a progress or result
+                event also becomes the job's latest progress or result.
+            job_fields: other columns to set: strategy, devices, failure_reason.
+        """
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"kind must be one of {EVENT_KINDS}, got {kind!r}")
+        updates = dict(job_fields)
+        if kind == "state":
+            updates["state"] = data["state"]
+        elif kind in ("progress", "result"):
+            updates[kind] = json.dumps(data)
+        if "devices" in updates:
+            updates["devices"] = json.dumps(list(updates["devices"]))
+        with self._lock, self._transaction():
+            row = self._db.execute(
+                "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            sequence = row["last_sequence"] + 1
+            self._insert_event(job_id, sequence, time, kind, data)
+            updates["last_sequence"] = sequence
+            assignments = ", ".join(f"{column} = ?" for column in updates)
+            self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*updates.values(), job_id)
+            )
+        return Event(job_id, sequence, time, kind, data)
+
+    def _insert_event(self, job_id: str, sequence: int, time: float, kind: str, data) -> None:
+        self._db.execute(
+            "INSERT INTO events (job_id, sequence, time, kind, data) VALUES (?, ?, ?, ?, ?)",
+            (job_id, sequence, time, kind, json.dumps(data)),
+        )
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    # -- reads ----------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return None if row is None else self._record(row)
+
+    def find_by_request_id(self, request_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return None if row is None else self._record(row)
+
+    def list_jobs(
+        self, *, states: tuple[str, ...] = (), limit: int = 50, before: int | None = None
+    ) -> tuple[list[JobRecord], int | None]:
+        """Jobs newest first, `limit` at most, created before cursor `before`.
+
+        Returns:
+            The jobs and the cursor of the next page (None on the last page).
+        """
+        where, params = [], []
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(states)
+        if before is not None:
+            where.append("seq < ?")
+            params.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)
+            ).fetchall()
+            records = [self._record(row) for row in rows[:limit]]
+        next_cursor = rows[limit - 1]["seq"] if len(rows) > limit else None
+        return records, next_cursor
+
+    def events_after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        """The job's events with sequence > `after`, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+                (job_id, after, limit),
+            ).fetchall()
+        return [
+            Event(row["job_id"], row["sequence"], row["time"], row["kind"], json.loads(row["data"]))
+            for row in rows
+        ]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in JOB_STATES} | {row[0]: row[1] for row in rows}
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Jobs not in a terminal state, oldest first."""
+        terminal = tuple(TERMINAL_STATES)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE state NOT IN ({', '.join('?' for _ in terminal)})"
+                " ORDER BY seq",
+                terminal,
+            ).fetchall()
+            return [self._record(row) for row in rows]
+
+    def _record(self, row: sqlite3.Row) -> JobRecord:
+        transitions = tuple(
+            Transition(data["state"], time, data.get("reason", ""))
+            for time, data in (
+                (event["time"], json.loads(event["data"]))
+                for event in self._db.execute(
+                    "SELECT time, data FROM events WHERE job_id = ? AND kind = 'state'"
+                    " ORDER BY sequence",
+                    (row["job_id"],),
+                )
+            )
+        )
+        return JobRecord(
+            job_id=row["job_id"],
+            request_id=row["request_id"],
+            spec=json.loads(row["spec"]),
+            state=row["state"],
+            create_time=row["create_time"],
+            strategy=row["strategy"],
+            devices=tuple(json.loads(row["devices"])),
+            failure_reason=row["failure_reason"],
+            progress=json.loads(row["progress"]) if row["progress"] else None,
+            result=json.loads(row["result"]) if row["result"] else None,
+            last_sequence=row["last_sequence"],
+            transitions=transitions,
+        )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
