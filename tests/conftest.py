@@ -21,6 +21,18 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def pytest_configure(config):
+    """Split the CPU into two logical devices before TensorFlow starts.
+
+    The mirrored-strategy tests need two replicas on a CPU-only host, and the
+    split must happen before any TensorFlow op runs in this process.
+    Single-device tests run on the first logical CPU.
+    """
+    from naive_model.distribute import split_cpu
+
+    split_cpu(2)
+
+
 def require_tool(name: str) -> str:
     """Return the path of executable `name`; skip without it, or fail in CI."""
     path = shutil.which(name)

@@ -1,0 +1,145 @@
+"""Data loading, the BatchGenerator, and the clear errors bad data gets."""
+
+import numpy as np
+import pytest
+
+from naive_model import data
+from naive_model.data import (
+    BatchGenerator,
+    DatasetNotFoundError,
+    dataset_info,
+    from_arrays,
+    load_dataset,
+    load_mnist,
+    synthetic_dataset,
+)
+
+
+def _arrays(num_train=12, num_test=4, shape=(3, 2), classes=3):
+    rng = np.random.default_rng(0)
+    return (
+        rng.integers(0, 256, (num_train, *shape), dtype=np.uint8),
+        rng.integers(0, classes, num_train).astype(np.uint8),
+        rng.integers(0, 256, (num_test, *shape), dtype=np.uint8),
+        rng.integers(0, classes, num_test).astype(np.uint8),
+    )
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("count,batch", [(10, 3), (12, 4), (5, 128)])
+def test_batch_generator_visits_every_sample_once_per_epoch(shuffle, count, batch):
+    images = np.arange(count)
+    labels = np.arange(count) * 10
+    batches = BatchGenerator(images, labels, batch, shuffle=shuffle, seed=1)
+    assert batches.num_batches == -(-count // batch)
+    for _ in range(3):  # every epoch, including after the first, sees each sample once
+        seen = []
+        for _ in range(batches.num_batches):
+            images_batch, labels_batch = batches.next()
+            np.testing.assert_array_equal(labels_batch, images_batch * 10)
+            seen.extend(images_batch.tolist())
+        assert sorted(seen) == list(range(count))
+
+
+def test_batch_generator_keeps_the_partial_last_batch():
+    batches = BatchGenerator(np.arange(10), np.arange(10), 4)
+    sizes = [len(images) for images, _ in batches]
+    assert sizes == [4, 4, 2]
+
+
+def test_arrays_are_flattened_and_uint8_scaled():
+    dataset = from_arrays("t", *_arrays())
+    assert dataset.x_train.shape == (12, 6) and dataset.x_train.dtype == np.float32
+    assert 0.0 <= dataset.x_train.min() and dataset.x_train.max() <= 1.0
+    assert dataset.y_train.dtype == np.int32
+    assert dataset.input_size == 6 and dataset.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: (a[0], a[1][:-1], a[2], a[3]), "x_train has 12 examples but y_train has 11"),
+        (lambda a: (a[0][:0], a[1][:0], a[2], a[3]), "x_train is empty"),
+        (lambda a: (a[0], a[1], a[2], a[3].astype(np.float32)), "y_test must hold integer"),
+        (lambda a: (a[0].astype(str), a[1], a[2], a[3]), "x_train must hold numbers"),
+        (
+            lambda a: (np.where(a[0] > 100, np.nan, a[0].astype(np.float32)), *a[1:]),
+            "non-finite",
+        ),
+        (lambda a: (a[0], a[1].astype(np.int64) - 1, a[2], a[3]), "negative label"),
+        (lambda a: (a[0], a[1], a[2].reshape(4, 6)[:, :5], a[3]), "6 features per example"),
+    ],
+    ids=["lengths", "empty", "label-dtype", "image-dtype", "non-finite", "negative", "features"],
+)
+def test_bad_data_raises_a_clear_value_error(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        from_arrays("bad", *mutate(_arrays()))
+
+
+def test_labels_out_of_range_for_the_classes_are_refused():
+    with pytest.raises(ValueError, match="label 2 is out of range for 2 classes"):
+        from_arrays("bad", *_arrays(classes=3), num_classes=2)
+
+
+def test_any_npz_of_any_image_shape_and_class_count(tmp_path):
+    x_train, y_train, x_test, y_test = _arrays(shape=(4, 4, 3), classes=5)
+    np.savez(
+        tmp_path / "colours.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
+    dataset = load_dataset("colours", data_dir=tmp_path)
+    assert (
+        dataset.input_size == 48
+        and dataset.num_classes == int(max(y_train.max(), y_test.max())) + 1
+    )
+    info = dataset_info("colours.npz", data_dir=tmp_path)
+    assert (info.input_size, info.num_train, info.num_test) == (48, 12, 4)
+
+
+def test_missing_arrays_are_named(tmp_path):
+    np.savez(tmp_path / "half.npz", x_train=np.zeros((2, 2)), y_train=np.zeros(2, np.int8))
+    with pytest.raises(ValueError, match="missing arrays x_test, y_test"):
+        load_dataset("half", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "..", ".hidden", ""])
+def test_dataset_names_cannot_leave_the_data_directory(tmp_path, name):
+    with pytest.raises(ValueError, match="plain file name"):
+        load_dataset(name, data_dir=tmp_path)
+
+
+def test_synthetic_data_is_deterministic():
+    first, second = synthetic_dataset(), synthetic_dataset()
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    np.testing.assert_array_equal(first.y_test, second.y_test)
+    assert first.info == dataset_info("synthetic")
+
+
+def test_mnist_is_found_by_path_environment_and_keras_cache(mnist_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(data.MNIST_ENV, raising=False)
+    assert load_mnist(mnist_path).y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    monkeypatch.setenv(data.MNIST_ENV, str(mnist_path))
+    assert load_mnist(download=False).x_train.shape == (60000, 784)
+    monkeypatch.delenv(data.MNIST_ENV)
+    cache = tmp_path / ".keras" / "datasets"
+    cache.mkdir(parents=True)
+    (cache / "mnist.npz").symlink_to(mnist_path)
+    assert load_mnist(download=False).y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def test_mnist_missing_everywhere_says_where_it_looked(tmp_path, monkeypatch):
+    import keras
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(data.MNIST_ENV, raising=False)
+
+    def no_network():
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", no_network)
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_mnist(data_dir=tmp_path / "data")
+    message = str(error.value)
+    assert str(tmp_path / "data" / "mnist.npz") in message
+    assert str(tmp_path / ".keras" / "datasets" / "mnist.npz") in message
+    assert "network is unreachable" in message and data.MNIST_ENV in message
