@@ -1,0 +1,256 @@
+"""Training throughput of the naive model, measured side by side in one process.
+
+    python -m benchmarks.throughput --json FILE [--quick] [--data PATH]
+
+Entries (samples per second, MNIST, batch 128, 784 -> 512 relu -> 10 softmax,
+one optimizer for all):
+  seed_eager      the book's eager loop: one one_training_step per batch
+  compiled        naive_model.Trainer at its best steps_per_execution
+  keras_fit_best  keras.Sequential + model.fit at its best steps_per_execution
+                  and jit_compile
+  roofline        what the machine's measured tf.matmul rate at this step's
+                  shapes allows (forward, and backward for the weights)
+  mirrored_2      naive_model.Trainer over 2 logical CPU devices
+See benchmarks/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from naive_model.distribute import split_cpu  # noqa: E402  (TensorFlow must not start first)
+
+# Two logical CPUs for mirrored_2, configured before TensorFlow initialises its
+# devices. The single-device entries run on the first one.
+split_cpu(2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from naive_model.config import LayerSpec, StrategyConfig, TrainConfig  # noqa: E402
+from naive_model.data import BatchGenerator, load_mnist  # noqa: E402
+from naive_model.distribute import make_strategy  # noqa: E402
+from naive_model.eager import one_training_step  # noqa: E402
+from naive_model.layers import build_model  # noqa: E402
+from naive_model.optimizers import make_optimizer  # noqa: E402
+from naive_model.trainer import Trainer  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
+BATCH = 128
+HIDDEN = 512
+
+
+def _config(args, **overrides) -> TrainConfig:
+    fields = dict(
+        layers=(
+            LayerSpec(units=HIDDEN, activation="relu"),
+            LayerSpec(units=10, activation="softmax"),
+        ),
+        initializer="glorot",
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        batch_size=BATCH,
+        epochs=1,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def bench_seed_eager(args, dataset) -> dict:
+    """The book's loop, eager: numpy batches fed to one_training_step."""
+    config = _config(args)
+    model = build_model(dataset.input_size, config.layers, initializer="glorot")
+    optimizer = make_optimizer(config)
+    batches = BatchGenerator(dataset.x_train, dataset.y_train, BATCH)
+    steps = args.eager_steps
+    for _ in range(5):  # warm-up: first calls build kernels and optimizer slots
+        one_training_step(model, *batches.next(), optimizer=optimizer)
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_training_step(model, *batches.next(), optimizer=optimizer)
+    seconds = time.perf_counter() - start
+    return {"samples_per_sec": steps * BATCH / seconds, "steps": steps}
+
+
+def _timed_epochs(trainer: Trainer, epochs: int) -> float:
+    trainer.train_epoch()  # traces and warms up
+    best = 0.0
+    for _ in range(epochs):
+        best = max(best, trainer.train_epoch().examples_per_second)
+    return best
+
+
+def bench_compiled(args, dataset, strategy) -> dict:
+    """naive_model.Trainer at each steps_per_execution; the best is kept."""
+    tried = {}
+    for spe in args.steps_per_execution:
+        trainer = Trainer(_config(args, steps_per_execution=spe), dataset, strategy)
+        tried[str(spe or "epoch")] = _timed_epochs(trainer, args.epochs)
+    best = max(tried, key=tried.get)
+    return {"samples_per_sec": tried[best], "best_steps_per_execution": best, "tried": tried}
+
+
+def bench_mirrored(args, dataset) -> dict:
+    strategy = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
+    trainer = Trainer(_config(args), dataset, strategy)
+    return {
+        "samples_per_sec": _timed_epochs(trainer, args.epochs),
+        "replicas": strategy.num_replicas_in_sync,
+    }
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def bench_keras_fit(args, dataset) -> dict:
+    """keras.Sequential with the same layers, optimizer and batch, via model.fit."""
+    steps_per_epoch = len(dataset.x_train) // BATCH
+    x = dataset.x_train[: steps_per_epoch * BATCH]
+    y = dataset.y_train[: steps_per_epoch * BATCH]
+    tried = {}
+    with tf.device("/cpu:0"):
+        for spe in (1, 32, steps_per_epoch):
+            for jit in (False, True):
+                model = keras.Sequential(
+                    [
+                        keras.Input((dataset.input_size,)),
+                        keras.layers.Dense(HIDDEN, activation="relu"),
+                        keras.layers.Dense(10, activation="softmax"),
+                    ]
+                )
+                model.compile(
+                    optimizer=make_optimizer(_config(args)),
+                    loss="sparse_categorical_crossentropy",
+                    metrics=["accuracy"],
+                    steps_per_execution=spe,
+                    jit_compile=jit,
+                )
+                timer = _EpochTimer()
+                model.fit(
+                    x, y, batch_size=BATCH, epochs=1 + args.epochs, verbose=0, callbacks=[timer]
+                )
+                # The first epoch traces; the best of the rest counts.
+                tried[f"spe={spe},jit={jit}"] = len(x) / min(timer.seconds[1:])
+    best = max(tried, key=tried.get)
+    return {"samples_per_sec": tried[best], "best": best, "tried": tried}
+
+
+def bench_roofline(args, dataset) -> dict:
+    """Samples/s allowed by the measured tf.matmul rate at the step's shapes.
+
+    A step's matmuls: forward x@W1 (128x784x512) and h@W2 (128x512x10), and
+    the weight gradients x^T@g1 and h^T@g2 of the same sizes. The input
+    gradient of layer 1 is not needed, so it is not counted.
+    """
+    rng = np.random.default_rng(0)
+
+    def tensor(*shape):
+        return tf.constant(rng.random(shape, dtype=np.float32))
+
+    x, w1, g1 = tensor(BATCH, 784), tensor(784, HIDDEN), tensor(BATCH, HIDDEN)
+    h, w2, g2 = tensor(BATCH, HIDDEN), tensor(HIDDEN, 10), tensor(BATCH, 10)
+    flops_per_step = 2 * (2 * BATCH * 784 * HIDDEN) + 2 * (2 * BATCH * HIDDEN * 10)
+
+    @tf.function
+    def matmuls(steps):
+        total = tf.constant(0.0)
+        for _ in tf.range(steps):
+            # Results are summed so that no matmul is pruned from the graph.
+            total += tf.reduce_sum(tf.matmul(x, w1)[0]) + tf.reduce_sum(tf.matmul(h, w2)[0])
+            total += tf.reduce_sum(tf.matmul(x, g1, transpose_a=True)[0])
+            total += tf.reduce_sum(tf.matmul(h, g2, transpose_a=True)[0])
+        return total
+
+    steps = len(dataset.x_train) // BATCH
+    with tf.device("/cpu:0"):
+        matmuls(tf.constant(10)).numpy()
+        best = float("inf")
+        for _ in range(1 + args.epochs):
+            start = time.perf_counter()
+            matmuls(tf.constant(steps)).numpy()
+            best = min(best, time.perf_counter() - start)
+    flops_per_second = flops_per_step * steps / best
+    return {
+        "samples_per_sec": steps * BATCH / best,
+        "matmul_gflops_per_sec": flops_per_second / 1e9,
+        "flops_per_sample": flops_per_step / BATCH,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and steps")
+    parser.add_argument("--data", type=Path, default=None, help="MNIST .npz (default: ../shared)")
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    args.epochs = 1 if args.quick else 3
+    args.eager_steps = 100 if args.quick else 400
+    args.steps_per_execution = [32, 0] if args.quick else [1, 32, 128, 0]
+
+    data_path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    dataset = load_mnist(data_path)
+    single = make_strategy(StrategyConfig(kind="cpu"))
+
+    results = {
+        "seed_eager": bench_seed_eager(args, dataset),
+        "compiled": bench_compiled(args, dataset, single),
+        "keras_fit_best": bench_keras_fit(args, dataset),
+        "roofline": bench_roofline(args, dataset),
+        "mirrored_2": bench_mirrored(args, dataset),
+    }
+    rate = {name: entry["samples_per_sec"] for name, entry in results.items()}
+    report = {
+        "entries": results,
+        "ratios": {
+            "compiled/keras_fit_best": rate["compiled"] / rate["keras_fit_best"],
+            "compiled/roofline": rate["compiled"] / rate["roofline"],
+            "compiled/seed_eager": rate["compiled"] / rate["seed_eager"],
+            "mirrored_2/compiled": rate["mirrored_2"] / rate["compiled"],
+        },
+        "setup": {
+            "optimizer": args.optimizer,
+            "learning_rate": args.learning_rate,
+            "batch_size": BATCH,
+            "model": f"784-{HIDDEN}-10",
+            "quick": args.quick,
+            "data": str(data_path or "keras cache"),
+        },
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
