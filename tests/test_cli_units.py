@@ -1,0 +1,382 @@
+"""The ntrain command line's parts that need no training server.
+
+Argument parsing and spec building, the progress bar, output formatting, error
+messages, and WatchJob reconnection against a small fake TrainingService served
+by a real gRPC server on port 0.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+from ntrain.v1 import training_pb2, training_pb2_grpc
+
+from service import cli, cli_output
+from service.progress import ProgressRenderer, bar, format_progress_line
+from tests.conftest import REPO_ROOT
+
+# --- parsing and spec building -------------------------------------------------------------
+
+
+def test_parse_layers_reads_units_and_activations():
+    layers = cli.parse_layers("512:relu, 10:softmax")
+    assert [(layer.units, layer.activation) for layer in layers] == [(512, "relu"), (10, "softmax")]
+    assert cli.parse_layers("64")[0].activation == "relu"
+
+
+@pytest.mark.parametrize("text", ["relu:512", "512:relu:x", "", "512:"])
+def test_parse_layers_refuses_malformed_text(text):
+    with pytest.raises(Exception, match="UNITS:ACTIVATION"):
+        cli.parse_layers(text)
+
+
+def test_train_flags_build_the_job_spec():
+    args = cli.build_parser().parse_args(
+        "train --layers 256:tanh,10:softmax --init seed --optimizer momentum --lr 0.05 "
+        "--momentum 0.8 --batch-size 64 --epochs 3 --dataset synthetic --strategy mirrored "
+        "--devices 2 --steps-per-execution 10 --jit --seed 7 --checkpoint-every 1 "
+        "--max-runtime 60".split()
+    )
+    spec = cli.build_job_spec(args)
+    assert [(layer.units, layer.activation) for layer in spec.layers] == [
+        (256, "tanh"),
+        (10, "softmax"),
+    ]
+    assert spec.initializer == "seed"
+    assert (spec.optimizer.name, spec.optimizer.learning_rate, spec.optimizer.momentum) == (
+        "momentum",
+        0.05,
+        0.8,
+    )
+    assert (spec.batch_size, spec.epochs, spec.dataset) == (64, 3, "synthetic")
+    assert (spec.strategy.name, spec.strategy.device_count) == ("mirrored", 2)
+    assert (spec.steps_per_execution, spec.jit_compile, spec.seed) == (10, True, 7)
+    assert (spec.checkpoint_every_epochs, spec.max_runtime_seconds) == (1, 60.0)
+
+
+def test_train_defaults_are_the_books_network():
+    spec = cli.build_job_spec(cli.build_parser().parse_args(["train"]))
+    assert [(layer.units, layer.activation) for layer in spec.layers] == [
+        (512, "relu"),
+        (10, "softmax"),
+    ]
+    assert (spec.initializer, spec.optimizer.name, spec.optimizer.learning_rate) == (
+        "glorot",
+        "rmsprop",
+        1e-3,
+    )
+    assert (spec.batch_size, spec.dataset, spec.strategy.name) == (128, "mnist", "auto")
+
+
+def test_address_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NTRAIN_ADDRESS", "example:1234")
+    assert cli.build_parser().parse_args(["jobs"]).address == "example:1234"
+    monkeypatch.delenv("NTRAIN_ADDRESS")
+    assert cli.build_parser().parse_args(["jobs"]).address == cli.DEFAULT_ADDRESS
+
+
+def test_usage_errors_are_one_line_with_status_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--optimizer", "adamw"])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "invalid choice: 'adamw'" in error
+
+
+# --- error messages -----------------------------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: ... Connection refused",
+            "the server is not reachable at h:1 (connection refused)",
+        ),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "within 5 s"),
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "learning_rate must be a positive finite number, got -1.0",
+            "invalid request: learning_rate must be a positive finite number, got -1.0",
+        ),
+        (grpc.StatusCode.NOT_FOUND, "job x not found", "not found: job x not found"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "the server is busy: queue full"),
+        (grpc.StatusCode.UNIMPLEMENTED, "", "does not offer this request"),
+        (grpc.StatusCode.INTERNAL, "boom\nline two", "server error (INTERNAL): boom line two"),
+    ],
+)
+def test_rpc_errors_become_one_friendly_line(code, details, expected):
+    message = cli.describe_rpc_error(FakeRpcError(code, details), "h:1", timeout=5)
+    assert expected in message
+    assert "\n" not in message
+
+
+# --- progress and output ------------------------------------------------------------------
+
+
+def progress(step_in_epoch, *, epoch=1, steps=10):
+    return SimpleNamespace(
+        epoch=epoch,
+        epochs=2,
+        step=step_in_epoch,
+        steps_per_epoch=steps,
+        step_in_epoch=step_in_epoch,
+        loss=0.25,
+        accuracy=0.9312,
+        examples_per_second=41234.0,
+    )
+
+
+def summary(epoch):
+    return SimpleNamespace(
+        epoch=epoch,
+        train_loss=0.2,
+        train_accuracy=0.94,
+        eval_loss=0.1,
+        eval_accuracy=0.97,
+        seconds=5.25,
+    )
+
+
+def test_bar_fills_with_the_fraction():
+    assert bar(0.0, 10) == "[" + " " * 10 + "]"
+    assert bar(0.5, 10) == "[====>     ]"
+    assert bar(1.0, 10) == "[==========]"
+
+
+def test_progress_line_shows_epoch_step_loss_accuracy_and_rate_within_the_width():
+    line = format_progress_line(progress(5), elapsed=7, width=100)
+    for part in ("epoch 1/2", " 5/10", "loss 0.2500", "acc 93.12%", "41.2k ex/s", "0:07"):
+        assert part in line
+    assert len(format_progress_line(progress(5), elapsed=7, width=40)) < 40
+
+
+def test_plain_output_is_throttled_lines_and_every_epoch_summary():
+    now = [0.0]
+    out = io.StringIO()
+    renderer = ProgressRenderer(out, tty=False, plain_interval=5.0, clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] += 1.0
+        renderer.progress(progress(step))
+    renderer.epoch_end(summary(1), 2)
+    renderer.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    # The first event, one after 5 s, the end of the epoch, then the summary.
+    assert [line.split()[3] for line in lines[:-1]] == ["1/10", "6/10", "10/10"]
+    assert lines[-1].startswith("epoch 1/2 done in 5.2 s: loss 0.2000, accuracy 94.00%")
+    assert "test loss 0.1000, accuracy 97.00%" in lines[-1]
+
+
+def test_tty_output_redraws_one_line_and_keeps_messages_above_it():
+    out = io.StringIO()
+    renderer = ProgressRenderer(out, tty=True, width=100, redraw_interval=0.0)
+    renderer.progress(progress(3))
+    renderer.line("a message")
+    renderer.progress(progress(10))
+    renderer.epoch_end(summary(1), 2)
+    renderer.close()
+    text = out.getvalue()
+    assert text.count("\r\x1b[K") >= 3
+    assert "a message\n" in text
+    assert text.endswith("accuracy 97.00%\n")
+
+
+def test_ascii_image_draws_a_square_image_at_half_height():
+    pixels = np.zeros((28, 28), dtype=np.float32)
+    pixels[4:24, 13:15] = 1.0  # a vertical stroke, like a "1"
+    art = cli_output.ascii_image(pixels.ravel().tolist())
+    assert len(art) == 14 and all(len(row) == 28 for row in art)
+    assert art[5][13:15] == "@@" and art[5][0] == " "
+    assert cli_output.ascii_image([0.0] * 10) is None
+
+
+def test_image_beside_caption_centres_the_caption():
+    text = cli_output.image_beside_caption(["  ", "##", "  "], ["predicted 1"])
+    assert text.splitlines()[1] == "|##|   predicted 1"
+
+
+def test_jobs_table_lists_each_job():
+    job = training_pb2.Job(
+        job_id="abc123",
+        state=training_pb2.SUCCEEDED,
+        spec=training_pb2.JobSpec(
+            layers=[training_pb2.LayerSpec(units=512), training_pb2.LayerSpec(units=10)],
+            epochs=2,
+            dataset="mnist",
+        ),
+        result=training_pb2.JobResult(test_accuracy=0.975, test_loss=0.08),
+        progress=training_pb2.Progress(epoch=2, step=938),
+        strategy="cpu",
+    )
+    header, row = cli_output.jobs_table([job]).splitlines()
+    assert header.split() == [
+        "JOB", "STATE", "CREATED", "DATASET", "LAYERS", "EPOCH", "ACCURACY", "STRATEGY"
+    ]  # fmt: skip
+    assert row.split() == ["abc123", "SUCCEEDED", "-", "mnist", "512-10", "2/2", "97.50%", "cpu"]
+
+
+def test_load_inputs_reads_npy_and_npz_with_labels(tmp_path):
+    images = np.full((3, 28, 28), 255, dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    inputs, labels = cli.load_inputs(tmp_path / "x.npy")
+    assert len(inputs) == 3 and len(inputs[0]) == 784 and inputs[0][0] == 1.0 and labels is None
+    np.savez(tmp_path / "t.npz", x_test=images, y_test=np.array([1, 2, 3]))
+    inputs, labels = cli.load_inputs(tmp_path / "t.npz")
+    assert labels == [1, 2, 3]
+    np.savez(tmp_path / "bad.npz", a=images, b=images)
+    with pytest.raises(cli.CliError, match="no inputs"):
+        cli.load_inputs(tmp_path / "bad.npz")
+
+
+def test_missing_input_file_is_one_line(tmp_path, capsys):
+    status = cli.main(["predict", "j", "--address", "127.0.0.1:1", "--input", str(tmp_path / "no")])
+    assert status == cli.EXIT_ERROR
+    error = capsys.readouterr().err
+    assert error.startswith("ntrain: cannot read inputs from") and error.count("\n") == 1
+
+
+# --- a fake TrainingService on a real gRPC server -------------------------------------------
+
+
+def event(sequence, *, step=None, state=None):
+    message = training_pb2.JobEvent(job_id="job1", sequence=sequence)
+    if state is not None:
+        message.state_change.state = state
+    else:
+        message.progress.CopyFrom(progress_message(step if step is not None else sequence))
+    return message
+
+
+def progress_message(step):
+    return training_pb2.Progress(
+        epoch=1, epochs=1, step=step, steps_per_epoch=6, step_in_epoch=step, loss=0.5
+    )
+
+
+class FlakyService(training_pb2_grpc.TrainingServiceServicer):
+    """Drops the first WatchJob stream after three events; the second finishes the job."""
+
+    def __init__(self):
+        self.watch_requests: list[int] = []
+        self.lock = threading.Lock()
+
+    def WatchJob(self, request, context):
+        with self.lock:
+            self.watch_requests.append(request.after_sequence)
+            attempt = len(self.watch_requests)
+        if attempt == 1:
+            yield event(1, state=training_pb2.RUNNING)
+            yield event(2)
+            yield event(3)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server went away")
+        # A careless server might resend the last event; the client must not show it twice.
+        for sequence in range(request.after_sequence, 7):
+            if sequence == 6:
+                yield event(6, state=training_pb2.SUCCEEDED)
+            elif sequence:
+                yield event(sequence)
+
+    def GetJob(self, request, context):
+        if request.job_id != "job1":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not found")
+        return training_pb2.Job(
+            job_id="job1", state=training_pb2.SUCCEEDED, spec=training_pb2.JobSpec(epochs=1)
+        )
+
+    def SubmitJob(self, request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be positive, got 0")
+
+
+@pytest.fixture
+def fake_server():
+    service = FlakyService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield service, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_watch_reconnects_from_the_last_sequence_without_gaps_or_repeats(fake_server):
+    service, address = fake_server
+    reconnects = []
+    with grpc.insecure_channel(address) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        events = cli.watch_events(
+            stub, "job1", on_reconnect=reconnects.append, sleep=lambda _: None
+        )
+        sequences = [item.sequence for item in events]
+    assert sequences == [1, 2, 3, 4, 5, 6]
+    assert service.watch_requests == [0, 3]
+    assert reconnects == [3]
+
+
+def test_watch_command_follows_to_the_end_and_exits_0(fake_server, capsys):
+    _, address = fake_server
+    assert cli.main(["watch", "job1", "--address", address]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "connection lost; reconnecting from event 3" in out
+    assert out.count("RUNNING") == 1 and "SUCCEEDED" in out
+
+
+def test_server_errors_are_one_line_with_status_1(fake_server, capsys):
+    _, address = fake_server
+    assert cli.main(["watch", "nope", "--address", address]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == "ntrain: not found: job 'nope' not found\n"
+    assert cli.main(["train", "--detach", "--address", address]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == (
+        "ntrain: invalid request: batch_size must be positive, got 0\n"
+    )
+
+
+def test_unreachable_server_is_one_line_from_the_installed_command(unused_port):
+    address = f"127.0.0.1:{unused_port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "jobs", "--address", address, "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert result.returncode == cli.EXIT_ERROR
+    assert (
+        result.stderr == f"ntrain: the server is not reachable at {address} (connection refused)\n"
+    )
+    assert result.stdout == ""
+
+
+def test_health_of_an_unreachable_server_exits_1(unused_port, capsys):
+    assert cli.main(["health", "--address", f"127.0.0.1:{unused_port}"]) == cli.EXIT_ERROR
+    assert "not reachable" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unused_port():
+    """A port nothing listens on: bound once by us, then released."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
