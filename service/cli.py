@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -487,24 +488,27 @@ def cmd_serve(args) -> int:
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
 
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server = TrainingServer(config)
     try:
-        server.start()
-    except Exception as error:
-        raise CliError(
-            f"cannot start the server on {config.bind_address}:{config.port}: {error}"
-        ) from None
-    try:
+        try:
+            server.start()
+        except Exception as error:
+            raise CliError(
+                f"cannot start the server on {config.bind_address}:{config.port}: {error}"
+            ) from None
         metrics = (
             f", metrics on http://{config.bind_address}:{server.metrics_port}/metrics"
             if server.metrics_port
             else ""
         )
         print(
-            f"ntrain {_version()} serving on {config.bind_address}:{server.port}{metrics}, "
+            f"ntrain {_version()} ready: gRPC on {config.bind_address}:{server.port}{metrics}, "
             f"state in {config.state_dir}",
             file=sys.stderr,
             flush=True,
@@ -515,7 +519,7 @@ def cmd_serve(args) -> int:
             pass
         print("ntrain: shutting down", file=sys.stderr, flush=True)
     finally:
-        server.stop()
+        server.stop()  # also after a failed start: ends whatever did start
     return EXIT_OK
 
 
