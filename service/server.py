@@ -1,0 +1,184 @@
+"""The server's lifecycle: build everything, serve, and stop gracefully.
+
+`TrainingServer` wires the store, the device inventory, the job manager, the
+TrainingService, the standard health service and server reflection, the
+interceptors (metrics, then errors to status codes) and the Prometheus
+endpoint. This process never imports TensorFlow: devices are probed in a child
+process and jobs run in worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from ntrain.v1 import training_pb2, training_pb2_grpc
+
+from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
+from service.errors import ExceptionToStatusInterceptor
+from service.grpc_metrics import MetricsServerInterceptor
+from service.jobs import JobManager, package_version
+from service.metrics import ServiceMetrics, start_metrics_server
+from service.servicer import TrainingServicer
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+RPC_THREADS = 64  # each WatchJob stream holds one while it follows a job
+HOUSEKEEPING_SECONDS = 15.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How to run the server.
+
+    port, metrics_port: 0 picks a free port; metrics_port None serves no metrics.
+    gpu_inventory: the GPUs to schedule on; None probes the host.
+    """
+
+    bind_address: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9101
+    state_dir: Path = Path("var")
+    data_dir: Path | None = None
+    max_queue: int = 64
+    max_cpu_jobs: int = 1
+    warm_worker: bool = True
+    gpu_inventory: tuple[GpuDevice, ...] | None = None
+    job_series_retention_seconds: float = 600.0
+
+
+def _host_port(address: str, port: int) -> str:
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"  # an IPv6 literal
+    return f"{address}:{port}"
+
+
+class TrainingServer:
+    """The gRPC server and everything behind it."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self.manager: JobManager | None = None
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._metrics_http = None
+        self._store: Store | None = None
+        self._stopped = threading.Event()
+        self._housekeeping: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Open the state, find the devices, and start serving on the configured ports."""
+        config = self.config
+        self._store = Store(config.state_dir)
+        if config.gpu_inventory is None:
+            inventory = probe_devices()
+        else:
+            inventory = DeviceInventory(
+                gpus=tuple(config.gpu_inventory), cpu_description=cpu_description()
+            )
+        self.metrics = ServiceMetrics(
+            job_series_retention_seconds=config.job_series_retention_seconds
+        )
+        self.metrics.set_build_info(
+            version=package_version("ntrain"),
+            tensorflow_version=package_version("tensorflow"),
+            python_version=platform.python_version(),
+        )
+        self.metrics.set_devices(inventory.counts)
+        self.manager = JobManager(
+            self._store,
+            inventory=inventory,
+            metrics=self.metrics,
+            data_dir=config.data_dir,
+            max_queue=config.max_queue,
+            max_cpu_jobs=config.max_cpu_jobs,
+            warm_worker=config.warm_worker,
+        )
+
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
+            interceptors=[
+                MetricsServerInterceptor(self.metrics.registry),
+                ExceptionToStatusInterceptor(),
+            ],
+        )
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(
+            TrainingServicer(self.manager), server
+        )
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(_host_port(config.bind_address, config.port))
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {_host_port(config.bind_address, config.port)}")
+        self.manager.start()
+        server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = start_metrics_server(
+                config.metrics_port, config.bind_address, self.metrics.registry
+            )
+        self._housekeeping = threading.Thread(
+            target=self._keep_house, name="housekeeping", daemon=True
+        )
+        self._housekeeping.start()
+        log.info("serving on %s", _host_port(config.bind_address, self.port))
+
+    def _keep_house(self) -> None:
+        while not self._stopped.wait(HOUSEKEEPING_SECONDS):
+            self.metrics.remove_expired_job_series()
+            self.metrics.set_warm_workers(self.manager.pool.warm_ready)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving: running jobs end (FAILED), queued jobs wait for the next start."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self.manager is not None:
+            self.manager.shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        if self._store is not None:
+            self._store.close()
+
+    def wait_for_termination(self) -> None:
+        self._stopped.wait()
+
+
+def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then stop it gracefully."""
+    server = TrainingServer(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    try:
+        while not stop.wait(0.5):  # a short wait keeps signal handling prompt
+            pass
+    finally:
+        server.stop()

@@ -1,0 +1,278 @@
+"""Bad requests get the right status code, a message naming the field, and store nothing."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+import pytest
+from ntrain.v1 import training_pb2 as pb
+from service_harness import RunningServer, job_spec, layers
+
+from service.devices import fake_gpus
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data directory with a small 3-class set of 20 features and a non-data file."""
+    directory = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    np.savez(
+        directory / "small.npz",
+        x_train=rng.random((64, 20), dtype=np.float32),
+        y_train=rng.integers(0, 3, 64),
+        x_test=rng.random((16, 20), dtype=np.float32),
+        y_test=rng.integers(0, 3, 16),
+    )
+    (directory / "notes.txt").write_text("not a data set")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    running = RunningServer(
+        tmp_path_factory.mktemp("state"), data_dir=data_dir, warm_worker=False, max_queue=1
+    )
+    yield running
+    running.stop()
+
+
+def assert_refused(server, call, code, *words):
+    """`call()` fails with `code` and a message holding `words`; the store is unchanged."""
+    jobs_before, dirs_before = server.stored_job_count(), server.job_dirs()
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    error = raised.value
+    assert error.code() == code, error.details()
+    for word in words:
+        assert word in error.details(), error.details()
+    assert server.stored_job_count() == jobs_before
+    assert server.job_dirs() == dirs_before
+    return error.details()
+
+
+BAD_SPECS = {
+    "zero units": (
+        {"layers": layers((0, "relu"), (10, "softmax"))},
+        ("layers[0].units", "0"),
+    ),
+    "negative units": (
+        {"layers": layers((64, "relu"), (-10, "softmax"))},
+        ("layers[1].units", "-10"),
+    ),
+    "no layers": ({"layers": []}, ("layers",)),
+    "zero batch": ({"batch_size": 0}, ("batch_size", "0")),
+    "negative batch": ({"batch_size": -128}, ("batch_size", "-128")),
+    "batch over the data": ({"batch_size": 4096}, ("batch_size", "4096")),
+    "zero epochs": ({"epochs": 0}, ("epochs", "0")),
+    "negative epochs": ({"epochs": -1}, ("epochs", "-1")),
+    "negative steps per execution": ({"steps_per_execution": -5}, ("steps_per_execution", "-5")),
+    "NaN learning rate": (
+        {"optimizer": pb.OptimizerSpec(name="sgd", learning_rate=math.nan)},
+        ("learning_rate", "nan"),
+    ),
+    "negative learning rate": (
+        {"optimizer": pb.OptimizerSpec(name="sgd", learning_rate=-0.1)},
+        ("learning_rate", "-0.1"),
+    ),
+    "zero learning rate": (
+        {"optimizer": pb.OptimizerSpec(name="sgd", learning_rate=0.0)},
+        ("learning_rate", "0.0"),
+    ),
+    "bad momentum": (
+        {"optimizer": pb.OptimizerSpec(name="momentum", learning_rate=0.1, momentum=1.5)},
+        ("momentum", "1.5"),
+    ),
+    "unknown optimizer": (
+        {"optimizer": pb.OptimizerSpec(name="adamw", learning_rate=1e-3)},
+        ("optimizer", "adamw"),
+    ),
+    "unknown activation": (
+        {"layers": layers((64, "gelu"), (10, "softmax"))},
+        ("layers[0].activation", "gelu"),
+    ),
+    "unknown initializer": ({"initializer": "zeros"}, ("initializer", "zeros")),
+    "last layer does not match the classes": (
+        {"layers": layers((64, "relu"), (7, "softmax"))},
+        ("layers[1].units", "10 classes", "7"),
+    ),
+    "last layer does not match a file's classes": (
+        {"dataset": "small.npz"},
+        ("layers[1].units", "3 classes", "10"),
+    ),
+    "batch not divisible by the replicas": (
+        {"batch_size": 127, "strategy": pb.StrategySpec(name="mirrored", device_count=2)},
+        ("batch_size", "replica count 2", "127"),
+    ),
+    "absurd model size": (
+        {"layers": layers((1_000_000, "relu"), (1_000_000, "relu"), (10, "softmax"))},
+        ("GiB", "1000000"),
+    ),
+    "dataset with a slash": ({"dataset": "sub/mnist.npz"}, ("dataset", "sub/mnist.npz")),
+    "dataset with dot dot": ({"dataset": "..mnist"}, ("dataset", "..mnist")),
+    "dataset escaping": ({"dataset": "../../etc/passwd"}, ("dataset", "../../etc/passwd")),
+    "empty dataset": ({"dataset": ""}, ("dataset",)),
+    "missing dataset file": ({"dataset": "absent.npz"}, ("dataset", "absent.npz")),
+    "file that is not a data set": ({"dataset": "notes.txt"}, ("dataset", "notes.txt")),
+    "unknown strategy": ({"strategy": pb.StrategySpec(name="tpu")}, ("strategy.name", "tpu")),
+    "multi_worker strategy": (
+        {"strategy": pb.StrategySpec(name="multi_worker")},
+        ("strategy.name", "multi_worker"),
+    ),
+    "negative device count": (
+        {"strategy": pb.StrategySpec(name="mirrored", device_count=-2)},
+        ("strategy.device_count", "-2"),
+    ),
+    "negative checkpoint interval": (
+        {"checkpoint_every_epochs": -1},
+        ("checkpoint_every_epochs", "-1"),
+    ),
+    "NaN run-time limit": ({"max_runtime_seconds": math.nan}, ("max_runtime_seconds", "nan")),
+    "negative run-time limit": ({"max_runtime_seconds": -3.0}, ("max_runtime_seconds", "-3.0")),
+    "negative seed": ({"seed": -1}, ("seed", "-1")),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPECS, ids=list(BAD_SPECS))
+def test_bad_spec_is_invalid_argument_and_stores_nothing(server, case):
+    overrides, words = BAD_SPECS[case]
+    spec = job_spec(**overrides)
+    assert_refused(server, lambda: server.submit(spec, request_id=f"bad-{case}"), INVALID, *words)
+
+
+def test_gpu_strategy_without_gpus_is_failed_precondition(server):
+    spec = job_spec(strategy=pb.StrategySpec(name="gpu"))
+    assert_refused(server, lambda: server.submit(spec), grpc.StatusCode.FAILED_PRECONDITION, "GPU")
+
+
+def test_bad_request_id(server):
+    assert_refused(server, lambda: server.submit(request_id="x" * 500), INVALID, "request_id")
+
+
+@pytest.mark.parametrize("method", ["GetJob", "CancelJob", "Evaluate", "Predict", "WatchJob"])
+def test_unknown_job_is_not_found(server, method):
+    requests = {
+        "GetJob": pb.GetJobRequest,
+        "CancelJob": pb.CancelJobRequest,
+        "Evaluate": pb.EvaluateRequest,
+        "Predict": pb.PredictRequest,
+        "WatchJob": pb.WatchJobRequest,
+    }
+    request = requests[method](job_id="job-000000000000")
+    rpc = getattr(server.stub, method)
+    call = (
+        (lambda: list(rpc(request, timeout=10)))
+        if method == "WatchJob"
+        else (lambda: rpc(request, timeout=10))
+    )
+    assert_refused(server, call, grpc.StatusCode.NOT_FOUND, "job-000000000000")
+
+
+def test_malformed_job_id_is_invalid(server):
+    assert_refused(
+        server,
+        lambda: server.stub.GetJob(pb.GetJobRequest(job_id="../x"), timeout=10),
+        INVALID,
+        "job_id",
+    )
+
+
+def test_bad_list_and_watch_arguments(server):
+    stub = server.stub
+    assert_refused(
+        server, lambda: stub.ListJobs(pb.ListJobsRequest(page_size=-1)), INVALID, "page_size", "-1"
+    )
+    assert_refused(
+        server,
+        lambda: stub.ListJobs(pb.ListJobsRequest(page_size=5000)),
+        INVALID,
+        "page_size",
+        "5000",
+    )
+    assert_refused(
+        server, lambda: stub.ListJobs(pb.ListJobsRequest(page_token="abc")), INVALID, "page_token"
+    )
+    assert_refused(
+        server, lambda: stub.ListJobs(pb.ListJobsRequest(states=[42])), INVALID, "states"
+    )
+
+
+def test_a_refused_request_never_shows_unknown_or_internal(server):
+    """A message with every field wrong still gets INVALID_ARGUMENT."""
+    spec = pb.JobSpec(
+        layers=layers((-1, "?")),
+        optimizer=pb.OptimizerSpec(name="?", learning_rate=math.inf),
+        batch_size=-1,
+        epochs=-1,
+        dataset="/",
+        strategy=pb.StrategySpec(name="?", device_count=-1),
+    )
+    assert_refused(server, lambda: server.submit(spec), INVALID)
+
+
+def test_queue_overflow_and_requests_before_a_model(server):
+    """One CPU job runs, one waits (max_queue=1), the next is refused; no model yet."""
+    long_job = job_spec(epochs=100_000)
+    running = server.submit(long_job, request_id="runs")
+    waiting = server.submit(long_job, request_id="waits")
+    try:
+        server.wait_for(running.job_id, [pb.RUNNING])
+        assert server.stub.GetJob(pb.GetJobRequest(job_id=waiting.job_id)).state == pb.QUEUED
+        assert_refused(
+            server,
+            lambda: server.submit(long_job, request_id="overflows"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "queue is full",
+        )
+        sequence_before = server.manager.get(waiting.job_id).last_sequence
+        for job in (running, waiting):
+            predict = pb.PredictRequest(job_id=job.job_id, inputs=[pb.Example(values=[0.0] * 784)])
+            assert_refused(
+                server,
+                lambda request=predict: server.stub.Predict(request, timeout=30),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no trained model",
+            )
+            evaluate = pb.EvaluateRequest(job_id=job.job_id)
+            assert_refused(
+                server,
+                lambda request=evaluate: server.stub.Evaluate(request, timeout=30),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no trained model",
+            )
+        assert server.manager.get(waiting.job_id).last_sequence == sequence_before
+        bad_dataset = pb.EvaluateRequest(job_id=running.job_id, dataset="../x.npz")
+        assert_refused(server, lambda: server.stub.Evaluate(bad_dataset), INVALID, "dataset")
+        other_shape = pb.EvaluateRequest(job_id=running.job_id, dataset="small.npz")
+        assert_refused(server, lambda: server.stub.Evaluate(other_shape), INVALID, "20 features")
+        checkpoint = pb.EvaluateRequest(job_id=waiting.job_id, use_checkpoint=True)
+        assert_refused(
+            server,
+            lambda: server.stub.Evaluate(checkpoint),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no checkpoint",
+        )
+    finally:
+        for job in (waiting, running):
+            server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
+    assert server.stub.GetJob(pb.GetJobRequest(job_id=waiting.job_id)).state == pb.CANCELED
+
+
+def test_more_gpus_than_the_host_has_is_failed_precondition(tmp_path):
+    server = RunningServer(tmp_path, warm_worker=False, gpu_inventory=fake_gpus(4))
+    try:
+        spec = job_spec(strategy=pb.StrategySpec(name="mirrored", device_count=5))
+        assert_refused(
+            server,
+            lambda: server.submit(spec),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "5 GPUs, the host has 4",
+        )
+        info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert [d.name for d in info.devices if d.kind == "GPU"] == [f"GPU:{i}" for i in range(4)]
+        assert "gpu" in info.strategies
+    finally:
+        server.stop()
