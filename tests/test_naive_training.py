@@ -129,9 +129,13 @@ def test_loss_and_accuracy_match_a_separate_evaluation(dataset, one_device):
     assert library.accuracy > 0.9  # the synthetic set is learnable
 
 
-def test_jit_compile_gives_the_same_weights(dataset, one_device):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_jit_compile_gives_the_same_weights(dataset, one_device, replicas):
+    strategy = one_device
+    if replicas == 2:
+        strategy = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
     plain = Trainer(_config(steps_per_execution=4), dataset, one_device)
-    jitted = Trainer(_config(steps_per_execution=4, jit_compile=True), dataset, one_device)
+    jitted = Trainer(_config(steps_per_execution=4, jit_compile=True), dataset, strategy)
     plain.train_epoch()
     jitted.train_epoch()
     for a, b in zip(_weights(plain.model), _weights(jitted.model), strict=True):
