@@ -1,0 +1,284 @@
+"""End to end: a real server on port 0, a real client, real worker processes.
+
+One MNIST epoch (from ../shared/data) must reach 95% on the test split; the
+other jobs run on the small synthetic set to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from ntrain.v1 import training_pb2 as pb
+from service_harness import (
+    TERMINAL,
+    RunningServer,
+    child_worker_pids,
+    job_spec,
+    layers,
+    process_exists,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREDICTED = 1000  # test images sent to Predict: 1000 * 784 floats fit one 4 MB message
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, mnist_path):
+    """MNIST (a link to ../shared/data/mnist.npz) and its first test images as a data set."""
+    directory = tmp_path_factory.mktemp("data")
+    (directory / "mnist.npz").symlink_to(mnist_path)
+    with np.load(mnist_path) as mnist:
+        x, y = mnist["x_test"][:PREDICTED], mnist["y_test"][:PREDICTED]
+    np.savez(directory / "mnist_head.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    running = RunningServer(tmp_path_factory.mktemp("state"), data_dir=data_dir)
+    yield running
+    running.stop()
+
+
+MNIST_SPEC = job_spec(
+    layers=layers((512, "relu"), (10, "softmax")),
+    dataset="mnist",
+    epochs=1,
+    batch_size=128,
+    optimizer=pb.OptimizerSpec(name="rmsprop", learning_rate=1e-3),
+)
+
+
+@pytest.fixture(scope="module")
+def mnist_job(server):
+    """One MNIST epoch, submitted and watched to its end: (job, events)."""
+    job = server.submit(MNIST_SPEC, request_id="mnist-e2e")
+    events = server.events(job.job_id)
+    return server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id)), events
+
+
+def states_of(events):
+    return [e.state_change.state for e in events if e.HasField("state_change")]
+
+
+def test_mnist_job_succeeds_with_history_and_accuracy(mnist_job):
+    job, events = mnist_job
+    assert job.state == pb.SUCCEEDED, job.failure_reason
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert states_of(events) == [pb.QUEUED, pb.STARTING, pb.RUNNING, pb.SUCCEEDED]
+    times = [t.time.ToNanoseconds() for t in job.transitions]
+    assert times == sorted(times) and len(times) == 4
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert progress and progress[-1].step == progress[-1].steps_per_epoch == 468
+    assert progress[-1].examples == 468 * 128 and progress[-1].examples_per_second > 0
+    (epoch_end,) = [e.epoch_end for e in events if e.HasField("epoch_end")]
+    assert epoch_end.epoch == 1 and epoch_end.eval_accuracy >= 0.95
+    assert events[-2].HasField("result") and events[-1].state_change.state == pb.SUCCEEDED
+    assert job.result.has_model and job.result.test_accuracy >= 0.95
+    assert job.strategy == "cpu" and list(job.devices) == ["CPU:0"]
+
+
+def test_evaluate_and_predict_agree(server, mnist_job):
+    job, _ = mnist_job
+    evaluated = server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id), timeout=120)
+    assert evaluated.accuracy >= 0.95 and evaluated.examples == 10_000
+    assert evaluated.accuracy == pytest.approx(job.result.test_accuracy, abs=1e-6)
+
+    head = server.stub.Evaluate(
+        pb.EvaluateRequest(job_id=job.job_id, dataset="mnist_head.npz"), timeout=120
+    )
+    with np.load(server.config.data_dir / "mnist_head.npz") as data:
+        images = data["x_test"].reshape(PREDICTED, -1) / np.float32(255)
+        labels = data["y_test"]
+    predicted = server.stub.Predict(
+        pb.PredictRequest(job_id=job.job_id, inputs=[pb.Example(values=row) for row in images]),
+        timeout=120,
+    ).predictions
+    probabilities = np.array([p.probabilities for p in predicted])  # (1000, 10)
+    predicted_labels = np.array([p.label for p in predicted])
+    assert probabilities.shape == (PREDICTED, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert (predicted_labels == probabilities.argmax(axis=1)).all()
+    assert np.mean(predicted_labels == labels) == pytest.approx(head.accuracy, abs=1e-9)
+    loss = -np.mean(np.log(np.clip(probabilities[np.arange(PREDICTED), labels], 1e-7, 1)))
+    assert loss == pytest.approx(head.loss, rel=1e-3)
+
+    with pytest.raises(grpc.RpcError) as wrong_size:
+        server.stub.Predict(
+            pb.PredictRequest(job_id=job.job_id, inputs=[pb.Example(values=[0.5] * 10)])
+        )
+    assert wrong_size.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "784" in wrong_size.value.details()
+
+
+def test_checkpoint_evaluation(server, mnist_job):
+    job, _ = mnist_job
+    answer = server.stub.Evaluate(
+        pb.EvaluateRequest(job_id=job.job_id, use_checkpoint=True), timeout=120
+    )
+    assert answer.accuracy == pytest.approx(job.result.test_accuracy, abs=1e-6)
+    assert "checkpoints" in answer.source
+
+
+def test_idempotent_resubmission(server, mnist_job):
+    job, _ = mnist_job
+    jobs_before = server.stored_job_count()
+    again = server.submit(MNIST_SPEC, request_id="mnist-e2e")
+    assert again.job_id == job.job_id and again.state == pb.SUCCEEDED
+
+    different = pb.JobSpec()
+    different.CopyFrom(MNIST_SPEC)
+    different.epochs = 2
+    with pytest.raises(grpc.RpcError) as raised:
+        server.submit(different, request_id="mnist-e2e")
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert job.job_id in raised.value.details()
+    assert server.stored_job_count() == jobs_before
+
+
+def test_watch_reconnects_without_gaps_or_repeats(server):
+    job = server.submit(job_spec(epochs=6, steps_per_execution=4, dataset="synthetic"))
+    stream = server.stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=120)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.HasField("progress"):
+            break  # the job still runs: drop the connection mid-stream
+    stream.cancel()
+    while True:
+        rest = server.events(job.job_id, after=seen[-1].sequence)
+        seen.extend(rest)
+        if (
+            not rest
+            or rest[-1].HasField("state_change")
+            and rest[-1].state_change.state in TERMINAL
+        ):
+            break
+    sequences = [e.sequence for e in seen]
+    assert sequences == list(range(1, len(seen) + 1))
+    assert seen[-1].state_change.state == pb.SUCCEEDED
+    assert len([e for e in seen if e.HasField("epoch_end")]) == 6
+    # A reconnect after the end replays exactly the tail asked for.
+    tail = server.events(job.job_id, after=len(seen) - 3)
+    assert [e.sequence for e in tail] == sequences[-3:]
+
+
+def test_cancel_running_job_leaves_no_worker(server):
+    job = server.submit(job_spec(epochs=100_000, dataset="synthetic"))
+    for event in server.stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=120):
+        if event.HasField("progress"):
+            break
+    # While a job runs no warm worker is started: the one worker is the job's.
+    (worker_pid,) = child_worker_pids()
+
+    canceled = server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
+
+    assert canceled.state == pb.CANCELED
+    assert not process_exists(worker_pid)
+    assert [t.state for t in canceled.transitions][-2:] == [pb.CANCELLING, pb.CANCELED]
+    info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
+    assert info.running_jobs == 0 and not any(d.busy for d in info.devices)
+    again = server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    assert again.state == pb.CANCELED and len(again.transitions) == len(canceled.transitions)
+
+
+def test_run_time_limit_and_worker_crash_fail_the_job(server):
+    limited = server.submit(job_spec(epochs=100_000, max_runtime_seconds=1.0))
+    job = server.wait_for(limited.job_id)
+    assert job.state == pb.FAILED and "max_runtime_seconds" in job.failure_reason
+
+    crashing = server.submit(job_spec(epochs=100_000))
+    server.wait_for(crashing.job_id, [pb.RUNNING])
+    (worker_pid,) = child_worker_pids()
+    os.kill(worker_pid, signal.SIGKILL)
+    job = server.wait_for(crashing.job_id)
+    assert job.state == pb.FAILED and "SIGKILL" in job.failure_reason
+    assert job.transitions[-1].reason == job.failure_reason
+
+
+def test_list_jobs_newest_first_with_paging_and_filter(server, mnist_job):
+    all_jobs = server.stub.ListJobs(pb.ListJobsRequest(page_size=1000)).jobs
+    times = [j.create_time.ToNanoseconds() for j in all_jobs]
+    assert times == sorted(times, reverse=True) and len(all_jobs) >= 3
+    first = server.stub.ListJobs(pb.ListJobsRequest(page_size=2))
+    second = server.stub.ListJobs(pb.ListJobsRequest(page_size=2, page_token=first.next_page_token))
+    assert [j.job_id for j in [*first.jobs, *second.jobs]] == [j.job_id for j in all_jobs[:4]]
+    succeeded = server.stub.ListJobs(pb.ListJobsRequest(states=[pb.SUCCEEDED])).jobs
+    assert mnist_job[0].job_id in {j.job_id for j in succeeded}
+    assert all(j.state == pb.SUCCEEDED for j in succeeded)
+
+
+def test_server_info(server):
+    info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
+    assert info.version and info.tensorflow_version.startswith("2.") and info.python_version
+    assert [d.name for d in info.devices] == ["CPU:0"]
+    assert {"auto", "cpu", "mirrored"} <= set(info.strategies)
+    assert info.queue_length == 0
+
+
+def test_health_and_reflection(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for name in ("", "ntrain.v1.TrainingService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    (response,) = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for s in response.list_services_response.service}
+    assert {"ntrain.v1.TrainingService", "grpc.health.v1.Health"} <= names
+
+
+def test_restart_keeps_finished_jobs_histories_and_models(server, mnist_job):
+    job, events = mnist_job
+    server.restart()
+    after = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    assert after == job
+    assert server.events(job.job_id) == events
+    image = np.zeros(784, np.float32)
+    prediction = server.stub.Predict(
+        pb.PredictRequest(job_id=job.job_id, inputs=[pb.Example(values=image)]), timeout=120
+    ).predictions[0]
+    assert len(prediction.probabilities) == 10
+
+
+def test_server_process_never_imports_tensorflow(tmp_path):
+    """Serve a whole job (submit, watch, evaluate) in a fresh process without TensorFlow."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
+        from ntrain.v1 import training_pb2 as pb
+        from service_harness import RunningServer, job_spec
+
+        if __name__ == "__main__":
+            server = RunningServer({str(tmp_path)!r}, warm_worker=True)
+            job = server.submit(job_spec())
+            events = server.events(job.job_id)
+            assert events[-1].state_change.state == pb.SUCCEEDED, events[-1]
+            server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id), timeout=120)
+            server.stop()
+            print("tensorflow" in sys.modules, "keras" in sys.modules)
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split() == ["False", "False"]
