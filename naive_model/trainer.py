@@ -241,10 +241,12 @@ class Trainer:
     def _start_epoch(self, epoch: int) -> None:
         if self.config.shuffle:
             # Seeded by (seed, epoch): every worker of a cluster draws the same order.
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(len(self.dataset.x_train), dtype=tf.int64),
-                seed=[self.config.seed, epoch],
-            )
+            # Drawn on the host, where every build of TensorFlow has the kernel.
+            with tf.device("/cpu:0"):
+                order = tf.random.experimental.stateless_shuffle(
+                    tf.range(len(self.dataset.x_train), dtype=tf.int64),
+                    seed=[self.config.seed, epoch],
+                )
             self._order.assign(order)
         for accumulator in (self._loss_sum, self._correct):
             accumulator.assign(tf.zeros_like(accumulator.read_value()))
