@@ -240,12 +240,32 @@ def test_health_and_reflection(server):
     assert {"ntrain.v1.TrainingService", "grpc.health.v1.Health"} <= names
 
 
+def test_mirrored_job_over_logical_cpus(server):
+    spec = job_spec(epochs=2, strategy=pb.StrategySpec(name="mirrored", device_count=2))
+    job = server.submit(spec)
+    events = server.events(job.job_id)
+    done = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    assert done.state == pb.SUCCEEDED, done.failure_reason
+    assert done.strategy == "mirrored"
+    assert "2 replica(s)" in [t.reason for t in done.transitions if t.state == pb.RUNNING][0]
+    assert len([e for e in events if e.HasField("epoch_end")]) == 2
+
+
 def test_restart_keeps_finished_jobs_histories_and_models(server, mnist_job):
     job, events = mnist_job
+    running = server.submit(job_spec(epochs=100_000))
+    queued = server.submit(job_spec(epochs=1, seed=7))
+    server.wait_for(running.job_id, [pb.RUNNING])
+
     server.restart()
+
     after = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
     assert after == job
     assert server.events(job.job_id) == events
+    interrupted = server.stub.GetJob(pb.GetJobRequest(job_id=running.job_id))
+    assert interrupted.state == pb.FAILED and "shut down" in interrupted.failure_reason
+    resumed = server.wait_for(queued.job_id)
+    assert resumed.state == pb.SUCCEEDED, resumed.failure_reason
     image = np.zeros(784, np.float32)
     prediction = server.stub.Predict(
         pb.PredictRequest(job_id=job.job_id, inputs=[pb.Example(values=image)]), timeout=120
