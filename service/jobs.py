@@ -426,6 +426,16 @@ class JobManager:
         self.metrics.set_jobs_by_state(self.store.count_by_state())
         self.metrics.set_queue_length(self.scheduler.queue_length)
 
+    def mark_running(self, job_id: str, replicas: int) -> None:
+        """Called by a runner when its worker starts training."""
+        with self._lock:
+            if self.get(job_id).state == "STARTING":  # not when a cancel came first
+                self._transition(job_id, "RUNNING", f"{replicas} replica(s)")
+                self._report_counts()
+
+    def seconds_since_submit(self, record: JobRecord) -> float:
+        return self._clock() - record.create_time
+
     def finish(self, runner: JobRunner, state: str, reason: str) -> None:
         """Called by a runner once its worker is gone: release devices, record the end."""
         with self._lock:
@@ -541,14 +551,11 @@ class JobRunner:
         manager, job_id, strategy = self.manager, self.job_id, self.assignment.strategy
         metrics = manager.metrics
         if kind == "running":
-            with manager._lock:
-                if manager.get(job_id).state == "STARTING":
-                    manager._transition(job_id, "RUNNING", f"{data['replicas']} replica(s)")
-                    manager._report_counts()
+            manager.mark_running(job_id, data["replicas"])
         elif kind == "progress":
             if self._first_progress:
                 self._first_progress = False
-                metrics.job_first_step(job_id, manager._clock() - self.record.create_time)
+                metrics.job_first_step(job_id, manager.seconds_since_submit(self.record))
             manager.append(job_id, "progress", data["progress"])
             progress, seconds = data["progress"], data["seconds"]
             metrics.job_progress(

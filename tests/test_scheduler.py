@@ -127,3 +127,15 @@ def test_demand_resolution(strategy, count, host_gpus, expected):
 def test_demand_refusals(strategy, count, error):
     with pytest.raises(error, match="strategy"):
         demand_for(strategy, count, host_gpus=0)
+
+
+def test_fake_inventory_and_probe():
+    from service.devices import fake_gpus, probe_devices
+
+    gpus = fake_gpus(4)
+    assert [gpu.name for gpu in gpus] == ["GPU:0", "GPU:1", "GPU:2", "GPU:3"]
+    assert Scheduler([gpu.index for gpu in gpus]).free_gpus == (0, 1, 2, 3)
+    # The real probe, forced to run TensorFlow in its child process even here.
+    inventory = probe_devices(force=True)
+    assert inventory.counts["CPU"] == 1
+    assert all(gpu.index >= 0 for gpu in inventory.gpus)
