@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 RPC_THREADS = 64  # each WatchJob stream holds one while it follows a job
-HOUSEKEEPING_SECONDS = 15.0
+HOUSEKEEPING_SECONDS = 2.0  # warm-worker gauge and expired per-job series
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +79,18 @@ class TrainingServer:
         self._housekeeping: threading.Thread | None = None
 
     def start(self) -> None:
-        """Open the state, find the devices, and start serving on the configured ports."""
+        """Open the state, find the devices, and start serving on the configured ports.
+
+        On failure (a port in use, an unreadable state dir) whatever had started
+        is stopped again before the error propagates.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop(grace=0.0)
+            raise
+
+    def _start(self) -> None:
         config = self.config
         self._store = Store(config.state_dir)
         if config.gpu_inventory is None:
@@ -113,6 +124,8 @@ class TrainingServer:
                 MetricsServerInterceptor(self.metrics.registry),
                 ExceptionToStatusInterceptor(),
             ],
+            # A second server on a taken port must fail, not share it silently.
+            options=[("grpc.so_reuseport", 0)],
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
             TrainingServicer(self.manager), server

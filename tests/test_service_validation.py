@@ -276,3 +276,16 @@ def test_more_gpus_than_the_host_has_is_failed_precondition(tmp_path):
         assert "gpu" in info.strategies
     finally:
         server.stop()
+
+
+def test_a_taken_port_fails_to_start_and_leaves_nothing_running(server, tmp_path):
+    from service.server import ServerConfig, TrainingServer
+
+    second = TrainingServer(
+        ServerConfig(
+            port=server.server.port, metrics_port=None, state_dir=tmp_path, gpu_inventory=()
+        )
+    )
+    with pytest.raises(RuntimeError):
+        second.start()
+    assert second.manager is None or second.manager.pool.warm_ready == 0
