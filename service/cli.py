@@ -97,6 +97,18 @@ def describe_rpc_error(error: grpc.RpcError, address: str, timeout: float | None
     return f"server error ({name}): {details or 'no details'}"
 
 
+def open_channel(address: str) -> grpc.Channel:
+    """An insecure channel to `address`; loopback addresses never go through a proxy.
+
+    gRPC honours $https_proxy and $http_proxy, and without a matching
+    $no_proxy it would send even 127.0.0.1 through the proxy.
+    """
+    host = address.rsplit(":", 1)[0].strip("[]")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    options = [("grpc.enable_http_proxy", 0)] if loopback else []
+    return grpc.insecure_channel(address, options=options)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line and exit with status 2."""
 
@@ -310,7 +322,9 @@ def job_exit_status(job: training_pb2.Job) -> int:
     if job.state == training_pb2.SUCCEEDED:
         return EXIT_OK
     state = cli_output.state_name(job.state)
-    reason = f": {job.failure_reason}" if job.failure_reason else ""
+    # A reason may be a whole TensorFlow error; its last line says what went wrong.
+    lines = [line.strip() for line in job.failure_reason.splitlines() if line.strip()]
+    reason = f": {lines[-1]}" if lines else ""
     raise CliError(f"job {job.job_id} ended {state}{reason}")
 
 
@@ -772,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if address is None:
             return args.run(args)
-        with grpc.insecure_channel(address) as args.channel:
+        with open_channel(address) as args.channel:
             return args.run(args)
     except CliError as error:
         return _fail(str(error), error.exit_code)

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
 from service import cli, cli_output
 from service.progress import ProgressRenderer, bar, format_progress_line
-from tests.conftest import REPO_ROOT
 
 # --- parsing and spec building -------------------------------------------------------------
 
@@ -166,7 +166,7 @@ def test_bar_fills_with_the_fraction():
 
 def test_progress_line_shows_epoch_step_loss_accuracy_and_rate_within_the_width():
     line = format_progress_line(progress(5), elapsed=7, width=100)
-    for part in ("epoch 1/2", " 5/10", "loss 0.2500", "acc 93.12%", "41.2k ex/s", "0:07"):
+    for part in ("epoch 1/2", " 5/10", "loss 0.2500", "acc  93.12%", "41.2k ex/s", "0:07"):
         assert part in line
     assert len(format_progress_line(progress(5), elapsed=7, width=40)) < 40
 
@@ -339,6 +339,16 @@ def test_watch_command_follows_to_the_end_and_exits_0(fake_server, capsys):
     out = capsys.readouterr().out
     assert "connection lost; reconnecting from event 3" in out
     assert out.count("RUNNING") == 1 and "SUCCEEDED" in out
+
+
+def test_loopback_addresses_bypass_a_configured_proxy(fake_server, unused_port, monkeypatch):
+    _, address = fake_server
+    closed = f"http://127.0.0.1:{unused_port}"
+    monkeypatch.setenv("https_proxy", closed)
+    monkeypatch.setenv("http_proxy", closed)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert cli.main(["watch", "job1", "--address", address]) == cli.EXIT_OK
 
 
 def test_server_errors_are_one_line_with_status_1(fake_server, capsys):

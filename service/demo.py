@@ -1,0 +1,291 @@
+"""The whole ntrain flow in one command (`make demo`).
+
+Starts a server on a free local port with a temporary state directory, trains
+the book's MNIST network (784 -> 512 relu -> 10 softmax, Glorot, RMSprop 1e-3,
+batch 128) while a progress bar follows it, evaluates the model, shows a few
+test images as ASCII art beside the digits the model predicts, and stops the
+server, also on Ctrl-C.
+
+MNIST is looked for where the service looks ($NTRAIN_MNIST_PATH,
+~/.keras/datasets/mnist.npz, then a Keras download); when it cannot be had, the
+demo says so in one line and trains on the synthetic data set instead.
+
+    python -m service.demo [--epochs 2] [--images 5] [--state-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import numpy as np
+from ntrain.v1 import training_pb2, training_pb2_grpc
+
+from naive_model.data import mnist_candidates, synthetic_dataset
+from service import cli, cli_output
+from service.progress import ProgressRenderer
+
+SERVER_START_SECONDS = 120.0
+SERVER_STOP_SECONDS = 30.0
+DOWNLOAD_SECONDS = 300.0
+
+# Runs in a child process, so that TensorFlow (which Keras's download imports)
+# and its start-up chatter stay out of the demo. Prints "ok" or the reason.
+_FETCH_MNIST = """
+import contextlib, sys
+from naive_model.data import DatasetNotFoundError, load_mnist
+with contextlib.redirect_stdout(sys.stderr):
+    try:
+        load_mnist()
+        answer = "ok"
+    except DatasetNotFoundError as error:
+        answer = str(error)
+print(answer)
+"""
+
+
+class DemoError(Exception):
+    """A failure that ends the demo, told in one line."""
+
+
+def find_mnist(data_dir: Path | None) -> tuple[Path | None, str]:
+    """The MNIST file the server will use, or None and a one-line reason."""
+    for candidate in mnist_candidates(data_dir=data_dir):
+        if candidate.is_file():
+            return candidate, ""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    try:
+        fetched = subprocess.run(
+            [sys.executable, "-c", _FETCH_MNIST],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=DOWNLOAD_SECONDS,
+        )
+        answer = fetched.stdout.strip().splitlines()[-1] if fetched.stdout.strip() else ""
+        if fetched.returncode and not answer:
+            answer = f"the download attempt failed (status {fetched.returncode})"
+    except subprocess.TimeoutExpired:
+        answer = f"the download took more than {DOWNLOAD_SECONDS:.0f} s"
+    if answer == "ok":
+        # Keras caches the download under $KERAS_HOME (default ~/.keras).
+        keras_home = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+        for candidate in [*mnist_candidates(data_dir=data_dir), keras_home / "datasets/mnist.npz"]:
+            if candidate.is_file():
+                return candidate, ""
+        answer = "MNIST was downloaded but its file is not where the server looks"
+    return None, " ".join(answer.split())
+
+
+def load_test_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` test images, flattened and scaled to [0, 1], with labels."""
+    if path is None:
+        dataset = synthetic_dataset()
+        return dataset.x_test[:count], dataset.y_test[:count]
+    with np.load(path, allow_pickle=False) as archive:
+        images, labels = archive["x_test"][:count], archive["y_test"][:count]
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0, labels  # (count, 784)
+
+
+class LocalServer:
+    """`ntrain serve` in a child process on a free port; stopped with SIGTERM."""
+
+    def __init__(self, state_dir: Path, data_dir: Path | None, env: dict[str, str]):
+        self.state_dir = state_dir
+        self.log_path = state_dir / "server.log"
+        port_file = state_dir / "server.port"
+        command = [
+            sys.executable, "-m", "service.cli", "serve",
+            "--port", "0", "--metrics-port", "0",
+            "--state-dir", str(state_dir), "--port-file", str(port_file),
+        ]  # fmt: skip
+        if data_dir is not None:
+            command += ["--data-dir", str(data_dir)]
+        with open(self.log_path, "wb") as log:
+            # A session of its own: Ctrl-C reaches the demo, which stops the server in order.
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        try:
+            self.port = self._wait_for_port(port_file)
+        except DemoError as error:
+            self.stop()
+            raise DemoError(f"{error}; the end of its log:\n{self.log_tail()}") from None
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _wait_for_port(self, port_file: Path) -> int:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DemoError(f"the server exited with status {self.process.returncode}")
+            if port_file.exists():
+                return int(port_file.read_text())
+            time.sleep(0.05)  # the port file is the only sign a child process gives
+        raise DemoError(f"the server did not start within {SERVER_START_SECONDS:.0f} s")
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(SERVER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def job_spec(dataset: str, epochs: int) -> training_pb2.JobSpec:
+    """The book's network: 784 -> 512 relu -> 10 softmax, RMSprop 1e-3, batch 128."""
+    return training_pb2.JobSpec(
+        layers=[
+            training_pb2.LayerSpec(units=512, activation="relu"),
+            training_pb2.LayerSpec(units=10, activation="softmax"),
+        ],
+        initializer="glorot",
+        optimizer=training_pb2.OptimizerSpec(name="rmsprop", learning_rate=1e-3),
+        batch_size=128,
+        epochs=epochs,
+        dataset=dataset,
+        strategy=training_pb2.StrategySpec(name="auto"),
+    )
+
+
+def run(args: argparse.Namespace, stack: ExitStack) -> float:
+    """The demo itself; returns the final test accuracy."""
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    mnist_path, reason = find_mnist(data_dir)
+    if mnist_path is None:
+        print(f"{reason} Training on the synthetic data set instead.", flush=True)
+        dataset = "synthetic"
+    else:
+        print(f"MNIST found at {mnist_path}", flush=True)
+        dataset = "mnist"
+
+    if args.state_dir:
+        state_dir = Path(args.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ntrain-demo-")))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if mnist_path is not None:
+        env.setdefault("NTRAIN_MNIST_PATH", str(mnist_path))
+    print("starting a server on a free local port ...", flush=True)
+    server = LocalServer(state_dir, data_dir, env)
+    stack.callback(_stop_server, server)
+    args.address = server.address
+    channel = stack.enter_context(cli.open_channel(server.address))
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    info = stub.GetServerInfo(training_pb2.GetServerInfoRequest(), timeout=cli.QUICK_TIMEOUT)
+    devices = ", ".join(device.name for device in info.devices) or "-"
+    print(
+        f"server ntrain {info.version} at {server.address} (TensorFlow {info.tensorflow_version},"
+        f" devices {devices}; log {server.log_path})",
+        flush=True,
+    )
+
+    job = stub.SubmitJob(
+        training_pb2.SubmitJobRequest(spec=job_spec(dataset, args.epochs)),
+        timeout=cli.QUICK_TIMEOUT,
+    )
+    stack.callback(_cancel_if_running, stub, job.job_id)
+    print(
+        f"\njob {job.job_id}: 784 -> 512 relu -> 10 softmax on {dataset}, "
+        f"rmsprop 1e-3, batch 128, {args.epochs} epoch{'s' if args.epochs != 1 else ''}",
+        flush=True,
+    )
+    ended = cli.follow_job(stub, job, ProgressRenderer(sys.stdout))
+    if ended.state != training_pb2.SUCCEEDED:
+        raise DemoError(
+            f"job {ended.job_id} ended {cli_output.state_name(ended.state)}: "
+            f"{ended.failure_reason or 'no reason given'}"
+        )
+
+    evaluation = stub.Evaluate(
+        training_pb2.EvaluateRequest(job_id=job.job_id), timeout=cli.MODEL_TIMEOUT
+    )
+    print("\n" + cli_output.format_evaluation(job.job_id, evaluation), flush=True)
+
+    images, labels = load_test_images(mnist_path, args.images)
+    predictions = cli.predict(stub, job.job_id, images.tolist(), timeout=cli.MODEL_TIMEOUT)
+    if mnist_path is None:
+        # Synthetic inputs are noise around one prototype per class: nothing to look at.
+        print(f"\n{len(predictions)} synthetic test examples and what the model says they are:")
+        for index, (label, prediction) in enumerate(zip(labels, predictions, strict=True)):
+            caption = cli_output.prediction_caption(prediction, int(label))
+            print(f"  example {index}: " + "; ".join(caption))
+        return evaluation.accuracy
+    print(f"\n{len(predictions)} MNIST test images and what the model says they are:\n")
+    for image, label, prediction in zip(images, labels, predictions, strict=True):
+        caption = cli_output.prediction_caption(prediction, int(label))
+        print(cli_output.image_beside_caption(cli_output.ascii_image(image.tolist()), caption))
+        print()
+    return evaluation.accuracy
+
+
+def _cancel_if_running(stub: training_pb2_grpc.TrainingServiceStub, job_id: str) -> None:
+    """On an early exit (Ctrl-C), stop the job before the server."""
+    try:
+        job = stub.GetJob(training_pb2.GetJobRequest(job_id=job_id), timeout=5)
+        if job.state not in cli.TERMINAL_STATES:
+            print(f"cancelling job {job_id} ...", flush=True)
+            stub.CancelJob(training_pb2.CancelJobRequest(job_id=job_id), timeout=60)
+    except grpc.RpcError:
+        pass  # the server is going down anyway; stopping it ends the worker
+
+
+def _stop_server(server: LocalServer) -> None:
+    print("stopping the server ...", flush=True)
+    status = server.stop()
+    if status not in (0, -signal.SIGTERM):
+        print(f"the server exited with status {status}; its log:\n{server.log_tail()}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    parser.add_argument("--images", type=int, default=5, help="test images to show (default 5)")
+    parser.add_argument("--state-dir", help="keep the server's state here (default: a temp dir)")
+    parser.add_argument("--data-dir", help="the server's data directory (optional)")
+    args = parser.parse_args(argv)
+    # Stopped from outside (a CI timeout): clean up as on Ctrl-C, so no server is left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with ExitStack() as stack:
+            accuracy = run(args, stack)
+    except KeyboardInterrupt:
+        print("\nntrain demo: interrupted; the server was stopped", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
+    except DemoError as error:
+        print(f"ntrain demo: {error}", file=sys.stderr)
+        return cli.EXIT_ERROR
+    except grpc.RpcError as error:
+        message = cli.describe_rpc_error(error, getattr(args, "address", "its address"))
+        print(f"ntrain demo: {message}", file=sys.stderr)
+        return cli.EXIT_ERROR
+    print(f"final test accuracy: {cli_output.format_percent(accuracy)}")
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The ntrain command line against a real server.
+
+The server is `ntrain serve --port 0` in a child process (so `serve` itself is
+tested too); client commands run in this process through `cli.main`, on the
+synthetic data set. Each failure must be one line on stderr with status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SHARED_MNIST
+
+from naive_model.data import synthetic_dataset
+from service import cli
+
+SMALL_JOB = ["--dataset", "synthetic", "--layers", "64:relu,10:softmax", "--strategy", "cpu"]
+
+
+def run_cli(*argv: str) -> SimpleNamespace:
+    """Run one ntrain command in this process; its status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(argv))
+    return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())
+
+
+def one_error_line(result: SimpleNamespace) -> str:
+    assert result.status == cli.EXIT_ERROR, result
+    assert result.err.count("\n") == 1 and "Traceback" not in result.err, result.err
+    return result.err.strip()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("state")
+    port_file = state_dir / "port"
+    log_path = state_dir / "serve.log"
+    command = [
+        sys.executable, "-m", "service.cli", "serve", "--port", "0", "--no-metrics",
+        "--state-dir", str(state_dir), "--port-file", str(port_file),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():  # the only sign of readiness a child process gives
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the server did not start in 120 s"
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        yield SimpleNamespace(
+            address=f"127.0.0.1:{port}", process=process, log_path=log_path, port=port
+        )
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def finished_job(server) -> str:
+    """A job submitted with --detach and followed to SUCCEEDED with watch."""
+    submitted = run_cli(
+        "train", "--detach", "--epochs", "1", *SMALL_JOB, "--address", server.address
+    )
+    assert submitted.status == cli.EXIT_OK, submitted.err
+    job_id = submitted.out.strip()
+    assert job_id and "\n" not in job_id  # --detach prints the job id alone, for scripts
+    watched = run_cli("watch", job_id, "--address", server.address)
+    assert watched.status == cli.EXIT_OK, watched.err
+    assert "SUCCEEDED" in watched.out and "result: test accuracy" in watched.out
+    return job_id
+
+
+def test_health_reports_serving_through_the_installed_command(server):
+    ntrain = shutil.which("ntrain", path=str(Path(sys.executable).parent))
+    command = [ntrain] if ntrain else [sys.executable, "-m", "service.cli"]
+    result = subprocess.run(
+        [*command, "health", "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "SERVING\n", "")
+
+
+def test_info_shows_versions_and_devices(server):
+    text = run_cli("info", "--address", server.address)
+    assert text.status == cli.EXIT_OK
+    assert text.out.startswith("version ") and "CPU:0" in text.out
+    info = json.loads(run_cli("info", "--json", "--address", server.address).out)
+    assert info["version"] and any(device["kind"] == "CPU" for device in info["devices"])
+    assert "cpu" in info["strategies"]
+
+
+def test_train_follows_the_job_with_progress_to_success(server):
+    result = run_cli(
+        "train", "--epochs", "2", "--steps-per-execution", "4", *SMALL_JOB,
+        "--address", server.address,
+    )  # fmt: skip
+    assert result.status == cli.EXIT_OK, result.err
+    out = result.out
+    assert out.startswith("job ") and "submitted: 64:relu,10:softmax on synthetic" in out
+    for text in ("RUNNING", "SUCCEEDED", "epoch 1/2 done in", "epoch 2/2 done in"):
+        assert text in out
+    # Output is not a TTY here: plain lines, no carriage returns or escapes.
+    assert "\r" not in out and "\x1b" not in out
+    assert any(line.startswith("epoch 1/2 step ") for line in out.splitlines())
+    assert "result: test accuracy" in out
+
+
+def test_jobs_lists_the_job_and_filters_by_state(server, finished_job):
+    table = run_cli("jobs", "--address", server.address)
+    assert table.status == cli.EXIT_OK
+    header, *rows = table.out.splitlines()
+    assert header.split()[:2] == ["JOB", "STATE"]
+    assert any(row.split()[:2] == [finished_job, "SUCCEEDED"] for row in rows)
+    listed = json.loads(
+        run_cli("jobs", "--state", "succeeded", "--json", "--address", server.address).out
+    )
+    assert finished_job in [job["job_id"] for job in listed]
+    assert {job["state"] for job in listed} == {"SUCCEEDED"}
+    assert (
+        len(json.loads(run_cli("jobs", "--limit", "1", "--json", "--address", server.address).out))
+        == 1
+    )
+    none = run_cli("jobs", "--state", "CANCELLING", "--address", server.address)
+    assert none.out == "no jobs\n"
+
+
+def test_eval_and_predict_agree_on_the_synthetic_test_split(server, finished_job, tmp_path):
+    evaluated = run_cli("eval", finished_job, "--json", "--address", server.address)
+    assert evaluated.status == cli.EXIT_OK, evaluated.err
+    evaluation = json.loads(evaluated.out)
+    assert evaluation["dataset"] == "synthetic" and int(evaluation["examples"]) == 512
+
+    test = synthetic_dataset()
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=test.x_test, y=test.y_test)
+    predicted = run_cli(
+        "predict", finished_job, "--input", str(inputs), "--address", server.address
+    )
+    assert predicted.status == cli.EXIT_OK, predicted.err
+    *table, summary = predicted.out.splitlines()
+    assert table[0].split() == ["#", "PREDICTED", "PROBABILITY", "LABEL"]
+    assert len(table) == 1 + 512  # sent in chunks; every input answered, in order
+    right = int(summary.split("/")[0])
+    assert summary.endswith("right (" + f"{100 * right / 512:.2f}%)")
+    assert right / 512 == pytest.approx(evaluation["accuracy"], abs=1e-6)
+
+
+def test_predict_shows_mnist_test_images_as_ascii_art(server, finished_job):
+    if not SHARED_MNIST.exists():
+        pytest.skip("no MNIST beside the repository")
+    result = run_cli(
+        "predict", finished_job, "--mnist-test", "2", "--mnist-file", str(SHARED_MNIST),
+        "--show", "--address", server.address,
+    )  # fmt: skip
+    assert result.status == cli.EXIT_OK, result.err
+    assert result.out.count("predicted ") == 2 and "true label 7" in result.out
+    assert sum(line.startswith("|") for line in result.out.splitlines()) == 2 * 14
+    assert result.out.rstrip().endswith("right (" + result.out.rsplit("(", 1)[1].strip())
+
+
+def test_cancel_ends_the_job_and_watch_says_so(server):
+    submitted = run_cli(
+        "train", "--detach", "--epochs", "10000", *SMALL_JOB, "--address", server.address
+    )
+    job_id = submitted.out.strip()
+    canceled = run_cli("cancel", job_id, "--address", server.address)
+    assert canceled.status == cli.EXIT_OK, canceled.err
+    assert canceled.out.strip() in (f"job {job_id}: CANCELED", f"job {job_id}: CANCELLING")
+    watched = run_cli("watch", job_id, "--address", server.address)
+    assert one_error_line(watched).startswith(f"ntrain: job {job_id} ended CANCELED")
+    no_model = run_cli("predict", job_id, "--mnist-test", "1", "--address", server.address,
+                       "--mnist-file", str(SHARED_MNIST))  # fmt: skip
+    if SHARED_MNIST.exists():
+        assert one_error_line(no_model).startswith("ntrain: not possible now: ")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--lr", "-1"], "learning_rate"),
+        (["--layers", "64:relu,7:softmax"], "layers[1].units"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--dataset", "../etc/passwd"], "dataset"),
+    ],
+)
+def test_a_bad_request_is_one_line_naming_the_field(server, flags, expected):
+    spec = [*SMALL_JOB]
+    result = run_cli("train", "--detach", *spec, *flags, "--address", server.address)
+    line = one_error_line(result)
+    assert line.startswith("ntrain: invalid request: ") and expected in line
+    assert result.out == ""
+
+
+def test_an_unknown_job_is_one_line(server):
+    assert one_error_line(run_cli("eval", "no-such-job", "--address", server.address)).startswith(
+        "ntrain: not found: "
+    )
+    assert one_error_line(run_cli("cancel", "no-such-job", "--address", server.address))
+
+
+def test_serve_stops_cleanly_on_sigterm(server):
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0
+    log = server.log_path.read_text()
+    assert f"ready: gRPC on 127.0.0.1:{server.port}" in log and "shutting down" in log
+    gone = run_cli("jobs", "--address", server.address)
+    assert one_error_line(gone) == (
+        f"ntrain: the server is not reachable at {server.address} (connection refused)"
+    )
+
+
+def test_serve_on_a_port_in_use_is_one_line(server, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-metrics",
+             "--no-warm-worker", "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )  # fmt: skip
+    assert result.returncode == cli.EXIT_ERROR
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ntrain:")]
+    assert errors == [
+        f"ntrain: cannot start the server on 127.0.0.1:{port}: " + errors[0].split(": ", 2)[2]
+    ]
+    assert "Traceback" not in result.stderr
