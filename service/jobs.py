@@ -221,7 +221,9 @@ class JobManager:
         """The job's events after `after_sequence`, then new ones as they come.
 
         The iterator ends once the job has ended and its last event was given,
-        or when `is_active()` turns false (the client went away).
+        when the manager shut down and the job has nothing more to report (a
+        queued job goes on after the next start), or when `is_active()` turns
+        false (the client went away).
 
         Raises:
             NotFound: no such job (raised here, before iterating).
@@ -244,7 +246,8 @@ class JobManager:
                 record = self.store.get_job(job_id)
                 if record.last_sequence > last:
                     continue
-                if record.finished or self._closed:
+                # After shutdown a job no runner holds (queued) has nothing more to say.
+                if record.finished or (self._closed and job_id not in self._runners):
                     return
                 self._changed.wait(WATCH_POLL_SECONDS)
             if not is_active():
