@@ -77,15 +77,19 @@ def bar(fraction: float, width: int) -> str:
 
 
 def format_progress_line(progress: ProgressLike, *, elapsed: float, width: int) -> str:
-    """The in-place TTY line, fitted to `width` columns."""
+    """The in-place TTY line, fitted to `width` columns.
+
+    Numbers are padded to fixed widths so the bar does not change length as
+    they change.
+    """
     epochs = f"/{progress.epochs}" if progress.epochs else ""
     head = f"epoch {progress.epoch}{epochs} "
     steps = progress.steps_per_epoch
     digits = len(str(steps)) if steps else 1
     tail = (
         f" {progress.step_in_epoch:>{digits}}/{steps}"
-        f"  loss {progress.loss:.4f}  acc {100 * progress.accuracy:.2f}%"
-        f"  {format_rate(progress.examples_per_second)} ex/s  {format_duration(elapsed)}"
+        f"  loss {progress.loss:.4f}  acc {100 * progress.accuracy:6.2f}%"
+        f"  {format_rate(progress.examples_per_second):>6} ex/s  {format_duration(elapsed)}"
     )
     room = width - 1 - len(head) - len(tail) - 2  # 1 column spare: no wrap in any terminal
     cells = min(_MAX_BAR_WIDTH, room)
