@@ -1,0 +1,109 @@
+"""gRPC server metrics: RPCs started and handled, by method and code, and latency.
+
+The interceptor is placed outside the error-mapping interceptor, so it sees
+the final status code of every call: a normal return (OK), a code set with
+`context.set_code` or `context.abort`, or an exception gRPC turns into UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class MetricsServerInterceptor(grpc.ServerInterceptor):
+    """Counts and times every RPC into `registry`.
+
+    Series: ntrain_grpc_server_started_total{grpc_method, grpc_type},
+    ntrain_grpc_server_handled_total{grpc_method, grpc_code} and
+    ntrain_grpc_server_handling_seconds{grpc_method} (a histogram; for a
+    stream, the time until the stream ends).
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.started = Counter(
+            "ntrain_grpc_server_started",
+            "RPCs started on the server.",
+            ("grpc_method", "grpc_type"),
+            registry=registry,
+        )
+        self.handled = Counter(
+            "ntrain_grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            ("grpc_method", "grpc_code"),
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "ntrain_grpc_server_handling_seconds",
+            "Time to handle an RPC (for a stream, until it ends).",
+            ("grpc_method",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        # "/ntrain.v1.TrainingService/SubmitJob" -> "ntrain.v1.TrainingService/SubmitJob"
+        method = handler_call_details.method.lstrip("/")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client streaming: none in this service; left uncounted
+
+    def _finish(self, method: str, context: grpc.ServicerContext, start: float, error) -> None:
+        code = context.code()
+        if code is None and isinstance(error, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
+        elif code is None:
+            code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+        self.handled.labels(method, code.name).inc()
+        self.handling_seconds.labels(method).observe(time.perf_counter() - start)
+
+    def _unary(self, behaviour, method: str):
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            self.started.labels(method, "unary").inc()
+            start, error = time.perf_counter(), None
+            try:
+                return behaviour(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(method, context, start, error)
+
+        return wrapped
+
+    def _server_stream(self, behaviour, method: str):
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self.started.labels(method, "server_stream").inc()
+            start, error = time.perf_counter(), None
+            try:
+                yield from behaviour(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(method, context, start, error)
+
+        return wrapped

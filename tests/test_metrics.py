@@ -1,0 +1,134 @@
+"""Service metrics: names, units, labels, and the retention of per-job series."""
+
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.metrics import JOB_STATES, ServiceMetrics
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def metrics(clock):
+    return ServiceMetrics(CollectorRegistry(), job_series_retention_seconds=60, clock=clock)
+
+
+def _progress(metrics, job_id, **overrides):
+    values = dict(epoch=1, batches=10, examples=1280, loss=0.5, accuracy=0.9,
+                  examples_per_second=5000.0, step_seconds=0.002)  # fmt: skip
+    values.update(overrides)
+    metrics.job_progress(job_id, "cpu", **values)
+
+
+def test_progress_increments_counters_and_sets_gauges(metrics):
+    _progress(metrics, "job-a")
+    _progress(metrics, "job-a", batches=5, examples=640, loss=0.25, epoch=2)
+    value = metrics.registry.get_sample_value
+    labels = {"job_id": "job-a", "strategy": "cpu"}
+    assert value("ntrain_train_batches_total", labels) == 15
+    assert value("ntrain_train_examples_total", labels) == 1920
+    assert value("ntrain_train_loss", labels) == 0.25
+    assert value("ntrain_train_epoch", labels) == 2
+    assert value("ntrain_train_accuracy", labels) == 0.9
+    assert value("ntrain_train_examples_per_second", labels) == 5000
+    assert value("ntrain_train_step_duration_seconds_count", labels) == 2
+    assert value("ntrain_train_step_duration_seconds_bucket", {**labels, "le": "0.002"}) == 2
+
+
+def test_epoch_checkpoint_and_gpu_memory_series(metrics):
+    metrics.job_epoch_evaluated("job-a", "mirrored", loss=0.1, accuracy=0.97)
+    metrics.job_checkpoint_saved("job-a", "mirrored", 0.3)
+    metrics.job_gpu_memory("job-a", "mirrored", "GPU:0", 1 << 30)
+    value = metrics.registry.get_sample_value
+    labels = {"job_id": "job-a", "strategy": "mirrored"}
+    assert value("ntrain_eval_accuracy", labels) == 0.97
+    assert value("ntrain_eval_loss", labels) == 0.1
+    assert value("ntrain_checkpoint_save_duration_seconds_sum", labels) == pytest.approx(0.3)
+    assert value("ntrain_gpu_memory_in_use_bytes", {**labels, "device": "GPU:0"}) == 1 << 30
+
+
+def test_service_series(metrics):
+    metrics.set_jobs_by_state({"RUNNING": 2, "QUEUED": 1})
+    metrics.set_queue_length(1)
+    metrics.set_warm_workers(1)
+    metrics.set_devices({"GPU": 4, "CPU": 1})
+    metrics.set_build_info(version="0.1.0", tensorflow_version="2.21.0", python_version="3.11")
+    metrics.job_first_step("job-a", 0.8)
+    metrics.job_finished("job-a", "succeeded", 42.0)
+    value = metrics.registry.get_sample_value
+    assert value("ntrain_jobs", {"state": "RUNNING"}) == 2
+    assert all(value("ntrain_jobs", {"state": s}) is not None for s in JOB_STATES)
+    assert value("ntrain_jobs", {"state": "FAILED"}) == 0
+    assert value("ntrain_queue_length") == 1 and value("ntrain_warm_workers") == 1
+    assert value("ntrain_devices", {"type": "GPU"}) == 4
+    build = {"version": "0.1.0", "tensorflow_version": "2.21.0", "python_version": "3.11"}
+    assert value("ntrain_build_info", build) == 1
+    assert value("ntrain_submit_to_first_step_seconds_count") == 1
+    assert value("ntrain_jobs_finished_total", {"outcome": "succeeded"}) == 1
+    assert value("ntrain_jobs_finished_total", {"outcome": "failed"}) == 0
+    assert value("ntrain_job_duration_seconds_sum") == 42
+
+
+def test_per_job_series_disappear_after_the_retention_window(metrics, clock):
+    _progress(metrics, "old")
+    metrics.job_epoch_evaluated("old", "cpu", loss=0.1, accuracy=0.9)
+    _progress(metrics, "live")
+    metrics.job_finished("old", "failed", 5.0)
+    value = metrics.registry.get_sample_value
+    old = {"job_id": "old", "strategy": "cpu"}
+    clock.now += 59
+    assert metrics.remove_expired_job_series() == 0
+    assert value("ntrain_train_batches_total", old) == 10
+    clock.now += 1
+    # Collecting (a scrape) removes them too; the call is explicit here.
+    assert metrics.remove_expired_job_series() == 1
+    for name in ("ntrain_train_batches_total", "ntrain_train_loss", "ntrain_eval_accuracy",
+                 "ntrain_train_step_duration_seconds_count"):  # fmt: skip
+        assert value(name, old) is None, name
+    assert value("ntrain_train_batches_total", {"job_id": "live", "strategy": "cpu"}) == 10
+    # Service-wide series stay.
+    assert value("ntrain_jobs_finished_total", {"outcome": "failed"}) == 1
+
+
+def test_a_scrape_removes_expired_series(metrics, clock):
+    _progress(metrics, "old")
+    metrics.job_finished("old", "canceled", 1.0)
+    clock.now += 61
+    names = {s.labels.get("job_id") for m in metrics.registry.collect() for s in m.samples}
+    assert "old" not in names
+
+
+def test_names_follow_the_prometheus_conventions(metrics):
+    _progress(metrics, "job-a")
+    metrics.job_checkpoint_saved("job-a", "cpu", 0.1)
+    metrics.job_finished("job-a", "succeeded", 1.0)
+    for family in metrics.registry.collect():
+        assert family.name.startswith("ntrain_"), family.name
+        assert re.fullmatch(r"[a-z_]+", family.name), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+        assert not re.search(r"_(ms|milliseconds|bytes_total|percent)$", family.name)
+        job_labelled = any("job_id" in s.labels for s in family.samples)
+        if job_labelled:
+            assert family.name.startswith(("ntrain_train_", "ntrain_eval_", "ntrain_checkpoint_",
+                                           "ntrain_gpu_")), family.name  # fmt: skip
+
+
+def test_unknown_outcome_is_refused(metrics):
+    with pytest.raises(ValueError, match="outcome"):
+        metrics.job_finished("job-a", "exploded", 1.0)
