@@ -66,7 +66,7 @@ def test_demo_trains_on_mnist_found_in_the_keras_cache(tmp_path, mnist_path):
     assert f"MNIST found at {home}/.keras/datasets/mnist.npz" in out
     assert "784 -> 512 relu -> 10 softmax on mnist" in out
     assert "epoch 1/1 done in" in out and "SUCCEEDED" in out
-    assert "3 MNIST test images" in out and out.count("true label") == 3
+    assert "3 MNIST test images and what the model says:" in out and out.count("true label") == 3
     assert "true label 7" in out  # the first MNIST test image is a 7
     assert final_accuracy(out) >= 90.0
     assert_server_gone(out)
