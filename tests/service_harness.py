@@ -11,42 +11,7 @@ import grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-
-def _install_metrics_double() -> None:
-    """Stand-ins for service.metrics and service.grpc_metrics until they land."""
-    import sys
-    import types
-
-    class ServiceMetrics:
-        def __init__(self, registry=None, **_):
-            self.registry = registry
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: 0
-
-    class Interceptor(grpc.ServerInterceptor):
-        def __init__(self, registry):
-            pass
-
-        def intercept_service(self, continuation, details):
-            return continuation(details)
-
-    metrics = types.ModuleType("service.metrics")
-    metrics.ServiceMetrics = ServiceMetrics
-    metrics.start_metrics_server = lambda port, address, registry: (None, None)
-    grpc_metrics = types.ModuleType("service.grpc_metrics")
-    grpc_metrics.MetricsServerInterceptor = Interceptor
-    sys.modules.setdefault("service.metrics", metrics)
-    sys.modules.setdefault("service.grpc_metrics", grpc_metrics)
-
-
-try:
-    import service.grpc_metrics  # noqa: F401
-    import service.metrics  # noqa: F401
-except ImportError:
-    _install_metrics_double()
-
-from service.server import ServerConfig, TrainingServer  # noqa: E402
+from service.server import ServerConfig, TrainingServer
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELED)
 

@@ -86,6 +86,20 @@ def test_mnist_job_succeeds_with_history_and_accuracy(mnist_job):
     assert job.strategy == "cpu" and list(job.devices) == ["CPU:0"]
 
 
+def test_the_job_manager_reports_metrics(server, mnist_job):
+    job, _ = mnist_job
+    registry = server.server.metrics.registry
+    labels = {"job_id": job.job_id, "strategy": "cpu"}
+    assert registry.get_sample_value("ntrain_train_batches_total", labels) == 468
+    assert registry.get_sample_value("ntrain_train_examples_total", labels) == 468 * 128
+    assert registry.get_sample_value("ntrain_eval_accuracy", labels) >= 0.95
+    assert registry.get_sample_value("ntrain_checkpoint_save_duration_seconds_count", labels) == 1
+    assert registry.get_sample_value("ntrain_submit_to_first_step_seconds_count") >= 1
+    finished = {"outcome": "succeeded"}
+    assert registry.get_sample_value("ntrain_jobs_finished_total", finished) >= 1
+    assert registry.get_sample_value("ntrain_devices", {"type": "CPU"}) == 1
+
+
 def test_evaluate_and_predict_agree(server, mnist_job):
     job, _ = mnist_job
     evaluated = server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id), timeout=120)
