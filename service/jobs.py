@@ -125,6 +125,15 @@ class JobManager:
                 self._recover(record)
             self._dispatch()
             self._report_counts()
+        # Validating a job reads its data set's labels once; do it for the
+        # default set now, so that the first submission does not wait for it.
+        threading.Thread(target=self._look_up_default_dataset, daemon=True).start()
+
+    def _look_up_default_dataset(self) -> None:
+        try:
+            lookup_dataset("mnist", self.data_dir)
+        except Exception as error:  # only a head start: a submission will report it
+            log.debug("could not look up mnist ahead of time: %s", error)
 
     def _recover(self, record: JobRecord) -> None:
         if record.state == "QUEUED":
