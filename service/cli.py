@@ -513,8 +513,14 @@ def cmd_serve(args) -> int:
         try:
             server.start()
         except Exception as error:
+            metrics = (
+                "no metrics"
+                if config.metrics_port is None
+                else f"metrics port {config.metrics_port}"
+            )
             raise CliError(
-                f"cannot start the server on {config.bind_address}:{config.port}: {error}"
+                f"cannot start the server (gRPC {config.bind_address}:{config.port}, {metrics}): "
+                f"{error}"
             ) from None
         metrics = (
             f", metrics on http://{config.bind_address}:{server.metrics_port}/metrics"

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -230,22 +231,24 @@ def test_serve_stops_cleanly_on_sigterm(server):
     )
 
 
-def test_serve_on_a_port_in_use_is_one_line(server, tmp_path):
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+@pytest.mark.parametrize("taken", ["grpc", "metrics"])
+def test_serve_on_a_port_in_use_is_one_line(tmp_path, taken):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        ports = ["--port", str(port), "--no-metrics"]
+        expected = f"ntrain: cannot start the server (gRPC 127.0.0.1:{port}, no metrics): "
+        if taken == "metrics":
+            ports = ["--port", "0", "--metrics-port", str(port)]
+            expected = f"ntrain: cannot start the server (gRPC 127.0.0.1:0, metrics port {port}): "
         result = subprocess.run(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-metrics",
-             "--no-warm-worker", "--state-dir", str(tmp_path)],
+            [sys.executable, "-m", "service.cli", "serve", *ports, "--no-warm-worker",
+             "--state-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         )  # fmt: skip
     assert result.returncode == cli.EXIT_ERROR
     errors = [line for line in result.stderr.splitlines() if line.startswith("ntrain:")]
-    assert errors == [
-        f"ntrain: cannot start the server on 127.0.0.1:{port}: " + errors[0].split(": ", 2)[2]
-    ]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
