@@ -247,17 +247,25 @@ def _cancel_if_running(stub: training_pb2_grpc.TrainingServiceStub, job_id: str)
     try:
         job = stub.GetJob(training_pb2.GetJobRequest(job_id=job_id), timeout=5)
         if job.state not in cli.TERMINAL_STATES:
-            print(f"cancelling job {job_id} ...", flush=True)
+            _say(f"cancelling job {job_id} ...")
             stub.CancelJob(training_pb2.CancelJobRequest(job_id=job_id), timeout=60)
     except grpc.RpcError:
         pass  # the server is going down anyway; stopping it ends the worker
 
 
 def _stop_server(server: LocalServer) -> None:
-    print("stopping the server ...", flush=True)
+    _say("stopping the server ...")
     status = server.stop()
     if status not in (0, -signal.SIGTERM):
-        print(f"the server exited with status {status}; its log:\n{server.log_tail()}")
+        _say(f"the server exited with status {status}; its log:\n{server.log_tail()}")
+
+
+def _say(text: str) -> None:
+    """Print during clean-up, which must go on even when stdout is gone (`| head`)."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
 
 
 def _interrupt(signum, frame):
@@ -281,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nntrain demo: interrupted; the server was stopped", file=sys.stderr)
         return cli.EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`); the server is already stopped.
+        sys.stdout = open(os.devnull, "w")  # so nothing more is flushed at exit
+        return cli.EXIT_ERROR
     except DemoError as error:
         print(f"ntrain demo: {error}", file=sys.stderr)
         return cli.EXIT_ERROR
