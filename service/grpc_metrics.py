@@ -1,5 +1,6 @@
 """gRPC server metrics: RPCs started and handled, by method and code, and latency.
 
+Unary and streaming methods alike; a stream is counted as handled when it ends.
 The interceptor is placed outside the error-mapping interceptor, so it sees
 the final status code of every call: a normal return (OK), a code set with
 `context.set_code` or `context.abort`, or an exception gRPC turns into UNKNOWN.
@@ -58,18 +59,22 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
         # "/ntrain.v1.TrainingService/SubmitJob" -> "ntrain.v1.TrainingService/SubmitJob"
         method = handler_call_details.method.lstrip("/")
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # client streaming: none in this service; left uncounted
+            behaviour = self._unary(handler.unary_unary, method, "unary")
+            make = grpc.unary_unary_rpc_method_handler
+        elif handler.unary_stream is not None:
+            behaviour = self._stream(handler.unary_stream, method, "server_stream")
+            make = grpc.unary_stream_rpc_method_handler
+        elif handler.stream_unary is not None:
+            behaviour = self._unary(handler.stream_unary, method, "client_stream")
+            make = grpc.stream_unary_rpc_method_handler
+        else:  # server reflection is the one bidirectional stream here
+            behaviour = self._stream(handler.stream_stream, method, "bidi_stream")
+            make = grpc.stream_stream_rpc_method_handler
+        return make(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _finish(self, method: str, context: grpc.ServicerContext, start: float, error) -> None:
         code = context.code()
@@ -80,9 +85,11 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
         self.handled.labels(method, code.name).inc()
         self.handling_seconds.labels(method).observe(time.perf_counter() - start)
 
-    def _unary(self, behaviour, method: str):
+    def _unary(self, behaviour, method: str, kind: str):
+        """Wraps a behaviour that returns one response (its request may be a stream)."""
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            self.started.labels(method, "unary").inc()
+            self.started.labels(method, kind).inc()
             start, error = time.perf_counter(), None
             try:
                 return behaviour(request, context)
@@ -94,9 +101,11 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
 
         return wrapped
 
-    def _server_stream(self, behaviour, method: str):
+    def _stream(self, behaviour, method: str, kind: str):
+        """Wraps a behaviour that returns a stream of responses; counted when it ends."""
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self.started.labels(method, "server_stream").inc()
+            self.started.labels(method, kind).inc()
             start, error = time.perf_counter(), None
             try:
                 yield from behaviour(request, context)

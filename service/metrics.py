@@ -1,66 +1,86 @@
-"""Prometheus metrics of the training service.
+"""The server's Prometheus metrics, and the HTTP endpoint that serves them.
 
-One prefix (`ntrain_`), base units, `_total` on counters, histograms for
-durations. Series labelled with a `job_id` exist only for recent jobs: they are
-removed `job_series_retention_seconds` after the job ends, so the number of
-series is bounded by recent jobs, not by every job ever run.
+The job manager calls the hooks of `ServiceMetrics`; nothing else writes the
+metrics. Every metric lives in the `registry` given to `ServiceMetrics`, so a
+test can use a fresh `CollectorRegistry` and read it with `get_sample_value`.
 
-Every metric lives in the `registry` given to `ServiceMetrics`, so tests use a
-fresh `CollectorRegistry` and read values with `get_sample_value`.
+Training series carry a `job_id` label. To keep the number of series bounded
+by recent jobs rather than by every job ever run, a job's series are removed
+`job_series_retention_seconds` after `job_finished`; the removal runs on each
+scrape and whenever the server calls `remove_expired_job_series`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
+from ntrain.v1 import training_pb2
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    Info,
     disable_created_metrics,
 )
-from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.exposition import start_wsgi_server
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.registry import Collector
 
 # The `_created` series client_python adds to every counter and histogram would
-# double the per-job series for a timestamp nobody graphs.
+# double the per-job series for a timestamp nobody graphs. (A process-wide switch.)
 disable_created_metrics()
 
-JOB_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELED")
+# Every job state of the proto, so the jobs gauge shows zeros rather than gaps.
+JOB_STATES = tuple(name for name in training_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED")
 OUTCOMES = ("succeeded", "failed", "canceled")
+DEVICE_TYPES = ("GPU", "CPU")
 JOB_LABELS = ("job_id", "strategy")
 
-# Mean step time of a compiled call: from sub-millisecond CPU steps to slow GPUs' first calls.
-STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-FIRST_STEP_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-JOB_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+# Bucket edges in seconds. One compiled call's mean step runs from well under a
+# millisecond (a GPU) to a second (a large CPU batch).
+STEP_BUCKETS = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
+)  # fmt: skip
+CHECKPOINT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+JOB_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
+FIRST_STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-class _ExpireOnScrape(Collector):
-    """Drops expired per-job series whenever the registry is collected."""
+@dataclass
+class _JobSeries:
+    """The label values one job has used, so its series can be removed together."""
+
+    strategies: set[str] = field(default_factory=set)
+    gpu_devices: set[tuple[str, str]] = field(default_factory=set)  # (strategy, device)
+    expires_at: float | None = None
+
+
+class _ExpireOnScrape:
+    """A collector with no metrics of its own: it drops expired job series before a scrape.
+
+    It is registered before every metric, so the registry runs it first.
+    """
 
     def __init__(self, metrics: ServiceMetrics):
         self._metrics = metrics
 
-    def collect(self):
+    def describe(self) -> Iterable:
+        return ()
+
+    def collect(self) -> Iterable:
         self._metrics.remove_expired_job_series()
-        return []
+        return ()
 
 
 class ServiceMetrics:
-    """Every metric of the service, and the hooks the job manager calls.
+    """Training, job and service metrics, updated by the job manager.
 
     Args:
-        registry: where the metrics live; a fresh one when None.
-        job_series_retention_seconds: how long a job's own series outlive it.
-        clock: monotonic seconds; tests pass a fake one.
+        registry: where the metrics live; a fresh `CollectorRegistry` by default.
+        job_series_retention_seconds: how long a finished job's training series remain.
+        clock: monotonic seconds; tests pass a fake to move time without sleeping.
     """
 
     def __init__(
@@ -70,18 +90,19 @@ class ServiceMetrics:
         job_series_retention_seconds: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ):
+        if job_series_retention_seconds < 0:
+            raise ValueError(
+                f"job_series_retention_seconds must be >= 0, got {job_series_retention_seconds}"
+            )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.retention_seconds = job_series_retention_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        # job_id -> (metric, label values) of every series it has, and when it ended.
-        self._job_series: dict[str, set[tuple[MetricWrapperBase, tuple[str, ...]]]] = {}
-        self._ended: dict[str, float] = {}
-        # Registered first, so expired series are gone before the others are collected.
+        self._jobs: dict[str, _JobSeries] = {}
         self.registry.register(_ExpireOnScrape(self))
         r = self.registry
 
-        # Training, per running job.
+        # Training, per job. Removed once the job's retention window passes.
         self.train_batches = Counter(
             "ntrain_train_batches", "Training steps (batches) run.", JOB_LABELS, registry=r
         )
@@ -89,81 +110,119 @@ class ServiceMetrics:
             "ntrain_train_examples", "Training examples processed.", JOB_LABELS, registry=r
         )
         self.train_loss = Gauge(
-            "ntrain_train_loss", "Mean training loss over the epoch so far.", JOB_LABELS,
+            "ntrain_train_loss",
+            "Mean training loss of the current epoch so far.",
+            JOB_LABELS,
             registry=r,
-        )  # fmt: skip
+        )
         self.train_accuracy = Gauge(
-            "ntrain_train_accuracy", "Training accuracy over the epoch so far (0-1).",
-            JOB_LABELS, registry=r,
-        )  # fmt: skip
+            "ntrain_train_accuracy",
+            "Training accuracy of the current epoch so far.",
+            JOB_LABELS,
+            registry=r,
+        )
         self.train_epoch = Gauge(
-            "ntrain_train_epoch", "Epoch being trained (1-based).", JOB_LABELS, registry=r
+            "ntrain_train_epoch", "The epoch being trained (1-based).", JOB_LABELS, registry=r
         )
         self.train_examples_per_second = Gauge(
-            "ntrain_train_examples_per_second", "Training throughput of the last compiled call.",
-            JOB_LABELS, registry=r,
-        )  # fmt: skip
+            "ntrain_train_examples_per_second",
+            "Training throughput over the job's steady calls.",
+            JOB_LABELS,
+            registry=r,
+        )
+        self.train_running = Gauge(
+            "ntrain_train_running",
+            "1 while the job trains, 0 once it has finished (until its series are removed).",
+            JOB_LABELS,
+            registry=r,
+        )
         self.train_step_duration = Histogram(
             "ntrain_train_step_duration_seconds",
             "Mean step duration of each compiled call (one observation per call).",
-            JOB_LABELS, buckets=STEP_BUCKETS, registry=r,
-        )  # fmt: skip
+            JOB_LABELS,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.eval_loss = Gauge(
-            "ntrain_eval_loss", "Test loss at the end of the last epoch.", JOB_LABELS, registry=r
+            "ntrain_eval_loss",
+            "Test-split loss at the end of the last epoch.",
+            JOB_LABELS,
+            registry=r,
         )
         self.eval_accuracy = Gauge(
-            "ntrain_eval_accuracy", "Test accuracy at the end of the last epoch (0-1).",
-            JOB_LABELS, registry=r,
-        )  # fmt: skip
+            "ntrain_eval_accuracy",
+            "Test-split accuracy at the end of the last epoch.",
+            JOB_LABELS,
+            registry=r,
+        )
         self.checkpoint_save_duration = Histogram(
-            "ntrain_checkpoint_save_duration_seconds", "Time to save a checkpoint.",
-            JOB_LABELS, buckets=CHECKPOINT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.gpu_memory = Gauge(
-            "ntrain_gpu_memory_in_use_bytes", "GPU memory TensorFlow reports in use.",
-            (*JOB_LABELS, "device"), registry=r,
+            "ntrain_checkpoint_save_duration_seconds",
+            "Time to write one checkpoint.",
+            JOB_LABELS,
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.gpu_memory_in_use = Gauge(
+            "ntrain_gpu_memory_in_use_bytes",
+            "GPU memory TensorFlow holds for the job, per device, where TensorFlow reports it.",
+            (*JOB_LABELS, "device"),
+            registry=r,
+        )
+        self._job_metrics: tuple[MetricWrapperBase, ...] = (
+            self.train_batches, self.train_examples, self.train_loss, self.train_accuracy,
+            self.train_epoch, self.train_examples_per_second, self.train_running,
+            self.train_step_duration, self.eval_loss, self.eval_accuracy,
+            self.checkpoint_save_duration,
         )  # fmt: skip
 
-        # The service.
+        # The service. Label values come from small fixed sets.
         self.jobs = Gauge("ntrain_jobs", "Jobs by state.", ("state",), registry=r)
         self.jobs_finished = Counter(
             "ntrain_jobs_finished", "Jobs that ended, by outcome.", ("outcome",), registry=r
         )
         self.job_duration = Histogram(
-            "ntrain_job_duration_seconds", "Run time of ended jobs, from start to end.",
-            buckets=JOB_DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ntrain_job_duration_seconds",
+            "Run time of finished jobs, from worker start to end.",
+            buckets=JOB_DURATION_BUCKETS,
+            registry=r,
+        )
         self.queue_length = Gauge("ntrain_queue_length", "Jobs waiting to run.", registry=r)
         self.submit_to_first_step = Histogram(
             "ntrain_submit_to_first_step_seconds",
-            "Time from SubmitJob to the job's first progress report.",
-            buckets=FIRST_STEP_BUCKETS, registry=r,
-        )  # fmt: skip
+            "Time from a job's submission to its first training progress.",
+            buckets=FIRST_STEP_BUCKETS,
+            registry=r,
+        )
         self.devices = Gauge("ntrain_devices", "Devices found, by type.", ("type",), registry=r)
         self.warm_workers = Gauge(
-            "ntrain_warm_workers", "Worker processes with TensorFlow imported, ready.", registry=r
+            "ntrain_warm_workers",
+            "Worker processes with TensorFlow loaded, ready for a job.",
+            registry=r,
         )
-        self.build = Info("ntrain_build", "Versions of the running server.", registry=r)
-
+        self.build_info = Gauge(
+            "ntrain_build_info",
+            "Always 1; the labels name the versions this server runs.",
+            ("version", "tensorflow_version", "python_version"),
+            registry=r,
+        )
+        # Series that exist from the start, so rates and alerts see the first change.
         for state in JOB_STATES:
             self.jobs.labels(state).set(0)
         for outcome in OUTCOMES:
             self.jobs_finished.labels(outcome)
+        for kind in DEVICE_TYPES:
+            self.devices.labels(kind).set(0)
 
-    # -- service-wide ------------------------------------------------------
+    # -- the service ---------------------------------------------------------------
 
-    def set_build_info(self, *, version: str, tensorflow_version: str, python_version: str):
-        self.build.info(
-            {
-                "version": version,
-                "tensorflow_version": tensorflow_version,
-                "python_version": python_version,
-            }
-        )
+    def set_build_info(self, *, version: str, tensorflow_version: str, python_version: str) -> None:
+        self.build_info.clear()
+        self.build_info.labels(version, tensorflow_version, python_version).set(1)
 
     def set_devices(self, counts: Mapping[str, int]) -> None:
-        for kind, count in counts.items():
-            self.devices.labels(kind).set(count)
+        """Devices by type, e.g. {"GPU": 4, "CPU": 1}; types not given read 0."""
+        for kind in set(DEVICE_TYPES) | set(counts):
+            self.devices.labels(kind).set(counts.get(kind, 0))
 
     def set_warm_workers(self, ready: int) -> None:
         self.warm_workers.set(ready)
@@ -172,18 +231,11 @@ class ServiceMetrics:
         self.queue_length.set(length)
 
     def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
-        """Counts of jobs per state; states not named are set to 0."""
-        for state in JOB_STATES:
+        """Jobs by JobState name; every state is exposed, states not given read 0."""
+        for state in set(JOB_STATES) | set(counts):
             self.jobs.labels(state).set(counts.get(state, 0))
 
-    # -- per job -------------------------------------------------------------
-
-    def _series(self, metric: MetricWrapperBase, job_id: str, *labels: str):
-        """The child of `metric` for this job, remembered so it can be removed later."""
-        values = (job_id, *labels)
-        with self._lock:
-            self._job_series.setdefault(job_id, set()).add((metric, values))
-        return metric.labels(*values)
+    # -- jobs ----------------------------------------------------------------------
 
     def job_first_step(self, job_id: str, seconds_since_submit: float) -> None:
         self.submit_to_first_step.observe(seconds_since_submit)
@@ -201,57 +253,100 @@ class ServiceMetrics:
         examples_per_second: float,
         step_seconds: float,
     ) -> None:
-        """One compiled call's report: `batches` and `examples` are its increments."""
-        self._series(self.train_batches, job_id, strategy).inc(batches)
-        self._series(self.train_examples, job_id, strategy).inc(examples)
-        self._series(self.train_loss, job_id, strategy).set(loss)
-        self._series(self.train_accuracy, job_id, strategy).set(accuracy)
-        self._series(self.train_epoch, job_id, strategy).set(epoch)
-        self._series(self.train_examples_per_second, job_id, strategy).set(examples_per_second)
-        self._series(self.train_step_duration, job_id, strategy).observe(step_seconds)
+        """One compiled call's progress: `batches` and `examples` are this call's increments."""
+        self._track(job_id, strategy)
+        labels = (job_id, strategy)
+        self.train_batches.labels(*labels).inc(batches)
+        self.train_examples.labels(*labels).inc(examples)
+        self.train_loss.labels(*labels).set(loss)
+        self.train_accuracy.labels(*labels).set(accuracy)
+        self.train_epoch.labels(*labels).set(epoch)
+        self.train_examples_per_second.labels(*labels).set(examples_per_second)
+        self.train_running.labels(*labels).set(1)
+        if batches:
+            self.train_step_duration.labels(*labels).observe(step_seconds)
 
-    def job_epoch_evaluated(self, job_id: str, strategy: str, *, loss: float, accuracy: float):
-        self._series(self.eval_loss, job_id, strategy).set(loss)
-        self._series(self.eval_accuracy, job_id, strategy).set(accuracy)
+    def job_epoch_evaluated(
+        self, job_id: str, strategy: str, *, loss: float, accuracy: float
+    ) -> None:
+        self._track(job_id, strategy)
+        self.eval_loss.labels(job_id, strategy).set(loss)
+        self.eval_accuracy.labels(job_id, strategy).set(accuracy)
 
     def job_checkpoint_saved(self, job_id: str, strategy: str, seconds: float) -> None:
-        self._series(self.checkpoint_save_duration, job_id, strategy).observe(seconds)
+        self._track(job_id, strategy)
+        self.checkpoint_save_duration.labels(job_id, strategy).observe(seconds)
 
     def job_gpu_memory(self, job_id: str, strategy: str, device: str, bytes_in_use: int) -> None:
-        self._series(self.gpu_memory, job_id, strategy, device).set(bytes_in_use)
+        self._track(job_id, strategy, device)
+        self.gpu_memory_in_use.labels(job_id, strategy, device).set(bytes_in_use)
 
     def job_finished(self, job_id: str, outcome: str, duration_seconds: float) -> None:
-        """Count the outcome and start the job's retention window."""
+        """Count the outcome and start the retention window of the job's series.
+
+        outcome: "succeeded", "failed" or "canceled".
+        """
         if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         self.jobs_finished.labels(outcome).inc()
         self.job_duration.observe(duration_seconds)
         with self._lock:
-            self._ended[job_id] = self._clock()
+            series = self._jobs.get(job_id)
+            if series is None:  # never trained (canceled while queued): nothing to remove
+                return
+            series.expires_at = self._clock() + self.retention_seconds
+            strategies = tuple(series.strategies)
+        for strategy in strategies:
+            self.train_running.labels(job_id, strategy).set(0)
 
     def remove_expired_job_series(self) -> int:
-        """Remove the series of jobs that ended over the retention window ago."""
+        """Remove the series of jobs whose retention window has passed; returns how many jobs."""
         now = self._clock()
         with self._lock:
-            expired = [j for j, end in self._ended.items() if now - end >= self.retention_seconds]
-            series = [s for job_id in expired for s in self._job_series.pop(job_id, ())]
-            for job_id in expired:
-                del self._ended[job_id]
-        for metric, values in series:
-            try:
-                metric.remove(*values)
-            except KeyError:  # never observed, or already removed
-                pass
+            expired = [
+                (job_id, self._jobs.pop(job_id))
+                for job_id, series in list(self._jobs.items())
+                if series.expires_at is not None and series.expires_at <= now
+            ]
+        for job_id, series in expired:
+            for strategy in series.strategies:
+                for metric in self._job_metrics:
+                    metric.remove(job_id, strategy)
+            for strategy, device in series.gpu_devices:
+                self.gpu_memory_in_use.remove(job_id, strategy, device)
         return len(expired)
+
+    def _track(self, job_id: str, strategy: str, device: str | None = None) -> None:
+        with self._lock:
+            series = self._jobs.get(job_id)
+            if series is None:
+                series = self._jobs[job_id] = _JobSeries()
+            series.strategies.add(strategy)
+            if device is not None:
+                series.gpu_devices.add((strategy, device))
+
+
+class MetricsHttpServer:
+    """The /metrics endpoint; `shutdown()` stops it and frees its port."""
+
+    def __init__(self, httpd, thread: threading.Thread):
+        self._httpd = httpd
+        self._thread = thread
+        self.port: int = httpd.server_port
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5.0)
 
 
 def start_metrics_server(
     port: int, address: str, registry: CollectorRegistry
-) -> tuple[WSGIServer, int]:
-    """Serve /metrics over HTTP on a daemon thread; port 0 picks a free port.
+) -> tuple[MetricsHttpServer, int]:
+    """Serve `registry` in the Prometheus text format on http://address:port/metrics.
 
-    Returns:
-        The server (call `shutdown()` to stop it) and the port it listens on.
+    Port 0 picks a free port. Returns the server and the port it bound.
     """
-    server, _thread = _start_http_server(port, addr=address, registry=registry)
-    return server, server.server_port
+    httpd, thread = start_wsgi_server(port, addr=address, registry=registry)
+    server = MetricsHttpServer(httpd, thread)
+    return server, server.port

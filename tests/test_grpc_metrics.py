@@ -1,11 +1,13 @@
 """The gRPC metrics interceptor on a real server on port 0."""
 
+import contextlib
 import time
 from concurrent import futures
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from service.errors import ExceptionToStatusInterceptor, NotFound
@@ -16,36 +18,48 @@ WATCH = "grpc.health.v1.Health/Watch"
 
 
 class MissingHealth(health.HealthServicer):
-    """Check raises a domain error, to see the code the mapping interceptor gives it."""
+    """Check ends in the ways a servicer can end a call, chosen by the service name."""
 
     def Check(self, request, context):
-        if request.service == "missing-domain":
+        if request.service == "missing-domain":  # mapped to NOT_FOUND by the interceptor
             raise NotFound("no such service")
+        if request.service == "set-code":  # a code set without raising
+            context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+            return health_pb2.HealthCheckResponse()
+        if request.service == "crash":  # a plain exception: gRPC answers UNKNOWN
+            raise RuntimeError("servicer bug")
         return super().Check(request, context)
 
 
-@pytest.fixture
-def served():
+@contextlib.contextmanager
+def _serve(map_errors: bool = True):
     registry = CollectorRegistry()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[MetricsServerInterceptor(registry), ExceptionToStatusInterceptor()],
-    )
+    interceptors = [MetricsServerInterceptor(registry)]
+    if map_errors:
+        interceptors.append(ExceptionToStatusInterceptor())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
     servicer = MissingHealth()
     servicer.set("ok", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((reflection.SERVICE_NAME,), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield registry, health_pb2_grpc.HealthStub(channel), servicer
+        yield registry, health_pb2_grpc.HealthStub(channel), servicer, channel
     finally:
         channel.close()
         server.stop(0).wait()
 
 
+@pytest.fixture
+def served():
+    with _serve() as running:
+        yield running
+
+
 def test_unary_calls_are_counted_by_method_and_code(served):
-    registry, stub, _ = served
+    registry, stub, _, _ = served
     stub.Check(health_pb2.HealthCheckRequest(service="ok"), timeout=5)
     stub.Check(health_pb2.HealthCheckRequest(service="ok"), timeout=5)
     with pytest.raises(grpc.RpcError) as error:  # the servicer aborts with NOT_FOUND itself
@@ -66,7 +80,7 @@ def test_unary_calls_are_counted_by_method_and_code(served):
 
 def test_server_streams_are_counted_when_they_end(served):
     """A stream the client cancels counts as CANCELLED once the server sees it end."""
-    registry, stub, servicer = served
+    registry, stub, servicer, _ = served
     stream = stub.Watch(health_pb2.HealthCheckRequest(service="ok"), timeout=5)
     first = next(stream)
     assert first.status == health_pb2.HealthCheckResponse.SERVING
@@ -82,3 +96,35 @@ def test_server_streams_are_counted_when_they_end(served):
         time.sleep(0.05)
     assert value("ntrain_grpc_server_handled_total", handled) == 1
     assert value("ntrain_grpc_server_handling_seconds_count", {"grpc_method": WATCH}) == 1
+
+
+@pytest.mark.parametrize(
+    ("map_errors", "service", "code"),
+    [
+        (True, "set-code", "FAILED_PRECONDITION"),  # set without raising
+        (True, "crash", "INTERNAL"),  # the mapping interceptor's answer to a bug
+        (False, "crash", "UNKNOWN"),  # gRPC's own answer, without the mapping
+    ],
+)
+def test_the_recorded_code_is_the_one_the_client_sees(map_errors, service, code):
+    with _serve(map_errors) as (registry, stub, _, _):
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert error.value.code().name == code
+        labels = {"grpc_method": CHECK, "grpc_code": code}
+        assert registry.get_sample_value("ntrain_grpc_server_handled_total", labels) == 1
+
+
+def test_bidirectional_streams_are_counted(served):
+    """Server reflection (what grpcurl uses) is a bidirectional stream."""
+    registry, _, _, channel = served
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    answers = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    assert answers[0].list_services_response.service
+    method = "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    value = registry.get_sample_value
+    assert value("ntrain_grpc_server_started_total",
+                 {"grpc_method": method, "grpc_type": "bidi_stream"}) == 1  # fmt: skip
+    assert value("ntrain_grpc_server_handled_total",
+                 {"grpc_method": method, "grpc_code": "OK"}) == 1  # fmt: skip

@@ -1,11 +1,14 @@
 """Service metrics: names, units, labels, and the retention of per-job series."""
 
 import re
+import socket
+import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.metrics import JOB_STATES, ServiceMetrics
+from service.grpc_metrics import MetricsServerInterceptor
+from service.metrics import JOB_STATES, ServiceMetrics, start_metrics_server
 
 
 class FakeClock:
@@ -111,22 +114,101 @@ def test_a_scrape_removes_expired_series(metrics, clock):
     assert "old" not in names
 
 
-def test_names_follow_the_prometheus_conventions(metrics):
+def _every_series(metrics):
+    """Touch every hook, so every family has samples."""
     _progress(metrics, "job-a")
+    metrics.job_epoch_evaluated("job-a", "cpu", loss=0.1, accuracy=0.9)
     metrics.job_checkpoint_saved("job-a", "cpu", 0.1)
+    metrics.job_gpu_memory("job-a", "cpu", "GPU:0", 1024)
+    metrics.job_first_step("job-a", 1.0)
+    metrics.set_build_info(version="0.1.0", tensorflow_version="2.21.0", python_version="3.11")
+    metrics.set_devices({"CPU": 1})
+    metrics.set_warm_workers(1)
+    metrics.set_queue_length(0)
     metrics.job_finished("job-a", "succeeded", 1.0)
-    for family in metrics.registry.collect():
-        assert family.name.startswith("ntrain_"), family.name
-        assert re.fullmatch(r"[a-z_]+", family.name), family.name
+
+
+def test_names_follow_the_prometheus_conventions(metrics):
+    """Over the whole registry the server exposes, the gRPC interceptor's series included."""
+    MetricsServerInterceptor(metrics.registry)
+    _every_series(metrics)
+    families = list(metrics.registry.collect())
+    assert len(families) >= 22
+    for family in families:
+        name = family.name
+        assert name.startswith("ntrain_"), name
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
         if family.type == "counter":
-            assert all(s.name.endswith("_total") for s in family.samples), family.name
+            assert all(s.name == f"{name}_total" for s in family.samples), name
+        else:
+            assert not name.endswith("_total"), name
         if family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
-        assert not re.search(r"_(ms|milliseconds|bytes_total|percent)$", family.name)
-        job_labelled = any("job_id" in s.labels for s in family.samples)
-        if job_labelled:
-            assert family.name.startswith(("ntrain_train_", "ntrain_eval_", "ntrain_checkpoint_",
-                                           "ntrain_gpu_")), family.name  # fmt: skip
+            assert name.endswith("_seconds"), name
+        if re.search(r"duration|time|latency|memory|size", name):
+            assert name.endswith(("_seconds", "_bytes")), f"{name} needs a base unit"
+        assert not re.search(r"_(ms|milliseconds|minutes|hours|kb|mb|gb|percent)(_|$)", name)
+        labels = {key for sample in family.samples for key in sample.labels} - {"le"}
+        if "job_id" in labels:  # only the live-training series, which retention bounds
+            assert name.startswith(
+                ("ntrain_train_", "ntrain_eval_", "ntrain_checkpoint_", "ntrain_gpu_")
+            ), name
+            assert labels >= {"job_id", "strategy"}, name
+
+
+def test_every_state_outcome_and_device_type_is_exposed_from_the_start(metrics):
+    value = metrics.registry.get_sample_value
+    assert [value("ntrain_jobs", {"state": s}) for s in JOB_STATES] == [0] * len(JOB_STATES)
+    assert set(JOB_STATES) >= {"QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED"}
+    for outcome in ("succeeded", "failed", "canceled"):
+        assert value("ntrain_jobs_finished_total", {"outcome": outcome}) == 0
+    assert value("ntrain_devices", {"type": "GPU"}) == 0
+    metrics.set_jobs_by_state({"RUNNING": 1})
+    metrics.set_jobs_by_state({"QUEUED": 2})
+    assert value("ntrain_jobs", {"state": "RUNNING"}) == 0
+    assert value("ntrain_jobs", {"state": "QUEUED"}) == 2
+
+
+def test_running_gauge_tells_live_jobs_from_finished_ones(metrics):
+    """The stalled-job alert needs it: a finished job's batch counter stops moving too."""
+    _progress(metrics, "job-a")
+    labels = {"job_id": "job-a", "strategy": "cpu"}
+    assert metrics.registry.get_sample_value("ntrain_train_running", labels) == 1
+    metrics.job_finished("job-a", "succeeded", 3.0)
+    assert metrics.registry.get_sample_value("ntrain_train_running", labels) == 0
+
+
+def test_gpu_memory_series_go_with_the_job(metrics, clock):
+    metrics.job_gpu_memory("job-g", "mirrored", "GPU:0", 100)
+    metrics.job_gpu_memory("job-g", "mirrored", "GPU:1", 200)
+    metrics.job_finished("job-g", "failed", 2.0)
+    clock.now += 60
+    assert metrics.remove_expired_job_series() == 1
+    for device in ("GPU:0", "GPU:1"):
+        labels = {"job_id": "job-g", "strategy": "mirrored", "device": device}
+        assert metrics.registry.get_sample_value("ntrain_gpu_memory_in_use_bytes", labels) is None
+
+
+def test_a_job_canceled_while_queued_has_no_series_to_remove(metrics, clock):
+    metrics.job_finished("never-ran", "canceled", 0.0)
+    clock.now += 600
+    assert metrics.remove_expired_job_series() == 0
+    assert metrics.registry.get_sample_value("ntrain_jobs_finished_total",
+                                             {"outcome": "canceled"}) == 1  # fmt: skip
+
+
+def test_the_endpoint_serves_the_registry_and_frees_its_port(metrics):
+    _progress(metrics, "job-a")
+    server, port = start_metrics_server(0, "127.0.0.1", metrics.registry)
+    try:
+        assert port > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    finally:
+        server.shutdown()
+    assert 'ntrain_train_batches_total{job_id="job-a",strategy="cpu"} 10.0' in text
+    assert "ntrain_jobs{" in text
+    with socket.socket() as probe:  # the port is free again
+        probe.bind(("127.0.0.1", port))
 
 
 def test_unknown_outcome_is_refused(metrics):
