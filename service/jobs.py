@@ -369,6 +369,8 @@ class JobManager:
         if message is None:
             raise WorkerError(f"the worker did not answer in {TASK_TIMEOUT_SECONDS:.0f} s")
         kind, data = message
+        if kind == "data_missing":
+            raise FailedPrecondition(f"{task['kind']}: {data}")
         if kind != "answer":
             raise WorkerError(f"{task['kind']} failed in its worker: {data}")
         return data
@@ -553,7 +555,7 @@ class JobRunner:
                 if kind == "result":
                     self.manager.append(self.job_id, "result", data)
                     return "SUCCEEDED", ""
-                if kind == "failed":
+                if kind in ("failed", "data_missing"):
                     return "FAILED", data
                 self._handle(kind, data)
         except (EOFError, OSError):

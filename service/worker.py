@@ -9,7 +9,8 @@ import only once it knows its task.
 
 Messages to the server are `(kind, data)` tuples over the pipe:
 ready, running, progress (once per compiled call), epoch_end, checkpoint,
-gpu_memory, result, answer (Evaluate, Predict) and failed (a one-line reason).
+gpu_memory, result, answer (Evaluate, Predict), data_missing (a data set was
+not found) and failed (a one-line reason).
 The server ends a job by ending this process; nothing here polls for it.
 """
 
@@ -82,6 +83,9 @@ def run_worker(
             conn.send(("answer", _predict(task)))
         else:
             raise ValueError(f"unknown task kind {task['kind']!r}")
+    except FileNotFoundError as error:  # a data set that is not there: the request's fault
+        traceback.print_exc()
+        conn.send(("data_missing", str(error)))
     except Exception as error:  # reported to the server, which fails the job with it
         traceback.print_exc()
         conn.send(("failed", f"{type(error).__name__}: {error}"))

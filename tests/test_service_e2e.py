@@ -316,3 +316,30 @@ def test_server_process_never_imports_tensorflow(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.split() == ["False", "False"]
+
+
+def test_evaluate_on_mnist_that_cannot_be_found_is_failed_precondition(tmp_path, monkeypatch):
+    """MNIST is looked up in the worker (it may download); when it is nowhere, the
+    client hears FAILED_PRECONDITION with where it looked, never INTERNAL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"  # Keras's download fails at once
+    for name in ("NTRAIN_MNIST_PATH", "KERAS_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("https_proxy", closed)
+    monkeypatch.setenv("HTTPS_PROXY", closed)
+    for name in ("no_proxy", "NO_PROXY"):  # gRPC honours the proxy even for loopback
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    running = RunningServer(tmp_path / "state", warm_worker=False)
+    try:
+        job = running.submit(job_spec(epochs=1), request_id="synthetic-for-eval")
+        assert running.wait_for(job.job_id).state == pb.SUCCEEDED
+        with pytest.raises(grpc.RpcError) as error:
+            running.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id, dataset="mnist"))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "MNIST not found" in error.value.details()
+    finally:
+        running.stop()
