@@ -179,11 +179,18 @@ class Trainer:
             return self._train_loop.experimental_get_tracing_count()
         return 0
 
-    def train_epoch(self, on_progress: Callable[[Progress], None] | None = None) -> EpochResult:
+    def train_epoch(
+        self,
+        on_progress: Callable[[Progress], None] | None = None,
+        *,
+        first_call_steps: int | None = None,
+    ) -> EpochResult:
         """Train one epoch in calls of `steps_per_execution` steps.
 
         Args:
             on_progress: called after every compiled call with the epoch so far.
+            first_call_steps: a shorter first call, so the first report comes
+                right after tracing (the loop traces once whatever the count).
         """
         epoch = self.epoch + 1
         self._start_epoch(epoch)
@@ -191,7 +198,10 @@ class Trainer:
         step_in_epoch = 0
         loss = accuracy = 0.0
         while step_in_epoch < self.steps_per_epoch:
-            steps = min(self.steps_per_execution, self.steps_per_epoch - step_in_epoch)
+            call_size = self.steps_per_execution
+            if step_in_epoch == 0 and first_call_steps:
+                call_size = min(first_call_steps, call_size)
+            steps = min(call_size, self.steps_per_epoch - step_in_epoch)
             call_start = time.perf_counter()
             self._train_loop(tf.constant(step_in_epoch, tf.int64), tf.constant(steps, tf.int64))
             step_in_epoch += steps

@@ -176,12 +176,9 @@ def _train(conn: Connection, task: dict[str, Any]) -> None:
     examples_done = 0
     # The first call pays for tracing: the job's rate is taken over the others.
     steady = {"calls": 0, "examples": 0, "seconds": 0.0}
-    call_size = trainer.steps_per_execution
-    trainer.steps_per_execution = min(FIRST_CALL_STEPS, call_size)
 
     def on_progress(progress) -> None:
         nonlocal examples_done
-        trainer.steps_per_execution = call_size  # after the short first call, full calls
         examples_done += progress.examples
         steady["calls"] += 1
         if steady["calls"] > 1:
@@ -213,7 +210,9 @@ def _train(conn: Connection, task: dict[str, Any]) -> None:
     train_seconds = 0.0
     last = None
     for epoch in range(1, epochs + 1):
-        last = trainer.train_epoch(on_progress)
+        last = trainer.train_epoch(
+            on_progress, first_call_steps=FIRST_CALL_STEPS if epoch == 1 else None
+        )
         train_seconds += last.seconds
         evaluation = trainer.evaluate()
         conn.send(

@@ -108,6 +108,15 @@ def test_the_training_loop_traces_once(dataset, one_device):
     assert trainer.global_step == 32 and trainer.epoch == 2
 
 
+def test_a_short_first_call_reports_early_without_retracing(dataset, one_device):
+    trainer = Trainer(_config(steps_per_execution=0), dataset, one_device)
+    calls = []
+    trainer.train_epoch(calls.append, first_call_steps=1)
+    trainer.train_epoch(calls.append)
+    assert [p.steps for p in calls] == [1, 15, 16]
+    assert trainer.trace_count == 1
+
+
 def test_progress_is_reported_once_per_call(dataset, one_device):
     trainer = Trainer(_config(steps_per_execution=4), dataset, one_device)
     calls = []
