@@ -36,6 +36,7 @@ def make_strategy(config: StrategyConfig | None = None) -> tf.distribute.Strateg
     config.validate()
     if config.kind == "multi_worker":
         return _multi_worker(config)
+    _grow_gpu_memory()
     gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
     cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
     if config.kind == "auto":
@@ -63,6 +64,20 @@ def make_strategy(config: StrategyConfig | None = None) -> tf.distribute.Strateg
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
+
+
+def _grow_gpu_memory() -> None:
+    """Allocate GPU memory as needed instead of all of it at start.
+
+    Then the memory TensorFlow reports in use is what the job needs, and an
+    evaluation or a monitoring agent can share the device. Only possible
+    before TensorFlow initialises the GPUs; later it is left as it is.
+    """
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            return
 
 
 def _multi_worker(config: StrategyConfig) -> tf.distribute.Strategy:
