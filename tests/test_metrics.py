@@ -207,8 +207,11 @@ def test_the_endpoint_serves_the_registry_and_frees_its_port(metrics):
         server.shutdown()
     assert 'ntrain_train_batches_total{job_id="job-a",strategy="cpu"} 10.0' in text
     assert "ntrain_jobs{" in text
-    with socket.socket() as probe:  # the port is free again
+    with socket.socket() as probe:  # nothing listens on the port any more
+        # SO_REUSEADDR as every server sets it: it allows TIME_WAIT connections, not a listener.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+        probe.listen()
 
 
 def test_unknown_outcome_is_refused(metrics):
