@@ -98,6 +98,21 @@ def test_batch_not_divisible_by_replicas_is_refused(dataset):
         Trainer(_config(batch_size=63), dataset, mirrored)
 
 
+def test_each_epoch_trains_on_a_new_order_of_every_example(dataset):
+    mirrored = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
+    trainer = Trainer(_config(shuffle=True), dataset, mirrored)
+    orders = []
+    for epoch in (1, 2, 3):
+        trainer._start_epoch(epoch)
+        order = trainer._order.numpy()
+        assert sorted(order) == list(range(len(dataset.x_train)))
+        for copy in trainer._images.values:  # every replica's copy is in that order
+            np.testing.assert_array_equal(copy.numpy(), dataset.x_train[order])
+        np.testing.assert_array_equal(trainer._labels.numpy(), dataset.y_train[order])
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+
 def test_the_training_loop_traces_once(dataset, one_device):
     # 16 steps per epoch in calls of 5: the calls run 5, 5, 5 and 1 steps.
     trainer = Trainer(_config(steps_per_execution=5), dataset, one_device)
