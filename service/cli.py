@@ -497,6 +497,7 @@ def cmd_serve(args) -> int:
         "max_queue": args.max_queue,
         "max_cpu_jobs": args.max_cpu_jobs,
         "warm_worker": False if args.no_warm_worker else None,
+        "job_series_retention_seconds": args.job_series_retention,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})
     if args.no_metrics:
@@ -566,6 +567,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -653,6 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-warm-worker",
         action="store_true",
         help="do not keep a worker with TensorFlow imported ready",
+    )
+    serve.add_argument(
+        "--job-series-retention",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=None,
+        help="how long a finished job's Prometheus series stay (default 600)",
     )
     serve.add_argument(
         "--port-file",

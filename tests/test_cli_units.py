@@ -14,6 +14,8 @@ import threading
 from concurrent import futures
 from types import SimpleNamespace
 
+import signal
+
 import grpc
 import numpy as np
 import pytest
@@ -390,3 +392,29 @@ def unused_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys):
+    import service.server
+    from service.cli import main
+
+    seen = []
+
+    class RefusingServer:
+        def __init__(self, config):
+            seen.append(config)
+
+        def start(self):
+            raise OSError("not starting in a unit test")
+
+        def stop(self, grace=5.0):
+            pass
+
+    monkeypatch.setattr(service.server, "TrainingServer", RefusingServer)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+    assert main(["serve", "--job-series-retention", "30", "--no-metrics"]) == 1
+    assert seen[0].job_series_retention_seconds == 30.0
+    assert "cannot start the server" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        main(["serve", "--job-series-retention", "-1"])
+    assert error.value.code == 2
