@@ -8,13 +8,12 @@ by a real gRPC server on port 0.
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 import threading
 from concurrent import futures
 from types import SimpleNamespace
-
-import signal
 
 import grpc
 import numpy as np
