@@ -23,7 +23,6 @@ See benchmarks/README_metrics.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
+from benchmarks.report import publish  # noqa: E402
 from naive_model.config import LayerSpec, TrainConfig  # noqa: E402
 from naive_model.data import Dataset, load_npz, synthetic_dataset  # noqa: E402
 from naive_model.trainer import Progress, Trainer  # noqa: E402
@@ -167,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 5)
 
     results = run(args)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    publish(results, args.json)
     print(
         f"metrics on {results['metrics_on_samples_per_sec']:,.0f} samples/s, "
         f"off {results['metrics_off_samples_per_sec']:,.0f} samples/s: "

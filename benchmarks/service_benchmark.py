@@ -20,7 +20,6 @@ See benchmarks/README_service.md for how to read it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
+from benchmarks.report import publish
 from service.server import ServerConfig, TrainingServer
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
@@ -228,11 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "tensorflow": tf.__version__,
         },
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    publish(results, args.json)
     return 0
 
 

@@ -17,7 +17,6 @@ See benchmarks/README.md for how to read the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.report import publish  # noqa: E402
 from naive_model.distribute import split_cpu  # noqa: E402  (TensorFlow must not start first)
 
 # Two logical CPUs for mirrored_2, configured before TensorFlow initialises its
@@ -251,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    publish(report, args.json)
     return 0
 
 

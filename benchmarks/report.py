@@ -1,0 +1,15 @@
+"""How every benchmark hands over its results: printed, and written as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def publish(results: dict, path: Path | None) -> None:
+    """Print `results` as JSON and, when `path` is given, write them there too."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
