@@ -139,18 +139,21 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
 def mnist_candidates(path: str | os.PathLike | None = None, data_dir=None) -> list[Path]:
     """Where MNIST is looked for, in order."""
     candidates = []
-    if path is not None:
-        candidates.append(Path(path))
-    if os.environ.get(MNIST_ENV):
-        candidates.append(Path(os.environ[MNIST_ENV]))
+    for given in (path, os.environ.get(MNIST_ENV) or None):
+        if given is not None:
+            given = Path(given).expanduser()
+            # A path or a directory: a directory holds mnist.npz.
+            candidates.append(given / "mnist.npz" if given.is_dir() else given)
     if data_dir is not None:
-        candidates.append(Path(data_dir) / "mnist.npz")
+        candidates.append(Path(data_dir).expanduser() / "mnist.npz")
     candidates.append(KERAS_CACHE.expanduser())
-    return [candidate.expanduser() for candidate in candidates]
+    return candidates
 
 
 def load_mnist(path: str | os.PathLike | None = None, *, data_dir=None, download=True) -> Dataset:
     """Load MNIST from a path, $NTRAIN_MNIST_PATH, data_dir, Keras's cache, or a download.
+
+    `path` and $NTRAIN_MNIST_PATH may name the file or a directory holding mnist.npz.
 
     Raises:
         DatasetNotFoundError: nowhere held it and the download failed; the

@@ -120,6 +120,9 @@ def test_mnist_is_found_by_path_environment_and_keras_cache(mnist_path, tmp_path
     assert load_mnist(mnist_path).y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     monkeypatch.setenv(data.MNIST_ENV, str(mnist_path))
     assert load_mnist(download=False).x_train.shape == (60000, 784)
+    monkeypatch.setenv(data.MNIST_ENV, str(mnist_path.parent))  # a directory works too
+    assert load_mnist(download=False).x_test.shape == (10000, 784)
+    assert load_mnist(mnist_path.parent, download=False).y_train[0] == 5
     monkeypatch.delenv(data.MNIST_ENV)
     cache = tmp_path / ".keras" / "datasets"
     cache.mkdir(parents=True)
