@@ -201,6 +201,15 @@ def synthetic_dataset(
     return from_arrays("synthetic", x_train, y_train, x_test, y_test, num_classes=num_classes)
 
 
+def is_plain_file_name(name: str) -> bool:
+    """Whether a data set name can only mean a file directly inside the data directory."""
+    return (
+        bool(name)
+        and not any(part in name for part in ("/", "\\", "..", "\x00"))
+        and not name.startswith(".")
+    )
+
+
 def resolve_dataset_path(name: str, data_dir: str | os.PathLike | None) -> Path:
     """The file inside data_dir that a data set name refers to.
 
@@ -208,7 +217,7 @@ def resolve_dataset_path(name: str, data_dir: str | os.PathLike | None) -> Path:
         ValueError: the name is empty or reaches outside data_dir.
         DatasetNotFoundError: no such file.
     """
-    if not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+    if not is_plain_file_name(name):
         raise ValueError(
             f"dataset must be a plain file name inside the data directory, got {name!r}"
         )

@@ -20,7 +20,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import LayerSpec, TrainConfig
-from naive_model.data import DatasetInfo, DatasetNotFoundError, dataset_info, mnist_candidates
+from naive_model.data import (
+    DatasetInfo,
+    DatasetNotFoundError,
+    dataset_info,
+    is_plain_file_name,
+    mnist_candidates,
+)
 from service.errors import InvalidArgument
 from service.scheduler import Demand, demand_for
 from service.store import Event, JobRecord
@@ -104,7 +110,7 @@ def check_dataset_name(name: str, field: str = "dataset") -> None:
             f"{field} must name a data set (mnist, synthetic, or a file in the server's "
             "data directory), got ''"
         )
-    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\x00" in name:
+    if not is_plain_file_name(name):
         raise InvalidArgument(
             f"{field} must be a plain file name inside the server's data directory, got {name!r}"
         )
