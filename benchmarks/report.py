@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+from importlib import metadata
 from pathlib import Path
+
+
+def machine() -> dict:
+    """What a result was measured on: the core count, the platform and library versions."""
+    return {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **{name: metadata.version(name) for name in ("tensorflow", "keras", "numpy")},
+    }
 
 
 def publish(results: dict, path: Path | None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from benchmarks.report import publish
+from benchmarks.report import machine, publish
 from service.server import ServerConfig, TrainingServer
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
@@ -196,8 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.close()
 
-    import tensorflow as tf
-
     ratio = max(service) / max(library)
     results = {
         "throughput": {
@@ -222,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_execution": args.steps_per_execution or "epoch",
             "quick": args.quick,
         },
-        "machine": {
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-        },
+        "machine": machine(),
     }
     publish(results, args.json)
     return 0
