@@ -25,6 +25,7 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput --json benchmarks/results/throughput.json
+	$(PY) -m benchmarks.step_anatomy --json benchmarks/results/step_anatomy.json
 	$(PY) -m benchmarks.service_benchmark --json benchmarks/results/service.json
 	$(PY) -m benchmarks.metrics_overhead --json benchmarks/results/metrics_overhead.json
 
