@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -26,3 +27,17 @@ def publish(results: dict, path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+def side_by_side(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each timer's result, `rounds` times, the timers interleaved within each round.
+
+    A change in the machine's speed during the run (other tenants, clock
+    changes) then falls on every entry alike instead of on whichever ran at
+    that moment.
+    """
+    results: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            results[name].append(timer())
+    return results

@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks.report import machine, publish  # noqa: E402
+from benchmarks.report import machine, publish, side_by_side  # noqa: E402
 from naive_model.config import LayerSpec, TrainConfig  # noqa: E402
 from naive_model.data import load_mnist  # noqa: E402
 from naive_model.trainer import Trainer  # noqa: E402
@@ -123,16 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     for jit in (False, True):
         loops[f"compiled_jit={jit}"] = _trainer_loop(dataset, jit)
 
+    def timer(loop):
+        def samples_per_sec() -> float:
+            start = time.perf_counter()
+            # On a CPU a tf.function call returns when its ops have run.
+            loop(tf.constant(steps_per_round))
+            return steps_per_round * BATCH / (time.perf_counter() - start)
+
+        return samples_per_sec
+
     with tf.device("/cpu:0"):
         for loop in loops.values():
             loop(tf.constant(5))  # traces and warms up
-        rates: dict[str, list[float]] = {name: [] for name in loops}
-        for _ in range(rounds):
-            for name, loop in loops.items():
-                start = time.perf_counter()
-                # On a CPU a tf.function call returns when its ops have run.
-                loop(tf.constant(steps_per_round))
-                rates[name].append(steps_per_round * BATCH / (time.perf_counter() - start))
+        rates = side_by_side({name: timer(loop) for name, loop in loops.items()}, rounds)
 
     # Other work on the machine only slows a round down: the fastest round counts.
     fastest = {name: max(values) for name, values in rates.items()}

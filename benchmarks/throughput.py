@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.report import machine, publish  # noqa: E402
+from benchmarks.report import machine, publish, side_by_side  # noqa: E402
 from naive_model.distribute import split_cpu  # noqa: E402  (TensorFlow must not start first)
 
 # Two logical CPUs for mirrored_2, configured before TensorFlow initialises its
@@ -223,20 +223,6 @@ def bench_roofline(args, dataset) -> tuple[dict, Callable[[], float]]:
     with tf.device("/cpu:0"):
         matmuls(tf.constant(10)).numpy()
     return {"flops_per_sample": flops_per_step / BATCH}, one_epoch
-
-
-def side_by_side(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Samples/s of one epoch of each entry, `rounds` times, the entries interleaved.
-
-    A change in the machine's speed during the run (other tenants, clock
-    changes) then falls on every entry alike instead of on whichever ran at
-    that moment.
-    """
-    rates: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            rates[name].append(timer())
-    return rates
 
 
 def main(argv: list[str] | None = None) -> int:

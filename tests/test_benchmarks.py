@@ -1,0 +1,96 @@
+"""The benchmarks run, interleave their rounds, and compute their ratios from their entries.
+
+Timings are not asserted here (they belong to the benchmarks themselves):
+these tests keep the benchmark programs from rotting, on a small data set.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.report import side_by_side
+from naive_model.data import synthetic_dataset
+from conftest import REPO_ROOT
+
+
+def test_side_by_side_interleaves_the_entries_within_each_round():
+    calls = []
+
+    def timer(name):
+        def run():
+            calls.append(name)
+            return float(len(calls))
+
+        return run
+
+    rates = side_by_side({"a": timer("a"), "b": timer("b"), "c": timer("c")}, rounds=2)
+
+    assert calls == ["a", "b", "c", "a", "b", "c"]
+    assert rates == {"a": [1.0, 4.0], "b": [2.0, 5.0], "c": [3.0, 6.0]}
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    """MNIST-shaped (784 features, 10 classes) but 20 batches per epoch."""
+    data = synthetic_dataset(num_train=2560, num_test=256)
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(
+        path, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test
+    )
+    return path
+
+
+def run_benchmark(module: str, data, tmp_path) -> dict:
+    output = tmp_path / f"{module}.json"
+    subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--data", str(data)]
+        + ["--json", str(output)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return json.loads(output.read_text())
+
+
+def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_npz, tmp_path):
+    report = run_benchmark("throughput", small_npz, tmp_path)
+
+    entries = report["entries"]
+    assert set(entries) == {"seed_eager", "compiled", "keras_fit_best", "roofline", "mirrored_2"}
+    for name in ("seed_eager", "compiled", "keras_fit_best", "roofline"):
+        assert len(entries[name]["rounds"]) == report["setup"]["side_by_side_rounds"] == 3
+        assert entries[name]["samples_per_sec"] == max(entries[name]["rounds"]) > 0
+    assert entries["compiled"]["best"] in entries["compiled"]["tried"]
+    assert entries["keras_fit_best"]["best"] in entries["keras_fit_best"]["tried"]
+    rate = {name: entry["samples_per_sec"] for name, entry in entries.items()}
+    assert report["ratios"] == pytest.approx(
+        {
+            "compiled/keras_fit_best": rate["compiled"] / rate["keras_fit_best"],
+            "compiled/roofline": rate["compiled"] / rate["roofline"],
+            "compiled/seed_eager": rate["compiled"] / rate["seed_eager"],
+            "mirrored_2/compiled": rate["mirrored_2"] / rate["compiled"],
+        }
+    )
+    assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
+
+
+def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
+    report = run_benchmark("step_anatomy", small_npz, tmp_path)
+
+    fastest = report["samples_per_sec"]
+    assert set(fastest) == {"roofline", "matmul_chain", "chain_update", "compiled"}
+    assert all(rate > 0 for rate in fastest.values())
+    rounds = report["samples_per_sec_rounds"]
+    assert all(len(values) == 3 for values in rounds.values())
+    assert fastest["compiled"] == max(
+        max(rounds["compiled_jit=False"]), max(rounds["compiled_jit=True"])
+    )
+    assert report["ratios_to_roofline"] == pytest.approx(
+        {name: fastest[name] / fastest["roofline"] for name in fastest if name != "roofline"}
+    )
