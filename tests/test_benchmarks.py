@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 from benchmarks.report import side_by_side
 from naive_model.data import synthetic_dataset
-from conftest import REPO_ROOT
 
 
 def test_side_by_side_interleaves_the_entries_within_each_round():
