@@ -11,9 +11,10 @@ one optimizer for all):
   roofline        what the machine's measured tf.matmul rate at this step's
                   shapes allows (forward, and backward for the weights)
   mirrored_2      naive_model.Trainer over 2 logical CPU devices
-seed_eager, compiled, keras_fit_best and roofline, each at the best setting
-its search found, are then timed in interleaved rounds (an epoch each; 400
-steps of seed_eager); their samples_per_sec is their fastest round.
+seed_eager (400 steps), roofline and every configuration tried for compiled
+and keras_fit_best (an epoch each) are timed in interleaved rounds; a
+configuration's samples_per_sec is its fastest round, an entry's that of its
+best configuration.
 See benchmarks/README.md for how to read the output.
 """
 
@@ -97,22 +98,23 @@ def _timed_epochs(trainer: Trainer, epochs: int) -> float:
     return best
 
 
-def bench_compiled(args, dataset, strategy) -> tuple[dict, Callable[[], float]]:
-    """naive_model.Trainer at each steps_per_execution, XLA off and on; the best is kept.
+def compiled_timers(args, dataset, strategy) -> dict[str, Callable[[], float]]:
+    """naive_model.Trainer at each steps_per_execution, XLA off and on.
 
-    Returns the search's results and a function that trains one more epoch of
-    the best configuration and returns its samples/s.
+    Each trainer has trained (and traced) one epoch; its timer trains one
+    more and returns the samples/s.
     """
-    tried, trainers = {}, {}
+    timers = {}
     for spe in args.steps_per_execution:
         for jit in (False, True):
-            config = _config(args, steps_per_execution=spe, jit_compile=jit)
-            name = f"spe={spe or 'epoch'},jit={jit}"
-            trainers[name] = Trainer(config, dataset, strategy)
-            tried[name] = _timed_epochs(trainers[name], args.epochs)
-    best = max(tried, key=tried.get)
-    best_trainer = trainers[best]
-    return {"best": best, "tried": tried}, lambda: best_trainer.train_epoch().examples_per_second
+            trainer = Trainer(
+                _config(args, steps_per_execution=spe, jit_compile=jit), dataset, strategy
+            )
+            trainer.train_epoch()
+            timers[f"spe={spe or 'epoch'},jit={jit}"] = lambda trainer=trainer: (
+                trainer.train_epoch().examples_per_second
+            )
+    return timers
 
 
 def bench_mirrored(args, dataset, best_compiled: str) -> dict:
@@ -130,30 +132,34 @@ def bench_mirrored(args, dataset, best_compiled: str) -> dict:
 
 
 class _EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
+        self.seconds = time.perf_counter() - self._start
 
 
-def bench_keras_fit(args, dataset) -> tuple[dict, Callable[[], float]]:
-    """keras.Sequential with the same layers, optimizer and batch, via model.fit.
+def keras_fit_timers(args, dataset) -> dict[str, Callable[[], float]]:
+    """keras.Sequential with the same layers, optimizer and batch, via model.fit,
+    at steps_per_execution 1, 32 and a whole epoch, XLA off and on.
 
-    Returns the search's results and a function that fits one more epoch of
-    the best configuration and returns its samples/s.
+    Each model has fitted (and traced) one epoch; its timer fits one more and
+    returns the samples/s of that epoch.
     """
     steps_per_epoch = len(dataset.x_train) // BATCH
     x = dataset.x_train[: steps_per_epoch * BATCH]
     y = dataset.y_train[: steps_per_epoch * BATCH]
-    tried, models = {}, {}
-    with tf.device("/cpu:0"):
-        for spe in (1, 32, steps_per_epoch):
-            for jit in (False, True):
+
+    def fit_one_epoch(model: keras.Model) -> float:
+        timer = _EpochTimer()
+        with tf.device("/cpu:0"):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[timer])
+        return len(x) / timer.seconds
+
+    timers = {}
+    for spe in (1, 32, steps_per_epoch):
+        for jit in (False, True):
+            with tf.device("/cpu:0"):
                 model = keras.Sequential(
                     [
                         keras.Input((dataset.input_size,)),
@@ -168,22 +174,9 @@ def bench_keras_fit(args, dataset) -> tuple[dict, Callable[[], float]]:
                     steps_per_execution=spe,
                     jit_compile=jit,
                 )
-                timer = _EpochTimer()
-                model.fit(
-                    x, y, batch_size=BATCH, epochs=1 + args.epochs, verbose=0, callbacks=[timer]
-                )
-                # The first epoch traces; the best of the rest counts.
-                tried[f"spe={spe},jit={jit}"] = len(x) / min(timer.seconds[1:])
-                models[f"spe={spe},jit={jit}"] = model
-    best = max(tried, key=tried.get)
-
-    def fit_one_epoch() -> float:
-        timer = _EpochTimer()
-        with tf.device("/cpu:0"):
-            models[best].fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[timer])
-        return len(x) / timer.seconds[0]
-
-    return {"best": best, "tried": tried}, fit_one_epoch
+            fit_one_epoch(model)
+            timers[f"spe={spe},jit={jit}"] = lambda model=model: fit_one_epoch(model)
+    return timers
 
 
 def bench_roofline(args, dataset) -> tuple[dict, Callable[[], float]]:
@@ -233,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     args = parser.parse_args(argv)
-    args.epochs = 1 if args.quick else 3
+    args.epochs = 1 if args.quick else 3  # mirrored_2's timed epochs
     args.rounds = 3 if args.quick else 7
     args.eager_steps = 100 if args.quick else 400
     args.steps_per_execution = [32, 0] if args.quick else [1, 32, 128, 0]
@@ -242,18 +235,34 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_mnist(data_path)
     single = make_strategy(StrategyConfig(kind="cpu"))
 
-    results, timers = {}, {}
-    results["seed_eager"], timers["seed_eager"] = bench_seed_eager(args, dataset)
-    results["compiled"], timers["compiled"] = bench_compiled(args, dataset, single)
-    results["keras_fit_best"], timers["keras_fit_best"] = bench_keras_fit(args, dataset)
-    results["roofline"], timers["roofline"] = bench_roofline(args, dataset)
-    # The entries of the ratios are timed last, in interleaved rounds, each at
-    # the best setting its search found. Other work on the machine only ever
-    # slows a round down, so each entry's fastest round is its figure (as
-    # timeit takes the minimum); all rounds are in the JSON.
-    for name, rates in side_by_side(timers, args.rounds).items():
-        results[name]["rounds"] = rates
-        results[name]["samples_per_sec"] = max(rates)
+    # Every configuration of every entry is timed in the same interleaved
+    # rounds, so no entry's choice of setting rests on a luckier minute.
+    # Other work on the machine only ever slows a round down, so a
+    # configuration's figure is its fastest round (as timeit takes the
+    # minimum); an entry's is its best configuration's. All rounds are in the JSON.
+    setups, timers = {}, {}
+    setups["seed_eager"], timers["seed_eager"] = bench_seed_eager(args, dataset)
+    setups["roofline"], timers["roofline"] = bench_roofline(args, dataset)
+    groups = {
+        "compiled": compiled_timers(args, dataset, single),
+        "keras_fit_best": keras_fit_timers(args, dataset),
+    }
+    for entry, configurations in groups.items():
+        timers.update({f"{entry} {name}": timer for name, timer in configurations.items()})
+    rounds = side_by_side(timers, args.rounds)
+
+    results = {}
+    for name, setup in setups.items():
+        results[name] = {"samples_per_sec": max(rounds[name]), "rounds": rounds[name], **setup}
+    for entry, configurations in groups.items():
+        tried = {name: max(rounds[f"{entry} {name}"]) for name in configurations}
+        best = max(tried, key=tried.get)
+        results[entry] = {
+            "samples_per_sec": tried[best],
+            "best": best,
+            "rounds": rounds[f"{entry} {best}"],
+            "tried": tried,
+        }
     results["roofline"]["matmul_gflops_per_sec"] = (
         results["roofline"]["samples_per_sec"] * results["roofline"]["flops_per_sample"] / 1e9
     )

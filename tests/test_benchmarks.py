@@ -66,8 +66,11 @@ def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_n
     for name in ("seed_eager", "compiled", "keras_fit_best", "roofline"):
         assert len(entries[name]["rounds"]) == report["setup"]["side_by_side_rounds"] == 3
         assert entries[name]["samples_per_sec"] == max(entries[name]["rounds"]) > 0
-    assert entries["compiled"]["best"] in entries["compiled"]["tried"]
-    assert entries["keras_fit_best"]["best"] in entries["keras_fit_best"]["tried"]
+    for name in ("compiled", "keras_fit_best"):
+        entry, tried = entries[name], entries[name]["tried"]
+        assert entry["samples_per_sec"] == tried[entry["best"]] == max(tried.values())
+    assert len(entries["compiled"]["tried"]) == 4  # --quick: steps_per_execution 32, epoch x XLA
+    assert len(entries["keras_fit_best"]["tried"]) == 6  # 1, 32, epoch x XLA
     rate = {name: entry["samples_per_sec"] for name, entry in entries.items()}
     assert report["ratios"] == pytest.approx(
         {
