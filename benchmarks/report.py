@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -41,3 +42,13 @@ def side_by_side(timers: dict[str, Callable[[], float]], rounds: int) -> dict[st
         for name, timer in timers.items():
             results[name].append(timer())
     return results
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of the two entries' ratio within each round.
+
+    Entries timed in the same round ran seconds apart, so their ratio there
+    is steadier than the ratio of their fastest rounds, which may come from
+    different minutes.
+    """
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.report import machine, publish, side_by_side  # noqa: E402
+from benchmarks.report import machine, paired_ratio, publish, side_by_side  # noqa: E402
 from naive_model.distribute import split_cpu  # noqa: E402  (TensorFlow must not start first)
 
 # Two logical CPUs for mirrored_2, configured before TensorFlow initialises its
@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             "compiled/roofline": rate["compiled"] / rate["roofline"],
             "compiled/seed_eager": rate["compiled"] / rate["seed_eager"],
             "mirrored_2/compiled": rate["mirrored_2"] / rate["compiled"],
+        },
+        "ratios_paired_median": {
+            f"compiled/{other}": paired_ratio(
+                results["compiled"]["rounds"], results[other]["rounds"]
+            )
+            for other in ("keras_fit_best", "roofline", "seed_eager")
         },
         "setup": {
             "side_by_side_rounds": args.rounds,

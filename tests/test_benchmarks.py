@@ -7,6 +7,7 @@ these tests keep the benchmark programs from rotting, on a small data set.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -14,8 +15,12 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from benchmarks.report import side_by_side
+from benchmarks.report import paired_ratio, side_by_side
 from naive_model.data import synthetic_dataset
+
+
+def test_paired_ratio_is_the_median_of_the_ratios_within_rounds():
+    assert paired_ratio([10.0, 30.0, 8.0], [5.0, 10.0, 8.0]) == 2.0  # ratios 2, 3, 1
 
 
 def test_side_by_side_interleaves_the_entries_within_each_round():
@@ -80,6 +85,14 @@ def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_n
             "mirrored_2/compiled": rate["mirrored_2"] / rate["compiled"],
         }
     )
+    for other in ("keras_fit_best", "roofline", "seed_eager"):
+        per_round = [
+            a / b
+            for a, b in zip(entries["compiled"]["rounds"], entries[other]["rounds"], strict=True)
+        ]
+        assert report["ratios_paired_median"][f"compiled/{other}"] == pytest.approx(
+            statistics.median(per_round)
+        )
     assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
 
 
@@ -87,7 +100,8 @@ def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
     report = run_benchmark("step_anatomy", small_npz, tmp_path)
 
     fastest = report["samples_per_sec"]
-    assert set(fastest) == {"roofline", "matmul_chain", "chain_update", "compiled"}
+    entries = {"roofline", "roofline_serial", "matmul_chain", "chain_update", "compiled"}
+    assert set(fastest) == entries
     assert all(rate > 0 for rate in fastest.values())
     rounds = report["samples_per_sec_rounds"]
     assert all(len(values) == 3 for values in rounds.values())
@@ -97,3 +111,4 @@ def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
     assert report["ratios_to_roofline"] == pytest.approx(
         {name: fastest[name] / fastest["roofline"] for name in fastest if name != "roofline"}
     )
+    assert set(report["ratios_to_roofline_paired_median"]) == entries - {"roofline"}
