@@ -35,13 +35,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
-from benchmarks.report import publish  # noqa: E402
+from benchmarks.report import SHARED_MNIST, publish  # noqa: E402
 from naive_model.config import LayerSpec, TrainConfig  # noqa: E402
 from naive_model.data import Dataset, load_npz, synthetic_dataset  # noqa: E402
 from naive_model.trainer import Progress, Trainer  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
 BATCH = 128
 STEPS_PER_EXECUTION = 32
 TARGET = 0.03
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.metrics_overhead")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="2 rounds on 16384 examples")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="mnist.npz")
+    parser.add_argument("--data", type=Path, default=SHARED_MNIST, help="mnist.npz")
     parser.add_argument("--rounds", type=int, help="ABBA rounds (default 5; --quick 2)")
     args = parser.parse_args(argv)
     args.num_train = 16384 if args.quick else None

@@ -10,6 +10,10 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+# The real MNIST beside the repository (../shared/data/mnist.npz), as CI and
+# the development machine have it; every benchmark defaults to it.
+SHARED_MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
+
 
 def machine() -> dict:
     """What a result was measured on: the core count, the platform and library versions."""

@@ -31,10 +31,9 @@ import grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from benchmarks.report import machine, publish
+from benchmarks.report import SHARED_MNIST, machine, publish
 from service.server import ServerConfig, TrainingServer
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
 THROUGHPUT_TARGET = 0.95
 WARM_FIRST_PROGRESS_TARGET = 1.5
 
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and samples")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="mnist.npz to train on")
+    parser.add_argument("--data", type=Path, default=SHARED_MNIST, help="mnist.npz to train on")
     parser.add_argument("--steps-per-execution", type=int, default=0, help="0 = whole epoch")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

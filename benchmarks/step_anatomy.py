@@ -11,7 +11,8 @@ in interleaved rounds (each round runs every entry once, so a change in the
 machine's speed falls on all of them; the fastest round counts), per-step
 work of growing completeness:
 
-  roofline       the four matmuls of benchmarks.throughput, independent
+  roofline       the four matmuls of benchmarks.roofline, independent, as
+                 benchmarks.throughput runs them
   roofline_serial  the same four, one at a time (how the issue's reference
                  rate of "a tf.matmul of the step's first-layer shape" was
                  taken): no bound on a step, which overlaps a little
@@ -19,7 +20,8 @@ work of growing completeness:
                  nothing else: no element-wise work, no update, no input
   chain_update   matmul_chain plus the weight update, so that consecutive
                  steps depend on each other as in training
-  compiled       naive_model.Trainer, a whole epoch per call, XLA off and on
+  compiled       naive_model.Trainer.train_epoch, a whole epoch per call,
+                 XLA off and on
 
 `chain_update/roofline` bounds what any step with SGD's data dependencies
 can reach on this machine with these kernels, whatever its element-wise work
@@ -39,51 +41,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks.report import machine, paired_ratio, publish, side_by_side  # noqa: E402
+from benchmarks.report import SHARED_MNIST, machine, paired_ratio, publish, side_by_side  # noqa: E402
+from benchmarks.roofline import BATCH, CLASSES, HIDDEN, roofline_loops  # noqa: E402
 from naive_model.config import LayerSpec, TrainConfig  # noqa: E402
 from naive_model.data import load_mnist  # noqa: E402
 from naive_model.trainer import Trainer  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
-BATCH, HIDDEN, CLASSES = 128, 512, 10
 
-
-def _step_loops(input_size: int) -> dict:
-    """tf.functions running n steps of each matmul-only entry."""
+def _chain_loops(input_size: int) -> dict:
+    """tf.functions running n steps of the step's matmuls in their dependency order."""
     rng = np.random.default_rng(0)
 
     def constant(*shape):
         return tf.constant(rng.random(shape, dtype=np.float32) * 0.1)
 
-    x, g1 = constant(BATCH, input_size), constant(BATCH, HIDDEN)
-    h, g2 = constant(BATCH, HIDDEN), constant(BATCH, CLASSES)
+    x = constant(BATCH, input_size)
     w1 = tf.Variable(constant(input_size, HIDDEN))
     w2 = tf.Variable(constant(HIDDEN, CLASSES))
     sink = tf.Variable(0.0)  # keeps every result alive without reading it per step
-
-    @tf.function
-    def roofline(n):
-        for _ in tf.range(n):
-            sink.assign_add(
-                tf.matmul(x, w1)[0, 0]
-                + tf.matmul(h, w2)[0, 0]
-                + tf.matmul(x, g1, transpose_a=True)[0, 0]
-                + tf.matmul(h, g2, transpose_a=True)[0, 0]
-            )
-
-    @tf.function
-    def roofline_serial(n):
-        for _ in tf.range(n):
-            # One matmul at a time: no two iterations, and no two matmuls, overlap.
-            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            forward_1 = tf.matmul(x, w1)[0, 0]
-            with tf.control_dependencies([forward_1]):
-                forward_2 = tf.matmul(h, w2)[0, 0]
-            with tf.control_dependencies([forward_2]):
-                gradient_1 = tf.matmul(x, g1, transpose_a=True)[0, 0]
-            with tf.control_dependencies([gradient_1]):
-                gradient_2 = tf.matmul(h, g2, transpose_a=True)[0, 0]
-            sink.assign_add(forward_1 + forward_2 + gradient_1 + gradient_2)
 
     def chain(update: bool):
         @tf.function
@@ -103,15 +78,10 @@ def _step_loops(input_size: int) -> dict:
 
         return steps
 
-    return {
-        "roofline": roofline,
-        "roofline_serial": roofline_serial,
-        "matmul_chain": chain(False),
-        "chain_update": chain(True),
-    }
+    return {"matmul_chain": chain(False), "chain_update": chain(True)}
 
 
-def _trainer_loop(dataset, jit: bool):
+def _trainer(dataset, jit: bool) -> Trainer:
     config = TrainConfig(
         layers=(
             LayerSpec(units=HIDDEN, activation="relu"),
@@ -123,12 +93,7 @@ def _trainer_loop(dataset, jit: bool):
         batch_size=BATCH,
         jit_compile=jit,
     )
-    trainer = Trainer(config, dataset)
-
-    def steps(n):
-        trainer._train_loop(tf.constant(0, tf.int64), tf.cast(n, tf.int64))
-
-    return steps
+    return Trainer(config, dataset)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else 10
 
-    dataset = load_mnist(args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None))
+    dataset = load_mnist(args.data or (SHARED_MNIST if SHARED_MNIST.exists() else None))
     steps_per_round = len(dataset.x_train) // BATCH  # one epoch's worth
-    loops = _step_loops(dataset.input_size)
-    for jit in (False, True):
-        loops[f"compiled_jit={jit}"] = _trainer_loop(dataset, jit)
+    roofline = roofline_loops(dataset.input_size)
+    loops = {"roofline": roofline["overlapped"], "roofline_serial": roofline["serial"]}
+    loops.update(_chain_loops(dataset.input_size))
 
     def timer(loop):
         def samples_per_sec() -> float:
@@ -155,9 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         return samples_per_sec
 
     with tf.device("/cpu:0"):
-        for loop in loops.values():
+        timers = {}
+        for name, loop in loops.items():
             loop(tf.constant(5))  # traces and warms up
-        rates = side_by_side({name: timer(loop) for name, loop in loops.items()}, rounds)
+            timers[name] = timer(loop)
+        for jit in (False, True):
+            trainer = _trainer(dataset, jit)
+            trainer.train_epoch()  # traces and warms up
+            timers[f"compiled_jit={jit}"] = lambda trainer=trainer: (
+                trainer.train_epoch().examples_per_second
+            )
+        rates = side_by_side(timers, rounds)
 
     # Other work on the machine only slows a round down: the fastest round counts.
     fastest = {name: max(values) for name, values in rates.items()}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.report import machine, paired_ratio, publish, side_by_side  # noqa: E402
+from benchmarks.report import SHARED_MNIST, machine, paired_ratio, publish, side_by_side  # noqa: E402
 from naive_model.distribute import split_cpu  # noqa: E402  (TensorFlow must not start first)
 
 # Two logical CPUs for mirrored_2, configured before TensorFlow initialises its
@@ -37,9 +37,9 @@ from naive_model.distribute import split_cpu  # noqa: E402  (TensorFlow must not
 split_cpu(2)
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.roofline import BATCH, HIDDEN, flops_per_sample, roofline_loops  # noqa: E402
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig  # noqa: E402
 from naive_model.data import BatchGenerator, load_mnist  # noqa: E402
 from naive_model.distribute import make_strategy  # noqa: E402
@@ -47,10 +47,6 @@ from naive_model.eager import one_training_step  # noqa: E402
 from naive_model.layers import build_model  # noqa: E402
 from naive_model.optimizers import make_optimizer  # noqa: E402
 from naive_model.trainer import Trainer  # noqa: E402
-
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist.npz"
-BATCH = 128
-HIDDEN = 512
 
 
 def _config(args, **overrides) -> TrainConfig:
@@ -182,29 +178,10 @@ def keras_fit_timers(args, dataset) -> dict[str, Callable[[], float]]:
 def bench_roofline(args, dataset) -> tuple[dict, Callable[[], float]]:
     """Samples/s allowed by the measured tf.matmul rate at the step's shapes.
 
-    A step's matmuls: forward x@W1 (128x784x512) and h@W2 (128x512x10), and
-    the weight gradients x^T@g1 and h^T@g2 of the same sizes. The input
-    gradient of layer 1 is not needed, so it is not counted.
+    The step's four matmuls (benchmarks.roofline), run independently, so
+    that TensorFlow overlaps them, and converted to samples per second.
     """
-    rng = np.random.default_rng(0)
-
-    def tensor(*shape):
-        return tf.constant(rng.random(shape, dtype=np.float32))
-
-    x, w1, g1 = tensor(BATCH, 784), tensor(784, HIDDEN), tensor(BATCH, HIDDEN)
-    h, w2, g2 = tensor(BATCH, HIDDEN), tensor(HIDDEN, 10), tensor(BATCH, 10)
-    flops_per_step = 2 * (2 * BATCH * 784 * HIDDEN) + 2 * (2 * BATCH * HIDDEN * 10)
-
-    @tf.function
-    def matmuls(steps):
-        total = tf.constant(0.0)
-        for _ in tf.range(steps):
-            # Results are summed so that no matmul is pruned from the graph.
-            total += tf.reduce_sum(tf.matmul(x, w1)[0]) + tf.reduce_sum(tf.matmul(h, w2)[0])
-            total += tf.reduce_sum(tf.matmul(x, g1, transpose_a=True)[0])
-            total += tf.reduce_sum(tf.matmul(h, g2, transpose_a=True)[0])
-        return total
-
+    matmuls = roofline_loops(dataset.input_size)["overlapped"]
     steps = len(dataset.x_train) // BATCH
 
     def one_epoch() -> float:
@@ -215,7 +192,7 @@ def bench_roofline(args, dataset) -> tuple[dict, Callable[[], float]]:
 
     with tf.device("/cpu:0"):
         matmuls(tf.constant(10)).numpy()
-    return {"flops_per_sample": flops_per_step / BATCH}, one_epoch
+    return {"flops_per_sample": flops_per_sample(dataset.input_size)}, one_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args.eager_steps = 100 if args.quick else 400
     args.steps_per_execution = [32, 0] if args.quick else [1, 32, 128, 0]
 
-    data_path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    data_path = args.data or (SHARED_MNIST if SHARED_MNIST.exists() else None)
     dataset = load_mnist(data_path)
     single = make_strategy(StrategyConfig(kind="cpu"))
 
