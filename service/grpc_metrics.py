@@ -78,8 +78,13 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
 
     def _finish(self, method: str, context: grpc.ServicerContext, start: float, error) -> None:
         code = context.code()
-        if code is None and isinstance(error, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
+        if code is None and (isinstance(error, GeneratorExit) or not context.is_active()):
+            # The client went away before the call ended. gRPC either closes
+            # the response generator (GeneratorExit) or, when the servicer ends
+            # the stream itself on the cancellation (the health Watch does, from
+            # its close callback), lets it finish normally; only the context
+            # knows it was cancelled.
+            code = grpc.StatusCode.CANCELLED
         elif code is None:
             code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
         self.handled.labels(method, code.name).inc()
