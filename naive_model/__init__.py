@@ -4,8 +4,9 @@ A small library: layers as `tf.Module`s, a batch generator, the eager training
 step of the book, and a compiled, distributed training loop. It knows nothing of
 gRPC, Prometheus or jobs; it reports progress through callbacks and return values.
 
-Names are loaded on first use (PEP 562) so that `naive_model.config` and
-`naive_model.data` can be imported without importing TensorFlow.
+Names are loaded on first use (PEP 562) so that the plain modules
+(`naive_model.config`, `naive_model.data`, `naive_model.results`) can be
+imported without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -34,9 +35,16 @@ _EXPORTS = {
     "make_strategy": "distribute",
     "split_cpu": "distribute",
     "Trainer": "trainer",
-    "Progress": "trainer",
-    "EpochResult": "trainer",
-    "Metrics": "trainer",
+    "TrainingStopped": "trainer",
+    "LoopOptions": "loop",
+    "run_training": "loop",
+    "Metrics": "results",
+    "Progress": "results",
+    "EpochResult": "results",
+    "EpochEnd": "results",
+    "CheckpointSaved": "results",
+    "Resumed": "results",
+    "TrainingResult": "results",
     "export_saved_model": "export",
     "load_saved_model": "export",
     "predict_saved_model": "export",

@@ -76,7 +76,7 @@ def from_arrays(
     for key, array in splits.items():
         if not isinstance(array, np.ndarray):
             raise ValueError(f"{name}: {key} must be a numpy array, got {type(array).__name__}")
-        if len(array) == 0 if array.ndim else True:
+        if array.ndim == 0 or len(array) == 0:
             raise ValueError(f"{name}: {key} is empty")
     for split in ("train", "test"):
         x, y = splits[f"x_{split}"], splits[f"y_{split}"]
@@ -109,15 +109,20 @@ def from_arrays(
         )
     return Dataset(
         name=name,
-        x_train=_features(x_train),
+        x_train=to_features(x_train),
         y_train=y_train.astype(np.int32),
-        x_test=_features(x_test),
+        x_test=to_features(x_test),
         y_test=y_test.astype(np.int32),
         num_classes=num_classes,
     )
 
 
-def _features(images: np.ndarray) -> np.ndarray:
+def to_features(images: np.ndarray) -> np.ndarray:
+    """Flatten to (examples, features) float32; uint8 pixels are scaled to [0, 1].
+
+    The one place that scaling is written: data sets, and the inputs a client
+    sends to a model trained on them, go through it.
+    """
     flat = images.reshape(len(images), -1)  # (examples, features)
     if flat.dtype == np.uint8:
         # One pass straight to float32: astype-then-divide takes 20x longer on 60k images.
@@ -150,6 +155,11 @@ def mnist_candidates(path: str | os.PathLike | None = None, data_dir=None) -> li
     return candidates
 
 
+def find_mnist(path: str | os.PathLike | None = None, data_dir=None) -> Path | None:
+    """The first MNIST file on disk among `mnist_candidates`; None when there is none."""
+    return next((p for p in mnist_candidates(path, data_dir) if p.is_file()), None)
+
+
 def load_mnist(path: str | os.PathLike | None = None, *, data_dir=None, download=True) -> Dataset:
     """Load MNIST from a path, $NTRAIN_MNIST_PATH, data_dir, Keras's cache, or a download.
 
@@ -159,10 +169,10 @@ def load_mnist(path: str | os.PathLike | None = None, *, data_dir=None, download
         DatasetNotFoundError: nowhere held it and the download failed; the
             message lists every place tried and how to fix it.
     """
+    found = find_mnist(path, data_dir)
+    if found is not None:
+        return load_npz(found, name="mnist")
     tried = mnist_candidates(path, data_dir)
-    for candidate in tried:
-        if candidate.is_file():
-            return load_npz(candidate, name="mnist")
     reason = "download not attempted"
     if download:
         try:
@@ -247,7 +257,7 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
     if name == "synthetic":
         return synthetic_dataset().info
     if name == "mnist":
-        path = next((p for p in mnist_candidates(data_dir=data_dir) if p.is_file()), None)
+        path = find_mnist(data_dir=data_dir)
         if path is None:
             return load_mnist(data_dir=data_dir).info
     else:
@@ -296,6 +306,7 @@ class BatchGenerator:
         if self.index >= len(self.images):
             self._start_epoch()
         stop = self.index + self.batch_size
+        batch: slice | np.ndarray
         if self._order is None:
             batch = slice(self.index, stop)
         else:

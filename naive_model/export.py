@@ -30,7 +30,8 @@ def _plain_copy(model: NaiveSequential) -> NaiveSequential:
     """The same layers over ordinary variables, whatever strategy made the original."""
     layers = []
     for layer in model.layers:
-        copy = NaiveDense(*layer.W.shape, layer.activation, name=layer.name)
+        input_size, output_size = layer.W.shape
+        copy = NaiveDense(input_size, output_size, layer.activation, name=layer.name)
         copy.activation_name = layer.activation_name
         copy.W.assign(layer.W.read_value())
         copy.b.assign(layer.b.read_value())

@@ -1,4 +1,11 @@
-"""What training and evaluation report: plain data, no tensors."""
+"""What training and evaluation report: plain data, no tensors.
+
+`Progress`, `EpochEnd`, `CheckpointSaved`, `Resumed` and `TrainingResult` are
+the events of the outer loop (`naive_model.loop`); a runner (a notebook, the
+service's worker, a Ray worker) receives them through one callback and turns
+them into its own messages. Their fields are the service contract's too, so
+nothing needs renaming on the way to a client.
+"""
 
 from __future__ import annotations
 
@@ -14,27 +21,29 @@ class Metrics:
     examples: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Progress:
     """Reported once per compiled call of the training loop, never per step."""
 
     epoch: int  # 1-based epoch being trained
+    epochs: int  # epochs the run trains in all
     step: int  # global step after this call
-    step_in_epoch: int
     steps_per_epoch: int
-    steps: int  # steps run by this call
-    examples: int  # examples trained by this call
+    step_in_epoch: int
     loss: float  # mean loss over the epoch so far
     accuracy: float  # accuracy over the epoch so far
-    seconds: float  # wall time of this call
-
-    @property
-    def examples_per_second(self) -> float:
-        return self.examples / self.seconds if self.seconds > 0 else 0.0
+    examples_per_second: float  # of this call
+    examples: int  # examples trained so far, over every epoch (global step x batch)
+    # This call alone; 0 in records written before these fields existed.
+    call_steps: int = 0
+    call_examples: int = 0
+    call_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class EpochResult:
+    """What `Trainer.train_epoch` returns: the epoch's training loss and accuracy."""
+
     epoch: int
     loss: float
     accuracy: float
@@ -45,3 +54,52 @@ class EpochResult:
     @property
     def examples_per_second(self) -> float:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochEnd:
+    """An epoch trained, and evaluated when the loop's cadence asked for it.
+
+    The eval fields are None on epochs the loop did not evaluate.
+    """
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    eval_loss: float | None
+    eval_accuracy: float | None
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSaved:
+    path: str
+    epoch: int  # epochs complete in the checkpoint
+    step: int
+    seconds: float  # time the save took
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resumed:
+    """The run continued from a checkpoint instead of starting afresh."""
+
+    path: str
+    epoch: int  # epochs complete in the checkpoint
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingResult:
+    """The end of a run: last epoch's training figures and the final test evaluation."""
+
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    steps: int
+    train_seconds: float  # training time of this run (not counting a resumed run's past)
+    examples_per_second: float  # steady rate: the first compiled call pays for tracing
+    has_model: bool  # a SavedModel was exported
+
+
+LoopEvent = Progress | EpochEnd | CheckpointSaved | Resumed | TrainingResult

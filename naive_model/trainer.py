@@ -4,8 +4,8 @@ Built in layers, as Keras's trainer does: a per-replica step; `strategy.run`
 of it; and a loop of N such steps inside one `tf.function` that traces once
 (step counts are tensors under a fixed input signature). Loss and accuracy
 accumulate on the devices in sync-on-read variables and are read once per
-call. The caller (a notebook, the service's job runner) owns the outer loop:
-epochs, checkpoints, cancellation and reporting.
+call. The outer loop (epochs, evaluation, checkpoints, export) is
+`naive_model.loop.run_training`; `fit` is its plainest form.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ from naive_model.optimizers import make_optimizer
 from naive_model.results import EpochResult, Metrics, Progress
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
+
+
+class TrainingStopped(Exception):
+    """`should_stop` asked to stop between two compiled calls; the epoch is unfinished."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"training stopped in epoch {epoch} at step {step}")
+        self.epoch = epoch
+        self.step = step
 
 
 def _sum_on_read(dtype: tf.DType) -> tf.Variable:
@@ -187,6 +196,7 @@ class Trainer:
         on_progress: Callable[[Progress], None] | None = None,
         *,
         first_call_steps: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> EpochResult:
         """Train one epoch in calls of `steps_per_execution` steps.
 
@@ -194,6 +204,11 @@ class Trainer:
             on_progress: called after every compiled call with the epoch so far.
             first_call_steps: a shorter first call, so the first report comes
                 right after tracing (the loop traces once whatever the count).
+            should_stop: asked before every compiled call after the first;
+                True stops the epoch there.
+
+        Raises:
+            TrainingStopped: `should_stop` returned True; the epoch is not counted.
         """
         epoch = self.epoch + 1
         epoch_start = time.perf_counter()
@@ -201,6 +216,8 @@ class Trainer:
         step_in_epoch = 0
         loss = accuracy = 0.0
         while step_in_epoch < self.steps_per_epoch:
+            if step_in_epoch and should_stop is not None and should_stop():
+                raise TrainingStopped(epoch, self.global_step)
             call_size = self.steps_per_execution
             if step_in_epoch == 0 and first_call_steps:
                 call_size = min(first_call_steps, call_size)
@@ -213,17 +230,22 @@ class Trainer:
             loss = float(self._loss_sum.numpy()) / examples_so_far
             accuracy = int(self._correct.numpy()) / examples_so_far
             if on_progress is not None:
+                seconds = time.perf_counter() - call_start
+                step = self.global_step
                 on_progress(
                     Progress(
                         epoch=epoch,
-                        step=self.global_step,
-                        step_in_epoch=step_in_epoch,
+                        epochs=self.config.epochs,
+                        step=step,
                         steps_per_epoch=self.steps_per_epoch,
-                        steps=steps,
-                        examples=steps * self.global_batch_size,
+                        step_in_epoch=step_in_epoch,
                         loss=loss,
                         accuracy=accuracy,
-                        seconds=time.perf_counter() - call_start,
+                        examples_per_second=steps * self.global_batch_size / seconds,
+                        examples=step * self.global_batch_size,
+                        call_steps=steps,
+                        call_examples=steps * self.global_batch_size,
+                        call_seconds=seconds,
                     )
                 )
         self._epochs_done.assign_add(1)
@@ -273,7 +295,7 @@ class Trainer:
 
     def evaluate(self, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Metrics:
         """Loss and accuracy on (x, y), by default the data set's test split."""
-        if x is None:
+        if x is None or y is None:
             x, y = self.dataset.x_test, self.dataset.y_test
         loss_sum, correct = 0.0, 0
         batch = 2048

@@ -116,7 +116,7 @@ def test_the_training_loop_traces_once(dataset, one_device):
     trainer = Trainer(_config(steps_per_execution=5), dataset, one_device)
     calls = []
     trainer.fit(2, on_progress=calls.append)
-    assert [p.steps for p in calls] == [5, 5, 5, 1] * 2
+    assert [p.call_steps for p in calls] == [5, 5, 5, 1] * 2
     assert trainer.trace_count == 1
     assert trainer.global_step == 32 and trainer.epoch == 2
 
@@ -126,7 +126,7 @@ def test_a_short_first_call_reports_early_without_retracing(dataset, one_device)
     calls = []
     trainer.train_epoch(calls.append, first_call_steps=1)
     trainer.train_epoch(calls.append)
-    assert [p.steps for p in calls] == [1, 15, 16]
+    assert [p.call_steps for p in calls] == [1, 15, 16]
     assert trainer.trace_count == 1
 
 
@@ -137,7 +137,9 @@ def test_progress_is_reported_once_per_call(dataset, one_device):
     assert len(calls) == 4
     assert [p.step_in_epoch for p in calls] == [4, 8, 12, 16]
     assert calls[-1].loss == pytest.approx(result.loss)
-    assert all(p.epoch == 1 and p.steps_per_epoch == 16 and p.examples == 256 for p in calls)
+    assert all(p.epoch == 1 and p.steps_per_epoch == 16 and p.call_examples == 256 for p in calls)
+    # The run's count so far: the global step times the global batch.
+    assert [p.examples for p in calls] == [256, 512, 768, 1024]
 
 
 def test_loss_and_accuracy_match_a_separate_evaluation(dataset, one_device):

@@ -1,0 +1,184 @@
+"""The outer training loop: epochs, evaluation, checkpoints, resume and export.
+
+In the manner of Orbit's `Controller`, kept apart from the step (`Trainer`):
+this module decides when to train, evaluate, checkpoint, export and stop; the
+`Trainer` runs the compiled calls. Every runner uses it (a notebook, the
+service's worker process, a Ray worker), so they all train the same way, and
+each turns the typed events it receives into its own messages. It never prints.
+
+    result = run_training(trainer, LoopOptions(checkpoint_dir="ckpt"), on_event=print)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from naive_model.results import (
+    CheckpointSaved,
+    EpochEnd,
+    LoopEvent,
+    Progress,
+    Resumed,
+    TrainingResult,
+)
+from naive_model.trainer import Trainer
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopOptions:
+    """When the loop evaluates, checkpoints and exports.
+
+    epochs: epochs the run trains in all, counting those a resumed checkpoint
+        already holds (None: the trainer's config).
+    evaluate_every_epochs: evaluate on the test split every N epochs (0: only
+        the final evaluation, which always runs).
+    checkpoint_dir: where checkpoints go; None saves none and resumes from none.
+    checkpoint_every_epochs: save every N epochs (0: only at the end, which
+        always saves when there is a checkpoint_dir).
+    max_checkpoints: how many of the newest checkpoints to keep.
+    resume: continue from the newest checkpoint in checkpoint_dir, if any.
+    export_dir: write the final SavedModel here (atomically); None exports nothing.
+    first_call_steps: a short first compiled call, so the first progress comes
+        right after tracing.
+    """
+
+    epochs: int | None = None
+    evaluate_every_epochs: int = 1
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every_epochs: int = 1
+    max_checkpoints: int = 3
+    resume: bool = True
+    export_dir: str | Path | None = None
+    first_call_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("evaluate_every_epochs", "checkpoint_every_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be 0 or a positive integer, got {value!r}")
+        if self.max_checkpoints < 1:
+            raise ValueError(f"max_checkpoints must be at least 1, got {self.max_checkpoints!r}")
+
+
+def _due(epoch: int, every: int, last_epoch: int) -> bool:
+    return epoch == last_epoch or bool(every and epoch % every == 0)
+
+
+def run_training(
+    trainer: Trainer,
+    options: LoopOptions | None = None,
+    *,
+    on_event: Callable[[LoopEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingResult:
+    """Train to the last epoch, reporting every happening to `on_event`.
+
+    Events, in order: `Resumed` (when a checkpoint was restored), then per
+    epoch a `Progress` per compiled call, an `EpochEnd`, a `CheckpointSaved`
+    when one is due; finally the `TrainingResult`, which is also returned.
+
+    Args:
+        should_stop: asked between compiled calls; True ends the run there.
+
+    Raises:
+        TrainingStopped: `should_stop` returned True. Nothing is saved for the
+            unfinished epoch; the last checkpoint stays the newest.
+    """
+    options = options or LoopOptions()
+    emit = on_event or (lambda event: None)
+    last_epoch = options.epochs or trainer.config.epochs
+    checkpoint_dir = Path(options.checkpoint_dir) if options.checkpoint_dir else None
+
+    if checkpoint_dir is not None and options.resume:
+        restored = trainer.restore_checkpoint(checkpoint_dir)
+        if restored is not None:
+            emit(Resumed(path=restored, epoch=trainer.epoch, step=trainer.global_step))
+
+    steady = _SteadyRate()
+
+    def on_progress(progress: Progress) -> None:
+        steady.add(progress)
+        emit(dataclasses.replace(progress, epochs=last_epoch))
+
+    train_seconds = 0.0
+    last = None
+    while trainer.epoch < last_epoch:
+        epoch = trainer.epoch + 1
+        last = trainer.train_epoch(
+            on_progress,
+            first_call_steps=options.first_call_steps if steady.calls == 0 else None,
+            should_stop=should_stop,
+        )
+        train_seconds += last.seconds
+        evaluation = (
+            trainer.evaluate() if _due(epoch, options.evaluate_every_epochs, last_epoch) else None
+        )
+        emit(
+            EpochEnd(
+                epoch=epoch,
+                train_loss=last.loss,
+                train_accuracy=last.accuracy,
+                eval_loss=None if evaluation is None else evaluation.loss,
+                eval_accuracy=None if evaluation is None else evaluation.accuracy,
+                seconds=last.seconds,
+            )
+        )
+        if checkpoint_dir is not None and _due(epoch, options.checkpoint_every_epochs, last_epoch):
+            start = time.perf_counter()
+            path = trainer.save_checkpoint(checkpoint_dir, max_to_keep=options.max_checkpoints)
+            emit(
+                CheckpointSaved(
+                    path=path,
+                    epoch=trainer.epoch,
+                    step=trainer.global_step,
+                    seconds=time.perf_counter() - start,
+                )
+            )
+
+    if options.export_dir is not None:
+        export_atomically(trainer, Path(options.export_dir))
+    final = trainer.evaluate()
+    result = TrainingResult(
+        train_loss=last.loss if last is not None else float("nan"),
+        train_accuracy=last.accuracy if last is not None else float("nan"),
+        test_loss=final.loss,
+        test_accuracy=final.accuracy,
+        steps=trainer.global_step,
+        train_seconds=train_seconds,
+        examples_per_second=steady.rate(fallback=last.examples_per_second if last else 0.0),
+        has_model=options.export_dir is not None,
+    )
+    emit(result)
+    return result
+
+
+def export_atomically(trainer: Trainer, path: Path) -> None:
+    """Write the SavedModel beside `path`, then rename: a reader never sees half of it."""
+    staging = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.export(staging)
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+
+
+class _SteadyRate:
+    """Examples per second over every compiled call but the first, which traces."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._examples = 0
+        self._seconds = 0.0
+
+    def add(self, progress: Progress) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            self._examples += progress.call_examples
+            self._seconds += progress.call_seconds
+
+    def rate(self, fallback: float) -> float:
+        return self._examples / self._seconds if self._seconds > 0 else fallback

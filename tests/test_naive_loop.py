@@ -1,0 +1,136 @@
+"""The outer loop: events in order, evaluation and checkpoint cadence, resume, stop, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
+from naive_model.data import synthetic_dataset
+from naive_model.distribute import make_strategy
+from naive_model.loop import LoopOptions, run_training
+from naive_model.results import CheckpointSaved, EpochEnd, Progress, Resumed, TrainingResult
+from naive_model.trainer import Trainer, TrainingStopped
+
+SMALL = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return synthetic_dataset(num_train=512, num_test=128, input_size=64)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return make_strategy(StrategyConfig(kind="cpu"))
+
+
+def _trainer(dataset, strategy, **overrides) -> Trainer:
+    fields = dict(layers=SMALL, batch_size=64, optimizer="adam", epochs=3, seed=7)
+    fields.update(overrides)
+    return Trainer(TrainConfig(**fields), dataset, strategy)
+
+
+def _kinds(events) -> list[str]:
+    return [type(event).__name__ for event in events]
+
+
+def test_events_come_in_order_with_the_asked_cadence(dataset, one_device, tmp_path):
+    trainer = _trainer(dataset, one_device, steps_per_execution=4)  # 8 steps: 2 calls an epoch
+    events = []
+    options = LoopOptions(
+        checkpoint_dir=tmp_path / "ckpt", checkpoint_every_epochs=2, evaluate_every_epochs=2
+    )
+    result = run_training(trainer, options, on_event=events.append)
+
+    assert _kinds(events) == [
+        *["Progress", "Progress", "EpochEnd"],
+        *["Progress", "Progress", "EpochEnd", "CheckpointSaved"],
+        *["Progress", "Progress", "EpochEnd", "CheckpointSaved"],  # the last epoch always saves
+        "TrainingResult",
+    ]
+    ends = [event for event in events if isinstance(event, EpochEnd)]
+    assert [end.epoch for end in ends] == [1, 2, 3]
+    assert ends[0].eval_loss is None and ends[0].eval_accuracy is None  # not due
+    assert ends[1].eval_accuracy is not None and ends[2].eval_accuracy is not None
+    saves = [event for event in events if isinstance(event, CheckpointSaved)]
+    assert [(save.epoch, save.step) for save in saves] == [(2, 16), (3, 24)]
+    progress = [event for event in events if isinstance(event, Progress)]
+    assert all(p.epochs == 3 for p in progress)
+    assert [p.examples for p in progress] == [256 * n for n in range(1, 7)]
+    assert events[-1] is result and isinstance(result, TrainingResult)
+    assert result.steps == 24 and not result.has_model
+    assert result.test_accuracy == pytest.approx(trainer.evaluate().accuracy)
+    assert result.examples_per_second > 0
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(dataset, one_device, tmp_path):
+    uninterrupted = _trainer(dataset, one_device, epochs=4)
+    run_training(uninterrupted)
+
+    first = _trainer(dataset, one_device, epochs=4)
+    run_training(first, LoopOptions(epochs=2, checkpoint_dir=tmp_path))
+    # A new process would build a new trainer: so does this test.
+    second = _trainer(dataset, one_device, epochs=4)
+    events = []
+    result = run_training(second, LoopOptions(checkpoint_dir=tmp_path), on_event=events.append)
+
+    assert isinstance(events[0], Resumed) and (events[0].epoch, events[0].step) == (2, 16)
+    assert [e.epoch for e in events if isinstance(e, EpochEnd)] == [3, 4]
+    assert result.steps == 32 and second.epoch == 4
+    # The per-epoch order is seeded by (seed, epoch), so the resumed run is exact.
+    for resumed, straight in zip(second.model.weights, uninterrupted.model.weights, strict=True):
+        np.testing.assert_array_equal(resumed.numpy(), straight.numpy())
+
+
+def test_resume_false_starts_afresh(dataset, one_device, tmp_path):
+    run_training(_trainer(dataset, one_device, epochs=1), LoopOptions(checkpoint_dir=tmp_path))
+    events = []
+    trainer = _trainer(dataset, one_device, epochs=1)
+    run_training(
+        trainer, LoopOptions(checkpoint_dir=tmp_path, resume=False), on_event=events.append
+    )
+    assert not any(isinstance(event, Resumed) for event in events)
+    assert trainer.global_step == 8
+
+
+def test_should_stop_ends_the_run_between_compiled_calls(dataset, one_device, tmp_path):
+    trainer = _trainer(dataset, one_device, steps_per_execution=2)
+    events = []
+    calls_before_stop = 5  # the first epoch's 4 calls, then one call of the second
+
+    def should_stop() -> bool:
+        return sum(isinstance(event, Progress) for event in events) >= calls_before_stop
+
+    with pytest.raises(TrainingStopped) as stopped:
+        run_training(
+            trainer,
+            LoopOptions(checkpoint_dir=tmp_path),
+            on_event=events.append,
+            should_stop=should_stop,
+        )
+    assert (stopped.value.epoch, stopped.value.step) == (2, 10)
+    assert trainer.epoch == 1  # the unfinished epoch is not counted
+    assert [e.epoch for e in events if isinstance(e, CheckpointSaved)] == [1]
+    assert not any(isinstance(event, TrainingResult) for event in events)
+
+
+def test_export_is_atomic_and_serves_the_trained_model(dataset, one_device, tmp_path):
+    trainer = _trainer(dataset, one_device, epochs=1)
+    model_dir = tmp_path / "model"
+    result = run_training(trainer, LoopOptions(export_dir=model_dir))
+    assert result.has_model and (model_dir / "saved_model.pb").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # no staging left
+    served = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    (probabilities,) = served(inputs=tf.constant(dataset.x_test[:4])).values()
+    np.testing.assert_allclose(
+        probabilities.numpy(), trainer.model(dataset.x_test[:4]).numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="checkpoint_every_epochs"):
+        LoopOptions(checkpoint_every_epochs=-1)
+    with pytest.raises(ValueError, match="max_checkpoints"):
+        LoopOptions(max_checkpoints=0)
