@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m service.demo
+	$(PY) -m service.cli.demo
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

@@ -36,9 +36,11 @@ import tensorflow as tf  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from benchmarks.report import SHARED_MNIST, publish  # noqa: E402
-from naive_model.config import LayerSpec, TrainConfig  # noqa: E402
+from naive_model.config import TrainConfig  # noqa: E402
 from naive_model.data import Dataset, load_npz, synthetic_dataset  # noqa: E402
-from naive_model.trainer import Progress, Trainer  # noqa: E402
+from naive_model.results import Progress  # noqa: E402
+from naive_model.trainer import Trainer  # noqa: E402
+from service.jobs.reporting import report_metrics  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
 
 BATCH = 128
@@ -47,7 +49,7 @@ TARGET = 0.03
 
 
 class MetricsCallback:
-    """on_progress that feeds a ServiceMetrics the way the job runner does, timing itself."""
+    """on_progress that feeds a ServiceMetrics with the job manager's own code, timing itself."""
 
     def __init__(self, metrics: ServiceMetrics, job_id: str = "job-bench", strategy: str = "cpu"):
         self.metrics = metrics
@@ -60,17 +62,7 @@ class MetricsCallback:
         start = time.perf_counter()
         if self.calls == 0:
             self.metrics.job_first_step(self.job_id, 0.0)
-        self.metrics.job_progress(
-            self.job_id,
-            self.strategy,
-            epoch=progress.epoch,
-            batches=progress.steps,
-            examples=progress.examples,
-            loss=progress.loss,
-            accuracy=progress.accuracy,
-            examples_per_second=progress.examples_per_second,
-            step_seconds=progress.seconds / progress.steps if progress.steps else 0.0,
-        )
+        report_metrics(self.metrics, self.job_id, self.strategy, progress)
         self.calls += 1
         self.seconds += time.perf_counter() - start
 
@@ -95,15 +87,8 @@ def load_data(path: Path, num_train: int | None) -> Dataset:
 
 def run(args) -> dict:
     dataset = load_data(args.data, args.num_train)
-    config = TrainConfig(
-        layers=(LayerSpec(units=512, activation="relu"), LayerSpec(units=10, activation="softmax")),
-        initializer="glorot",
-        optimizer="rmsprop",
-        learning_rate=1e-3,
-        batch_size=BATCH,
-        epochs=1,
-        steps_per_execution=STEPS_PER_EXECUTION,
-    )
+    # The book's network and training are TrainConfig's defaults.
+    config = TrainConfig(batch_size=BATCH, epochs=1, steps_per_execution=STEPS_PER_EXECUTION)
     trainer = Trainer(config, dataset)
     metrics = ServiceMetrics(CollectorRegistry())
     metrics_on = MetricsCallback(metrics)

@@ -4,7 +4,7 @@
 imports TensorFlow, lists the GPUs it can use and prints them as JSON. The
 server process never initialises CUDA itself, so it holds no GPU memory and
 each worker can still choose its GPUs through `CUDA_VISIBLE_DEVICES`. A
-configured inventory (`--gpus` or a test's fake) skips the probe.
+configured inventory (`ServerConfig.gpu_inventory`, as tests give) skips the probe.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def cpu_description() -> str:
 
 
 def fake_gpus(count: int, memory_bytes: int = 16 * 1024**3) -> tuple[GpuDevice, ...]:
-    """An inventory of `count` identical GPUs, for tests and `--gpus N`."""
+    """An inventory of `count` identical GPUs, for tests and benchmarks."""
     return tuple(
         GpuDevice(index=i, memory_bytes=memory_bytes, description="configured")
         for i in range(count)

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ntrain.v1 import training_pb2
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -28,12 +27,12 @@ from prometheus_client import (
 from prometheus_client.exposition import start_wsgi_server
 from prometheus_client.metrics import MetricWrapperBase
 
+from service.protocol import JOB_STATES
+
 # The `_created` series client_python adds to every counter and histogram would
 # double the per-job series for a timestamp nobody graphs. (A process-wide switch.)
 disable_created_metrics()
 
-# Every job state of the proto, so the jobs gauge shows zeros rather than gaps.
-JOB_STATES = tuple(name for name in training_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED")
 OUTCOMES = ("succeeded", "failed", "canceled")
 DEVICE_TYPES = ("GPU", "CPU")
 JOB_LABELS = ("job_id", "strategy")

@@ -1,6 +1,6 @@
 """Regenerate the committed Python code for proto/ntrain/v1/*.proto.
 
-Run as `make proto` (or `python -m service.protogen`). With `--check DIR`, the
+Run as `make proto` (or `python -m service.protogen`). With `--out DIR`, the
 code is generated into DIR instead, so a test can compare it with the committed
 files.
 """

@@ -3,12 +3,17 @@
 Tests that need a tool pip cannot install (prometheus, promtool,
 docker-compose) use `require_tool`: on a laptop without it they skip, but with
 CI=true they fail, because CI installs every such tool in .ci/run.
+
+Tests that start worker processes, servers or whole trainings are marked
+`slow`; `make test-fast` runs the others (no TensorFlow in this process unless
+a collected test module imports it).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,15 +27,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def pytest_configure(config):
-    """Split the CPU into two logical devices before TensorFlow starts.
+    config.addinivalue_line(
+        "markers", "slow: starts worker processes, servers or trainings (not in make test-fast)"
+    )
+
+
+def pytest_collection_finish(session):
+    """Split the CPU into two logical devices before TensorFlow starts, if it is here.
 
     The mirrored-strategy tests need two replicas on a CPU-only host, and the
-    split must happen before any TensorFlow op runs in this process.
-    Single-device tests run on the first logical CPU.
+    split must happen before any TensorFlow op runs in this process (importing
+    it runs none). Single-device tests run on the first logical CPU. When no
+    collected test module imported TensorFlow, it is not imported at all.
     """
-    from naive_model.distribute import split_cpu
+    if "tensorflow" in sys.modules:
+        from naive_model.distribute import split_cpu
 
-    split_cpu(2)
+        split_cpu(2)
 
 
 def require_tool(name: str) -> str:

@@ -11,7 +11,7 @@ import grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from service.server import ServerConfig, TrainingServer
+from service.api.server import ServerConfig, TrainingServer
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELED)
 
@@ -98,7 +98,7 @@ class RunningServer:
 
 
 def child_worker_pids() -> set[int]:
-    """PIDs of this process's children that are multiprocessing workers."""
+    """PIDs of this process's children that are ntrain worker processes."""
     me = os.getpid()
     found = set()
     for entry in Path("/proc").iterdir():
@@ -110,7 +110,7 @@ def child_worker_pids() -> set[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me and b"spawn_main" in cmdline:
+        if ppid == me and b"service.worker.main" in cmdline:
             found.add(int(entry.name))
     return found
 

@@ -1,7 +1,7 @@
 """The ntrain command line against a real server.
 
 The server is `ntrain serve --port 0` in a child process (so `serve` itself is
-tested too); client commands run in this process through `cli.main`, on the
+tested too); client commands run in this process through `service.cli.main.main`, on the
 synthetic data set. Each failure must be one line on stderr with status 1.
 """
 
@@ -25,7 +25,8 @@ import pytest
 from conftest import REPO_ROOT, SHARED_MNIST
 
 from naive_model.data import synthetic_dataset
-from service import cli
+from service.cli import errors as cli_errors
+from service.cli.main import main as cli_main
 
 SMALL_JOB = ["--dataset", "synthetic", "--layers", "64:relu,10:softmax", "--strategy", "cpu"]
 
@@ -34,12 +35,12 @@ def run_cli(*argv: str) -> SimpleNamespace:
     """Run one ntrain command in this process; its status, stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(argv))
+        status = cli_main(list(argv))
     return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())
 
 
 def one_error_line(result: SimpleNamespace) -> str:
-    assert result.status == cli.EXIT_ERROR, result
+    assert result.status == cli_errors.EXIT_ERROR, result
     assert result.err.count("\n") == 1 and "Traceback" not in result.err, result.err
     return result.err.strip()
 
@@ -81,11 +82,11 @@ def finished_job(server) -> str:
     submitted = run_cli(
         "train", "--detach", "--epochs", "1", *SMALL_JOB, "--address", server.address
     )
-    assert submitted.status == cli.EXIT_OK, submitted.err
+    assert submitted.status == cli_errors.EXIT_OK, submitted.err
     job_id = submitted.out.strip()
     assert job_id and "\n" not in job_id  # --detach prints the job id alone, for scripts
     watched = run_cli("watch", job_id, "--address", server.address)
-    assert watched.status == cli.EXIT_OK, watched.err
+    assert watched.status == cli_errors.EXIT_OK, watched.err
     assert "SUCCEEDED" in watched.out and "result: test accuracy" in watched.out
     return job_id
 
@@ -104,7 +105,7 @@ def test_health_reports_serving_through_the_installed_command(server):
 
 def test_info_shows_versions_and_devices(server):
     text = run_cli("info", "--address", server.address)
-    assert text.status == cli.EXIT_OK
+    assert text.status == cli_errors.EXIT_OK
     assert text.out.startswith("version ") and "CPU:0" in text.out
     info = json.loads(run_cli("info", "--json", "--address", server.address).out)
     assert info["version"] and any(device["kind"] == "CPU" for device in info["devices"])
@@ -116,7 +117,7 @@ def test_train_follows_the_job_with_progress_to_success(server):
         "train", "--epochs", "2", "--steps-per-execution", "4", *SMALL_JOB,
         "--address", server.address,
     )  # fmt: skip
-    assert result.status == cli.EXIT_OK, result.err
+    assert result.status == cli_errors.EXIT_OK, result.err
     out = result.out
     assert out.startswith("job ") and "submitted: 64:relu,10:softmax on synthetic" in out
     for text in ("RUNNING", "SUCCEEDED", "epoch 1/2 done in", "epoch 2/2 done in"):
@@ -129,7 +130,7 @@ def test_train_follows_the_job_with_progress_to_success(server):
 
 def test_jobs_lists_the_job_and_filters_by_state(server, finished_job):
     table = run_cli("jobs", "--address", server.address)
-    assert table.status == cli.EXIT_OK
+    assert table.status == cli_errors.EXIT_OK
     header, *rows = table.out.splitlines()
     assert header.split()[:2] == ["JOB", "STATE"]
     assert any(row.split()[:2] == [finished_job, "SUCCEEDED"] for row in rows)
@@ -148,7 +149,7 @@ def test_jobs_lists_the_job_and_filters_by_state(server, finished_job):
 
 def test_eval_and_predict_agree_on_the_synthetic_test_split(server, finished_job, tmp_path):
     evaluated = run_cli("eval", finished_job, "--json", "--address", server.address)
-    assert evaluated.status == cli.EXIT_OK, evaluated.err
+    assert evaluated.status == cli_errors.EXIT_OK, evaluated.err
     evaluation = json.loads(evaluated.out)
     assert evaluation["dataset"] == "synthetic" and int(evaluation["examples"]) == 512
 
@@ -158,7 +159,7 @@ def test_eval_and_predict_agree_on_the_synthetic_test_split(server, finished_job
     predicted = run_cli(
         "predict", finished_job, "--input", str(inputs), "--address", server.address
     )
-    assert predicted.status == cli.EXIT_OK, predicted.err
+    assert predicted.status == cli_errors.EXIT_OK, predicted.err
     *table, summary = predicted.out.splitlines()
     assert table[0].split() == ["#", "PREDICTED", "PROBABILITY", "LABEL"]
     assert len(table) == 1 + 512  # sent in chunks; every input answered, in order
@@ -174,7 +175,7 @@ def test_predict_shows_mnist_test_images_as_ascii_art(server, finished_job):
         "predict", finished_job, "--mnist-test", "2", "--mnist-file", str(SHARED_MNIST),
         "--show", "--address", server.address,
     )  # fmt: skip
-    assert result.status == cli.EXIT_OK, result.err
+    assert result.status == cli_errors.EXIT_OK, result.err
     assert result.out.count("predicted ") == 2 and "true label 7" in result.out
     assert sum(line.startswith("|") for line in result.out.splitlines()) == 2 * 14
     assert result.out.rstrip().endswith("right (" + result.out.rsplit("(", 1)[1].strip())
@@ -186,7 +187,7 @@ def test_cancel_ends_the_job_and_watch_says_so(server):
     )
     job_id = submitted.out.strip()
     canceled = run_cli("cancel", job_id, "--address", server.address)
-    assert canceled.status == cli.EXIT_OK, canceled.err
+    assert canceled.status == cli_errors.EXIT_OK, canceled.err
     assert canceled.out.strip() in (f"job {job_id}: CANCELED", f"job {job_id}: CANCELLING")
     watched = run_cli("watch", job_id, "--address", server.address)
     assert one_error_line(watched).startswith(f"ntrain: job {job_id} ended CANCELED")
@@ -248,7 +249,7 @@ def test_serve_on_a_port_in_use_is_one_line(tmp_path, taken):
             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         )  # fmt: skip
-    assert result.returncode == cli.EXIT_ERROR
+    assert result.returncode == cli_errors.EXIT_ERROR
     errors = [line for line in result.stderr.splitlines() if line.startswith("ntrain:")]
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr
     assert "Traceback" not in result.stderr

@@ -21,32 +21,36 @@ import pytest
 from conftest import REPO_ROOT
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
-from service import cli, cli_output
-from service.progress import ProgressRenderer, bar, format_progress_line
+from service.cli import client, commands, parser
+from service.cli import errors as cli_errors
+from service.cli import inputs as cli_inputs
+from service.cli import output as cli_output
+from service.cli.main import main as cli_main
+from service.cli.progress import ProgressRenderer, bar, format_progress_line
 
 # --- parsing and spec building -------------------------------------------------------------
 
 
 def test_parse_layers_reads_units_and_activations():
-    layers = cli.parse_layers("512:relu, 10:softmax")
+    layers = cli_inputs.parse_layers("512:relu, 10:softmax")
     assert [(layer.units, layer.activation) for layer in layers] == [(512, "relu"), (10, "softmax")]
-    assert cli.parse_layers("64")[0].activation == "relu"
+    assert cli_inputs.parse_layers("64")[0].activation == "relu"
 
 
 @pytest.mark.parametrize("text", ["relu:512", "512:relu:x", "", "512:"])
 def test_parse_layers_refuses_malformed_text(text):
     with pytest.raises(Exception, match="UNITS:ACTIVATION"):
-        cli.parse_layers(text)
+        cli_inputs.parse_layers(text)
 
 
 def test_train_flags_build_the_job_spec():
-    args = cli.build_parser().parse_args(
+    args = parser.build_parser().parse_args(
         "train --layers 256:tanh,10:softmax --init seed --optimizer momentum --lr 0.05 "
         "--momentum 0.8 --batch-size 64 --epochs 3 --dataset synthetic --strategy mirrored "
         "--devices 2 --steps-per-execution 10 --jit --seed 7 --checkpoint-every 1 "
         "--max-runtime 60".split()
     )
-    spec = cli.build_job_spec(args)
+    spec = commands.build_job_spec(args)
     assert [(layer.units, layer.activation) for layer in spec.layers] == [
         (256, "tanh"),
         (10, "softmax"),
@@ -64,7 +68,7 @@ def test_train_flags_build_the_job_spec():
 
 
 def test_train_defaults_are_the_books_network():
-    spec = cli.build_job_spec(cli.build_parser().parse_args(["train"]))
+    spec = commands.build_job_spec(parser.build_parser().parse_args(["train"]))
     assert [(layer.units, layer.activation) for layer in spec.layers] == [
         (512, "relu"),
         (10, "softmax"),
@@ -79,15 +83,15 @@ def test_train_defaults_are_the_books_network():
 
 def test_address_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("NTRAIN_ADDRESS", "example:1234")
-    assert cli.build_parser().parse_args(["jobs"]).address == "example:1234"
+    assert parser.build_parser().parse_args(["jobs"]).address == "example:1234"
     monkeypatch.delenv("NTRAIN_ADDRESS")
-    assert cli.build_parser().parse_args(["jobs"]).address == cli.DEFAULT_ADDRESS
+    assert parser.build_parser().parse_args(["jobs"]).address == client.DEFAULT_ADDRESS
 
 
 def test_usage_errors_are_one_line_with_status_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--optimizer", "adamw"])
-    assert exit_info.value.code == cli.EXIT_USAGE
+        cli_main(["train", "--optimizer", "adamw"])
+    assert exit_info.value.code == cli_errors.EXIT_USAGE
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "invalid choice: 'adamw'" in error
 
@@ -127,7 +131,7 @@ class FakeRpcError(grpc.RpcError):
     ],
 )
 def test_rpc_errors_become_one_friendly_line(code, details, expected):
-    message = cli.describe_rpc_error(FakeRpcError(code, details), "h:1", timeout=5)
+    message = client.describe_rpc_error(FakeRpcError(code, details), "h:1", timeout=5)
     assert expected in message
     assert "\n" not in message
 
@@ -240,19 +244,19 @@ def test_jobs_table_lists_each_job():
 def test_load_inputs_reads_npy_and_npz_with_labels(tmp_path):
     images = np.full((3, 28, 28), 255, dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
-    inputs, labels = cli.load_inputs(tmp_path / "x.npy")
+    inputs, labels = cli_inputs.load_inputs(tmp_path / "x.npy")
     assert len(inputs) == 3 and len(inputs[0]) == 784 and inputs[0][0] == 1.0 and labels is None
     np.savez(tmp_path / "t.npz", x_test=images, y_test=np.array([1, 2, 3]))
-    inputs, labels = cli.load_inputs(tmp_path / "t.npz")
+    inputs, labels = cli_inputs.load_inputs(tmp_path / "t.npz")
     assert labels == [1, 2, 3]
     np.savez(tmp_path / "bad.npz", a=images, b=images)
-    with pytest.raises(cli.CliError, match="no inputs"):
-        cli.load_inputs(tmp_path / "bad.npz")
+    with pytest.raises(cli_errors.CliError, match="no inputs"):
+        cli_inputs.load_inputs(tmp_path / "bad.npz")
 
 
 def test_missing_input_file_is_one_line(tmp_path, capsys):
-    status = cli.main(["predict", "j", "--address", "127.0.0.1:1", "--input", str(tmp_path / "no")])
-    assert status == cli.EXIT_ERROR
+    status = cli_main(["predict", "j", "--address", "127.0.0.1:1", "--input", str(tmp_path / "no")])
+    assert status == cli_errors.EXIT_ERROR
     error = capsys.readouterr().err
     assert error.startswith("ntrain: cannot read inputs from") and error.count("\n") == 1
 
@@ -325,7 +329,7 @@ def test_watch_reconnects_from_the_last_sequence_without_gaps_or_repeats(fake_se
     reconnects = []
     with grpc.insecure_channel(address) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
-        events = cli.watch_events(
+        events = client.watch_events(
             stub, "job1", on_reconnect=reconnects.append, sleep=lambda _: None
         )
         sequences = [item.sequence for item in events]
@@ -336,7 +340,7 @@ def test_watch_reconnects_from_the_last_sequence_without_gaps_or_repeats(fake_se
 
 def test_watch_command_follows_to_the_end_and_exits_0(fake_server, capsys):
     _, address = fake_server
-    assert cli.main(["watch", "job1", "--address", address]) == cli.EXIT_OK
+    assert cli_main(["watch", "job1", "--address", address]) == cli_errors.EXIT_OK
     out = capsys.readouterr().out
     assert "connection lost; reconnecting from event 3" in out
     assert out.count("RUNNING") == 1 and "SUCCEEDED" in out
@@ -349,14 +353,14 @@ def test_loopback_addresses_bypass_a_configured_proxy(fake_server, unused_port, 
     monkeypatch.setenv("http_proxy", closed)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    assert cli.main(["watch", "job1", "--address", address]) == cli.EXIT_OK
+    assert cli_main(["watch", "job1", "--address", address]) == cli_errors.EXIT_OK
 
 
 def test_server_errors_are_one_line_with_status_1(fake_server, capsys):
     _, address = fake_server
-    assert cli.main(["watch", "nope", "--address", address]) == cli.EXIT_ERROR
+    assert cli_main(["watch", "nope", "--address", address]) == cli_errors.EXIT_ERROR
     assert capsys.readouterr().err == "ntrain: not found: job 'nope' not found\n"
-    assert cli.main(["train", "--detach", "--address", address]) == cli.EXIT_ERROR
+    assert cli_main(["train", "--detach", "--address", address]) == cli_errors.EXIT_ERROR
     assert capsys.readouterr().err == (
         "ntrain: invalid request: batch_size must be positive, got 0\n"
     )
@@ -371,7 +375,7 @@ def test_unreachable_server_is_one_line_from_the_installed_command(unused_port):
         cwd=REPO_ROOT,
         timeout=60,
     )
-    assert result.returncode == cli.EXIT_ERROR
+    assert result.returncode == cli_errors.EXIT_ERROR
     assert (
         result.stderr == f"ntrain: the server is not reachable at {address} (connection refused)\n"
     )
@@ -379,7 +383,7 @@ def test_unreachable_server_is_one_line_from_the_installed_command(unused_port):
 
 
 def test_health_of_an_unreachable_server_exits_1(unused_port, capsys):
-    assert cli.main(["health", "--address", f"127.0.0.1:{unused_port}"]) == cli.EXIT_ERROR
+    assert cli_main(["health", "--address", f"127.0.0.1:{unused_port}"]) == cli_errors.EXIT_ERROR
     assert "not reachable" in capsys.readouterr().err
 
 
@@ -394,7 +398,7 @@ def unused_port():
 
 
 def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys):
-    import service.server
+    import service.api.server
     from service.cli import main
 
     seen = []
@@ -409,7 +413,7 @@ def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys
         def stop(self, grace=5.0):
             pass
 
-    monkeypatch.setattr(service.server, "TrainingServer", RefusingServer)
+    monkeypatch.setattr(service.api.server, "TrainingServer", RefusingServer)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
     assert main(["serve", "--job-series-retention", "30", "--no-metrics"]) == 1
     assert seen[0].job_series_retention_seconds == 30.0

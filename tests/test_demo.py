@@ -1,4 +1,4 @@
-"""`make demo` end to end: `python -m service.demo` in a child process.
+"""`make demo` end to end: `python -m service.cli.demo` in a child process.
 
 HOME points at a temporary directory, so the demo finds MNIST only where the
 test puts it (~/.keras/datasets/mnist.npz). Without it, the Keras download is
@@ -28,7 +28,7 @@ def run_demo(home: Path, tmp_path: Path, **extra_env: str) -> subprocess.Complet
     }
     env.update(HOME=str(home), TMPDIR=str(tmp_path), **extra_env)
     return subprocess.run(
-        [sys.executable, "-m", "service.demo", "--epochs", "1", "--images", "3"],
+        [sys.executable, "-m", "service.cli.demo", "--epochs", "1", "--images", "3"],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -101,7 +101,7 @@ def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "NTRAIN_MNIST_PATH"}
     env.update(HOME=str(home), TMPDIR=str(tmp_path), https_proxy=closed, HTTPS_PROXY=closed)
     demo = subprocess.Popen(
-        [sys.executable, "-m", "service.demo", "--epochs", "100000"],
+        [sys.executable, "-m", "service.cli.demo", "--epochs", "100000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

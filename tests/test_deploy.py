@@ -20,8 +20,8 @@ import yaml
 from conftest import REPO_ROOT, require_tool
 from prometheus_client import CollectorRegistry
 
-from service.cli import build_parser
-from service.grpc_metrics import MetricsServerInterceptor
+from service.api.grpc_metrics import MetricsServerInterceptor
+from service.cli.parser import build_parser
 from service.metrics import ServiceMetrics
 
 DEPLOY = REPO_ROOT / "deploy"

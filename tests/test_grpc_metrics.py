@@ -10,8 +10,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from service.errors import ExceptionToStatusInterceptor, NotFound
-from service.grpc_metrics import MetricsServerInterceptor
+from service.api.grpc_metrics import MetricsServerInterceptor
+from service.api.status import ExceptionToStatusInterceptor
+from service.jobs.errors import NotFound
 
 CHECK = "grpc.health.v1.Health/Check"
 WATCH = "grpc.health.v1.Health/Watch"

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.grpc_metrics import MetricsServerInterceptor
+from service.api.grpc_metrics import MetricsServerInterceptor
 from service.metrics import JOB_STATES, ServiceMetrics, start_metrics_server
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from service.scheduler import Demand, Scheduler, demand_for
+from service.jobs.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from service.jobs.scheduler import Demand, Scheduler, demand_for
 
 FOUR_GPUS = [0, 1, 2, 3]
 

@@ -22,9 +22,10 @@ from service_harness import (
     RunningServer,
     child_worker_pids,
     job_spec,
-    layers,
     process_exists,
 )
+
+from service.cli.client import book_job_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREDICTED = 1000  # test images sent to Predict: 1000 * 784 floats fit one 4 MB message
@@ -48,13 +49,8 @@ def server(tmp_path_factory, data_dir):
     running.stop()
 
 
-MNIST_SPEC = job_spec(
-    layers=layers((512, "relu"), (10, "softmax")),
-    dataset="mnist",
-    epochs=1,
-    batch_size=128,
-    optimizer=pb.OptimizerSpec(name="rmsprop", learning_rate=1e-3),
-)
+# The book's network (784 -> 512 relu -> 10 softmax, RMSprop 1e-3, batch 128) on CPU.
+MNIST_SPEC = book_job_spec(pb.JobSpec(epochs=1, strategy=pb.StrategySpec(name="cpu"), seed=1))
 
 
 @pytest.fixture(scope="module")

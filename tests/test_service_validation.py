@@ -279,7 +279,7 @@ def test_more_gpus_than_the_host_has_is_failed_precondition(tmp_path):
 
 
 def test_a_taken_port_fails_to_start_and_leaves_nothing_running(server, tmp_path):
-    from service.server import ServerConfig, TrainingServer
+    from service.api.server import ServerConfig, TrainingServer
 
     second = TrainingServer(
         ServerConfig(

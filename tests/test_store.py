@@ -6,16 +6,37 @@ import sqlite3
 
 import pytest
 
-from service.store import JobRecord, Store
+from naive_model.config import TrainConfig
+from service.jobs.store import JobRecord, Store
+from service.protocol import JobSpec, Progress, StateChange, TrainingResult
+
+SPEC = JobSpec(train=TrainConfig(epochs=2), dataset="synthetic")
+PROGRESS = Progress(
+    epoch=1,
+    epochs=2,
+    step=10,
+    steps_per_epoch=16,
+    step_in_epoch=10,
+    loss=0.5,
+    accuracy=0.75,
+    examples_per_second=1000.0,
+    examples=1280,
+)
+RESULT = TrainingResult(
+    train_loss=0.1,
+    train_accuracy=0.95,
+    test_loss=0.2,
+    test_accuracy=0.9,
+    steps=32,
+    train_seconds=1.5,
+    examples_per_second=3000.0,
+    has_model=True,
+)
 
 
 def new_job(store: Store, job_id: str, time: float = 1.0) -> None:
     record = JobRecord(
-        job_id=job_id,
-        request_id=f"req-{job_id}",
-        spec={"dataset": "synthetic"},
-        state="QUEUED",
-        create_time=time,
+        job_id=job_id, request_id=f"req-{job_id}", spec=SPEC, state="QUEUED", create_time=time
     )
     store.create_job(record, time)
 
@@ -23,22 +44,21 @@ def new_job(store: Store, job_id: str, time: float = 1.0) -> None:
 def test_events_are_numbered_from_1_without_gaps_and_update_the_job(tmp_path):
     store = Store(tmp_path)
     new_job(store, "job-a")
+    store.append_event("job-a", StateChange(state="STARTING"), 2.0, devices=("GPU:1",))
+    store.append_event("job-a", PROGRESS, 3.0)
     store.append_event(
-        "job-a", "state", {"state": "STARTING", "reason": ""}, 2.0, devices=("GPU:1",)
-    )
-    store.append_event("job-a", "progress", {"epoch": 1, "loss": 0.5}, 3.0)
-    store.append_event(
-        "job-a", "state", {"state": "FAILED", "reason": "boom"}, 4.0, failure_reason="boom"
+        "job-a", StateChange(state="FAILED", reason="boom"), 4.0, failure_reason="boom"
     )
 
     events = store.events_after("job-a", 0)
     assert [e.sequence for e in events] == [1, 2, 3, 4]
-    assert [e.kind for e in events] == ["state", "state", "progress", "state"]
+    assert [type(e.payload) for e in events] == [StateChange, StateChange, Progress, StateChange]
+    assert events[2].payload == PROGRESS
     assert [e.sequence for e in store.events_after("job-a", 2)] == [3, 4]
 
     job = store.get_job("job-a")
     assert job.state == "FAILED" and job.finished and job.failure_reason == "boom"
-    assert job.devices == ("GPU:1",) and job.progress == {"epoch": 1, "loss": 0.5}
+    assert job.devices == ("GPU:1",) and job.progress == PROGRESS and job.spec == SPEC
     assert job.last_sequence == 4
     assert [(t.state, t.time) for t in job.transitions] == [
         ("QUEUED", 1.0),
@@ -51,7 +71,7 @@ def test_list_is_newest_first_filtered_and_paged(tmp_path):
     store = Store(tmp_path)
     for index in range(5):
         new_job(store, f"job-{index}", time=float(index))
-    store.append_event("job-3", "state", {"state": "CANCELED", "reason": ""}, 9.0)
+    store.append_event("job-3", StateChange(state="CANCELED"), 9.0)
 
     page, cursor = store.list_jobs(limit=2)
     assert [j.job_id for j in page] == ["job-4", "job-3"]
@@ -71,7 +91,7 @@ def test_request_ids_are_unique(tmp_path):
     new_job(store, "job-a")
     assert store.find_by_request_id("req-job-a").job_id == "job-a"
     record = JobRecord(
-        job_id="job-b", request_id="req-job-a", spec={}, state="QUEUED", create_time=2.0
+        job_id="job-b", request_id="req-job-a", spec=SPEC, state="QUEUED", create_time=2.0
     )
     with pytest.raises(sqlite3.IntegrityError):
         store.create_job(record, 2.0)
@@ -81,11 +101,11 @@ def test_request_ids_are_unique(tmp_path):
 def test_reopening_keeps_everything_and_uses_wal(tmp_path):
     store = Store(tmp_path)
     new_job(store, "job-a")
-    store.append_event("job-a", "result", {"test_accuracy": 0.9}, 2.0)
+    store.append_event("job-a", RESULT, 2.0)
     store.close()
 
     reopened = Store(tmp_path)
-    assert reopened.get_job("job-a").result == {"test_accuracy": 0.9}
+    assert reopened.get_job("job-a").result == RESULT
     assert [e.sequence for e in reopened.events_after("job-a", 0)] == [1, 2]
     assert reopened.job_dir("job-a") == tmp_path / "jobs" / "job-a"
     mode = sqlite3.connect(tmp_path / "ntrain.db").execute("PRAGMA journal_mode").fetchone()[0]
@@ -96,7 +116,27 @@ def test_unknown_job_and_kind(tmp_path):
     store = Store(tmp_path)
     assert store.get_job("job-none") is None
     with pytest.raises(KeyError):
-        store.append_event("job-none", "progress", {}, 1.0)
+        store.append_event("job-none", PROGRESS, 1.0)
     new_job(store, "job-a")
-    with pytest.raises(ValueError, match="kind"):
-        store.append_event("job-a", "gossip", {}, 1.0)
+    with pytest.raises(TypeError, match="payload"):
+        store.append_event("job-a", {"state": "gossip"}, 1.0)
+
+
+def test_progress_rows_written_before_the_per_call_fields_still_read(tmp_path):
+    """A database from before Progress had call_* fields opens unchanged."""
+    store = Store(tmp_path)
+    new_job(store, "job-a")
+    old_row = (
+        '{"epoch": 1, "epochs": 2, "step": 10, "steps_per_epoch": 16, "step_in_epoch": 10,'
+        ' "loss": 0.5, "accuracy": 0.75, "examples_per_second": 1000.0, "examples": 1280}'
+    )
+    store.close()
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    db.execute("INSERT INTO events VALUES ('job-a', 2, 2.0, 'progress', ?)", (old_row,))
+    db.execute("UPDATE jobs SET progress = ?, last_sequence = 2 WHERE job_id = 'job-a'", (old_row,))
+    db.commit()
+    db.close()
+
+    reopened = Store(tmp_path)
+    assert reopened.get_job("job-a").progress == PROGRESS
+    assert reopened.events_after("job-a", 1)[0].payload == PROGRESS

@@ -77,7 +77,7 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
         )
 
     def _finish(self, method: str, context: grpc.ServicerContext, start: float, error) -> None:
-        code = context.code()
+        code = context.code()  # type: ignore[attr-defined]  # grpcio >= 1.38; stubs lag
         if code is None and (isinstance(error, GeneratorExit) or not context.is_active()):
             # The client went away before the call ended. gRPC either closes
             # the response generator (GeneratorExit) or, when the servicer ends

@@ -13,6 +13,7 @@ import logging
 import platform
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
+from service.api.grpc_metrics import MetricsServerInterceptor
+from service.api.servicer import TrainingServicer
+from service.api.status import ExceptionToStatusInterceptor
 from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
-from service.errors import ExceptionToStatusInterceptor
-from service.grpc_metrics import MetricsServerInterceptor
-from service.jobs import JobManager, package_version
-from service.metrics import ServiceMetrics, start_metrics_server
-from service.servicer import TrainingServicer
-from service.store import Store
+from service.jobs.manager import JobManager, package_version
+from service.jobs.store import Store
+from service.metrics import MetricsHttpServer, ServiceMetrics, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class TrainingServer:
         self.manager: JobManager | None = None
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
-        self._metrics_http = None
+        self._metrics_http: MetricsHttpServer | None = None
         self._store: Store | None = None
         self._stopped = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -159,6 +160,7 @@ class TrainingServer:
         log.info("serving on %s", _host_port(config.bind_address, self.port))
 
     def _keep_house(self) -> None:
+        assert self.manager is not None  # started after the manager
         while not self._stopped.wait(HOUSEKEEPING_SECONDS):
             self.metrics.remove_expired_job_series()
             self.metrics.set_warm_workers(self.manager.pool.warm_ready)
@@ -183,15 +185,30 @@ class TrainingServer:
         self._stopped.wait()
 
 
-def serve(config: ServerConfig) -> None:
-    """Run a server until SIGTERM or SIGINT, then stop it gracefully."""
+def serve(
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[TrainingServer], None] = lambda server: None,
+    on_stopping: Callable[[], None] = lambda: None,
+) -> None:
+    """Run a server until SIGTERM or SIGINT, then stop it gracefully.
+
+    Args:
+        on_ready: called once the server listens (to announce it, write a port file).
+        on_stopping: called when a signal came, before the server stops.
+
+    Raises:
+        Exception: the server could not start; whatever had started is stopped.
+    """
     server = TrainingServer(config)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    server.start()
     try:
+        server.start()
+        on_ready(server)
         while not stop.wait(0.5):  # a short wait keeps signal handling prompt
             pass
+        on_stopping()
     finally:
         server.stop()

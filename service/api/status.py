@@ -1,9 +1,9 @@
-"""Domain errors of the service and the one place that maps them to gRPC codes.
+"""The one place domain errors become gRPC status codes.
 
-The job manager, the validation code and the store raise these; the
-`ExceptionToStatusInterceptor` turns them into a status with the error's
-message. Anything else that escapes a handler is a bug: it is logged with its
-traceback and the client gets INTERNAL with a one-line message.
+`service.jobs.errors` holds plain exceptions; this table gives each its code,
+and `ExceptionToStatusInterceptor` answers every RPC that raised one with that
+code and the error's message. Anything else that escapes a handler is a bug:
+it is logged with its traceback and the client gets INTERNAL with one line.
 """
 
 from __future__ import annotations
@@ -14,53 +14,34 @@ from typing import Any
 
 import grpc
 
+from service.jobs import errors
+
 log = logging.getLogger(__name__)
 
-
-class ServiceError(Exception):
-    """A request the service refuses, with the status code to answer it with."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.WorkerError: grpc.StatusCode.INTERNAL,
+}
 
 
-class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class WorkerError(ServiceError):
-    """A worker process failed while answering a request (Evaluate, Predict)."""
-
-    code = grpc.StatusCode.INTERNAL
+def status_code(error: errors.ServiceError) -> grpc.StatusCode:
+    """The code for a domain error (its nearest listed base class)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
 
 
 def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None:
-    if isinstance(error, ServiceError):
-        context.abort(error.code, error.message)
-    if context.code() not in (None, grpc.StatusCode.OK):
+    if isinstance(error, errors.ServiceError):
+        context.abort(status_code(error), error.message)
+    # ServicerContext.code() exists since grpcio 1.38; the type stubs lag behind.
+    if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]
         raise error  # the handler already aborted with its own status (health, reflection)
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}")

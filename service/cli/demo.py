@@ -10,7 +10,7 @@ MNIST is looked for where the service looks ($NTRAIN_MNIST_PATH,
 ~/.keras/datasets/mnist.npz, then a Keras download); when it cannot be had, the
 demo says so in one line and trains on the synthetic data set instead.
 
-    python -m service.demo [--epochs 2] [--images 5] [--state-dir DIR]
+    python -m service.cli.demo [--epochs 2] [--images 5] [--state-dir DIR]
 """
 
 from __future__ import annotations
@@ -30,9 +30,14 @@ import grpc
 import numpy as np
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
+from naive_model.data import find_mnist as find_mnist_file
 from naive_model.data import mnist_candidates, synthetic_dataset
-from service import cli, cli_output
-from service.progress import ProgressRenderer
+from service.cli import client
+from service.cli import output as cli_output
+from service.cli.commands import follow_job
+from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+from service.cli.inputs import read_test_images
+from service.cli.progress import ProgressRenderer
 
 SERVER_START_SECONDS = 120.0
 SERVER_STOP_SECONDS = 30.0
@@ -60,9 +65,9 @@ class DemoError(Exception):
 
 def find_mnist(data_dir: Path | None) -> tuple[Path | None, str]:
     """The MNIST file the server will use, or None and a one-line reason."""
-    for candidate in mnist_candidates(data_dir=data_dir):
-        if candidate.is_file():
-            return candidate, ""
+    found = find_mnist_file(data_dir=data_dir)
+    if found is not None:
+        return found, ""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     try:
         fetched = subprocess.run(
@@ -92,9 +97,7 @@ def load_test_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndar
     if path is None:
         dataset = synthetic_dataset()
         return dataset.x_test[:count], dataset.y_test[:count]
-    with np.load(path, allow_pickle=False) as archive:
-        images, labels = archive["x_test"][:count], archive["y_test"][:count]
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0, labels  # (count, 784)
+    return read_test_images(path, count)
 
 
 class LocalServer:
@@ -150,25 +153,6 @@ class LocalServer:
             return ""
 
 
-def job_spec(dataset: str, epochs: int) -> training_pb2.JobSpec:
-    """The book's network: 784 -> 512 relu -> 10 softmax, RMSprop 1e-3, batch 128."""
-    return training_pb2.JobSpec(
-        layers=[
-            training_pb2.LayerSpec(units=512, activation="relu"),
-            training_pb2.LayerSpec(units=10, activation="softmax"),
-        ],
-        initializer="glorot",
-        optimizer=training_pb2.OptimizerSpec(name="rmsprop", learning_rate=1e-3),
-        batch_size=128,
-        epochs=epochs,
-        dataset=dataset,
-        strategy=training_pb2.StrategySpec(name="auto"),
-        # About ten progress updates per MNIST epoch, so the bar moves; a
-        # compiled call of 50 steps keeps the per-call overhead negligible.
-        steps_per_execution=DEMO_STEPS_PER_EXECUTION,
-    )
-
-
 def run(args: argparse.Namespace, stack: ExitStack) -> float:
     """The demo itself; returns the final test accuracy."""
     data_dir = Path(args.data_dir) if args.data_dir else None
@@ -192,9 +176,9 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
     server = LocalServer(state_dir, data_dir, env)
     stack.callback(_stop_server, server)
     args.address = server.address
-    channel = stack.enter_context(cli.open_channel(server.address))
+    channel = stack.enter_context(client.open_channel(server.address))
     stub = training_pb2_grpc.TrainingServiceStub(channel)
-    info = stub.GetServerInfo(training_pb2.GetServerInfoRequest(), timeout=cli.QUICK_TIMEOUT)
+    info = stub.GetServerInfo(training_pb2.GetServerInfoRequest(), timeout=client.QUICK_TIMEOUT)
     devices = ", ".join(device.name for device in info.devices) or "-"
     print(
         f"server ntrain {info.version} at {server.address} (TensorFlow {info.tensorflow_version},"
@@ -203,8 +187,18 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
     )
 
     job = stub.SubmitJob(
-        training_pb2.SubmitJobRequest(spec=job_spec(dataset, args.epochs)),
-        timeout=cli.QUICK_TIMEOUT,
+        training_pb2.SubmitJobRequest(
+            spec=client.book_job_spec(
+                training_pb2.JobSpec(
+                    dataset=dataset,
+                    epochs=args.epochs,
+                    # About ten progress updates per MNIST epoch, so the bar moves; a
+                    # compiled call of 50 steps keeps the per-call overhead negligible.
+                    steps_per_execution=DEMO_STEPS_PER_EXECUTION,
+                )
+            )
+        ),
+        timeout=client.QUICK_TIMEOUT,
     )
     stack.callback(_cancel_if_running, stub, job.job_id)
     print(
@@ -212,7 +206,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
         f"rmsprop 1e-3, batch 128, {args.epochs} epoch{'s' if args.epochs != 1 else ''}",
         flush=True,
     )
-    ended = cli.follow_job(stub, job, ProgressRenderer(sys.stdout))
+    ended = follow_job(stub, job, ProgressRenderer(sys.stdout))
     if ended.state != training_pb2.SUCCEEDED:
         raise DemoError(
             f"job {ended.job_id} ended {cli_output.state_name(ended.state)}: "
@@ -220,12 +214,12 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
         )
 
     evaluation = stub.Evaluate(
-        training_pb2.EvaluateRequest(job_id=job.job_id), timeout=cli.MODEL_TIMEOUT
+        training_pb2.EvaluateRequest(job_id=job.job_id), timeout=client.MODEL_TIMEOUT
     )
     print("\n" + cli_output.format_evaluation(job.job_id, evaluation), flush=True)
 
     images, labels = load_test_images(mnist_path, args.images)
-    predictions = cli.predict(stub, job.job_id, images.tolist(), timeout=cli.MODEL_TIMEOUT)
+    predictions = client.predict(stub, job.job_id, images.tolist(), timeout=client.MODEL_TIMEOUT)
     if mnist_path is None:
         # Synthetic inputs are noise around one prototype per class: nothing to look at.
         print(f"\n{len(predictions)} synthetic test examples and what the model says:")
@@ -237,7 +231,8 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
     print(f"\n{len(predictions)} MNIST test {images_noun} and what the model says:\n")
     for image, label, prediction in zip(images, labels, predictions, strict=True):
         caption = cli_output.prediction_caption(prediction, int(label))
-        print(cli_output.image_beside_caption(cli_output.ascii_image(image.tolist()), caption))
+        art = cli_output.ascii_image(image.tolist())
+        print("\n".join(caption) if art is None else cli_output.image_beside_caption(art, caption))
         print()
     return evaluation.accuracy
 
@@ -246,7 +241,7 @@ def _cancel_if_running(stub: training_pb2_grpc.TrainingServiceStub, job_id: str)
     """On an early exit (Ctrl-C), stop the job before the server."""
     try:
         job = stub.GetJob(training_pb2.GetJobRequest(job_id=job_id), timeout=5)
-        if job.state not in cli.TERMINAL_STATES:
+        if job.state not in client.TERMINAL_STATES:
             _say(f"cancelling job {job_id} ...")
             stub.CancelJob(training_pb2.CancelJobRequest(job_id=job_id), timeout=60)
     except grpc.RpcError:
@@ -274,7 +269,7 @@ def _interrupt(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.demo", description=__doc__.split("\n")[0]
+        prog="python -m service.cli.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     parser.add_argument("--images", type=int, default=5, help="test images to show (default 5)")
@@ -288,20 +283,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             accuracy = run(args, stack)
     except KeyboardInterrupt:
         print("\nntrain demo: interrupted; the server was stopped", file=sys.stderr)
-        return cli.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of our output went away (`| head`); the server is already stopped.
         sys.stdout = open(os.devnull, "w")  # so nothing more is flushed at exit
-        return cli.EXIT_ERROR
+        return EXIT_ERROR
     except DemoError as error:
         print(f"ntrain demo: {error}", file=sys.stderr)
-        return cli.EXIT_ERROR
+        return EXIT_ERROR
     except grpc.RpcError as error:
-        message = cli.describe_rpc_error(error, getattr(args, "address", "its address"))
+        message = client.describe_rpc_error(error, getattr(args, "address", "its address"))
         print(f"ntrain demo: {message}", file=sys.stderr)
-        return cli.EXIT_ERROR
+        return EXIT_ERROR
     print(f"final test accuracy: {cli_output.format_percent(accuracy)}")
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":

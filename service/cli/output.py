@@ -151,11 +151,12 @@ def format_server_info(info: training_pb2.ServerInfo) -> str:
 def format_bytes(count: int) -> str:
     if not count:
         return "-"
+    size = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.0f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def ascii_image(pixels: Sequence[float]) -> list[str] | None:

@@ -22,9 +22,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from service.jobs.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from service.protocol import SERVICE_STRATEGIES
 
-SERVICE_STRATEGIES = ("auto", "cpu", "gpu", "mirrored")
 # Logical CPU devices a `mirrored` job may ask for on a host without GPUs.
 MAX_LOGICAL_CPUS = 16
 # Replicas of a `mirrored` job on a host without GPUs when it names no count.

@@ -8,12 +8,14 @@ those rows, and the job's transitions are its state-change events. The job row
 keeps the latest state, progress and result so that GetJob and ListJobs need
 one query.
 
-Records are plain data with JSON-able payloads; proto conversion happens in
-`service.spec`.
+Records hold the protocol's typed objects (`JobSpec`, `Progress`, ...); an
+event's payload is stored as the JSON of its dataclass under the name of its
+kind. Proto conversion happens in `service.api.convert`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -21,9 +23,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
-JOB_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELED")
-EVENT_KINDS = ("state", "progress", "epoch_end", "result")
+from service.protocol import (
+    JOB_STATES,
+    TERMINAL_STATES,
+    EpochEnd,
+    JobEventPayload,
+    JobFiles,
+    JobSpec,
+    Progress,
+    StateChange,
+    TrainingResult,
+)
+
+# The name each payload type is stored under (the `kind` column).
+EVENT_KINDS: dict[type, str] = {
+    StateChange: "state",
+    Progress: "progress",
+    EpochEnd: "epoch_end",
+    TrainingResult: "result",
+}
+_PAYLOAD_TYPES = {kind: cls for cls, kind in EVENT_KINDS.items()}
+
+
+def encode_payload(payload: JobEventPayload) -> tuple[str, str]:
+    """(kind, JSON) of an event payload."""
+    kind = EVENT_KINDS.get(type(payload))
+    if kind is None:
+        raise TypeError(
+            f"a job event payload must be one of {list(_PAYLOAD_TYPES)}, got {payload!r}"
+        )
+    return kind, json.dumps(dataclasses.asdict(payload))
+
+
+def decode_payload(kind: str, data: str) -> JobEventPayload:
+    return _PAYLOAD_TYPES[kind](**json.loads(data))
+
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -47,7 +81,7 @@ CREATE TABLE IF NOT EXISTS events (
     sequence INTEGER NOT NULL,
     time REAL NOT NULL,
     kind TEXT NOT NULL,                     -- state, progress, epoch_end or result
-    data TEXT NOT NULL,                     -- JSON; keys follow the proto message's fields
+    data TEXT NOT NULL,                     -- JSON of the payload dataclass of `kind`
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
 """
@@ -55,13 +89,12 @@ CREATE TABLE IF NOT EXISTS events (
 
 @dataclass(frozen=True)
 class Event:
-    """One entry of a job's history. `data` keys follow the proto message of `kind`."""
+    """One entry of a job's history."""
 
     job_id: str
     sequence: int
     time: float
-    kind: str
-    data: dict[str, Any]
+    payload: JobEventPayload
 
 
 @dataclass(frozen=True)
@@ -75,14 +108,14 @@ class Transition:
 class JobRecord:
     job_id: str
     request_id: str
-    spec: dict[str, Any]  # JobSpec.to_dict()
+    spec: JobSpec
     state: str
     create_time: float
     strategy: str = ""
     devices: tuple[str, ...] = ()
     failure_reason: str = ""
-    progress: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
+    progress: Progress | None = None
+    result: TrainingResult | None = None
     last_sequence: int = 0
     transitions: tuple[Transition, ...] = field(default=())
 
@@ -124,11 +157,14 @@ class Store:
         """The folder of a job's checkpoints, SavedModel and log (not created here)."""
         return self.jobs_dir / job_id
 
+    def job_files(self, job_id: str) -> JobFiles:
+        return JobFiles(self.job_dir(job_id))
+
     # -- writes ---------------------------------------------------------------
 
     def create_job(self, record: JobRecord, time: float) -> Event:
         """Insert a new job with its first event, the change to `record.state`."""
-        data = {"state": record.state, "reason": ""}
+        payload = StateChange(state=record.state)
         with self._lock, self._transaction():
             self._db.execute(
                 "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
@@ -136,39 +172,43 @@ class Store:
                 (
                     record.job_id,
                     record.request_id,
-                    json.dumps(record.spec, sort_keys=True),
+                    json.dumps(record.spec.to_dict(), sort_keys=True),
                     record.state,
                     record.create_time,
                 ),
             )
-            self._insert_event(record.job_id, 1, time, "state", data)
-        return Event(record.job_id, 1, time, "state", data)
+            self._insert_event(record.job_id, 1, time, payload)
+        return Event(record.job_id, 1, time, payload)
 
     def append_event(
         self,
         job_id: str,
-        kind: str,
-        data: dict[str, Any],
+        payload: JobEventPayload,
         time: float,
-        **job_fields: Any,
+        *,
+        strategy: str | None = None,
+        devices: tuple[str, ...] | None = None,
+        failure_reason: str | None = None,
     ) -> Event:
         """Add the job's next event and update its row, in one transaction.
 
-        Args:
-            kind: state, progress, epoch_end or result. A state event sets the
-                job's state (and failure_reason, if given); a progress or result
-                event also becomes the job's latest progress or result.
-            job_fields: other columns to set: strategy, devices, failure_reason.
+        A state change sets the job's state; a progress or result event also
+        becomes the job's latest progress or result. The keyword arguments set
+        the job's other columns when given.
         """
-        if kind not in EVENT_KINDS:
-            raise ValueError(f"kind must be one of {EVENT_KINDS}, got {kind!r}")
-        updates = dict(job_fields)
-        if kind == "state":
-            updates["state"] = data["state"]
-        elif kind in ("progress", "result"):
-            updates[kind] = json.dumps(data)
-        if "devices" in updates:
-            updates["devices"] = json.dumps(list(updates["devices"]))
+        updates: dict[str, Any] = {}
+        if isinstance(payload, StateChange):
+            updates["state"] = payload.state
+        elif isinstance(payload, Progress):
+            updates["progress"] = encode_payload(payload)[1]
+        elif isinstance(payload, TrainingResult):
+            updates["result"] = encode_payload(payload)[1]
+        if strategy is not None:
+            updates["strategy"] = strategy
+        if devices is not None:
+            updates["devices"] = json.dumps(list(devices))
+        if failure_reason is not None:
+            updates["failure_reason"] = failure_reason
         with self._lock, self._transaction():
             row = self._db.execute(
                 "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
@@ -176,18 +216,21 @@ class Store:
             if row is None:
                 raise KeyError(job_id)
             sequence = row["last_sequence"] + 1
-            self._insert_event(job_id, sequence, time, kind, data)
+            self._insert_event(job_id, sequence, time, payload)
             updates["last_sequence"] = sequence
             assignments = ", ".join(f"{column} = ?" for column in updates)
             self._db.execute(
                 f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*updates.values(), job_id)
             )
-        return Event(job_id, sequence, time, kind, data)
+        return Event(job_id, sequence, time, payload)
 
-    def _insert_event(self, job_id: str, sequence: int, time: float, kind: str, data) -> None:
+    def _insert_event(
+        self, job_id: str, sequence: int, time: float, payload: JobEventPayload
+    ) -> None:
+        kind, data = encode_payload(payload)
         self._db.execute(
             "INSERT INTO events (job_id, sequence, time, kind, data) VALUES (?, ?, ?, ?, ?)",
-            (job_id, sequence, time, kind, json.dumps(data)),
+            (job_id, sequence, time, kind, data),
         )
 
     def _transaction(self):
@@ -215,7 +258,8 @@ class Store:
         Returns:
             The jobs and the cursor of the next page (None on the last page).
         """
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if states:
             where.append(f"state IN ({', '.join('?' for _ in states)})")
             params.extend(states)
@@ -239,7 +283,12 @@ class Store:
                 (job_id, after, limit),
             ).fetchall()
         return [
-            Event(row["job_id"], row["sequence"], row["time"], row["kind"], json.loads(row["data"]))
+            Event(
+                row["job_id"],
+                row["sequence"],
+                row["time"],
+                decode_payload(row["kind"], row["data"]),
+            )
             for row in rows
         ]
 
@@ -274,14 +323,14 @@ class Store:
         return JobRecord(
             job_id=row["job_id"],
             request_id=row["request_id"],
-            spec=json.loads(row["spec"]),
+            spec=JobSpec.from_dict(json.loads(row["spec"])),
             state=row["state"],
             create_time=row["create_time"],
             strategy=row["strategy"],
             devices=tuple(json.loads(row["devices"])),
             failure_reason=row["failure_reason"],
-            progress=json.loads(row["progress"]) if row["progress"] else None,
-            result=json.loads(row["result"]) if row["result"] else None,
+            progress=Progress(**json.loads(row["progress"])) if row["progress"] else None,
+            result=TrainingResult(**json.loads(row["result"])) if row["result"] else None,
             last_sequence=row["last_sequence"],
             transitions=transitions,
         )

@@ -1,41 +1,24 @@
-"""The edge of the service: proto messages to domain data and back, and validation.
+"""Checks of a request's fields, before anything is stored or started.
 
-A request is converted once, here, into plain dataclasses (`JobSpec` holding a
-`naive_model.config.TrainConfig`) and checked field by field: every invalid
-value raises `InvalidArgument` with the field's name and the value, before
-anything is stored. Nothing here imports TensorFlow.
+Every invalid value raises `InvalidArgument` naming the field and the value;
+a job that can never run on this host raises `FailedPrecondition`. Nothing
+here imports TensorFlow or gRPC: the API converts the proto message to the
+protocol's dataclasses first, and these check the dataclasses.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-import zipfile
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-from ntrain.v1 import training_pb2 as pb
+from naive_model.data import DatasetInfo
+from service.jobs.datasets import lookup_dataset
+from service.jobs.errors import InvalidArgument
+from service.jobs.scheduler import Demand, demand_for
+from service.protocol import JobSpec
 
-from naive_model.config import LayerSpec, TrainConfig
-from naive_model.data import (
-    DatasetInfo,
-    DatasetNotFoundError,
-    dataset_info,
-    is_plain_file_name,
-    mnist_candidates,
-)
-from service.errors import InvalidArgument
-from service.scheduler import Demand, demand_for
-from service.store import Event, JobRecord
-
-BUILTIN_DATASETS = ("mnist", "synthetic")
-# MNIST's shape, known without the file: the worker may still download it.
-MNIST_INFO = DatasetInfo(
-    name="mnist", input_size=784, num_classes=10, num_train=60000, num_test=10000
-)
 # Activations of one step (forward values and their gradients) must fit too.
 MAX_ACTIVATION_BYTES = 8 * 1024**3
 MAX_REQUEST_ID_LENGTH = 128
@@ -43,119 +26,6 @@ MAX_PREDICT_INPUTS = 10_000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _JOB_ID = re.compile(r"^[a-z0-9-]{1,64}$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobSpec:
-    """A job as the service runs it: the training config plus where and how long."""
-
-    train: TrainConfig
-    dataset: str
-    strategy: str = "auto"
-    device_count: int = 0
-    checkpoint_every_epochs: int = 0
-    max_runtime_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form, for the store and for the worker process."""
-        data = asdict(self)
-        data["train"]["layers"] = [asdict(layer) for layer in self.train.layers]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        train = dict(data["train"])
-        train["layers"] = tuple(LayerSpec(**layer) for layer in train["layers"])
-        return cls(**{**data, "train": TrainConfig(**train)})
-
-
-# -- requests -> domain --------------------------------------------------------
-
-
-def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
-    """Convert a JobSpec message; empty names take the documented defaults.
-
-    Numbers are taken as given (a zero batch size is an error, not a default),
-    so a client never trains with a value it did not mean.
-    """
-    optimizer = message.optimizer
-    return JobSpec(
-        train=TrainConfig(
-            layers=tuple(
-                LayerSpec(units=layer.units, activation=layer.activation)
-                for layer in message.layers
-            ),
-            initializer=message.initializer or "glorot",
-            optimizer=optimizer.name or "rmsprop",
-            learning_rate=optimizer.learning_rate,
-            momentum=optimizer.momentum,
-            batch_size=message.batch_size,
-            epochs=message.epochs,
-            steps_per_execution=message.steps_per_execution,
-            jit_compile=message.jit_compile,
-            seed=message.seed,
-        ),
-        dataset=message.dataset,
-        strategy=message.strategy.name or "auto",
-        device_count=message.strategy.device_count,
-        checkpoint_every_epochs=message.checkpoint_every_epochs,
-        max_runtime_seconds=message.max_runtime_seconds,
-    )
-
-
-def check_dataset_name(name: str, field: str = "dataset") -> None:
-    """A built-in name or a plain file name: never a path."""
-    if not name:
-        raise InvalidArgument(
-            f"{field} must name a data set (mnist, synthetic, or a file in the server's "
-            "data directory), got ''"
-        )
-    if not is_plain_file_name(name):
-        raise InvalidArgument(
-            f"{field} must be a plain file name inside the server's data directory, got {name!r}"
-        )
-
-
-def lookup_dataset(name: str, data_dir: Path | None, field: str = "dataset") -> DatasetInfo:
-    """Sizes of a named data set, without loading TensorFlow.
-
-    Raises:
-        InvalidArgument: a bad name, a file that is missing or not a data set.
-    """
-    check_dataset_name(name, field)
-    if name == "mnist" and not any(p.is_file() for p in mnist_candidates(data_dir=data_dir)):
-        return MNIST_INFO  # the worker downloads it, or fails the job saying where it looked
-    try:
-        return _cached_info(name, data_dir, _file_identity(name, data_dir))
-    except DatasetNotFoundError as error:
-        raise InvalidArgument(f"{field}: {error}") from None
-    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise InvalidArgument(f"{field} {name!r} is not a usable data set: {error}") from None
-
-
-def _file_identity(name: str, data_dir: Path | None) -> tuple:
-    """What changes when the file behind a data set name changes (nothing for synthetic)."""
-    if name == "synthetic":
-        return ()
-    if name == "mnist":
-        paths = mnist_candidates(data_dir=data_dir)
-    else:
-        paths = [Path(data_dir) / name, Path(data_dir) / f"{name}.npz"] if data_dir else []
-    for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        return (str(path), stat.st_mtime_ns, stat.st_size)
-    return ()
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_info(name: str, data_dir: Path | None, identity: tuple) -> DatasetInfo:
-    # Reading an .npz's labels takes a fraction of a second; a resubmission
-    # (or the next job on the same file) should not pay it again.
-    del identity  # part of the cache key only
-    return dataset_info(name, data_dir=data_dir)
 
 
 def validate_job_spec(
@@ -235,118 +105,37 @@ def check_job_id(job_id: str) -> None:
         raise InvalidArgument(f"job_id must be a job id such as 'job-1a2b3c4d5e6f', got {job_id!r}")
 
 
-def page_request(request: pb.ListJobsRequest) -> tuple[int, int | None, tuple[str, ...]]:
-    """Page size, cursor and state names of a ListJobs request."""
-    if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+def check_page(page_size: int, page_token: str) -> tuple[int, int | None]:
+    """Page size and cursor of a ListJobs request.
+
+    Returns:
+        The page size (the default for 0) and the cursor (None for the first page).
+    """
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
         raise InvalidArgument(
             f"page_size must be in 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE}), "
-            f"got {request.page_size}"
+            f"got {page_size}"
         )
     cursor = None
-    if request.page_token:
-        if not request.page_token.isdigit() or len(request.page_token) > 18:
-            raise InvalidArgument(
-                f"page_token is not one this server gave, got {request.page_token!r}"
-            )
-        cursor = int(request.page_token)
-    states = []
-    for value in request.states:
-        if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
-            raise InvalidArgument(f"states holds an unknown job state {value}")
-        states.append(pb.JobState.Name(value))
-    return request.page_size or DEFAULT_PAGE_SIZE, cursor, tuple(states)
+    if page_token:
+        if not page_token.isdigit() or len(page_token) > 18:
+            raise InvalidArgument(f"page_token is not one this server gave, got {page_token!r}")
+        cursor = int(page_token)
+    return page_size or DEFAULT_PAGE_SIZE, cursor
 
 
-def predict_inputs(request: pb.PredictRequest, input_size: int) -> list[list[float]]:
+def check_predict_inputs(rows: Sequence[Sequence[float]], input_size: int) -> None:
     """The inputs of a Predict request, checked against the model's input size."""
-    if not request.inputs:
+    if not rows:
         raise InvalidArgument("inputs must hold at least one example, got none")
-    if len(request.inputs) > MAX_PREDICT_INPUTS:
+    if len(rows) > MAX_PREDICT_INPUTS:
         raise InvalidArgument(
-            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {len(request.inputs)}"
+            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {len(rows)}"
         )
-    rows = []
-    for index, example in enumerate(request.inputs):
-        values = list(example.values)
+    for index, values in enumerate(rows):
         if len(values) != input_size:
             raise InvalidArgument(
                 f"inputs[{index}] must hold the model's {input_size} values, got {len(values)}"
             )
         if not all(math.isfinite(value) for value in values):
             raise InvalidArgument(f"inputs[{index}] holds a non-finite value")
-        rows.append(values)
-    return rows
-
-
-# -- domain -> responses -------------------------------------------------------
-
-
-def timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
-    train = spec.train
-    return pb.JobSpec(
-        layers=[
-            pb.LayerSpec(units=layer.units, activation=layer.activation) for layer in train.layers
-        ],
-        initializer=train.initializer,
-        optimizer=pb.OptimizerSpec(
-            name=train.optimizer, learning_rate=train.learning_rate, momentum=train.momentum
-        ),
-        batch_size=train.batch_size,
-        epochs=train.epochs,
-        dataset=spec.dataset,
-        strategy=pb.StrategySpec(name=spec.strategy, device_count=spec.device_count),
-        steps_per_execution=train.steps_per_execution,
-        jit_compile=train.jit_compile,
-        seed=train.seed,
-        checkpoint_every_epochs=spec.checkpoint_every_epochs,
-        max_runtime_seconds=spec.max_runtime_seconds,
-    )
-
-
-def job_to_proto(record: JobRecord) -> pb.Job:
-    job = pb.Job(
-        job_id=record.job_id,
-        request_id=record.request_id,
-        spec=job_spec_to_proto(JobSpec.from_dict(record.spec)),
-        state=pb.JobState.Value(record.state),
-        transitions=[
-            pb.StateTransition(
-                state=pb.JobState.Value(t.state), time=timestamp(t.time), reason=t.reason
-            )
-            for t in record.transitions
-        ],
-        create_time=timestamp(record.create_time),
-        failure_reason=record.failure_reason,
-        devices=list(record.devices),
-        strategy=record.strategy,
-    )
-    if record.progress is not None:
-        job.progress.CopyFrom(pb.Progress(**record.progress))
-    if record.result is not None:
-        job.result.CopyFrom(pb.JobResult(**record.result))
-    return job
-
-
-def event_to_proto(event: Event) -> pb.JobEvent:
-    message = pb.JobEvent(job_id=event.job_id, sequence=event.sequence, time=timestamp(event.time))
-    if event.kind == "state":
-        message.state_change.CopyFrom(
-            pb.StateTransition(
-                state=pb.JobState.Value(event.data["state"]),
-                time=timestamp(event.time),
-                reason=event.data.get("reason", ""),
-            )
-        )
-    elif event.kind == "progress":
-        message.progress.CopyFrom(pb.Progress(**event.data))
-    elif event.kind == "epoch_end":
-        message.epoch_end.CopyFrom(pb.EpochSummary(**event.data))
-    elif event.kind == "result":
-        message.result.CopyFrom(pb.JobResult(**event.data))
-    return message

@@ -1,0 +1,240 @@
+"""Proto messages to the protocol's dataclasses and back, field by field.
+
+The one module that knows both sides of the contract: the servicer converts a
+request here once, at the edge, and converts the answer back here. Nothing is
+splatted from a dict into a message, so a renamed field fails the type checker
+and the tests, not a client at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from ntrain.v1 import training_pb2 as pb
+
+from naive_model.config import LayerSpec, TrainConfig
+from service.jobs.errors import InvalidArgument
+from service.jobs.manager import ServerStatus
+from service.jobs.store import Event, JobRecord
+from service.protocol import (
+    EpochEnd,
+    Evaluation,
+    JobSpec,
+    Progress,
+    StateChange,
+    TrainingResult,
+)
+
+# -- requests -> protocol ----------------------------------------------------------
+
+
+def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
+    """Convert a JobSpec message; empty names take the documented defaults.
+
+    Numbers are taken as given (a zero batch size is an error, not a default),
+    so a client never trains with a value it did not mean.
+    """
+    optimizer = message.optimizer
+    return JobSpec(
+        train=TrainConfig(
+            layers=tuple(
+                LayerSpec(units=layer.units, activation=layer.activation)
+                for layer in message.layers
+            ),
+            initializer=message.initializer or "glorot",
+            optimizer=optimizer.name or "rmsprop",
+            learning_rate=optimizer.learning_rate,
+            momentum=optimizer.momentum,
+            batch_size=message.batch_size,
+            epochs=message.epochs,
+            steps_per_execution=message.steps_per_execution,
+            jit_compile=message.jit_compile,
+            seed=message.seed,
+        ),
+        dataset=message.dataset,
+        strategy=message.strategy.name or "auto",
+        device_count=message.strategy.device_count,
+        checkpoint_every_epochs=message.checkpoint_every_epochs,
+        max_runtime_seconds=message.max_runtime_seconds,
+    )
+
+
+def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
+    """Job state names of a ListJobs filter.
+
+    Raises:
+        InvalidArgument: an unspecified or unknown state.
+    """
+    names = []
+    for value in values:
+        if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
+            raise InvalidArgument(f"states holds an unknown job state {value}")
+        names.append(pb.JobState.Name(value))
+    return tuple(names)
+
+
+def predict_rows(request: pb.PredictRequest) -> list[list[float]]:
+    return [list(example.values) for example in request.inputs]
+
+
+# -- protocol -> responses ---------------------------------------------------------
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
+    train = spec.train
+    return pb.JobSpec(
+        layers=[
+            pb.LayerSpec(units=layer.units, activation=layer.activation) for layer in train.layers
+        ],
+        initializer=train.initializer,
+        optimizer=pb.OptimizerSpec(
+            name=train.optimizer, learning_rate=train.learning_rate, momentum=train.momentum
+        ),
+        batch_size=train.batch_size,
+        epochs=train.epochs,
+        dataset=spec.dataset,
+        strategy=pb.StrategySpec(name=spec.strategy, device_count=spec.device_count),
+        steps_per_execution=train.steps_per_execution,
+        jit_compile=train.jit_compile,
+        seed=train.seed,
+        checkpoint_every_epochs=spec.checkpoint_every_epochs,
+        max_runtime_seconds=spec.max_runtime_seconds,
+    )
+
+
+def state_change_to_proto(change: StateChange, time: float) -> pb.StateTransition:
+    return pb.StateTransition(state=change.state, time=timestamp(time), reason=change.reason)
+
+
+def progress_to_proto(progress: Progress) -> pb.Progress:
+    return pb.Progress(
+        epoch=progress.epoch,
+        epochs=progress.epochs,
+        step=progress.step,
+        steps_per_epoch=progress.steps_per_epoch,
+        step_in_epoch=progress.step_in_epoch,
+        loss=progress.loss,
+        accuracy=progress.accuracy,
+        examples_per_second=progress.examples_per_second,
+        examples=progress.examples,
+    )
+
+
+def epoch_end_to_proto(end: EpochEnd) -> pb.EpochSummary:
+    summary = pb.EpochSummary(
+        epoch=end.epoch,
+        train_loss=end.train_loss,
+        train_accuracy=end.train_accuracy,
+        seconds=end.seconds,
+    )
+    if end.eval_loss is not None and end.eval_accuracy is not None:
+        summary.eval_loss = end.eval_loss
+        summary.eval_accuracy = end.eval_accuracy
+    return summary
+
+
+def result_to_proto(result: TrainingResult) -> pb.JobResult:
+    return pb.JobResult(
+        train_loss=result.train_loss,
+        train_accuracy=result.train_accuracy,
+        test_loss=result.test_loss,
+        test_accuracy=result.test_accuracy,
+        steps=result.steps,
+        train_seconds=result.train_seconds,
+        examples_per_second=result.examples_per_second,
+        has_model=result.has_model,
+    )
+
+
+def job_to_proto(record: JobRecord) -> pb.Job:
+    job = pb.Job(
+        job_id=record.job_id,
+        request_id=record.request_id,
+        spec=job_spec_to_proto(record.spec),
+        state=record.state,
+        transitions=[
+            state_change_to_proto(StateChange(state=t.state, reason=t.reason), t.time)
+            for t in record.transitions
+        ],
+        create_time=timestamp(record.create_time),
+        failure_reason=record.failure_reason,
+        devices=list(record.devices),
+        strategy=record.strategy,
+    )
+    if record.progress is not None:
+        job.progress.CopyFrom(progress_to_proto(record.progress))
+    if record.result is not None:
+        job.result.CopyFrom(result_to_proto(record.result))
+    return job
+
+
+def event_to_proto(event: Event) -> pb.JobEvent:
+    message = pb.JobEvent(job_id=event.job_id, sequence=event.sequence, time=timestamp(event.time))
+    payload = event.payload
+    if isinstance(payload, StateChange):
+        message.state_change.CopyFrom(state_change_to_proto(payload, event.time))
+    elif isinstance(payload, Progress):
+        message.progress.CopyFrom(progress_to_proto(payload))
+    elif isinstance(payload, EpochEnd):
+        message.epoch_end.CopyFrom(epoch_end_to_proto(payload))
+    elif isinstance(payload, TrainingResult):
+        message.result.CopyFrom(result_to_proto(payload))
+    return message
+
+
+def evaluation_to_proto(evaluation: Evaluation) -> pb.EvaluateResponse:
+    return pb.EvaluateResponse(
+        loss=evaluation.loss,
+        accuracy=evaluation.accuracy,
+        examples=evaluation.examples,
+        dataset=evaluation.dataset,
+        source=evaluation.source,
+    )
+
+
+def predictions_to_proto(probabilities) -> pb.PredictResponse:
+    """(examples, classes) probabilities -> one Prediction per example."""
+    return pb.PredictResponse(
+        predictions=[
+            pb.Prediction(label=int(row.argmax()), probabilities=row.tolist())
+            for row in probabilities
+        ]
+    )
+
+
+def server_info_to_proto(status: ServerStatus) -> pb.ServerInfo:
+    devices = [
+        pb.Device(
+            name=gpu.name,
+            kind="GPU",
+            memory_bytes=gpu.memory_bytes,
+            description=gpu.description,
+            busy=gpu.index in status.busy_gpus,
+        )
+        for gpu in status.inventory.gpus
+    ]
+    devices.append(
+        pb.Device(
+            name="CPU:0",
+            kind="CPU",
+            description=status.inventory.cpu_description,
+            busy=status.cpu_jobs > 0,
+        )
+    )
+    return pb.ServerInfo(
+        version=status.version,
+        tensorflow_version=status.tensorflow_version,
+        python_version=status.python_version,
+        devices=devices,
+        strategies=list(status.strategies),
+        queue_length=status.queue_length,
+        running_jobs=status.running_jobs,
+        warm_workers=status.warm_workers,
+    )

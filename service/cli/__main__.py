@@ -1,0 +1,7 @@
+"""`python -m service.cli` runs the ntrain command line."""
+
+import sys
+
+from service.cli.main import main
+
+sys.exit(main())

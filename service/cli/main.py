@@ -1,0 +1,62 @@
+"""The ntrain command line: run the server, submit and follow jobs, evaluate, predict.
+
+    ntrain serve                        run a server (127.0.0.1:50051, metrics on :9101)
+    ntrain train --epochs 2             submit a job and follow it with a progress bar
+    ntrain jobs | watch | cancel | eval | predict | info | health
+
+Client commands talk to --address (default $NTRAIN_ADDRESS or 127.0.0.1:50051).
+Every failure is one line on standard error and a non-zero exit status; set
+NTRAIN_DEBUG=1 to see a traceback for an unexpected one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from service.cli.client import QUICK_TIMEOUT, describe_rpc_error, open_channel
+from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, CliError
+from service.cli.parser import build_parser
+
+DEBUG_ENV = "NTRAIN_DEBUG"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ntrain command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    address = getattr(args, "address", None)
+    if address is not None and args.timeout is None:
+        args.timeout = getattr(args, "default_timeout", QUICK_TIMEOUT)
+    try:
+        if address is None:
+            return args.run(args)
+        with open_channel(address) as args.channel:
+            return args.run(args)
+    except CliError as error:
+        return _fail(str(error), error.exit_code)
+    except grpc.RpcError as error:
+        return _fail(describe_rpc_error(error, address or "", args.timeout))
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`ntrain jobs | head`): not an error worth a line.
+        sys.stderr.close()
+        return EXIT_OK
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _fail(
+            f"unexpected error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 for a traceback)"
+        )
+
+
+def _fail(message: str, exit_code: int = EXIT_ERROR) -> int:
+    print(f"ntrain: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The ntrain command line's parser: every command, its flags, defaults and help."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ntrain.v1 import training_pb2
+
+from naive_model.config import INITIALIZERS, OPTIMIZERS, TrainConfig
+from service.cli import commands
+from service.cli.client import ADDRESS_ENV, DEFAULT_ADDRESS, MODEL_TIMEOUT, QUICK_TIMEOUT
+from service.cli.errors import EXIT_USAGE
+from service.cli.inputs import format_layers, parse_layers
+from service.protocol import SERVICE_STRATEGIES
+
+JOB_STATE_NAMES = [name for name in training_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit with status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+_EXAMPLES = """examples:
+  ntrain serve --state-dir var &            a server on 127.0.0.1:50051
+  ntrain train --epochs 2                   MNIST, 784 -> 512 relu -> 10 softmax
+  JOB=$(ntrain train --detach --dataset synthetic)
+  ntrain watch $JOB                         follow it (exit 0 when it SUCCEEDED)
+  ntrain jobs --state RUNNING
+  ntrain eval $JOB
+  ntrain predict $JOB --mnist-test 5 --show
+  ntrain cancel $JOB
+
+Each command has --help. Errors are one line on stderr and a non-zero exit."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="ntrain",
+        description="Train the naive Dense/Sequential network through the ntrain gRPC service.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ntrain {commands.version()}")
+    subcommands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_OneLineParser
+    )
+    subcommands.required = True
+
+    client = _OneLineParser(add_help=False)
+    client.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        default=os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
+        help=f"server host:port (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
+    )
+    client.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help=f"seconds to wait for an answer (default {QUICK_TIMEOUT:g}; "
+        f"{MODEL_TIMEOUT:g} for eval and predict)",
+    )
+    as_json = _OneLineParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    serve = subcommands.add_parser("serve", help="run the training server")
+    serve.add_argument(
+        "--port", metavar="N", type=int, default=None, help="gRPC port (default 50051; 0 = any)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        metavar="N",
+        type=int,
+        default=None,
+        help="Prometheus /metrics port (default 9101; 0 = any)",
+    )
+    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    serve.add_argument(
+        "--bind",
+        metavar="ADDRESS",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    serve.add_argument(
+        "--state-dir", metavar="DIR", help="jobs database and artifacts (default ./var)"
+    )
+    serve.add_argument(
+        "--data-dir", metavar="DIR", default=None, help="directory of .npz data sets jobs may name"
+    )
+    serve.add_argument(
+        "--max-queue",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="queued jobs before submissions are refused (default 64)",
+    )
+    serve.add_argument(
+        "--max-cpu-jobs",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="CPU-only jobs running at once (default 1)",
+    )
+    serve.add_argument(
+        "--no-warm-worker",
+        action="store_true",
+        help="do not keep a worker with TensorFlow imported ready",
+    )
+    serve.add_argument(
+        "--job-series-retention",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=None,
+        help="how long a finished job's Prometheus series stay (default 600)",
+    )
+    serve.add_argument(
+        "--port-file",
+        metavar="PATH",
+        default=None,
+        help="write the bound gRPC port to this file once serving",
+    )
+    serve.set_defaults(run=commands.cmd_serve)
+
+    defaults = TrainConfig()
+    train = subcommands.add_parser("train", parents=[client], help="submit a job and follow it")
+    train.add_argument(
+        "--layers",
+        metavar="SPEC",
+        type=parse_layers,
+        default=parse_layers(format_layers(defaults.layers)),
+        help=f"UNITS:ACTIVATION,... (default {format_layers(defaults.layers)})",
+    )
+    train.add_argument(
+        "--init",
+        choices=INITIALIZERS,
+        default=defaults.initializer,
+        help=f"weight initialiser (default {defaults.initializer})",
+    )
+    train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=defaults.optimizer,
+        help=f"(default {defaults.optimizer})",
+    )
+    train.add_argument(
+        "--lr",
+        metavar="RATE",
+        type=float,
+        default=defaults.learning_rate,
+        help=f"learning rate (default {defaults.learning_rate:g})",
+    )
+    train.add_argument(
+        "--momentum",
+        metavar="M",
+        type=float,
+        default=defaults.momentum,
+        help="for sgd and momentum (default 0: plain sgd, 0.9 for momentum)",
+    )
+    train.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=int,
+        default=defaults.batch_size,
+        help=f"global batch size (default {defaults.batch_size})",
+    )
+    train.add_argument(
+        "--epochs",
+        metavar="N",
+        type=int,
+        default=defaults.epochs,
+        help=f"(default {defaults.epochs})",
+    )
+    train.add_argument(
+        "--dataset",
+        metavar="NAME",
+        default="mnist",
+        help="mnist, synthetic, or a file in the server's data dir (default mnist)",
+    )
+    train.add_argument(
+        "--strategy",
+        choices=SERVICE_STRATEGIES,
+        default="auto",
+        help="distribution strategy (default auto)",
+    )
+    train.add_argument(
+        "--devices",
+        metavar="N",
+        type=int,
+        default=0,
+        help="GPUs the job asks for (default 0: the strategy's default)",
+    )
+    train.add_argument(
+        "--steps-per-execution",
+        metavar="N",
+        type=int,
+        default=defaults.steps_per_execution,
+        help="steps per compiled call (default 0: a whole epoch)",
+    )
+    train.add_argument("--jit", action="store_true", help="compile with XLA")
+    train.add_argument("--seed", metavar="N", type=int, default=defaults.seed, help="(default 0)")
+    train.add_argument(
+        "--checkpoint-every",
+        metavar="N",
+        type=int,
+        default=0,
+        help="epochs between checkpoints (default 0: at the end only)",
+    )
+    train.add_argument(
+        "--max-runtime",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="seconds before the job fails (default 0: no limit)",
+    )
+    train.add_argument(
+        "--request-id",
+        metavar="ID",
+        default=None,
+        help="idempotency key: resubmitting it returns the same job",
+    )
+    train.add_argument("--detach", action="store_true", help="print the job id and return")
+    train.set_defaults(run=commands.cmd_train)
+
+    jobs = subcommands.add_parser("jobs", parents=[client, as_json], help="list jobs, newest first")
+    jobs.add_argument(
+        "--state",
+        action="append",
+        type=str.upper,
+        choices=JOB_STATE_NAMES,
+        help="only jobs in this state (repeatable)",
+    )
+    jobs.add_argument(
+        "--limit", metavar="N", type=_positive_int, default=20, help="at most N jobs (default 20)"
+    )
+    jobs.set_defaults(run=commands.cmd_jobs)
+
+    watch = subcommands.add_parser("watch", parents=[client], help="follow a job until it ends")
+    watch.add_argument("job_id", metavar="JOB")
+    watch.set_defaults(run=commands.cmd_watch)
+
+    cancel = subcommands.add_parser(
+        "cancel", parents=[client], help="cancel a queued or running job"
+    )
+    cancel.add_argument("job_id", metavar="JOB")
+    cancel.set_defaults(run=commands.cmd_cancel)
+
+    evaluate = subcommands.add_parser(
+        "eval", parents=[client, as_json], help="loss and accuracy of a job's model on a test split"
+    )
+    evaluate.add_argument("job_id", metavar="JOB")
+    evaluate.add_argument(
+        "--dataset", metavar="NAME", default=None, help="another data set (default the job's)"
+    )
+    evaluate.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="use the latest checkpoint instead of the final model",
+    )
+    evaluate.set_defaults(run=commands.cmd_eval, default_timeout=MODEL_TIMEOUT)
+
+    prediction = subcommands.add_parser(
+        "predict", parents=[client, as_json], help="classify inputs with a job's model"
+    )
+    prediction.add_argument("job_id", metavar="JOB")
+    source = prediction.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input", metavar="PATH", help=".npy or .npz of inputs (an .npz may carry labels)"
+    )
+    source.add_argument(
+        "--mnist-test", type=_positive_int, metavar="N", help="the first N MNIST test images"
+    )
+    prediction.add_argument(
+        "--mnist-file",
+        metavar="PATH",
+        default=None,
+        help="mnist.npz for --mnist-test (default $NTRAIN_MNIST_PATH, then "
+        "~/.keras/datasets/mnist.npz)",
+    )
+    prediction.add_argument(
+        "--limit",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="only the first N inputs of --input",
+    )
+    prediction.add_argument(
+        "--show", action="store_true", help="draw each input as ASCII art beside its prediction"
+    )
+    prediction.set_defaults(run=commands.cmd_predict, default_timeout=MODEL_TIMEOUT)
+
+    info = subcommands.add_parser(
+        "info", parents=[client, as_json], help="server version and devices"
+    )
+    info.set_defaults(run=commands.cmd_info)
+
+    health = subcommands.add_parser(
+        "health", parents=[client], help="exit 0 when the server reports SERVING, else 1"
+    )
+    health.add_argument(
+        "--service", metavar="NAME", default="", help="service name to check (default: the server)"
+    )
+    health.set_defaults(run=commands.cmd_health, default_timeout=5.0)
+    return parser

@@ -1,0 +1,82 @@
+"""Sizes of the data sets jobs name, looked up without TensorFlow and cached.
+
+Validating a job needs its data set's input size, class count and split
+sizes. Reading an .npz's labels takes a fraction of a second, so the answer
+is cached per file identity (path, mtime, size): a resubmission, or the next
+job on the same file, does not pay it again, and a replaced file is read anew.
+"""
+
+from __future__ import annotations
+
+import functools
+import zipfile
+from pathlib import Path
+
+from naive_model.data import (
+    DatasetInfo,
+    DatasetNotFoundError,
+    dataset_info,
+    find_mnist,
+    is_plain_file_name,
+    mnist_candidates,
+)
+from service.jobs.errors import InvalidArgument
+
+BUILTIN_DATASETS = ("mnist", "synthetic")
+# MNIST's shape, known without the file: the worker may still download it.
+MNIST_INFO = DatasetInfo(
+    name="mnist", input_size=784, num_classes=10, num_train=60000, num_test=10000
+)
+
+
+def check_dataset_name(name: str, field: str = "dataset") -> None:
+    """A built-in name or a plain file name: never a path."""
+    if not name:
+        raise InvalidArgument(
+            f"{field} must name a data set (mnist, synthetic, or a file in the server's "
+            "data directory), got ''"
+        )
+    if not is_plain_file_name(name):
+        raise InvalidArgument(
+            f"{field} must be a plain file name inside the server's data directory, got {name!r}"
+        )
+
+
+def lookup_dataset(name: str, data_dir: Path | None, field: str = "dataset") -> DatasetInfo:
+    """Sizes of a named data set, without loading TensorFlow.
+
+    Raises:
+        InvalidArgument: a bad name, a file that is missing or not a data set.
+    """
+    check_dataset_name(name, field)
+    if name == "mnist" and find_mnist(data_dir=data_dir) is None:
+        return MNIST_INFO  # the worker downloads it, or fails the job saying where it looked
+    try:
+        return _cached_info(name, data_dir, _file_identity(name, data_dir))
+    except DatasetNotFoundError as error:
+        raise InvalidArgument(f"{field}: {error}") from None
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise InvalidArgument(f"{field} {name!r} is not a usable data set: {error}") from None
+
+
+def _file_identity(name: str, data_dir: Path | None) -> tuple:
+    """What changes when the file behind a data set name changes (nothing for synthetic)."""
+    if name == "synthetic":
+        return ()
+    if name == "mnist":
+        paths = mnist_candidates(data_dir=data_dir)
+    else:
+        paths = [Path(data_dir) / name, Path(data_dir) / f"{name}.npz"] if data_dir else []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        return (str(path), stat.st_mtime_ns, stat.st_size)
+    return ()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_info(name: str, data_dir: Path | None, identity: tuple) -> DatasetInfo:
+    del identity  # part of the cache key only
+    return dataset_info(name, data_dir=data_dir)

@@ -1,0 +1,44 @@
+"""The service's domain errors: plain exceptions that name what was wrong.
+
+The job manager, validation and the scheduler raise these; they know nothing
+of gRPC. The API's `service.api.status` maps each class to a status code in one
+table, as kserve's `ExceptionToStatusInterceptor` does.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A request the service refuses; `message` is one line for the client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """A field of the request is invalid; the message names it and its value."""
+
+
+class NotFound(ServiceError):
+    """The job (or data set) named does not exist."""
+
+
+class AlreadyExists(ServiceError):
+    """A request_id was used before for a different request."""
+
+
+class FailedPrecondition(ServiceError):
+    """The request is valid but the job or host is not in a state to do it."""
+
+
+class ResourceExhausted(ServiceError):
+    """A bound was reached (the queue); retry later."""
+
+
+class Unavailable(ServiceError):
+    """The server is shutting down."""
+
+
+class WorkerError(ServiceError):
+    """A worker process failed while answering a request (Evaluate, Predict)."""

@@ -1,0 +1,227 @@
+"""The typed protocol between the service's stages: jobs, tasks and worker events.
+
+Plain dataclasses, stdlib and naive_model's plain modules only (its config
+and its results, which import no TensorFlow), so the server, the worker and
+the CLI can all import it. What crosses the worker pipe is one of these
+objects, pickled; the receiving side matches on their types. The proto
+messages are converted to and from these in one place, `service.api.convert`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from naive_model.config import STRATEGIES, LayerSpec, TrainConfig
+from naive_model.results import (
+    CheckpointSaved,
+    EpochEnd,
+    Progress,
+    Resumed,
+    TrainingResult,
+)
+
+# -- job states and strategies ---------------------------------------------------
+
+JOB_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELED")
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
+# The service runs a job on one host; naive_model's multi_worker is for library users.
+SERVICE_STRATEGIES = tuple(name for name in STRATEGIES if name != "multi_worker")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A job as the service runs it: the training config plus where and how long."""
+
+    train: TrainConfig
+    dataset: str
+    strategy: str = "auto"
+    device_count: int = 0
+    checkpoint_every_epochs: int = 0
+    max_runtime_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, for the store."""
+        data = asdict(self)
+        data["train"]["layers"] = [asdict(layer) for layer in self.train.layers]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        train = dict(data["train"])
+        train["layers"] = tuple(LayerSpec(**layer) for layer in train["layers"])
+        return cls(**{**data, "train": TrainConfig(**train)})
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """The layout of one job's directory: checkpoints, SavedModel, logs."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def model_info(self) -> Path:
+        """JSON of the model's input size and classes (`ModelInfo`), written as training starts."""
+        return self.root / "model.json"
+
+    def has_model(self) -> bool:
+        """Whether the SavedModel was exported (it appears whole: it is renamed into place)."""
+        return (self.model / "saved_model.pb").is_file()
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def task_log(self) -> Path:
+        """Output of Evaluate and Predict tasks on the job's model."""
+        return self.root / "tasks.log"
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoints / "checkpoint").is_file()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    input_size: int
+    num_classes: int
+
+
+# -- tasks: what the server asks of a worker ----------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainTask:
+    job_id: str
+    job_dir: Path
+    spec: JobSpec
+    strategy: str  # cpu, gpu or mirrored: what the scheduler resolved
+    replicas: int
+    cuda_visible_devices: str  # "" hides every GPU
+    gpu_names: tuple[str, ...]  # host names of the visible GPUs, in their local order
+    data_dir: Path | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateTask:
+    job_dir: Path
+    spec: JobSpec
+    dataset: str
+    use_checkpoint: bool
+    data_dir: Path | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictTask:
+    job_dir: Path
+    inputs: Any  # (examples, input_size) float32 numpy array
+
+
+Task = TrainTask | EvaluateTask | PredictTask
+
+
+# -- events: what a worker tells the server ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A warm worker has TensorFlow imported and waits for its task."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Running:
+    """Training started: the strategy is built, the model and data are on the devices."""
+
+    replicas: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceMemory:
+    bytes_in_use: dict[str, int] = field(default_factory=dict)  # host GPU name -> bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failed:
+    """The task failed; `reason` is one line for the job's record."""
+
+    reason: str
+    data_missing: bool = False  # the data set was not found: the request's fault
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    examples: int
+    dataset: str
+    source: str  # "model" or the checkpoint path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predictions:
+    probabilities: Any  # (examples, classes) float32 numpy array
+
+
+WorkerEvent = (
+    Ready
+    | Running
+    | Progress
+    | EpochEnd
+    | CheckpointSaved
+    | Resumed
+    | DeviceMemory
+    | TrainingResult
+    | Failed
+    | Evaluation
+    | Predictions
+)
+
+
+# -- a job's history ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateChange:
+    state: str
+    reason: str = ""
+
+
+# What a job's stored history holds, in order: WatchJob replays these.
+JobEventPayload = StateChange | Progress | EpochEnd | TrainingResult
+
+
+__all__ = [
+    "CheckpointSaved",
+    "DeviceMemory",
+    "EpochEnd",
+    "Evaluation",
+    "EvaluateTask",
+    "Failed",
+    "JOB_STATES",
+    "JobEventPayload",
+    "JobFiles",
+    "JobSpec",
+    "ModelInfo",
+    "PredictTask",
+    "Predictions",
+    "Progress",
+    "Ready",
+    "Resumed",
+    "Running",
+    "SERVICE_STRATEGIES",
+    "StateChange",
+    "TERMINAL_STATES",
+    "Task",
+    "TrainTask",
+    "TrainingResult",
+    "WorkerEvent",
+]

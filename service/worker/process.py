@@ -1,0 +1,137 @@
+"""A worker process seen from the server: start it, talk to it, end it.
+
+A worker is a fresh interpreter, `python -m service.worker.main`, never a
+fork (the server has threads, and a forked TensorFlow is not safe), and not
+multiprocessing's "spawn" either: that re-imports the parent's main module in
+the child, which would bring the CLI, and with it gRPC, into every worker.
+The two ends talk over a socket pair wrapped in multiprocessing's
+`Connection`, which sends the protocol's dataclasses pickled. A crash or an
+out-of-memory kill takes only that worker down, and its GPU memory is freed
+when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from service.protocol import Ready, Task, WorkerEvent
+
+STOP_GRACE_SECONDS = 5.0
+
+
+class WorkerProcess:
+    """One worker and the server's end of its pipe."""
+
+    def __init__(self, process: subprocess.Popen, conn: Connection, warm: bool):
+        self.process = process
+        self.conn = conn
+        self.warm = warm
+        self._ready = not warm
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def ready(self) -> bool:
+        """Whether a warm worker has finished importing TensorFlow."""
+        if not self._ready and self.is_alive() and self.conn.poll(0):
+            self._ready = isinstance(self.conn.recv(), Ready)
+        return self._ready
+
+    def send(self, task: Task) -> None:
+        self.conn.send(task)
+
+    def receive(self, timeout: float | None = None) -> WorkerEvent | None:
+        """The worker's next event; None after `timeout` seconds without one.
+
+        Raises:
+            EOFError: the worker is gone (it ended, crashed or was killed).
+        """
+        while True:
+            if timeout is not None and not self.conn.poll(timeout):
+                return None
+            event = self.conn.recv()
+            if isinstance(event, Ready):  # a warm worker's hello; the task follows
+                self._ready = True
+                continue
+            return event
+
+    def kill(self) -> None:
+        """SIGKILL, at once: the thread reading its pipe then sees EOF."""
+        if self.is_alive():
+            self.process.kill()
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> int | None:
+        """End the process (SIGTERM, then SIGKILL after `grace`) and reap it.
+
+        Returns:
+            Its exit code: negative for the signal that ended it.
+        """
+        if self.is_alive():
+            self.process.terminate()
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.conn.close()
+        return self.process.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        """Let a worker that sent its last message exit by itself, then reap it."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.stop()
+
+
+def spawn_worker(
+    *,
+    preload: bool,
+    log_path: Path | None = None,
+    dataset: tuple[str, Path | None] | None = None,
+) -> WorkerProcess:
+    """Start a worker process; with `preload` it imports TensorFlow right away.
+
+    Args:
+        log_path: the file for the worker's output until its task names one.
+        dataset: (name, data_dir) of a data set a warm worker loads while it waits.
+    """
+    server_end, worker_end = socket.socketpair()
+    command = [sys.executable, "-m", "service.worker.main", "--fd", str(worker_end.fileno())]
+    if preload:
+        command.append("--preload")
+    if log_path is not None:
+        command += ["--log", str(log_path)]
+    if dataset is not None:
+        name, data_dir = dataset
+        command += ["--dataset", name]
+        if data_dir is not None:
+            command += ["--data-dir", str(data_dir)]
+    # The worker finds this package as the server does, installed or not.
+    path = [_source_root(), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(part for part in path if part))
+    process = subprocess.Popen(
+        command,
+        pass_fds=(worker_end.fileno(),),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        close_fds=True,
+    )
+    worker_end.close()  # so that the server sees EOF when the worker ends
+    return WorkerProcess(process, Connection(server_end.detach()), warm=preload)
+
+
+def _source_root() -> str:
+    """The folder holding the `service` package this server runs from."""
+    return str(Path(__file__).resolve().parents[2])

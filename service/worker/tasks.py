@@ -1,0 +1,158 @@
+"""The tasks a worker runs, each a thin adapter over naive_model.
+
+Training runs naive_model's outer loop (`run_training`) and forwards its
+typed events to the server unchanged; the adapter adds only what is the
+service's: which strategy the scheduler chose, the job directory's layout,
+and GPU memory readings. This module imports TensorFlow (through naive_model).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from naive_model.config import StrategyConfig
+from naive_model.data import Dataset, find_mnist, load_dataset
+from naive_model.loop import LoopOptions, run_training
+from naive_model.results import EpochEnd
+from service.protocol import (
+    DeviceMemory,
+    EvaluateTask,
+    Evaluation,
+    JobFiles,
+    ModelInfo,
+    Predictions,
+    PredictTask,
+    Running,
+    TrainTask,
+    WorkerEvent,
+)
+
+# The first compiled call of a job runs this many steps, so that the first
+# progress arrives right after tracing; later calls use the job's own size.
+FIRST_CALL_STEPS = 1
+
+# A warm worker's data set, loaded while it waited: (name, data_dir, Dataset).
+_preloaded: tuple[str, Path | None, Dataset] | None = None
+
+
+def import_tensorflow() -> None:
+    """What a warm worker does while it waits: the imports every task needs."""
+    import naive_model.export  # noqa: F401
+    import naive_model.trainer  # noqa: F401
+
+
+def preload_dataset(name: str, data_dir: Path | None) -> None:
+    global _preloaded
+    if name == "mnist" and find_mnist(data_dir=data_dir) is None:
+        return  # never download speculatively
+    try:
+        _preloaded = (name, data_dir, load_dataset(name, data_dir=data_dir))
+        _log(f"preloaded {name}")
+    except (OSError, ValueError) as error:
+        _log(f"not preloading {name}: {error}")
+
+
+def _load_dataset(name: str, data_dir: Path | None) -> Dataset:
+    """The named data set: the preloaded one when it matches, else from disk."""
+    if _preloaded is not None and _preloaded[:2] == (name, data_dir):
+        return _preloaded[2]
+    return load_dataset(name, data_dir=data_dir)
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} worker: {message}", file=sys.stderr, flush=True)
+
+
+def _strategy(task: TrainTask):
+    from naive_model.distribute import make_strategy, split_cpu
+
+    if task.strategy == "mirrored":
+        if not task.cuda_visible_devices:
+            split_cpu(task.replicas)
+        return make_strategy(StrategyConfig(kind="mirrored", num_devices=task.replicas))
+    return make_strategy(StrategyConfig(kind=task.strategy))
+
+
+def train(task: TrainTask, send: Callable[[WorkerEvent], None]) -> None:
+    """Train the job to its end, sending every loop event, then the result."""
+    from naive_model.trainer import Trainer
+
+    files = JobFiles(task.job_dir)
+    spec = task.spec
+    start = time.perf_counter()
+    strategy = _strategy(task)
+    dataset = _load_dataset(spec.dataset, task.data_dir)
+    _log(f"data set {spec.dataset} ready after {time.perf_counter() - start:.2f} s")
+    trainer = Trainer(spec.train, dataset, strategy)
+    _log(f"model built after {time.perf_counter() - start:.2f} s")
+    info = ModelInfo(input_size=dataset.input_size, num_classes=dataset.num_classes)
+    files.model_info.write_text(json.dumps(asdict(info)))
+    send(Running(replicas=trainer.num_replicas))
+
+    def on_event(event) -> None:
+        send(event)
+        if isinstance(event, EpochEnd) and task.cuda_visible_devices:
+            memory = _gpu_memory(task.gpu_names)
+            if memory:
+                send(DeviceMemory(bytes_in_use=memory))
+
+    options = LoopOptions(
+        checkpoint_dir=files.checkpoints,
+        checkpoint_every_epochs=spec.checkpoint_every_epochs,
+        export_dir=files.model,
+        first_call_steps=FIRST_CALL_STEPS,
+        # A fresh job: a stale checkpoint in its folder is not its own.
+        resume=False,
+    )
+    run_training(trainer, options, on_event=on_event)
+
+
+def _gpu_memory(gpu_names: tuple[str, ...]) -> dict[str, int]:
+    import tensorflow as tf
+
+    in_use = {}
+    for local, name in enumerate(gpu_names):
+        try:
+            in_use[name] = tf.config.experimental.get_memory_info(f"GPU:{local}")["current"]
+        except (ValueError, RuntimeError):
+            continue  # this device or build does not report memory
+    return in_use
+
+
+def evaluate(task: EvaluateTask) -> Evaluation:
+    dataset = _load_dataset(task.dataset, task.data_dir)
+    files = JobFiles(task.job_dir)
+    if task.use_checkpoint:
+        from naive_model.trainer import Trainer
+
+        trainer = Trainer(task.spec.train, dataset)
+        source = trainer.restore_checkpoint(files.checkpoints)
+        if source is None:
+            raise FileNotFoundError(f"no checkpoint in {files.checkpoints}")
+        metrics = trainer.evaluate()
+    else:
+        from naive_model.export import evaluate_saved_model
+
+        source = "model"
+        metrics = evaluate_saved_model(files.model, dataset.x_test, dataset.y_test)
+    return Evaluation(
+        loss=metrics.loss,
+        accuracy=metrics.accuracy,
+        examples=metrics.examples,
+        dataset=task.dataset,
+        source=str(source),
+    )
+
+
+def predict(task: PredictTask) -> Predictions:
+    import numpy as np
+
+    from naive_model.export import predict_saved_model
+
+    inputs = np.asarray(task.inputs, dtype=np.float32)  # (examples, input_size)
+    return Predictions(probabilities=predict_saved_model(JobFiles(task.job_dir).model, inputs))
