@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint proto bench clean
+.PHONY: demo test test-fast lint proto bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,13 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
+# The quick loop while editing: no worker processes, servers or trainings.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 proto: $(STAMP)
 	$(PY) -m service.protogen

@@ -26,12 +26,6 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: starts worker processes, servers or trainings (not in make test-fast)"
-    )
-
-
 def pytest_collection_finish(session):
     """Split the CPU into two logical devices before TensorFlow starts, if it is here.
 

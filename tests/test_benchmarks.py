@@ -18,6 +18,8 @@ from conftest import REPO_ROOT
 from benchmarks.report import paired_ratio, side_by_side
 from naive_model.data import synthetic_dataset
 
+pytestmark = pytest.mark.slow
+
 
 def test_paired_ratio_is_the_median_of_the_ratios_within_rounds():
     assert paired_ratio([10.0, 30.0, 8.0], [5.0, 10.0, 8.0]) == 2.0  # ratios 2, 3, 1

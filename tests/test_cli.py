@@ -28,6 +28,8 @@ from naive_model.data import synthetic_dataset
 from service.cli import errors as cli_errors
 from service.cli.main import main as cli_main
 
+pytestmark = pytest.mark.slow
+
 SMALL_JOB = ["--dataset", "synthetic", "--layers", "64:relu,10:softmax", "--strategy", "cpu"]
 
 

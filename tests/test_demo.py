@@ -17,7 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def run_demo(home: Path, tmp_path: Path, **extra_env: str) -> subprocess.CompletedProcess:

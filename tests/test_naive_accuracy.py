@@ -7,6 +7,8 @@ from naive_model.data import load_mnist
 from naive_model.distribute import make_strategy
 from naive_model.trainer import Trainer
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mnist(mnist_path):

@@ -13,6 +13,8 @@ from naive_model.loop import LoopOptions, run_training
 from naive_model.results import CheckpointSaved, EpochEnd, Progress, Resumed, TrainingResult
 from naive_model.trainer import Trainer, TrainingStopped
 
+pytestmark = pytest.mark.slow
+
 SMALL = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
 
 

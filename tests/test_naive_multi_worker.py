@@ -16,6 +16,8 @@ from naive_model.data import synthetic_dataset
 from naive_model.distribute import make_strategy
 from naive_model.trainer import Trainer
 
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("multi_worker_main.py")
 
 

@@ -16,6 +16,8 @@ from naive_model.layers import build_model
 from naive_model.optimizers import make_optimizer
 from naive_model.trainer import Trainer
 
+pytestmark = pytest.mark.slow
+
 # float32 sums in a different order (fused kernels, in-graph loop, replica
 # reduction) drift by a few ulps per step; after 8 steps weights agree to 1e-5.
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)

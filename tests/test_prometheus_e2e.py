@@ -43,7 +43,7 @@ RATE_INTERVAL = "10s"  # what $__rate_interval becomes: enough 1 s scrapes for r
 # memory for GPUs only); on a CPU-only host they must still run without error.
 GPU_ONLY_METRICS = ("ntrain_gpu_memory_in_use_bytes",)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def _free_port() -> int:

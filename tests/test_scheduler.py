@@ -129,6 +129,7 @@ def test_demand_refusals(strategy, count, error):
         demand_for(strategy, count, host_gpus=0)
 
 
+@pytest.mark.slow  # the probe imports TensorFlow in a child process
 def test_fake_inventory_and_probe():
     from service.devices import fake_gpus, probe_devices
 

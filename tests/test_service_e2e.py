@@ -27,6 +27,8 @@ from service_harness import (
 
 from service.cli.client import book_job_spec
 
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREDICTED = 1000  # test images sent to Predict: 1000 * 784 floats fit one 4 MB message
 

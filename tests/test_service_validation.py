@@ -12,6 +12,8 @@ from service_harness import RunningServer, job_spec, layers
 
 from service.devices import fake_gpus
 
+pytestmark = pytest.mark.slow
+
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -15,7 +15,7 @@ from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import LayerSpec, TrainConfig
 from service.jobs.errors import InvalidArgument
-from service.jobs.manager import ServerStatus
+from service.jobs.status import ServerStatus
 from service.jobs.store import Event, JobRecord
 from service.protocol import (
     EpochEnd,

@@ -27,7 +27,8 @@ from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.servicer import TrainingServicer
 from service.api.status import ExceptionToStatusInterceptor
 from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
-from service.jobs.manager import JobManager, package_version
+from service.jobs.manager import JobManager
+from service.jobs.status import package_version
 from service.jobs.store import Store
 from service.metrics import MetricsHttpServer, ServiceMetrics, start_metrics_server
 

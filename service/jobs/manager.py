@@ -15,48 +15,39 @@ client that names its last sequence misses nothing and sees nothing twice.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import logging
 import platform
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from service.devices import DeviceInventory
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
-    WorkerError,
 )
+from service.jobs.inference import ModelTasks
 from service.jobs.reporting import JobMetrics, report_metrics
-from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
+from service.jobs.runner import CANCELED, JobRunner
 from service.jobs.scheduler import Assignment, Scheduler, demand_for
+from service.jobs.status import ServerStatus, package_version
 from service.jobs.store import Event, JobRecord, Store
 from service.jobs.validation import validate_job_spec
 from service.protocol import (
     SERVICE_STRATEGIES,
     EpochEnd,
-    EvaluateTask,
     Evaluation,
-    Failed,
     JobEventPayload,
     JobSpec,
-    ModelInfo,
     Predictions,
-    PredictTask,
     Progress,
     Running,
     StateChange,
-    Task,
     TrainingResult,
     TrainTask,
     WorkerEvent,
@@ -65,25 +56,9 @@ from service.worker.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-TASK_TIMEOUT_SECONDS = 600.0
 CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
 _OUTCOMES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "canceled"}
-Answer = TypeVar("Answer", Evaluation, Predictions)
-
-
-@dataclass(frozen=True)
-class ServerStatus:
-    version: str
-    tensorflow_version: str
-    python_version: str
-    inventory: DeviceInventory
-    busy_gpus: tuple[int, ...]
-    strategies: tuple[str, ...]
-    queue_length: int
-    running_jobs: int
-    cpu_jobs: int
-    warm_workers: int
 
 
 class JobManager:
@@ -121,6 +96,9 @@ class JobManager:
         self._changed = threading.Condition(self._lock)
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
+        self.models = ModelTasks(
+            store, self.pool, data_dir=data_dir, on_worker_returned=self._refill_when_idle
+        )
 
     # -- start and stop -------------------------------------------------------
 
@@ -293,94 +271,15 @@ class JobManager:
 
     def evaluate(self, job_id: str, dataset: str = "", use_checkpoint: bool = False) -> Evaluation:
         """Loss and accuracy of the job's model (or latest checkpoint) on a test split."""
-        record = self.get(job_id)
-        spec = record.spec
-        name = dataset or spec.dataset
-        info = lookup_dataset(name, self.data_dir, field="dataset")
-        units = spec.train.layers[-1].units
-        model_info = self._model_info(record)
-        if model_info is not None:
-            input_size = model_info.input_size
-        else:
-            input_size = lookup_dataset(spec.dataset, self.data_dir).input_size
-        if info.input_size != input_size:
-            raise InvalidArgument(
-                f"dataset {name!r} has {info.input_size} features per example; "
-                f"the model of job {job_id} takes {input_size}"
-            )
-        if info.num_classes > units:
-            raise InvalidArgument(
-                f"dataset {name!r} has {info.num_classes} classes; "
-                f"the model of job {job_id} predicts {units}"
-            )
-        files = self.store.job_files(job_id)
-        if use_checkpoint:
-            if not files.has_checkpoint():
-                raise FailedPrecondition(
-                    f"job {job_id} has no checkpoint yet (state {record.state})"
-                )
-        else:
-            self._require_model(record)
-        task = EvaluateTask(
-            job_dir=files.root,
-            spec=spec,
-            dataset=name,
-            use_checkpoint=use_checkpoint,
-            data_dir=self.data_dir,
-        )
-        return self._run_task(task, Evaluation)
+        return self.models.evaluate(self.get(job_id), dataset, use_checkpoint)
 
     def model_input_size(self, job_id: str) -> int:
-        """Features per example of the job's trained model.
-
-        Raises:
-            FailedPrecondition: the job has no trained model yet.
-        """
-        return self._require_model(self.get(job_id)).input_size
+        """Features per example of the job's trained model (FailedPrecondition without one)."""
+        return self.models.require_model(self.get(job_id)).input_size
 
     def predict(self, job_id: str, inputs) -> Predictions:
         """Class probabilities, (examples, classes), from the job's trained model."""
-        record = self.get(job_id)
-        self._require_model(record)
-        task = PredictTask(job_dir=self.store.job_dir(job_id), inputs=inputs)
-        return self._run_task(task, Predictions)
-
-    def _model_info(self, record: JobRecord) -> ModelInfo | None:
-        path = self.store.job_files(record.job_id).model_info
-        if not path.is_file():
-            return None
-        return ModelInfo(**json.loads(path.read_text()))
-
-    def _require_model(self, record: JobRecord) -> ModelInfo:
-        info = self._model_info(record)
-        if info is None or not self.store.job_files(record.job_id).has_model():
-            raise FailedPrecondition(
-                f"job {record.job_id} has no trained model (state {record.state}); "
-                "a model exists once the job has SUCCEEDED"
-            )
-        return info
-
-    def _run_task(self, task: Task, answer_type: type[Answer]) -> Answer:
-        """Run an Evaluate or Predict task in a worker process (on the CPU)."""
-        worker = self.pool.take()
-        event: WorkerEvent | None
-        try:
-            worker.send(task)
-            event = worker.receive(TASK_TIMEOUT_SECONDS)
-        except (EOFError, OSError):
-            event = Failed(reason=f"the worker exited with code {worker.stop()}")
-        finally:
-            worker.wait(STOP_AFTER_ANSWER_SECONDS)
-            self._refill_when_idle()
-        name = type(task).__name__.removesuffix("Task").lower()
-        if event is None:
-            raise WorkerError(f"the worker did not answer in {TASK_TIMEOUT_SECONDS:.0f} s")
-        if isinstance(event, Failed) and event.data_missing:
-            raise FailedPrecondition(f"{name}: {event.reason}")
-        if not isinstance(event, answer_type):
-            reason = event.reason if isinstance(event, Failed) else type(event).__name__
-            raise WorkerError(f"{name} failed in its worker: {reason}")
-        return event
+        return self.models.predict(self.get(job_id), inputs)
 
     def status(self) -> ServerStatus:
         with self._lock:
@@ -516,11 +415,3 @@ class JobManager:
             self.metrics.job_finished(runner.job_id, _OUTCOMES[state], runner.run_seconds)
             self._dispatch()
             self._report_counts()
-
-
-def package_version(package: str) -> str:
-    """The installed version of a distribution, without importing it."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return ""

@@ -1,0 +1,30 @@
+"""What the server reports about itself: versions, devices, queue and workers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+
+from service.devices import DeviceInventory
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    version: str
+    tensorflow_version: str
+    python_version: str
+    inventory: DeviceInventory
+    busy_gpus: tuple[int, ...]
+    strategies: tuple[str, ...]
+    queue_length: int
+    running_jobs: int
+    cpu_jobs: int
+    warm_workers: int
+
+
+def package_version(package: str) -> str:
+    """The installed version of a distribution, without importing it."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
