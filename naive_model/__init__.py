@@ -36,6 +36,7 @@ _EXPORTS = {
     "split_cpu": "distribute",
     "Trainer": "trainer",
     "TrainingStopped": "trainer",
+    "TrainingDiverged": "trainer",
     "LoopOptions": "loop",
     "run_training": "loop",
     "Metrics": "results",

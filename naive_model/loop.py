@@ -26,7 +26,7 @@ from naive_model.results import (
     Resumed,
     TrainingResult,
 )
-from naive_model.trainer import Trainer
+from naive_model.trainer import Trainer, TrainingStopped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +40,8 @@ class LoopOptions:
     checkpoint_dir: where checkpoints go; None saves none and resumes from none.
     checkpoint_every_epochs: save every N epochs (0: only at the end, which
         always saves when there is a checkpoint_dir).
+    checkpoint_seconds: also save between compiled calls once this many
+        seconds passed since the last save (long epochs); None: never mid-epoch.
     max_checkpoints: how many of the newest checkpoints to keep.
     resume: continue from the newest checkpoint in checkpoint_dir, if any.
     export_dir: write the final SavedModel here (atomically); None exports nothing.
@@ -51,6 +53,7 @@ class LoopOptions:
     evaluate_every_epochs: int = 1
     checkpoint_dir: str | Path | None = None
     checkpoint_every_epochs: int = 1
+    checkpoint_seconds: float | None = None
     max_checkpoints: int = 3
     resume: bool = True
     export_dir: str | Path | None = None
@@ -61,6 +64,10 @@ class LoopOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be 0 or a positive integer, got {value!r}")
+        if self.checkpoint_seconds is not None and not self.checkpoint_seconds > 0:
+            raise ValueError(
+                f"checkpoint_seconds must be positive or None, got {self.checkpoint_seconds!r}"
+            )
         if self.max_checkpoints < 1:
             raise ValueError(f"max_checkpoints must be at least 1, got {self.max_checkpoints!r}")
 
@@ -80,14 +87,18 @@ def run_training(
 
     Events, in order: `Resumed` (when a checkpoint was restored), then per
     epoch a `Progress` per compiled call, an `EpochEnd`, a `CheckpointSaved`
-    when one is due; finally the `TrainingResult`, which is also returned.
+    when one is due (and between calls when `checkpoint_seconds` passed);
+    finally the `TrainingResult`, which is also returned.
 
     Args:
-        should_stop: asked between compiled calls; True ends the run there.
+        should_stop: asked between compiled calls; True saves a checkpoint
+            there (when there is a checkpoint_dir) and ends the run.
 
     Raises:
-        TrainingStopped: `should_stop` returned True. Nothing is saved for the
-            unfinished epoch; the last checkpoint stays the newest.
+        TrainingStopped: `should_stop` returned True; the checkpoint saved
+            then resumes mid-epoch.
+        TrainingDiverged: the loss became NaN or infinite; nothing is saved
+            or exported after it.
     """
     options = options or LoopOptions()
     emit = on_event or (lambda event: None)
@@ -97,7 +108,41 @@ def run_training(
     if checkpoint_dir is not None and options.resume:
         restored = trainer.restore_checkpoint(checkpoint_dir)
         if restored is not None:
-            emit(Resumed(path=restored, epoch=trainer.epoch, step=trainer.global_step))
+            emit(
+                Resumed(
+                    path=restored,
+                    epoch=trainer.epoch,
+                    step=trainer.global_step,
+                    step_in_epoch=trainer.step_in_epoch,
+                )
+            )
+
+    last_save = time.monotonic()
+
+    def save() -> None:
+        nonlocal last_save
+        assert checkpoint_dir is not None
+        start = time.perf_counter()
+        path = trainer.save_checkpoint(checkpoint_dir, max_to_keep=options.max_checkpoints)
+        last_save = time.monotonic()
+        emit(
+            CheckpointSaved(
+                path=path,
+                epoch=trainer.epoch,
+                step=trainer.global_step,
+                seconds=time.perf_counter() - start,
+                step_in_epoch=trainer.step_in_epoch,
+            )
+        )
+
+    def between_calls() -> None:
+        if should_stop is not None and should_stop():
+            if checkpoint_dir is not None:
+                save()
+            raise TrainingStopped(trainer.epoch + 1, trainer.global_step)
+        seconds = options.checkpoint_seconds
+        if checkpoint_dir is not None and seconds and time.monotonic() - last_save >= seconds:
+            save()
 
     steady = _SteadyRate()
 
@@ -112,7 +157,7 @@ def run_training(
         last = trainer.train_epoch(
             on_progress,
             first_call_steps=options.first_call_steps if steady.calls == 0 else None,
-            should_stop=should_stop,
+            between_calls=between_calls,
         )
         train_seconds += last.seconds
         evaluation = (
@@ -129,16 +174,7 @@ def run_training(
             )
         )
         if checkpoint_dir is not None and _due(epoch, options.checkpoint_every_epochs, last_epoch):
-            start = time.perf_counter()
-            path = trainer.save_checkpoint(checkpoint_dir, max_to_keep=options.max_checkpoints)
-            emit(
-                CheckpointSaved(
-                    path=path,
-                    epoch=trainer.epoch,
-                    step=trainer.global_step,
-                    seconds=time.perf_counter() - start,
-                )
-            )
+            save()
 
     if options.export_dir is not None:
         export_atomically(trainer, Path(options.export_dir))

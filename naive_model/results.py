@@ -77,6 +77,7 @@ class CheckpointSaved:
     epoch: int  # epochs complete in the checkpoint
     step: int
     seconds: float  # time the save took
+    step_in_epoch: int = 0  # > 0: taken mid-epoch, between two compiled calls
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,7 @@ class Resumed:
     path: str
     epoch: int  # epochs complete in the checkpoint
     step: int
+    step_in_epoch: int = 0  # > 0: the next epoch continues from this step
 
 
 @dataclass(frozen=True, kw_only=True)

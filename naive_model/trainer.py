@@ -10,6 +10,7 @@ call. The outer loop (epochs, evaluation, checkpoints, export) is
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -31,10 +32,21 @@ _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
 
 
 class TrainingStopped(Exception):
-    """`should_stop` asked to stop between two compiled calls; the epoch is unfinished."""
+    """Training was asked to stop between two compiled calls; the epoch is unfinished."""
 
     def __init__(self, epoch: int, step: int):
         super().__init__(f"training stopped in epoch {epoch} at step {step}")
+        self.epoch = epoch
+        self.step = step
+
+
+class TrainingDiverged(ArithmeticError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, loss: float, learning_rate: float):
+        super().__init__(
+            f"loss became {loss} at epoch {epoch}, step {step} (learning rate {learning_rate:g})"
+        )
         self.epoch = epoch
         self.step = step
 
@@ -100,6 +112,12 @@ class Trainer:
             # Built inside the scope before tracing: its slots must be mirrored too.
             self.optimizer.build(self.model.weights)
             self._epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # Where an unfinished epoch stands, so a checkpoint taken between
+            # compiled calls resumes mid-epoch: steps done, and the epoch's
+            # loss sum and hits so far (the order is redrawn from the seed).
+            self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self._partial_loss = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+            self._partial_correct = tf.Variable(0, dtype=tf.int64, trainable=False)
             # The training data lives on the devices; each step gathers its batch
             # through the epoch's order. (Reordering the data once an epoch and
             # slicing was measured slower: the 188 MB gather costs more than
@@ -112,7 +130,12 @@ class Trainer:
             self._loss_sum = _sum_on_read(tf.float32)
             self._correct = _sum_on_read(tf.int64)
         self._checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, epochs_done=self._epochs_done
+            model=self.model,
+            optimizer=self.optimizer,
+            epochs_done=self._epochs_done,
+            step_in_epoch=self._step_in_epoch,
+            partial_loss=self._partial_loss,
+            partial_correct=self._partial_correct,
         )
         self._managers: dict[str, tf.train.CheckpointManager] = {}
         if eager:
@@ -181,6 +204,11 @@ class Trainer:
         return int(self._epochs_done.numpy())
 
     @property
+    def step_in_epoch(self) -> int:
+        """Steps done of an unfinished epoch (0 between epochs)."""
+        return int(self._step_in_epoch.numpy())
+
+    @property
     def global_step(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
@@ -196,42 +224,57 @@ class Trainer:
         on_progress: Callable[[Progress], None] | None = None,
         *,
         first_call_steps: int | None = None,
-        should_stop: Callable[[], bool] | None = None,
+        between_calls: Callable[[], None] | None = None,
     ) -> EpochResult:
-        """Train one epoch in calls of `steps_per_execution` steps.
+        """Train one epoch (or the rest of one) in calls of `steps_per_execution` steps.
+
+        An epoch a checkpoint left unfinished continues where it stood, with
+        the same order and the loss and accuracy it had so far.
 
         Args:
             on_progress: called after every compiled call with the epoch so far.
             first_call_steps: a shorter first call, so the first report comes
                 right after tracing (the loop traces once whatever the count).
-            should_stop: asked before every compiled call after the first;
-                True stops the epoch there.
+            between_calls: called between two compiled calls, when the
+                trainer's position is saved in its variables: a checkpoint
+                taken there resumes mid-epoch. It may raise TrainingStopped.
 
         Raises:
-            TrainingStopped: `should_stop` returned True; the epoch is not counted.
+            TrainingDiverged: the loss became NaN or infinite; nothing of the
+                call that diverged is kept in the position.
         """
         epoch = self.epoch + 1
         epoch_start = time.perf_counter()
+        start_step = int(self._step_in_epoch.numpy())
+        base_loss, base_correct = (
+            float(self._partial_loss.numpy()),
+            int(self._partial_correct.numpy()),
+        )
         self._start_epoch(epoch)
-        step_in_epoch = 0
+        step_in_epoch = start_step
         loss = accuracy = 0.0
         while step_in_epoch < self.steps_per_epoch:
-            if step_in_epoch and should_stop is not None and should_stop():
-                raise TrainingStopped(epoch, self.global_step)
+            if step_in_epoch > start_step and between_calls is not None:
+                between_calls()
             call_size = self.steps_per_execution
-            if step_in_epoch == 0 and first_call_steps:
+            if step_in_epoch == start_step and first_call_steps:
                 call_size = min(first_call_steps, call_size)
             steps = min(call_size, self.steps_per_epoch - step_in_epoch)
             call_start = time.perf_counter()
             self._train_loop(tf.constant(step_in_epoch, tf.int64), tf.constant(steps, tf.int64))
             step_in_epoch += steps
-            # Reading the accumulators is the one host sync of the call.
+            # Reading the accumulators is the one host sync of the call; the
+            # divergence check rides on it at no extra cost.
+            loss_sum = base_loss + float(self._loss_sum.numpy())
+            correct = base_correct + int(self._correct.numpy())
+            step = self.global_step
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(epoch, step, loss_sum, self.config.learning_rate)
+            self._remember_position(step_in_epoch, loss_sum, correct)
             examples_so_far = step_in_epoch * self.global_batch_size
-            loss = float(self._loss_sum.numpy()) / examples_so_far
-            accuracy = int(self._correct.numpy()) / examples_so_far
+            loss, accuracy = loss_sum / examples_so_far, correct / examples_so_far
             if on_progress is not None:
                 seconds = time.perf_counter() - call_start
-                step = self.global_step
                 on_progress(
                     Progress(
                         epoch=epoch,
@@ -249,14 +292,20 @@ class Trainer:
                     )
                 )
         self._epochs_done.assign_add(1)
+        self._remember_position(0, 0.0, 0)
         return EpochResult(
             epoch=epoch,
             loss=loss,
             accuracy=accuracy,
-            steps=self.steps_per_epoch,
-            examples=self.steps_per_epoch * self.global_batch_size,
+            steps=self.steps_per_epoch - start_step,
+            examples=(self.steps_per_epoch - start_step) * self.global_batch_size,
             seconds=time.perf_counter() - epoch_start,
         )
+
+    def _remember_position(self, step_in_epoch: int, loss_sum: float, correct: int) -> None:
+        self._step_in_epoch.assign(step_in_epoch)
+        self._partial_loss.assign(loss_sum)
+        self._partial_correct.assign(correct)
 
     def fit(
         self,

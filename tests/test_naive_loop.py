@@ -11,7 +11,7 @@ from naive_model.data import synthetic_dataset
 from naive_model.distribute import make_strategy
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import CheckpointSaved, EpochEnd, Progress, Resumed, TrainingResult
-from naive_model.trainer import Trainer, TrainingStopped
+from naive_model.trainer import Trainer, TrainingDiverged, TrainingStopped
 
 pytestmark = pytest.mark.slow
 
@@ -97,8 +97,11 @@ def test_resume_false_starts_afresh(dataset, one_device, tmp_path):
     assert trainer.global_step == 8
 
 
-def test_should_stop_ends_the_run_between_compiled_calls(dataset, one_device, tmp_path):
-    trainer = _trainer(dataset, one_device, steps_per_execution=2)
+def test_a_stop_mid_epoch_saves_and_the_resumed_run_ends_exactly(dataset, one_device, tmp_path):
+    uninterrupted = _trainer(dataset, one_device, steps_per_execution=2)
+    straight = run_training(uninterrupted)
+
+    trainer = _trainer(dataset, one_device, steps_per_execution=2)  # 4 calls an epoch
     events = []
     calls_before_stop = 5  # the first epoch's 4 calls, then one call of the second
 
@@ -114,8 +117,42 @@ def test_should_stop_ends_the_run_between_compiled_calls(dataset, one_device, tm
         )
     assert (stopped.value.epoch, stopped.value.step) == (2, 10)
     assert trainer.epoch == 1  # the unfinished epoch is not counted
-    assert [e.epoch for e in events if isinstance(e, CheckpointSaved)] == [1]
+    saves = [e for e in events if isinstance(e, CheckpointSaved)]
+    assert [(s.epoch, s.step, s.step_in_epoch) for s in saves] == [(1, 8, 0), (1, 10, 2)]
     assert not any(isinstance(event, TrainingResult) for event in events)
+
+    resumed_trainer = _trainer(dataset, one_device, steps_per_execution=2)
+    resumed_events = []
+    result = run_training(
+        resumed_trainer, LoopOptions(checkpoint_dir=tmp_path), on_event=resumed_events.append
+    )
+    resumed = resumed_events[0]
+    assert isinstance(resumed, Resumed)
+    assert (resumed.epoch, resumed.step, resumed.step_in_epoch) == (1, 10, 2)
+    first = next(e for e in resumed_events if isinstance(e, Progress))
+    assert (first.epoch, first.step_in_epoch) == (2, 4)
+    # The resumed epoch reports the whole epoch's loss, as the uninterrupted run did.
+    assert result.train_loss == pytest.approx(straight.train_loss, rel=1e-6)
+    for a, b in zip(resumed_trainer.model.weights, uninterrupted.model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_diverging_run_fails_within_one_call_and_exports_nothing(dataset, one_device, tmp_path):
+    trainer = _trainer(dataset, one_device, optimizer="sgd", learning_rate=1e20)
+    events = []
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1, step \d+ "):
+        run_training(trainer, LoopOptions(export_dir=tmp_path / "model"), on_event=events.append)
+    assert not (tmp_path / "model").exists()
+    assert not any(isinstance(event, EpochEnd) for event in events)
+
+
+def test_long_epochs_also_checkpoint_every_few_seconds(dataset, one_device, tmp_path):
+    trainer = _trainer(dataset, one_device, epochs=1, steps_per_execution=1)
+    events = []
+    options = LoopOptions(checkpoint_dir=tmp_path, checkpoint_seconds=1e-9)
+    run_training(trainer, options, on_event=events.append)
+    saves = [e.step_in_epoch for e in events if isinstance(e, CheckpointSaved)]
+    assert saves == [1, 2, 3, 4, 5, 6, 7, 0]  # between every call, then the epoch's end
 
 
 def test_export_is_atomic_and_serves_the_trained_model(dataset, one_device, tmp_path):
@@ -136,3 +173,5 @@ def test_options_are_checked():
         LoopOptions(checkpoint_every_epochs=-1)
     with pytest.raises(ValueError, match="max_checkpoints"):
         LoopOptions(max_checkpoints=0)
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        LoopOptions(checkpoint_seconds=0)
