@@ -23,6 +23,8 @@ MAX_UNITS = 1_000_000
 MAX_LAYERS = 64
 MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 100_000
+# Seeds go to TensorFlow's int32 initializer seeds and int64 shuffle seeds.
+MAX_SEED = 2**31 - 1
 
 # Variables the optimizer keeps per weight (slots), used to size the model.
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}
@@ -123,8 +125,8 @@ class TrainConfig:
                 "steps_per_execution must be 0 (a whole epoch) or a positive integer, "
                 f"got {self.steps_per_execution!r}"
             )
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         if num_classes is not None and self.layers[-1].units != num_classes:
             raise ValueError(
                 f"layers[{len(self.layers) - 1}].units must equal the data set's "

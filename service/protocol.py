@@ -38,8 +38,9 @@ class JobSpec:
     dataset: str
     strategy: str = "auto"
     device_count: int = 0
-    checkpoint_every_epochs: int = 0
+    checkpoint_every_epochs: int = 1  # 0: only at the end
     max_runtime_seconds: float = 0.0
+    max_restarts: int = 2  # restarts from a checkpoint after the worker died
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the store."""
@@ -109,6 +110,7 @@ class TrainTask:
     cuda_visible_devices: str  # "" hides every GPU
     gpu_names: tuple[str, ...]  # host names of the visible GPUs, in their local order
     data_dir: Path | None
+    checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +131,15 @@ class PredictTask:
 Task = TrainTask | EvaluateTask | PredictTask
 
 
+@dataclass(frozen=True)
+class StopTraining:
+    """Server to a training worker: checkpoint at the next compiled-call boundary, then end."""
+
+
+# What the server sends a worker: its one task, and for training perhaps a stop.
+ServerMessage = TrainTask | EvaluateTask | PredictTask | StopTraining
+
+
 # -- events: what a worker tells the server ------------------------------------------
 
 
@@ -147,6 +158,14 @@ class Running:
 @dataclass(frozen=True, kw_only=True)
 class DeviceMemory:
     bytes_in_use: dict[str, int] = field(default_factory=dict)  # host GPU name -> bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stopped:
+    """The worker saved a checkpoint on request and ended its task early."""
+
+    epoch: int  # the epoch it was in
+    step: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +199,7 @@ WorkerEvent = (
     | Resumed
     | DeviceMemory
     | TrainingResult
+    | Stopped
     | Failed
     | Evaluation
     | Predictions
@@ -218,7 +238,10 @@ __all__ = [
     "Resumed",
     "Running",
     "SERVICE_STRATEGIES",
+    "ServerMessage",
     "StateChange",
+    "StopTraining",
+    "Stopped",
     "TERMINAL_STATES",
     "Task",
     "TrainTask",

@@ -207,13 +207,37 @@ def test_run_time_limit_and_worker_crash_fail_the_job(server):
     job = server.wait_for(limited.job_id)
     assert job.state == pb.FAILED and "max_runtime_seconds" in job.failure_reason
 
-    crashing = server.submit(job_spec(epochs=100_000))
+    crashing = server.submit(job_spec(epochs=100_000, max_restarts=0))
     server.wait_for(crashing.job_id, [pb.RUNNING])
     (worker_pid,) = child_worker_pids()
     os.kill(worker_pid, signal.SIGKILL)
     job = server.wait_for(crashing.job_id)
     assert job.state == pb.FAILED and "SIGKILL" in job.failure_reason
-    assert job.transitions[-1].reason == job.failure_reason
+    assert job.transitions[-1].reason == job.failure_reason and job.restarts == 0
+
+
+def test_a_killed_worker_is_restarted_from_its_checkpoint(server):
+    job = server.submit(job_spec(epochs=100_000, max_restarts=1))
+    events = server.stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=300)
+    for event in events:  # a checkpoint is saved at the end of every epoch
+        if event.HasField("epoch_end") and event.epoch_end.epoch == 2:
+            break
+    (worker_pid,) = child_worker_pids()
+    os.kill(worker_pid, signal.SIGKILL)
+    for event in events:  # the stream goes on over the restart, with no gap
+        if event.HasField("progress"):
+            resumed = event.progress
+            break
+    assert resumed.epoch >= 3  # not from the start: from the checkpoint of epoch 2 or later
+    restarted = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    queued = [t for t in restarted.transitions if t.state == pb.QUEUED][1:]
+    assert len(queued) == 1 and restarted.restarts == 1
+    assert "SIGKILL" in queued[0].reason and "restart 1 of 1, from epoch" in queued[0].reason
+    (second_worker,) = child_worker_pids()
+    os.kill(second_worker, signal.SIGKILL)  # no restarts left
+    failed = server.wait_for(job.job_id)
+    assert failed.state == pb.FAILED and failed.restarts == 1
+    assert "after 1 restarts" in failed.failure_reason and "restart 1 of 1" in failed.failure_reason
 
 
 def test_list_jobs_newest_first_with_paging_and_filter(server, mnist_job):
@@ -274,8 +298,11 @@ def test_restart_keeps_finished_jobs_histories_and_models(server, mnist_job):
     after = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
     assert after == job
     assert server.events(job.job_id) == events
-    interrupted = server.stub.GetJob(pb.GetJobRequest(job_id=running.job_id))
-    assert interrupted.state == pb.FAILED and "shut down" in interrupted.failure_reason
+    # The running job checkpointed on the shutdown and goes on where it was.
+    interrupted = server.wait_for(running.job_id, [pb.RUNNING])
+    reasons = [t.reason for t in interrupted.transitions if t.state == pb.QUEUED]
+    assert reasons[-1].startswith("resumed from epoch") and "after a server restart" in reasons[-1]
+    server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
     resumed = server.wait_for(queued.job_id)
     assert resumed.state == pb.SUCCEEDED, resumed.failure_reason
     image = np.zeros(784, np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -140,3 +141,50 @@ def test_progress_rows_written_before_the_per_call_fields_still_read(tmp_path):
     reopened = Store(tmp_path)
     assert reopened.get_job("job-a").progress == PROGRESS
     assert reopened.events_after("job-a", 1)[0].payload == PROGRESS
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    db.executescript(
+        """
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE,
+            request_id TEXT NOT NULL UNIQUE, spec TEXT NOT NULL, state TEXT NOT NULL,
+            create_time REAL NOT NULL, strategy TEXT NOT NULL DEFAULT '',
+            devices TEXT NOT NULL DEFAULT '[]', failure_reason TEXT NOT NULL DEFAULT '',
+            progress TEXT, result TEXT, last_sequence INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE events (job_id TEXT NOT NULL REFERENCES jobs (job_id),
+            sequence INTEGER NOT NULL, time REAL NOT NULL, kind TEXT NOT NULL,
+            data TEXT NOT NULL, PRIMARY KEY (job_id, sequence)) WITHOUT ROWID;
+        PRAGMA user_version=1;
+        """
+    )
+    spec = json.dumps(SPEC.to_dict())
+    db.execute(
+        "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
+        " VALUES ('job-old', 'r', ?, 'SUCCEEDED', 1.0, 1)",
+        (spec,),
+    )
+    db.execute(
+        "INSERT INTO events VALUES ('job-old', 1, 1.0, 'state', ?)",
+        ('{"state": "SUCCEEDED", "reason": ""}',),
+    )
+    db.commit()
+    db.close()
+
+    store = Store(tmp_path)
+    job = store.get_job("job-old")
+    assert job.state == "SUCCEEDED" and job.spec == SPEC and job.restarts == 0
+    assert store.count_restart("job-old") == 1
+    version = sqlite3.connect(tmp_path / "ntrain.db").execute("PRAGMA user_version").fetchone()
+    assert version == (2,)
+
+
+def test_a_newer_database_is_refused_untouched(tmp_path):
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        Store(tmp_path)
+    mode = sqlite3.connect(tmp_path / "ntrain.db").execute("PRAGMA journal_mode").fetchone()
+    assert mode == ("delete",)  # not switched to WAL before it was refused

@@ -55,8 +55,15 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         dataset=message.dataset,
         strategy=message.strategy.name or "auto",
         device_count=message.strategy.device_count,
-        checkpoint_every_epochs=message.checkpoint_every_epochs,
+        checkpoint_every_epochs=(
+            message.checkpoint_every_epochs
+            if message.HasField("checkpoint_every_epochs")
+            else JobSpec.checkpoint_every_epochs
+        ),
         max_runtime_seconds=message.max_runtime_seconds,
+        max_restarts=(
+            message.max_restarts if message.HasField("max_restarts") else JobSpec.max_restarts
+        ),
     )
 
 
@@ -106,6 +113,7 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         seed=train.seed,
         checkpoint_every_epochs=spec.checkpoint_every_epochs,
         max_runtime_seconds=spec.max_runtime_seconds,
+        max_restarts=spec.max_restarts,
     )
 
 
@@ -167,6 +175,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         failure_reason=record.failure_reason,
         devices=list(record.devices),
         strategy=record.strategy,
+        restarts=record.restarts,
     )
     if record.progress is not None:
         job.progress.CopyFrom(progress_to_proto(record.progress))

@@ -27,6 +27,7 @@ from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.servicer import TrainingServicer
 from service.api.status import ExceptionToStatusInterceptor
 from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
+from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.status import package_version
 from service.jobs.store import Store
@@ -57,6 +58,8 @@ class ServerConfig:
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0
+    checkpoint_seconds: float = 300.0
+    shutdown_grace_seconds: float = 30.0
 
 
 def _host_port(address: str, port: int) -> str:
@@ -77,6 +80,7 @@ class TrainingServer:
         self._health: health.HealthServicer | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._store: Store | None = None
+        self._lock: StateDirLock | None = None
         self._stopped = threading.Event()
         self._housekeeping: threading.Thread | None = None
 
@@ -94,6 +98,9 @@ class TrainingServer:
 
     def _start(self) -> None:
         config = self.config
+        # Before anything touches the directory: one server owns it.
+        self._lock = StateDirLock(config.state_dir)
+        self._lock.acquire()
         self._store = Store(config.state_dir)
         if config.gpu_inventory is None:
             inventory = probe_devices()
@@ -118,6 +125,7 @@ class TrainingServer:
             max_queue=config.max_queue,
             max_cpu_jobs=config.max_cpu_jobs,
             warm_worker=config.warm_worker,
+            checkpoint_seconds=config.checkpoint_seconds,
         )
 
         server = grpc.server(
@@ -167,20 +175,27 @@ class TrainingServer:
             self.metrics.set_warm_workers(self.manager.pool.warm_ready)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop serving: running jobs end (FAILED), queued jobs wait for the next start."""
+        """Stop serving: running jobs checkpoint and resume on the next start.
+
+        Args:
+            grace: seconds open RPCs get to finish. Running workers get the
+                config's shutdown_grace_seconds to save a checkpoint.
+        """
         if self._stopped.is_set():
             return
         self._stopped.set()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self.manager is not None:
-            self.manager.shutdown()
+            self.manager.shutdown(self.config.shutdown_grace_seconds)
         if self._server is not None:
             self._server.stop(grace).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self._store is not None:
             self._store.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def wait_for_termination(self) -> None:
         self._stopped.wait()

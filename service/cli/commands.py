@@ -39,8 +39,9 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         steps_per_execution=args.steps_per_execution,
         jit_compile=args.jit,
         seed=args.seed,
-        checkpoint_every_epochs=args.checkpoint_every,
+        checkpoint_every_epochs=args.checkpoint_every,  # None leaves it to the server
         max_runtime_seconds=args.max_runtime,
+        max_restarts=args.max_restarts,
     )
 
 
@@ -237,6 +238,8 @@ def cmd_serve(args) -> int:
         "max_cpu_jobs": args.max_cpu_jobs,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
+        "checkpoint_seconds": args.checkpoint_seconds,
+        "shutdown_grace_seconds": args.shutdown_grace,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})
     if args.no_metrics:

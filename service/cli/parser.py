@@ -133,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a finished job's Prometheus series stay (default 600)",
     )
     serve.add_argument(
+        "--checkpoint-seconds",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=None,
+        help="also checkpoint running jobs this often, between compiled calls (default 300)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=None,
+        help="on SIGTERM, how long running jobs get to checkpoint before their workers "
+        "are killed (default 30); they resume on the next start",
+    )
+    serve.add_argument(
         "--port-file",
         metavar="PATH",
         default=None,
@@ -221,8 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         metavar="N",
         type=int,
-        default=0,
-        help="epochs between checkpoints (default 0: at the end only)",
+        default=None,
+        help="epochs between checkpoints (default 1; 0: at the end only)",
+    )
+    train.add_argument(
+        "--max-restarts",
+        metavar="N",
+        type=int,
+        default=None,
+        help="restarts from the last checkpoint when the worker dies (default 2)",
     )
     train.add_argument(
         "--max-runtime",

@@ -33,13 +33,14 @@ from service.jobs.errors import (
 )
 from service.jobs.inference import ModelTasks
 from service.jobs.reporting import JobMetrics, report_metrics
-from service.jobs.runner import CANCELED, JobRunner
+from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner, RunOutcome
 from service.jobs.scheduler import Assignment, Scheduler, demand_for
 from service.jobs.status import ServerStatus, package_version
 from service.jobs.store import Event, JobRecord, Store
 from service.jobs.validation import validate_job_spec
 from service.protocol import (
     SERVICE_STRATEGIES,
+    CheckpointSaved,
     EpochEnd,
     Evaluation,
     JobEventPayload,
@@ -74,12 +75,14 @@ class JobManager:
         max_queue: int = 64,
         max_cpu_jobs: int = 1,
         warm_worker: bool = True,
+        checkpoint_seconds: float | None = 300.0,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
         self.inventory = inventory
         self.metrics = metrics
         self.data_dir = data_dir
+        self.checkpoint_seconds = checkpoint_seconds
         self.pool = WorkerPool(
             warm=warm_worker,
             log_path=store.state_dir / "workers.log",
@@ -120,32 +123,48 @@ class JobManager:
             log.debug("could not look up mnist ahead of time: %s", error)
 
     def _recover(self, record: JobRecord) -> None:
-        if record.state == "QUEUED":
-            spec = record.spec
-            try:
-                demand = demand_for(spec.strategy, spec.device_count, len(self.inventory.gpus))
-                self.scheduler.enqueue(record.job_id, demand)
-                return
-            except Exception as error:  # the host changed under a queued job
-                self._transition(record.job_id, "FAILED", f"cannot run on this host: {error}")
-                return
         if record.state == "CANCELLING":
             self._transition(record.job_id, "CANCELED", "the server stopped while cancelling")
-        else:
-            self._transition(
-                record.job_id, "FAILED", f"the server stopped while the job was {record.state}"
-            )
+        elif record.state == "QUEUED":
+            self._enqueue(record)
+        else:  # STARTING or RUNNING when the server ended (SIGTERM, kill -9, power loss)
+            where = _resume_point(record)
+            self._requeue(record, f"resumed {where} after a server restart")
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """End every worker; running jobs FAIL, queued ones stay queued for the next start."""
+    def _requeue(self, record: JobRecord, reason: str) -> None:
+        """Queue a job again; its worker resumes from its newest checkpoint."""
+        self._transition(record.job_id, "QUEUED", reason)
+        self._enqueue(record)
+
+    def _enqueue(self, record: JobRecord) -> None:
+        spec = record.spec
+        try:
+            demand = demand_for(spec.strategy, spec.device_count, len(self.inventory.gpus))
+            self.scheduler.enqueue(record.job_id, demand)
+        except Exception as error:  # the host changed under a queued job
+            self._transition(record.job_id, "FAILED", f"cannot run on this host: {error}")
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Stop serving jobs; running ones checkpoint and resume on the next start.
+
+        Each running worker is asked to save a checkpoint at its next
+        compiled-call boundary and end; those not done within `grace` seconds
+        are killed (they resume from their last checkpoint). Their jobs stay
+        RUNNING in the store, and queued jobs stay queued.
+        """
         with self._lock:
             self._closed = True
             runners = list(self._runners.values())
-            for runner in runners:
-                runner.stop("the server shut down while the job was running")
-        deadline = time.monotonic() + timeout
+        for runner in runners:
+            runner.request_stop()
+        deadline = time.monotonic() + grace
         for runner in runners:
             runner.join(max(0.0, deadline - time.monotonic()))
+        for runner in runners:
+            if runner.is_alive():
+                runner.stop("the server shut down")
+        for runner in runners:
+            runner.join(STOP_AFTER_ANSWER_SECONDS + 5.0)
         self.pool.close()
         with self._changed:
             self._changed.notify_all()
@@ -332,6 +351,7 @@ class JobManager:
             cuda_visible_devices=assignment.cuda_visible_devices,
             gpu_names=tuple(f"GPU:{index}" for index in assignment.gpus),
             data_dir=self.data_dir,
+            checkpoint_seconds=self.checkpoint_seconds,
         )
         first_progress = threading.Event()
 
@@ -343,10 +363,12 @@ class JobManager:
                 self.metrics.job_first_step(job_id, self._clock() - record.create_time)
             if isinstance(event, Progress | EpochEnd | TrainingResult):
                 self.append(job_id, event)
+            elif isinstance(event, CheckpointSaved):
+                self.store.record_checkpoint(job_id, event)
             report_metrics(self.metrics, job_id, strategy, event)
 
-        def on_finish(state: str, reason: str) -> None:
-            self._finish(runner, state, reason)
+        def on_finish(outcome: RunOutcome) -> None:
+            self._finish(runner, outcome)
 
         runner = JobRunner(
             task,
@@ -406,12 +428,42 @@ class JobManager:
                 self._transition(job_id, "RUNNING", f"{replicas} replica(s)")
                 self._report_counts()
 
-    def _finish(self, runner: JobRunner, state: str, reason: str) -> None:
-        """A runner's worker is gone: release devices, record the end."""
+    def _finish(self, runner: JobRunner, outcome: RunOutcome) -> None:
+        """A runner's worker is gone: release devices, then record the end or restart."""
+        job_id = runner.job_id
         with self._lock:
-            self._runners.pop(runner.job_id, None)
-            self.scheduler.release(runner.job_id)
-            self._transition(runner.job_id, state, reason)
-            self.metrics.job_finished(runner.job_id, _OUTCOMES[state], runner.run_seconds)
+            self._runners.pop(job_id, None)
+            self.scheduler.release(job_id)
+            record = self.get(job_id)
+            if outcome.state != "SUCCEEDED" and self._closed and not record.finished:
+                # Stopped for the shutdown (on request, or killed after the
+                # grace): the job stays RUNNING and resumes on the next start.
+                return
+            if outcome.worker_died and record.restarts < record.spec.max_restarts:
+                restarts = self.store.count_restart(job_id)
+                self._requeue(
+                    record,
+                    f"{outcome.reason}; restart {restarts} of {record.spec.max_restarts}, "
+                    f"{_resume_point(record)}",
+                )
+            else:
+                reason = outcome.reason
+                if outcome.state == "FAILED" and record.restarts:
+                    earlier = [
+                        t.reason for t in record.transitions if t.state == "QUEUED" and t.reason
+                    ][-record.restarts :]
+                    reason = f"{reason} (after {record.restarts} restarts: {' | '.join(earlier)})"
+                self._transition(job_id, outcome.state, reason)
+                self.metrics.job_finished(job_id, _OUTCOMES[outcome.state], runner.run_seconds)
             self._dispatch()
             self._report_counts()
+
+
+def _resume_point(record: JobRecord) -> str:
+    """Where the job's newest checkpoint lets it go on from, in words."""
+    checkpoint = record.checkpoint
+    if checkpoint is None:
+        return "from the start (no checkpoint yet)"
+    if checkpoint.step_in_epoch:
+        return f"from epoch {checkpoint.epoch + 1}, step {checkpoint.step_in_epoch} of it"
+    return f"from epoch {checkpoint.epoch}"

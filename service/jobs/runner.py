@@ -14,8 +14,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from service.protocol import Failed, JobFiles, TrainingResult, TrainTask, WorkerEvent
+from service.protocol import (
+    Failed,
+    JobFiles,
+    Stopped,
+    StopTraining,
+    TrainingResult,
+    TrainTask,
+    WorkerEvent,
+)
 from service.worker.process import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -24,13 +33,30 @@ STOP_AFTER_ANSWER_SECONDS = 10.0
 CANCELED = "canceled"  # the stop reason of a cancel request
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended.
+
+    state: SUCCEEDED, FAILED or CANCELED; INTERRUPTED when the worker stopped
+        on request (the server is shutting down) and the job resumes later.
+    worker_died: the worker ended without a word (killed, out of memory):
+        restarting it from its checkpoint may well succeed.
+    """
+
+    state: str
+    reason: str = ""
+    worker_died: bool = False
+
+
+INTERRUPTED = "INTERRUPTED"
+
+
 class JobRunner:
     """Runs `task` in a worker from `take_worker` on a thread of its own.
 
     Args:
         on_event: called on the runner's thread with every event but the end.
-        on_finish: called once, after the worker is gone, with the terminal
-            state (SUCCEEDED, FAILED or CANCELED) and its reason.
+        on_finish: called once, after the worker is gone, with the outcome.
     """
 
     def __init__(
@@ -39,7 +65,7 @@ class JobRunner:
         *,
         take_worker: Callable[[], WorkerProcess],
         on_event: Callable[[WorkerEvent], None],
-        on_finish: Callable[[str, str], None],
+        on_finish: Callable[[RunOutcome], None],
         max_runtime_seconds: float = 0.0,
     ):
         self.task = task
@@ -51,6 +77,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._worker: WorkerProcess | None = None
         self._stop_reason: str | None = None
+        self._stop_requested = False
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"runner-{self.job_id}", daemon=True)
 
@@ -64,8 +91,11 @@ class JobRunner:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, reason: str) -> None:
-        """End the job (`CANCELED` as the reason cancels it): kill its worker."""
+        """End the job now (`CANCELED` as the reason cancels it): kill its worker."""
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
@@ -73,8 +103,19 @@ class JobRunner:
         if worker is not None:
             worker.kill()  # the runner thread sees EOF, reaps it and reports
 
+    def request_stop(self) -> None:
+        """Ask the worker to checkpoint at its next compiled-call boundary and end."""
+        with self._lock:
+            self._stop_requested = True
+            worker = self._worker
+        if worker is not None:
+            try:
+                worker.send(StopTraining())
+            except OSError:
+                pass  # it is gone already; the runner thread reports that
+
     def _run(self) -> None:
-        state, reason = "FAILED", "the job runner stopped unexpectedly"
+        outcome = RunOutcome("FAILED", "the job runner stopped unexpectedly")
         worker = None
         try:
             self.task.job_dir.mkdir(parents=True, exist_ok=True)
@@ -82,31 +123,35 @@ class JobRunner:
             with self._lock:
                 self._worker = worker
                 stopping = self._stop_reason is not None
+                stop_requested = self._stop_requested
             if stopping:
                 worker.kill()
-            state, reason = self._follow(worker)
+            outcome = self._follow(worker, stop_requested)
         except Exception as error:  # a bug here must still end the job and free its devices
             log.exception("job runner for %s failed", self.job_id)
-            reason = f"internal error: {error}"
+            outcome = RunOutcome("FAILED", f"internal error: {error}")
         finally:
             if worker is not None:
                 code = worker.wait(STOP_AFTER_ANSWER_SECONDS)
-                if state == "FAILED" and reason.startswith("the worker exited"):
+                if outcome.worker_died:
                     reason = worker_exit_reason(code, JobFiles(self.task.job_dir))
+                    outcome = RunOutcome("FAILED", reason, worker_died=True)
             with self._lock:
-                if state == "SUCCEEDED":
-                    pass  # the result was in before the stop: the model exists
+                if outcome.state in ("SUCCEEDED", INTERRUPTED):
+                    pass  # the result (or the requested checkpoint) was in before any stop
                 elif self._stop_reason == CANCELED:
-                    state, reason = "CANCELED", CANCELED
+                    outcome = RunOutcome("CANCELED", CANCELED)
                 elif self._stop_reason is not None:
-                    state, reason = "FAILED", self._stop_reason
-            self._on_finish(state, reason)
+                    outcome = RunOutcome("FAILED", self._stop_reason)
+            self._on_finish(outcome)
 
-    def _follow(self, worker: WorkerProcess) -> tuple[str, str]:
+    def _follow(self, worker: WorkerProcess, stop_requested: bool) -> RunOutcome:
         """Send the task and forward the worker's events until it ends."""
         deadline = self._started + self._max_runtime if self._max_runtime else None
         try:
             worker.send(self.task)
+            if stop_requested:  # asked before the worker was there
+                worker.send(StopTraining())
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 event = worker.receive(timeout)
@@ -114,12 +159,14 @@ class JobRunner:
                     self.stop(f"the job ran past its max_runtime_seconds of {self._max_runtime:g}")
                     continue
                 if isinstance(event, Failed):
-                    return "FAILED", event.reason
+                    return RunOutcome("FAILED", event.reason)
+                if isinstance(event, Stopped):
+                    return RunOutcome(INTERRUPTED, f"stopped in epoch {event.epoch}")
                 self._on_event(event)
                 if isinstance(event, TrainingResult):
-                    return "SUCCEEDED", ""
+                    return RunOutcome("SUCCEEDED")
         except (EOFError, OSError):
-            return "FAILED", "the worker exited"
+            return RunOutcome("FAILED", "the worker exited", worker_died=True)
 
 
 def worker_exit_reason(code: int | None, files: JobFiles) -> str:

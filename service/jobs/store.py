@@ -26,6 +26,7 @@ from typing import Any
 from service.protocol import (
     JOB_STATES,
     TERMINAL_STATES,
+    CheckpointSaved,
     EpochEnd,
     JobEventPayload,
     JobFiles,
@@ -59,7 +60,7 @@ def decode_payload(kind: str, data: str) -> JobEventPayload:
     return _PAYLOAD_TYPES[kind](**json.loads(data))
 
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
@@ -73,7 +74,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure_reason TEXT NOT NULL DEFAULT '',
     progress TEXT,                          -- JSON of the latest progress event
     result TEXT,                            -- JSON of the result event
-    last_sequence INTEGER NOT NULL DEFAULT 0
+    last_sequence INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,    -- restarts after the worker died
+    checkpoint TEXT                         -- JSON of the latest CheckpointSaved
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS events (
@@ -85,6 +88,13 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
 """
+# Each step takes a database of the version before it to the next.
+_MIGRATIONS = {
+    2: (
+        "ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN checkpoint TEXT",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,8 @@ class JobRecord:
     result: TrainingResult | None = None
     last_sequence: int = 0
     transitions: tuple[Transition, ...] = field(default=())
+    restarts: int = 0
+    checkpoint: CheckpointSaved | None = None  # the latest one
 
     @property
     def finished(self) -> bool:
@@ -136,17 +148,24 @@ class Store:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
+            # Refuse a database from a newer server before writing anything to it.
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                self._db.close()
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
+                )
             self._db.execute("PRAGMA journal_mode=WAL")
             # WAL with NORMAL sync survives a process crash; only an OS crash may
             # lose the last transactions, which is acceptable for progress rows.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
-                )
-            self._db.executescript(_SCHEMA)
+            if version == 0:
+                self._db.executescript(_SCHEMA)
+            else:
+                for step in range(version + 1, _SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -223,6 +242,21 @@ class Store:
                 f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*updates.values(), job_id)
             )
         return Event(job_id, sequence, time, payload)
+
+    def record_checkpoint(self, job_id: str, checkpoint: CheckpointSaved) -> None:
+        """Remember the job's latest checkpoint (not an event: watchers are not told)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET checkpoint = ? WHERE job_id = ?",
+                (json.dumps(dataclasses.asdict(checkpoint)), job_id),
+            )
+
+    def count_restart(self, job_id: str) -> int:
+        """Add one to the job's restarts; returns the new count."""
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE jobs SET restarts = restarts + 1 WHERE job_id = ?", (job_id,))
+            row = self._db.execute("SELECT restarts FROM jobs WHERE job_id = ?", (job_id,))
+            return row.fetchone()[0]
 
     def _insert_event(
         self, job_id: str, sequence: int, time: float, payload: JobEventPayload
@@ -333,6 +367,10 @@ class Store:
             result=TrainingResult(**json.loads(row["result"])) if row["result"] else None,
             last_sequence=row["last_sequence"],
             transitions=transitions,
+            restarts=row["restarts"],
+            checkpoint=CheckpointSaved(**json.loads(row["checkpoint"]))
+            if row["checkpoint"]
+            else None,
         )
 
 

@@ -22,6 +22,9 @@ from service.protocol import JobSpec
 # Activations of one step (forward values and their gradients) must fit too.
 MAX_ACTIVATION_BYTES = 8 * 1024**3
 MAX_REQUEST_ID_LENGTH = 128
+# A year: past it a timer would overflow what the worker's wait accepts.
+MAX_RUNTIME_SECONDS = 365 * 24 * 3600.0
+MAX_RESTARTS = 100
 MAX_PREDICT_INPUTS = 10_000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -84,11 +87,16 @@ def validate_job_spec(
             "checkpoint_every_epochs must be 0 (only at the end) or positive, "
             f"got {spec.checkpoint_every_epochs}"
         )
-    if not math.isfinite(spec.max_runtime_seconds) or spec.max_runtime_seconds < 0:
+    if not (
+        math.isfinite(spec.max_runtime_seconds)
+        and 0 <= spec.max_runtime_seconds <= MAX_RUNTIME_SECONDS
+    ):
         raise InvalidArgument(
-            "max_runtime_seconds must be 0 (no limit) or a positive finite number, "
-            f"got {spec.max_runtime_seconds!r}"
+            f"max_runtime_seconds must be 0 (no limit) or a number of seconds up to "
+            f"{MAX_RUNTIME_SECONDS:g}, got {spec.max_runtime_seconds!r}"
         )
+    if not 0 <= spec.max_restarts <= MAX_RESTARTS:
+        raise InvalidArgument(f"max_restarts must be in 0..{MAX_RESTARTS}, got {spec.max_restarts}")
     return demand, info
 
 

@@ -28,6 +28,7 @@ from service.protocol import (
     JobFiles,
     PredictTask,
     Ready,
+    StopTraining,
     TrainTask,
 )
 
@@ -73,7 +74,7 @@ def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> 
 
     try:
         if isinstance(task, TrainTask):
-            tasks.train(task, conn.send)
+            tasks.train(task, conn.send, _listen_for_stop(conn).is_set)
         elif isinstance(task, EvaluateTask):
             conn.send(tasks.evaluate(task))
         elif isinstance(task, PredictTask):
@@ -90,6 +91,22 @@ def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> 
         sys.stdout.flush()
         sys.stderr.flush()
         conn.close()
+
+
+def _listen_for_stop(conn: Connection) -> threading.Event:
+    """A thread that waits for the server's StopTraining; the event is set when it came."""
+    requested = threading.Event()
+
+    def listen() -> None:
+        try:
+            while not isinstance(conn.recv(), StopTraining):
+                pass
+        except (EOFError, OSError):
+            return  # the server is gone: the parent watch ends this process
+        requested.set()
+
+    threading.Thread(target=listen, name="stop-listener", daemon=True).start()
+    return requested
 
 
 def _exit_with_parent() -> None:

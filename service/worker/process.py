@@ -19,7 +19,7 @@ import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from service.protocol import Ready, Task, WorkerEvent
+from service.protocol import Ready, ServerMessage, WorkerEvent
 
 STOP_GRACE_SECONDS = 5.0
 
@@ -47,8 +47,8 @@ class WorkerProcess:
             self._ready = isinstance(self.conn.recv(), Ready)
         return self._ready
 
-    def send(self, task: Task) -> None:
-        self.conn.send(task)
+    def send(self, message: ServerMessage) -> None:
+        self.conn.send(message)
 
     def receive(self, timeout: float | None = None) -> WorkerEvent | None:
         """The worker's next event; None after `timeout` seconds without one.

@@ -19,15 +19,18 @@ from naive_model.config import StrategyConfig
 from naive_model.data import Dataset, find_mnist, load_dataset
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import EpochEnd
+from naive_model.trainer import TrainingDiverged, TrainingStopped
 from service.protocol import (
     DeviceMemory,
     EvaluateTask,
     Evaluation,
+    Failed,
     JobFiles,
     ModelInfo,
     Predictions,
     PredictTask,
     Running,
+    Stopped,
     TrainTask,
     WorkerEvent,
 )
@@ -78,8 +81,15 @@ def _strategy(task: TrainTask):
     return make_strategy(StrategyConfig(kind=task.strategy))
 
 
-def train(task: TrainTask, send: Callable[[WorkerEvent], None]) -> None:
-    """Train the job to its end, sending every loop event, then the result."""
+def train(
+    task: TrainTask, send: Callable[[WorkerEvent], None], should_stop: Callable[[], bool]
+) -> None:
+    """Train the job to its end (resuming from its checkpoint), sending every loop event.
+
+    When `should_stop` turns true the loop saves a checkpoint at its next
+    compiled-call boundary and this sends `Stopped`; a diverged loss is a
+    `Failed` with the loop's one-line reason.
+    """
     from naive_model.trainer import Trainer
 
     files = JobFiles(task.job_dir)
@@ -104,12 +114,19 @@ def train(task: TrainTask, send: Callable[[WorkerEvent], None]) -> None:
     options = LoopOptions(
         checkpoint_dir=files.checkpoints,
         checkpoint_every_epochs=spec.checkpoint_every_epochs,
+        checkpoint_seconds=task.checkpoint_seconds,
         export_dir=files.model,
         first_call_steps=FIRST_CALL_STEPS,
-        # A fresh job: a stale checkpoint in its folder is not its own.
-        resume=False,
+        # The folder is the job's own: a checkpoint there is from an earlier
+        # run of this job (a server restart, a worker that died).
+        resume=True,
     )
-    run_training(trainer, options, on_event=on_event)
+    try:
+        run_training(trainer, options, on_event=on_event, should_stop=should_stop)
+    except TrainingStopped as stopped:
+        send(Stopped(epoch=stopped.epoch, step=stopped.step))
+    except TrainingDiverged as diverged:
+        send(Failed(reason=str(diverged)))
 
 
 def _gpu_memory(gpu_names: tuple[str, ...]) -> dict[str, int]:
