@@ -126,6 +126,8 @@ class TrainingServer:
             max_cpu_jobs=config.max_cpu_jobs,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
+            # Workers hold the state directory's lock too: see service.jobs.lock.
+            worker_held_fds=(self._lock.fd,) if self._lock.fd is not None else (),
         )
 
         server = grpc.server(

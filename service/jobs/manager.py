@@ -76,6 +76,7 @@ class JobManager:
         max_cpu_jobs: int = 1,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
+        worker_held_fds: tuple[int, ...] = (),
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
@@ -88,6 +89,7 @@ class JobManager:
             log_path=store.state_dir / "workers.log",
             # The default data set of `ntrain train`, loaded by the warm worker as it waits.
             dataset=("mnist", data_dir),
+            held_fds=worker_held_fds,
         )
         self.scheduler = Scheduler(
             [gpu.index for gpu in inventory.gpus], max_cpu_jobs=max_cpu_jobs, max_queue=max_queue

@@ -24,8 +24,10 @@ class WorkerPool:
         warm: bool = True,
         log_path: Path | None = None,
         dataset: tuple[str, Path | None] | None = None,
+        held_fds: tuple[int, ...] = (),
     ):
         self.warm_enabled = warm
+        self.held_fds = held_fds
         self.log_path = log_path
         self.dataset = dataset
         self._lock = threading.Lock()
@@ -47,7 +49,7 @@ class WorkerPool:
             return worker  # even one still importing is ahead of a cold start
         if worker is not None:
             log.warning("the warm worker died (exit code %s); starting a cold one", worker.stop())
-        return spawn_worker(preload=False, log_path=self.log_path)
+        return spawn_worker(preload=False, log_path=self.log_path, held_fds=self.held_fds)
 
     def refill(self) -> None:
         """Start a warm worker unless one is there (call it when the machine is idle)."""
@@ -58,7 +60,9 @@ class WorkerPool:
                 return
             if self._warm is not None:
                 self._warm.stop()
-            self._warm = spawn_worker(preload=True, log_path=self.log_path, dataset=self.dataset)
+            self._warm = spawn_worker(
+                preload=True, log_path=self.log_path, dataset=self.dataset, held_fds=self.held_fds
+            )
 
     def close(self) -> None:
         """Stop the warm worker, if any, and start no other."""

@@ -100,12 +100,15 @@ def spawn_worker(
     preload: bool,
     log_path: Path | None = None,
     dataset: tuple[str, Path | None] | None = None,
+    held_fds: tuple[int, ...] = (),
 ) -> WorkerProcess:
     """Start a worker process; with `preload` it imports TensorFlow right away.
 
     Args:
         log_path: the file for the worker's output until its task names one.
         dataset: (name, data_dir) of a data set a warm worker loads while it waits.
+        held_fds: descriptors the worker inherits and keeps open until it ends
+            (the state directory's lock).
     """
     server_end, worker_end = socket.socketpair()
     command = [sys.executable, "-m", "service.worker.main", "--fd", str(worker_end.fileno())]
@@ -123,7 +126,7 @@ def spawn_worker(
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(part for part in path if part))
     process = subprocess.Popen(
         command,
-        pass_fds=(worker_end.fileno(),),
+        pass_fds=(worker_end.fileno(), *held_fds),
         stdin=subprocess.DEVNULL,
         env=env,
         close_fds=True,
