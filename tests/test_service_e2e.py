@@ -228,7 +228,9 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(server):
         if event.HasField("progress"):
             resumed = event.progress
             break
-    assert resumed.epoch >= 3  # not from the start: from the checkpoint of epoch 2 or later
+    # Not from the start: from the checkpoint of epoch 1 at least (the kill may
+    # come before the worker saved epoch 2's).
+    assert resumed.epoch >= 2 and resumed.step > 16
     restarted = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
     queued = [t for t in restarted.transitions if t.state == pb.QUEUED][1:]
     assert len(queued) == 1 and restarted.restarts == 1

@@ -36,7 +36,9 @@ from service.metrics import MetricsHttpServer, ServiceMetrics, start_metrics_ser
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
-RPC_THREADS = 64  # each WatchJob stream holds one while it follows a job
+# Threads for unary RPCs; each open WatchJob stream holds a thread of its own
+# on top of these (ServerConfig.max_streams), so streams cannot starve them.
+UNARY_THREADS = 32
 HOUSEKEEPING_SECONDS = 2.0  # warm-worker gauge and expired per-job series
 
 
@@ -60,6 +62,7 @@ class ServerConfig:
     job_series_retention_seconds: float = 600.0
     checkpoint_seconds: float = 300.0
     shutdown_grace_seconds: float = 30.0
+    max_streams: int = 512
 
 
 def _host_port(address: str, port: int) -> str:
@@ -131,7 +134,9 @@ class TrainingServer:
         )
 
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_streams + UNARY_THREADS, thread_name_prefix="rpc"
+            ),
             interceptors=[
                 MetricsServerInterceptor(self.metrics.registry),
                 ExceptionToStatusInterceptor(),
@@ -140,7 +145,7 @@ class TrainingServer:
             options=[("grpc.so_reuseport", 0)],
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(self.manager), server
+            TrainingServicer(self.manager, max_streams=config.max_streams), server
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -6,6 +6,7 @@ mapped to status codes by `service.api.status.ExceptionToStatusInterceptor`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -16,12 +17,19 @@ from ntrain.v1 import training_pb2_grpc
 from service.api import convert
 from service.jobs import validation
 from service.jobs.datasets import check_dataset_name
+from service.jobs.errors import ResourceExhausted
 from service.jobs.manager import JobManager
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, manager: JobManager):
+    """Args:
+    max_streams: WatchJob streams open at once; past it, RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, manager: JobManager, *, max_streams: int = 512):
         self.manager = manager
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_request_id(request.request_id)
@@ -50,8 +58,15 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         events = self.manager.watch(
             request.job_id, request.after_sequence, is_active=context.is_active
         )
-        for event in events:
-            yield convert.event_to_proto(event)
+        if not self._streams.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{self.max_streams} WatchJob streams are open, the server's limit; retry later"
+            )
+        try:
+            for event in events:
+                yield convert.event_to_proto(event)
+        finally:
+            self._streams.release()
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_job_id(request.job_id)

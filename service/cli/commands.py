@@ -239,6 +239,7 @@ def cmd_serve(args) -> int:
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,
+        "max_streams": args.max_streams,
         "shutdown_grace_seconds": args.shutdown_grace,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})

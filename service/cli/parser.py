@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a finished job's Prometheus series stay (default 600)",
     )
     serve.add_argument(
+        "--max-streams",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="WatchJob streams open at once, each on a thread of its own (default 512)",
+    )
+    serve.add_argument(
         "--checkpoint-seconds",
         metavar="SECONDS",
         type=_positive_seconds,

@@ -20,6 +20,7 @@ import platform
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
+# Job records kept in memory for GetJob and watchers (each dropped when its job changes).
+RECORD_CACHE_SIZE = 1024
 _OUTCOMES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "canceled"}
 
 
@@ -95,10 +98,12 @@ class JobManager:
             [gpu.index for gpu in inventory.gpus], max_cpu_jobs=max_cpu_jobs, max_queue=max_queue
         )
         self._clock = clock
-        # One lock for the scheduler, the runners and event appends; the
-        # condition on it wakes watchers whenever an event is stored.
+        # One lock for the scheduler, the runners, event appends and the
+        # record cache; a condition per watched job, on the same lock, wakes
+        # that job's watchers when it changes.
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
+        self._conditions: dict[str, threading.Condition] = {}
+        self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
         self.models = ModelTasks(
@@ -168,8 +173,9 @@ class JobManager:
         for runner in runners:
             runner.join(STOP_AFTER_ANSWER_SECONDS + 5.0)
         self.pool.close()
-        with self._changed:
-            self._changed.notify_all()
+        with self._lock:
+            for condition in self._conditions.values():
+                condition.notify_all()
 
     # -- requests -------------------------------------------------------------
 
@@ -218,10 +224,20 @@ class JobManager:
             return self.get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        record = self.store.get_job(job_id)
-        if record is None:
-            raise NotFound(f"job {job_id!r} does not exist")
-        return record
+        """The job as stored; served from memory until the job next changes."""
+        with self._lock:
+            record = self._records.get(job_id)
+            if record is not None:
+                self._records.move_to_end(job_id)
+                return record
+            # Read under the lock, so no change can slip between the read and the caching.
+            record = self.store.get_job(job_id)
+            if record is None:
+                raise NotFound(f"job {job_id!r} does not exist")
+            self._records[job_id] = record
+            if len(self._records) > RECORD_CACHE_SIZE:
+                self._records.popitem(last=False)
+            return record
 
     def list(
         self, *, states: tuple[str, ...] = (), page_size: int = 50, cursor: int | None = None
@@ -255,16 +271,23 @@ class JobManager:
                 last = event.sequence
             if events:
                 continue
-            with self._changed:
-                record = self.get(job_id)
+            with self._lock:
+                record = self.get(job_id)  # from memory: an idle watcher costs no query
                 if record.last_sequence > last:
                     continue
                 # After shutdown a job no runner holds (queued) has nothing more to say.
                 if record.finished or (self._closed and job_id not in self._runners):
                     return
-                self._changed.wait(WATCH_POLL_SECONDS)
+                # Woken by this job's next event only, not by every job's.
+                self._job_changed(job_id).wait(WATCH_POLL_SECONDS)
             if not is_active():
                 return
+
+    def _job_changed(self, job_id: str) -> threading.Condition:
+        condition = self._conditions.get(job_id)
+        if condition is None:
+            condition = self._conditions[job_id] = threading.Condition(self._lock)
+        return condition
 
     def cancel(self, job_id: str, wait: float = CANCEL_WAIT_SECONDS) -> JobRecord:
         """Cancel a queued or running job; a finished job is returned unchanged.
@@ -367,6 +390,7 @@ class JobManager:
                 self.append(job_id, event)
             elif isinstance(event, CheckpointSaved):
                 self.store.record_checkpoint(job_id, event)
+                self._forget(job_id)
             report_metrics(self.metrics, job_id, strategy, event)
 
         def on_finish(outcome: RunOutcome) -> None:
@@ -397,7 +421,7 @@ class JobManager:
         strategy: str | None = None,
         devices: tuple[str, ...] | None = None,
     ) -> Event:
-        with self._changed:
+        with self._lock:
             event = self.store.append_event(
                 job_id,
                 StateChange(state=state, reason=reason),
@@ -411,14 +435,21 @@ class JobManager:
 
     def append(self, job_id: str, payload: JobEventPayload) -> Event:
         """Store the job's next event and wake its watchers."""
-        with self._changed:
+        with self._lock:
             event = self.store.append_event(job_id, payload, self._clock())
             self._stored(event)
             return event
 
     def _stored(self, event: Event) -> None:
-        with self._changed:
-            self._changed.notify_all()
+        self._forget(event.job_id)
+
+    def _forget(self, job_id: str) -> None:
+        """The job changed: drop its cached record and wake its watchers."""
+        with self._lock:
+            self._records.pop(job_id, None)
+            condition = self._conditions.get(job_id)
+            if condition is not None:
+                condition.notify_all()
 
     def _report_counts(self) -> None:
         self.metrics.set_jobs_by_state(self.store.count_by_state())
@@ -443,6 +474,7 @@ class JobManager:
                 return
             if outcome.worker_died and record.restarts < record.spec.max_restarts:
                 restarts = self.store.count_restart(job_id)
+                self._forget(job_id)
                 self._requeue(
                     record,
                     f"{outcome.reason}; restart {restarts} of {record.spec.max_restarts}, "

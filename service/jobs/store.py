@@ -295,8 +295,9 @@ class Store:
         where: list[str] = []
         params: list[Any] = []
         if states:
-            where.append(f"state IN ({', '.join('?' for _ in states)})")
-            params.extend(states)
+            distinct = sorted(set(states))  # a long repeated list is a handful of states
+            where.append(f"state IN ({', '.join('?' for _ in distinct)})")
+            params.extend(distinct)
         if before is not None:
             where.append("seq < ?")
             params.append(before)
@@ -305,7 +306,7 @@ class Store:
             rows = self._db.execute(
                 f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)
             ).fetchall()
-            records = [self._record(row) for row in rows[:limit]]
+            records = self._records(rows[:limit])
         next_cursor = rows[limit - 1]["seq"] if len(rows) > limit else None
         return records, next_cursor
 
@@ -340,38 +341,46 @@ class Store:
                 " ORDER BY seq",
                 terminal,
             ).fetchall()
-            return [self._record(row) for row in rows]
+            return self._records(rows)
 
     def _record(self, row: sqlite3.Row) -> JobRecord:
-        transitions = tuple(
-            Transition(data["state"], time, data.get("reason", ""))
-            for time, data in (
-                (event["time"], json.loads(event["data"]))
-                for event in self._db.execute(
-                    "SELECT time, data FROM events WHERE job_id = ? AND kind = 'state'"
-                    " ORDER BY sequence",
-                    (row["job_id"],),
+        return self._records([row])[0]
+
+    def _records(self, rows: list[sqlite3.Row]) -> list[JobRecord]:
+        """Records of job rows, their transitions read in one query for all of them."""
+        transitions: dict[str, list[Transition]] = {row["job_id"]: [] for row in rows}
+        if rows:
+            marks = ", ".join("?" for _ in transitions)
+            for event in self._db.execute(
+                "SELECT job_id, time, data FROM events WHERE kind = 'state'"
+                f" AND job_id IN ({marks}) ORDER BY job_id, sequence",
+                tuple(transitions),
+            ):
+                data = json.loads(event["data"])
+                transitions[event["job_id"]].append(
+                    Transition(data["state"], event["time"], data.get("reason", ""))
                 )
+        return [
+            JobRecord(
+                job_id=row["job_id"],
+                request_id=row["request_id"],
+                spec=JobSpec.from_dict(json.loads(row["spec"])),
+                state=row["state"],
+                create_time=row["create_time"],
+                strategy=row["strategy"],
+                devices=tuple(json.loads(row["devices"])),
+                failure_reason=row["failure_reason"],
+                progress=Progress(**json.loads(row["progress"])) if row["progress"] else None,
+                result=TrainingResult(**json.loads(row["result"])) if row["result"] else None,
+                last_sequence=row["last_sequence"],
+                transitions=tuple(transitions[row["job_id"]]),
+                restarts=row["restarts"],
+                checkpoint=(
+                    CheckpointSaved(**json.loads(row["checkpoint"])) if row["checkpoint"] else None
+                ),
             )
-        )
-        return JobRecord(
-            job_id=row["job_id"],
-            request_id=row["request_id"],
-            spec=JobSpec.from_dict(json.loads(row["spec"])),
-            state=row["state"],
-            create_time=row["create_time"],
-            strategy=row["strategy"],
-            devices=tuple(json.loads(row["devices"])),
-            failure_reason=row["failure_reason"],
-            progress=Progress(**json.loads(row["progress"])) if row["progress"] else None,
-            result=TrainingResult(**json.loads(row["result"])) if row["result"] else None,
-            last_sequence=row["last_sequence"],
-            transitions=transitions,
-            restarts=row["restarts"],
-            checkpoint=CheckpointSaved(**json.loads(row["checkpoint"]))
-            if row["checkpoint"]
-            else None,
-        )
+            for row in rows
+        ]
 
 
 class _Transaction:
