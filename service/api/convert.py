@@ -8,6 +8,7 @@ and the tests, not a client at run time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -184,7 +185,12 @@ def job_to_proto(record: JobRecord) -> pb.Job:
     return job
 
 
+@functools.lru_cache(maxsize=4096)
 def event_to_proto(event: Event) -> pb.JobEvent:
+    """The event as a message; cached, since every watcher of a job sends the same ones.
+
+    Callers must not change the message they get.
+    """
     message = pb.JobEvent(job_id=event.job_id, sequence=event.sequence, time=timestamp(event.time))
     payload = event.payload
     if isinstance(payload, StateChange):

@@ -9,16 +9,18 @@ the final status code of every call: a normal return (OK), a code set with
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from service.api.wrapping import WrappingInterceptor
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class MetricsServerInterceptor(grpc.ServerInterceptor):
+class MetricsServerInterceptor(WrappingInterceptor):
     """Counts and times every RPC into `registry`.
 
     Series: ntrain_grpc_server_started_total{grpc_method, grpc_type},
@@ -28,6 +30,7 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(self, registry: CollectorRegistry):
+        super().__init__()
         self.started = Counter(
             "ntrain_grpc_server_started",
             "RPCs started on the server.",
@@ -48,16 +51,9 @@ class MetricsServerInterceptor(grpc.ServerInterceptor):
             registry=registry,
         )
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+    def wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         # "/ntrain.v1.TrainingService/SubmitJob" -> "ntrain.v1.TrainingService/SubmitJob"
-        method = handler_call_details.method.lstrip("/")
+        method = full_method.lstrip("/")
         if handler.unary_unary is not None:
             behaviour = self._unary(handler.unary_unary, method, "unary")
             make = grpc.unary_unary_rpc_method_handler

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from service.api.wrapping import WrappingInterceptor
 from service.jobs import errors
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,10 @@ def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}")
 
 
-class ExceptionToStatusInterceptor(grpc.ServerInterceptor):
+class ExceptionToStatusInterceptor(WrappingInterceptor):
     """Answer every `ServiceError` with its status code and message."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),

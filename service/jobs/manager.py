@@ -20,8 +20,8 @@ import platform
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from service.devices import DeviceInventory
@@ -62,6 +62,9 @@ CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
 # Job records kept in memory for GetJob and watchers (each dropped when its job changes).
 RECORD_CACHE_SIZE = 1024
+# The newest events of the jobs that changed last, for their watchers.
+RECENT_EVENTS = 256
+RECENT_EVENT_JOBS = 64
 _OUTCOMES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "canceled"}
 
 
@@ -104,6 +107,7 @@ class JobManager:
         self._lock = threading.RLock()
         self._conditions: dict[str, threading.Condition] = {}
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
+        self._recent: OrderedDict[str, deque[Event]] = OrderedDict()
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
         self.models = ModelTasks(
@@ -265,7 +269,7 @@ class JobManager:
 
     def _follow(self, job_id: str, last: int, is_active: Callable[[], bool]) -> Iterator[Event]:
         while True:
-            events = self.store.events_after(job_id, last)
+            events = self._events_after(job_id, last)
             for event in events:
                 yield event
                 last = event.sequence
@@ -282,6 +286,18 @@ class JobManager:
                 self._job_changed(job_id).wait(WATCH_POLL_SECONDS)
             if not is_active():
                 return
+
+    def _events_after(self, job_id: str, last: int) -> Sequence[Event]:
+        """The job's events after `last`: from memory when the recent ones reach back that far.
+
+        Every watcher of a running job asks for each new event; reading it
+        from memory spares SQLite a query per watcher per event.
+        """
+        with self._lock:
+            recent = self._recent.get(job_id)
+            if recent and recent[0].sequence <= last + 1:
+                return [event for event in recent if event.sequence > last]
+        return self.store.events_after(job_id, last)
 
     def _job_changed(self, job_id: str) -> threading.Condition:
         condition = self._conditions.get(job_id)
@@ -441,6 +457,14 @@ class JobManager:
             return event
 
     def _stored(self, event: Event) -> None:
+        with self._lock:
+            recent = self._recent.get(event.job_id)
+            if recent is None or (recent and recent[-1].sequence != event.sequence - 1):
+                recent = self._recent[event.job_id] = deque(maxlen=RECENT_EVENTS)
+            recent.append(event)
+            self._recent.move_to_end(event.job_id)
+            if len(self._recent) > RECENT_EVENT_JOBS:
+                self._recent.popitem(last=False)
         self._forget(event.job_id)
 
     def _forget(self, job_id: str) -> None:

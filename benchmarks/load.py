@@ -1,0 +1,381 @@
+"""The server under load while it trains: latency, errors, CPU per RPC, training slowdown.
+
+    python -m benchmarks.load [--json benchmarks/results/load.json] [--quick]
+
+A real `ntrain serve` process trains MNIST (the book's network, SGD 1e-3,
+batch 128, CPU) for the whole run. The run alternates phases, idle, load,
+load, idle (ABBA), each `--phase-seconds` long:
+
+- idle: only the training and one watcher of it (which times the training).
+- load: client processes of their own send `--rps` unary calls a second in
+  an open loop (GetJob, ListJobs, GetServerInfo, Health.Check in turn) and
+  hold `--watchers` WatchJob streams on the training job, reading them.
+
+Reported: unary latency p50/p99 and errors; the training rate under load
+against the idle phases of the same run (the paired ratio); the server
+process's CPU per unary RPC (its CPU over the load phases, less the idle
+phases' rate, over the calls it answered); the client processes' own CPU
+share of the host (they share the two cores with the training); and the
+closed-loop maximum RPS the server sustains (no training), with its CPU per
+RPC. Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ntrain.v1 import training_pb2 as pb
+from ntrain.v1 import training_pb2_grpc
+
+from benchmarks.report import SHARED_MNIST, publish
+from service.cli.client import book_job_spec
+
+TARGETS = {"cpu_ms_per_rpc": 0.5, "p99_ms": 50.0, "training_drop": 0.10}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+class Server:
+    def __init__(self, state_dir: Path, data_dir: Path | None):
+        port_file = state_dir / "port"
+        command = [
+            sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0",
+            "--state-dir", str(state_dir), "--port-file", str(port_file), "--no-warm-worker",
+        ]  # fmt: skip
+        if data_dir is not None:
+            command += ["--data-dir", str(data_dir)]
+        self.log = open(state_dir / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start; see {state_dir / 'server.log'}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+        self.log.close()
+
+
+def unary_client(address: str, job_id: str, rps: float, seconds: float, threads: int, results):
+    """Open loop: call i is due at start + i / rps, whatever the answers take."""
+    channel = grpc.insecure_channel(address)
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    calls = [
+        lambda: stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10),
+        lambda: stub.ListJobs(pb.ListJobsRequest(page_size=20), timeout=10),
+        lambda: stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10),
+        lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10),
+    ]
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = time.monotonic()
+    total = int(rps * seconds)
+
+    def run(offset: int) -> None:
+        for index in range(offset, total, threads):
+            delay = start + index / rps - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            began = time.perf_counter()
+            try:
+                calls[index % len(calls)]()
+                with lock:
+                    latencies.append(time.perf_counter() - began)
+            except grpc.RpcError as error:
+                with lock:
+                    errors.append(error.code().name)
+
+    workers = [threading.Thread(target=run, args=(offset,)) for offset in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    channel.close()
+    times = os.times()
+    results.put({"latencies": latencies, "errors": errors, "cpu": times.user + times.system})
+
+
+def closed_loop_client(address: str, job_id: str, seconds: float, threads: int, results):
+    channel = grpc.insecure_channel(address)
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    counts = [0] * threads
+    deadline = time.monotonic() + seconds
+
+    def run(slot: int) -> None:
+        while time.monotonic() < deadline:
+            stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
+            counts[slot] += 1
+
+    workers = [threading.Thread(target=run, args=(slot,)) for slot in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    channel.close()
+    times = os.times()
+    results.put({"calls": sum(counts), "cpu": times.user + times.system})
+
+
+def watcher_client(address: str, job_id: str, streams: int, seconds: float, results):
+    channel = grpc.insecure_channel(address)
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    received = [0] * streams
+    errors: list[str] = []
+
+    def follow(slot: int) -> None:
+        call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=seconds)
+        try:
+            for _ in call:
+                received[slot] += 1
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # the planned end
+                errors.append(error.code().name)
+
+    workers = [threading.Thread(target=follow, args=(slot,)) for slot in range(streams)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    channel.close()
+    times = os.times()
+    results.put({"events": sum(received), "errors": errors, "cpu": times.user + times.system})
+
+
+class TrainingClock:
+    """Follows the training job's progress events, to measure its rate in a window."""
+
+    def __init__(self, stub, job_id: str):
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, examples so far)
+        self._call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for event in self._call:
+                if event.HasField("progress"):
+                    self.samples.append((time.monotonic(), event.progress.examples))
+        except grpc.RpcError:
+            pass
+
+    def rate(self, start: float, end: float) -> float:
+        inside = [(t, n) for t, n in self.samples if start <= t <= end]
+        if len(inside) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = inside[0], inside[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def stop(self) -> None:
+        self._call.cancel()
+
+
+def run_phase(kind: str, server: Server, job_id: str, args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    clients = []
+    if kind == "load":
+        threads = max(4, int(args.rps // 10))
+        clients.append(
+            context.Process(
+                target=unary_client,
+                args=(server.address, job_id, args.rps, args.phase_seconds, threads, results),
+            )
+        )
+        clients.append(
+            context.Process(
+                target=watcher_client,
+                args=(server.address, job_id, args.watchers, args.phase_seconds, results),
+            )
+        )
+    cpu_before = cpu_seconds(server.process.pid)
+    start = time.monotonic()
+    for client in clients:
+        client.start()
+    answers = [results.get(timeout=args.phase_seconds + 120) for _ in clients]
+    for client in clients:
+        client.join()
+    if not clients:
+        time.sleep(args.phase_seconds)
+    end = time.monotonic()
+    phase = {
+        "kind": kind,
+        "seconds": end - start,
+        "server_cpu": cpu_seconds(server.process.pid) - cpu_before,
+        "client_cpu": sum(answer["cpu"] for answer in answers),
+        "start": start,
+        "end": end,
+    }
+    for answer in answers:
+        if "latencies" in answer:
+            phase["latencies"] = answer["latencies"]
+            phase["unary_errors"] = answer["errors"]
+        else:
+            phase["watch_events"] = answer["events"]
+            phase["watch_errors"] = answer["errors"]
+    return phase
+
+
+def closed_loop(server: Server, job_id: str, seconds: float, processes: int, threads: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    clients = [
+        context.Process(
+            target=closed_loop_client, args=(server.address, job_id, seconds, threads, results)
+        )
+        for _ in range(processes)
+    ]
+    cpu_before = cpu_seconds(server.process.pid)
+    start = time.monotonic()
+    for client in clients:
+        client.start()
+    answers = [results.get(timeout=seconds + 120) for _ in clients]
+    for client in clients:
+        client.join()
+    elapsed = time.monotonic() - start
+    calls = sum(answer["calls"] for answer in answers)
+    server_cpu = cpu_seconds(server.process.pid) - cpu_before
+    return {
+        "rps": calls / elapsed,
+        "calls": calls,
+        "server_cpu_ms_per_rpc": 1e3 * server_cpu / calls if calls else 0.0,
+        "clients": processes * threads,
+    }
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else 0.0
+
+
+def run(args) -> dict:
+    data_dir = SHARED_MNIST.parent if SHARED_MNIST.is_file() and not args.quick else None
+    dataset = "mnist" if data_dir is not None else "synthetic"
+    with tempfile.TemporaryDirectory(prefix="ntrain-load-") as state:
+        server = Server(Path(state), data_dir)
+        try:
+            channel = grpc.insecure_channel(server.address)
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            spec = book_job_spec(
+                pb.JobSpec(
+                    dataset=dataset,
+                    epochs=100_000,
+                    optimizer=pb.OptimizerSpec(name="sgd", learning_rate=1e-3),
+                    strategy=pb.StrategySpec(name="cpu"),
+                    steps_per_execution=50,
+                )
+            )
+            job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60)
+            clock = TrainingClock(stub, job.job_id)
+            while not clock.samples:  # training runs: the tracing is behind us
+                time.sleep(0.1)
+            time.sleep(2.0)
+            phases = [run_phase(kind, server, job.job_id, args) for kind in args.order]
+            clock.stop()
+            stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
+            most = closed_loop(server, job.job_id, args.phase_seconds, 2, args.closed_threads)
+            channel.close()
+        finally:
+            server.stop()
+    for phase in phases:
+        phase["training_rate"] = clock.rate(phase.pop("start"), phase.pop("end"))
+    idle = [p for p in phases if p["kind"] == "idle"]
+    load = [p for p in phases if p["kind"] == "load"]
+    idle_cpu_rate = sum(p["server_cpu"] for p in idle) / sum(p["seconds"] for p in idle)
+    latencies = [s for p in load for s in p["latencies"]]
+    rpcs = len(latencies)
+    extra_cpu = sum(p["server_cpu"] - idle_cpu_rate * p["seconds"] for p in load)
+    idle_rate = sum(p["training_rate"] for p in idle) / len(idle)
+    load_rate = sum(p["training_rate"] for p in load) / len(load)
+    load_seconds = sum(p["seconds"] for p in load)
+    result = {
+        "dataset": dataset,
+        "rps_target": args.rps,
+        "watchers": args.watchers,
+        "phase_seconds": args.phase_seconds,
+        "unary_calls": rpcs,
+        "unary_errors": sum(len(p["unary_errors"]) for p in load),
+        "watch_errors": sum(len(p["watch_errors"]) for p in load),
+        "watch_events": sum(p["watch_events"] for p in load),
+        "p50_ms": 1e3 * quantile(latencies, 0.50),
+        "p99_ms": 1e3 * quantile(latencies, 0.99),
+        "server_cpu_ms_per_rpc": 1e3 * extra_cpu / rpcs if rpcs else 0.0,
+        "training_rate_idle": idle_rate,
+        "training_rate_load": load_rate,
+        "training_drop": 1 - load_rate / idle_rate if idle_rate else 0.0,
+        "client_cpu_share_of_host": sum(p["client_cpu"] for p in load)
+        / (load_seconds * os.cpu_count()),
+        "closed_loop": most,
+        "phases": [{k: v for k, v in p.items() if k != "latencies"} for p in phases],
+        "targets": TARGETS,
+    }
+    result["met"] = {
+        "cpu_ms_per_rpc": result["server_cpu_ms_per_rpc"] <= TARGETS["cpu_ms_per_rpc"],
+        "p99_ms": result["p99_ms"] < TARGETS["p99_ms"],
+        "no_errors": result["unary_errors"] == 0 and result["watch_errors"] == 0,
+        "training_drop": result["training_drop"] < TARGETS["training_drop"],
+    }
+    return result
+
+
+def table(result: dict) -> str:
+    most = result["closed_loop"]
+    return "\n".join(
+        [
+            f"{result['rps_target']:.0f} RPS unary + {result['watchers']} watchers while "
+            f"{result['dataset']} trains ({result['phase_seconds']:.0f} s phases, ABBA):",
+            f"  unary calls {result['unary_calls']}, errors {result['unary_errors']} "
+            f"(watch errors {result['watch_errors']}, watch events {result['watch_events']})",
+            f"  latency p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms "
+            f"(target < {TARGETS['p99_ms']:.0f})",
+            f"  server CPU per unary RPC {result['server_cpu_ms_per_rpc']:.2f} ms "
+            f"(target <= {TARGETS['cpu_ms_per_rpc']})",
+            f"  training {result['training_rate_idle']:.0f} -> {result['training_rate_load']:.0f} "
+            f"examples/s: drop {result['training_drop']:.1%} (target < "
+            f"{TARGETS['training_drop']:.0%}); the load's client processes used "
+            f"{result['client_cpu_share_of_host']:.1%} of the host's CPU",
+            f"  closed loop, {most['clients']} clients, no training: {most['rps']:.0f} RPS, "
+            f"{most['server_cpu_ms_per_rpc']:.2f} ms server CPU per RPC",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--rps", type=float, default=100.0)
+    parser.add_argument("--watchers", type=int, default=100)
+    parser.add_argument("--phase-seconds", type=float, default=20.0)
+    parser.add_argument("--closed-threads", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="synthetic data, short phases")
+    args = parser.parse_args(argv)
+    args.order = ("idle", "load", "load", "idle")
+    if args.quick:
+        args.phase_seconds = min(args.phase_seconds, 4.0)
+    result = run(args)
+    publish(result, args.json)
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
