@@ -59,12 +59,13 @@ def decode_payload(kind: str, data: str) -> JobEventPayload:
     return _PAYLOAD_TYPES[kind](**json.loads(data))
 
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
     job_id TEXT NOT NULL UNIQUE,
-    request_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',         -- the principal that submitted it; '' anonymous
+    request_id TEXT NOT NULL,               -- unique per owner: jobs_by_request_id
     spec TEXT NOT NULL,                     -- JSON of the normalized JobSpec
     state TEXT NOT NULL,
     create_time REAL NOT NULL,
@@ -76,6 +77,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_sequence INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_id ON jobs (owner, request_id);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs (job_id),
     sequence INTEGER NOT NULL,
@@ -84,6 +86,33 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,                     -- JSON of the payload dataclass of `kind`
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
+"""
+# Version 1 had no owner and request_id UNIQUE over all jobs. SQLite cannot drop
+# a column's UNIQUE constraint, so the table is rebuilt (SQLite's documented way:
+# foreign keys off, copy, drop, rename, check). Every job keeps its seq, so the
+# order of ListJobs and its page tokens stay as they were; old jobs are unowned.
+_MIGRATE_1_TO_2 = """
+CREATE TABLE jobs_v2 (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',
+    request_id TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    strategy TEXT NOT NULL DEFAULT '',
+    devices TEXT NOT NULL DEFAULT '[]',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    progress TEXT,
+    result TEXT,
+    last_sequence INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO jobs_v2 (seq, job_id, owner, request_id, spec, state, create_time, strategy,
+                     devices, failure_reason, progress, result, last_sequence)
+    SELECT seq, job_id, '', request_id, spec, state, create_time, strategy,
+           devices, failure_reason, progress, result, last_sequence FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_v2 RENAME TO jobs;
 """
 
 
@@ -107,7 +136,7 @@ class Transition:
 @dataclass(frozen=True)
 class JobRecord:
     job_id: str
-    request_id: str
+    request_id: str  # the owner's idempotency key
     spec: JobSpec
     state: str
     create_time: float
@@ -118,6 +147,7 @@ class JobRecord:
     result: TrainingResult | None = None
     last_sequence: int = 0
     transitions: tuple[Transition, ...] = field(default=())
+    owner: str = ""  # the principal that submitted it; "" anonymous
 
     @property
     def finished(self) -> bool:
@@ -142,12 +172,31 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
+            if version not in (0, 1, _SCHEMA_VERSION):
                 raise RuntimeError(
                     f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
                 )
+            if version == 1:
+                self._migrate_from_1()
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _migrate_from_1(self) -> None:
+        self._db.execute("PRAGMA foreign_keys=OFF")  # must be outside a transaction
+        try:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{_MIGRATE_1_TO_2}\nPRAGMA user_version={_SCHEMA_VERSION};"
+            )
+            if self._db.execute("PRAGMA foreign_key_check").fetchall():
+                self._db.execute("ROLLBACK")
+                raise RuntimeError(f"{self.path}: migrating to version 2 left events without a job")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -167,10 +216,11 @@ class Store:
         payload = StateChange(state=record.state)
         with self._lock, self._transaction():
             self._db.execute(
-                "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
-                " VALUES (?, ?, ?, ?, ?, 1)",
+                "INSERT INTO jobs (job_id, owner, request_id, spec, state, create_time,"
+                " last_sequence) VALUES (?, ?, ?, ?, ?, ?, 1)",
                 (
                     record.job_id,
+                    record.owner,
                     record.request_id,
                     json.dumps(record.spec.to_dict(), sort_keys=True),
                     record.state,
@@ -243,10 +293,11 @@ class Store:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             return None if row is None else self._record(row)
 
-    def find_by_request_id(self, request_id: str) -> JobRecord | None:
+    def find_by_request_id(self, owner: str, request_id: str) -> JobRecord | None:
+        """The job `owner` submitted under `request_id`: each owner has its own keys."""
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE request_id = ?", (request_id,)
+                "SELECT * FROM jobs WHERE owner = ? AND request_id = ?", (owner, request_id)
             ).fetchone()
             return None if row is None else self._record(row)
 
@@ -333,6 +384,7 @@ class Store:
             result=TrainingResult(**json.loads(row["result"])) if row["result"] else None,
             last_sequence=row["last_sequence"],
             transitions=transitions,
+            owner=row["owner"],
         )
 
 
