@@ -167,6 +167,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         failure_reason=record.failure_reason,
         devices=list(record.devices),
         strategy=record.strategy,
+        owner=record.owner,
     )
     if record.progress is not None:
         job.progress.CopyFrom(progress_to_proto(record.progress))
