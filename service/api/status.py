@@ -73,7 +73,13 @@ class ExceptionToStatusInterceptor(grpc.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # no client-streaming RPCs in this service
+        if handler.stream_stream is not None:  # reflection: refused with UNAUTHENTICATED too
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no client-streaming RPCs here
 
 
 def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any], method: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -160,7 +161,12 @@ class Store:
     def __init__(self, state_dir: str | Path):
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        # Jobs' models, logs and request_ids are their owners' business: the
+        # state directory is this user's alone (0700), whatever made it before.
+        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in (self.state_dir, self.jobs_dir):
+            if directory.stat().st_uid == os.getuid():
+                directory.chmod(0o700)
         self.path = self.state_dir / "ntrain.db"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
