@@ -23,17 +23,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import pytest
-from conftest import REPO_ROOT, require_tool
+from conftest import REPO_ROOT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 from service_harness import job_spec
+from tls_harness import make_pki
 
 from service.api.server import ServerConfig, TrainingServer
 from service.api.tls import TlsFiles
@@ -43,37 +43,8 @@ from service.cli.main import main as cli_main
 
 pytestmark = pytest.mark.slow
 
-MAKE_CERTS = REPO_ROOT / "deploy" / "make-certs.sh"
 LONG_JOB = job_spec(epochs=100_000)  # occupies the one CPU slot until canceled
 Code = grpc.StatusCode
-
-
-def make_pki(directory: Path) -> SimpleNamespace:
-    """deploy/make-certs.sh into `directory`: CA, server and client certs, tokens, password."""
-    require_tool("openssl")
-    env = {**os.environ, "NTRAIN": f"{sys.executable} -m service.cli"}
-    subprocess.run(
-        ["bash", str(MAKE_CERTS), str(directory)],
-        check=True,
-        capture_output=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=120,
-    )
-    read = lambda name: (directory / name).read_bytes()  # noqa: E731
-    return SimpleNamespace(
-        dir=directory,
-        ca=read("ca.crt"),
-        client_cert=read("client.crt"),
-        client_key=read("client.key"),
-        server=TlsFiles(cert=directory / "server.crt", key=directory / "server.key"),
-        tokens=directory / "tokens",
-        token={
-            role: read(f"{role}.token").decode().strip() for role in ("admin", "trainer", "viewer")
-        },
-        metrics_users=directory / "metrics-users",
-        metrics_password=read("metrics.password").decode().strip(),
-    )
 
 
 @pytest.fixture(scope="module")
