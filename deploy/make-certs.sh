@@ -31,6 +31,9 @@ command -v openssl >/dev/null || { echo "make-certs.sh: openssl is not installed
     echo "make-certs.sh: cannot run '${ntrain[*]}' (install ntrain, or set NTRAIN)" >&2
     exit 1
 }
+if [[ ${ntrain[0]} == */* ]]; then  # a relative path must survive the cd below
+    ntrain[0]="$(cd "$(dirname "${ntrain[0]}")" && pwd)/$(basename "${ntrain[0]}")"
+fi
 mkdir -p "$dir"
 chmod 700 "$dir"
 cd "$dir"
