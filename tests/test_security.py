@@ -255,6 +255,7 @@ def test_request_ids_are_per_owner_and_hidden_from_others(server, pki):
 
 
 def test_client_certificates_are_required_when_asked(tmp_path, pki, other_pki):
+    """Mutual TLS, without tokens (every certified caller is the local admin), no reflection."""
     files = TlsFiles(cert=pki.server.cert, key=pki.server.key, client_ca=pki.dir / "ca.crt")
     config = ServerConfig(
         port=0,
@@ -263,6 +264,7 @@ def test_client_certificates_are_required_when_asked(tmp_path, pki, other_pki):
         gpu_inventory=(),
         warm_worker=False,
         tls=files,
+        reflection=False,
     )
     server = TrainingServer(config)
     server.start()
@@ -276,8 +278,12 @@ def test_client_certificates_are_required_when_asked(tmp_path, pki, other_pki):
         assert (
             refused(lambda: foreign.GetServerInfo(request, timeout=30)).code() == Code.UNAVAILABLE
         )
-        client = stub(server, pki=pki, cert=pki.client_cert, key=pki.client_key)[0]
+        client, channel = stub(server, pki=pki, cert=pki.client_cert, key=pki.client_key)
         assert client.GetServerInfo(request, timeout=30).version
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        error = refused(lambda: list(reflection.ServerReflectionInfo(iter([listing]), timeout=30)))
+        assert error.code() == Code.UNIMPLEMENTED  # --no-reflection
     finally:
         server.stop(grace=0.0)
 
