@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint proto bench clean
+.PHONY: demo test test-fast lint proto bench certs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.step_anatomy --json benchmarks/results/step_anatomy.json
 	$(PY) -m benchmarks.service_benchmark --json benchmarks/results/service.json
 	$(PY) -m benchmarks.metrics_overhead --json benchmarks/results/metrics_overhead.json
+
+# First-run secrets for deploy/ (a private CA, server and client certificates,
+# tokens, the metrics password) in deploy/secrets/; again to renew the certificates.
+certs: $(STAMP)
+	NTRAIN=$(VENV)/bin/ntrain deploy/make-certs.sh deploy/secrets
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -233,12 +233,16 @@ def test_jobs_table_lists_each_job():
         result=training_pb2.JobResult(test_accuracy=0.975, test_loss=0.08),
         progress=training_pb2.Progress(epoch=2, step=938),
         strategy="cpu",
+        owner="alice",
     )
-    header, row = cli_output.jobs_table([job]).splitlines()
+    header, row, anonymous = cli_output.jobs_table([job, training_pb2.Job(job_id="x")]).splitlines()
     assert header.split() == [
-        "JOB", "STATE", "CREATED", "DATASET", "LAYERS", "EPOCH", "ACCURACY", "STRATEGY"
+        "JOB", "STATE", "CREATED", "DATASET", "LAYERS", "EPOCH", "ACCURACY", "STRATEGY", "OWNER"
     ]  # fmt: skip
-    assert row.split() == ["abc123", "SUCCEEDED", "-", "mnist", "512-10", "2/2", "97.50%", "cpu"]
+    assert row.split() == [
+        "abc123", "SUCCEEDED", "-", "mnist", "512-10", "2/2", "97.50%", "cpu", "alice"
+    ]  # fmt: skip
+    assert anonymous.split()[-1] == "-"
 
 
 def test_load_inputs_reads_npy_and_npz_with_labels(tmp_path):

@@ -10,8 +10,10 @@ Prometheus in test_prometheus_e2e.py; the helpers for that live here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import stat
 import subprocess
 import tomllib
 from pathlib import Path
@@ -19,7 +21,9 @@ from pathlib import Path
 import yaml
 from conftest import REPO_ROOT, require_tool
 from prometheus_client import CollectorRegistry
+from tls_harness import run_make_certs
 
+from service.api.auth import PasswordTable, TokenTable
 from service.api.grpc_metrics import MetricsServerInterceptor
 from service.cli.parser import build_parser
 from service.metrics import ServiceMetrics
@@ -97,6 +101,24 @@ def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+SECRETS_DIR = "/run/secrets/"  # where compose mounts each secret, by its name
+
+
+def scrape_job(name: str = "ntrain") -> dict:
+    """A scrape job of the stack's prometheus.yml."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == name]
+    return job
+
+
+def secret_files(secrets_dir: Path) -> dict[str, Path]:
+    """/run/secrets/NAME -> the file in `secrets_dir` (make-certs.sh's) compose mounts there."""
+    return {
+        SECRETS_DIR + name: secrets_dir / Path(secret["file"]).name
+        for name, secret in _compose()["secrets"].items()
+    }
+
+
 def _flag(command: list[str], name: str) -> str:
     """The value after `name` in an argv list."""
     assert name in command, f"{name} missing from {command}"
@@ -157,7 +179,7 @@ def test_alerts_use_only_defined_metrics():
 
 def test_prometheus_scrapes_the_trainers_metrics_port_and_loads_the_rules():
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "ntrain"]
+    job = scrape_job("ntrain")
     targets = [t for group in job["static_configs"] for t in group["targets"]]
     trainer = _compose()["services"]["trainer"]
     port = _flag(trainer["command"], "--metrics-port")
@@ -168,6 +190,80 @@ def test_prometheus_scrapes_the_trainers_metrics_port_and_loads_the_rules():
     # The alerts the NtrainDown rule watches are the ones this job scrapes.
     assert 'up{job="ntrain"}' in _alert_rules()["NtrainDown"]["expr"]
     assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_prometheus_scrapes_over_tls_with_basic_auth_from_its_secrets():
+    job = scrape_job("ntrain")
+    assert job["scheme"] == "https"
+    assert set(job["tls_config"]) == {"ca_file"}  # the trainer's certificate names "trainer"
+    assert set(job["basic_auth"]) == {"username", "password_file"}  # never the password itself
+    mounted = {SECRETS_DIR + name for name in _compose()["services"]["prometheus"]["secrets"]}
+    assert {job["tls_config"]["ca_file"], job["basic_auth"]["password_file"]} <= mounted
+    assert job["tls_config"]["ca_file"] == SECRETS_DIR + "ntrain_ca"
+
+
+def test_the_trainer_serves_tls_tokens_and_a_closed_metrics_endpoint_from_secrets():
+    trainer = _compose()["services"]["trainer"]
+    args = build_parser().parse_args(trainer["command"])
+    assert not args.insecure and args.bind == "0.0.0.0"  # so the server's own check passes
+    files = {
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "auth_tokens": args.auth_tokens,
+        "metrics_tls_cert": args.metrics_tls_cert,
+        "metrics_tls_key": args.metrics_tls_key,
+        "metrics_basic_auth": args.metrics_basic_auth,
+    }
+    mounted = {SECRETS_DIR + name for name in trainer["secrets"]}
+    assert set(files.values()) <= mounted, files
+    # The image's health check speaks TLS with the CA (health needs no token).
+    assert trainer["environment"]["NTRAIN_TLS_CA"] in mounted
+    # Only the hashes and the server's own key go into the container.
+    assert SECRETS_DIR + "ntrain_metrics_password" not in mounted
+    assert all(not Path(s["file"]).name.endswith((".token", "ca.key", "client.key"))
+               for s in _compose()["secrets"].values())  # fmt: skip
+
+
+def test_make_certs_makes_every_secret_compose_mounts_and_renews_in_place(tmp_path):
+    openssl = require_tool("openssl")
+    secrets = tmp_path / "secrets"
+    made = run_make_certs(secrets)
+    assert "made a private CA" in made.stdout
+    files = secret_files(secrets)
+    assert all(path.is_file() for path in files.values()), files
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    for name in ("ca.key", "client.key", "admin.token", "trainer.token", "viewer.token"):
+        assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600, name
+    tokens = TokenTable.load(files[SECRETS_DIR + "ntrain_tokens"])
+    assert tokens.names == {"admin", "trainer", "viewer"}
+    for role in ("admin", "trainer", "viewer"):
+        principal = tokens.authenticate((secrets / f"{role}.token").read_text().strip())
+        assert principal is not None and principal.role == role
+    password = files[SECRETS_DIR + "ntrain_metrics_password"].read_text().strip()
+    users = PasswordTable.load(files[SECRETS_DIR + "ntrain_metrics_users"])
+    assert users.check(scrape_job("ntrain")["basic_auth"]["username"], password)
+    for host in ("trainer", "localhost"):
+        _run([openssl, "verify", "-CAfile", "ca.crt", "-verify_hostname", host, "server.crt"],
+             cwd=secrets)  # fmt: skip
+    _run([openssl, "verify", "-CAfile", "ca.crt", "-verify_ip", "127.0.0.1", "server.crt"],
+         cwd=secrets)  # fmt: skip
+
+    # Again: the same CA, tokens and password; new certificates, written in place
+    # (a file compose mounted keeps its inode, so SIGHUP finds the new one).
+    kept = {
+        name: (secrets / name).read_bytes() for name in ("ca.crt", "tokens", "metrics.password")
+    }
+    inode, certificate = (
+        (secrets / "server.crt").stat().st_ino,
+        (secrets / "server.crt").read_bytes(),
+    )
+    again = run_make_certs(secrets)
+    assert "made a private CA" not in again.stdout and "made tokens" not in again.stdout
+    assert {name: (secrets / name).read_bytes() for name in kept} == kept
+    assert (secrets / "server.crt").read_bytes() != certificate
+    assert (secrets / "server.crt").stat().st_ino == inode
+    assert not [p.name for p in secrets.iterdir() if p.name.endswith((".new", ".csr", ".ext"))]
+    assert os.access(secrets / "server.key", os.R_OK)
 
 
 # --- docker compose --------------------------------------------------------------------------
@@ -291,7 +387,11 @@ def test_dockerfile_runs_ntrain_serve_as_a_non_root_user_with_a_health_check():
         "--state-dir", "/var/lib/ntrain", "--data-dir", "/data",
     ]  # fmt: skip
     build_parser().parse_args(cmd)
-    assert _compose()["services"]["trainer"]["command"] == cmd
+    # Compose runs the image's command with the security flags of its secrets after it.
+    command = _compose()["services"]["trainer"]["command"]
+    assert command[: len(cmd)] == cmd
+    assert all(flag.startswith(("--tls", "--auth", "--metrics-tls", "--metrics-basic"))
+               for flag in command[len(cmd) :: 2])  # fmt: skip
 
 
 def test_the_image_copies_everything_the_package_needs():

@@ -1,12 +1,15 @@
 """A real Prometheus scrapes a real `ntrain serve` during a real training job.
 
-The server runs in a subprocess on loopback with free ports; Prometheus
-(Debian's binary) scrapes it every second with the repository's alert rules
-loaded. A training job on the synthetic data set runs until Prometheus has seen
-its batch counter move, an epoch evaluated and a checkpoint saved; then it is
-canceled. The test asserts through Prometheus's HTTP API that the training
-series exist, that batches increase and that the loss is finite, and runs every
-query of the Grafana dashboard, which must return data.
+The server runs in a subprocess on loopback with free ports, its metrics
+endpoint secured as in the compose stack (TLS and basic auth, with secrets made
+by deploy/make-certs.sh); Prometheus (Debian's binary) scrapes it every second
+with the stack's own scrape job (only the target and the secrets' paths
+changed) and the repository's alert rules loaded. A training job on the
+synthetic data set runs until Prometheus has seen its batch counter move, an
+epoch evaluated and a checkpoint saved; then it is canceled. The test asserts
+through Prometheus's HTTP API that the training series exist, that batches
+increase and that the loss is finite, and runs every query of the Grafana
+dashboard, which must return data.
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ import yaml
 from conftest import require_tool
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
-from test_deploy import PROMETHEUS, dashboard_targets, substitute_variables
+from test_deploy import (
+    PROMETHEUS,
+    SECRETS_DIR,
+    dashboard_targets,
+    scrape_job,
+    secret_files,
+    substitute_variables,
+)
+from tls_harness import run_make_certs
 
 START_SECONDS = 120  # the server probes devices and imports TensorFlow in child processes
 TRAIN_SECONDS = 120
@@ -111,8 +122,19 @@ class Prometheus:
 
 
 @pytest.fixture
-def server(tmp_path):
-    """`ntrain serve` in a subprocess on free loopback ports: (gRPC port, metrics port, log)."""
+def secrets(tmp_path) -> Path:
+    """What `make certs` makes for the compose stack."""
+    directory = tmp_path / "secrets"
+    run_make_certs(directory)
+    return directory
+
+
+@pytest.fixture
+def server(tmp_path, secrets):
+    """`ntrain serve` in a subprocess on free loopback ports: (gRPC port, metrics port, log).
+
+    Its metrics endpoint takes the stack's TLS certificate and basic-auth users.
+    """
     state = tmp_path / "state"
     state.mkdir()
     log_path = tmp_path / "server.log"
@@ -122,6 +144,9 @@ def server(tmp_path):
         sys.executable, "-m", "service.cli", "serve", "--bind", "127.0.0.1",
         "--port", "0", "--metrics-port", "0", "--state-dir", str(state),
         "--port-file", str(port_file),
+        "--metrics-tls-cert", str(secrets / "server.crt"),
+        "--metrics-tls-key", str(secrets / "server.key"),
+        "--metrics-basic-auth", str(secrets / "metrics-users"),
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -129,7 +154,9 @@ def server(tmp_path):
 
         def started():
             assert process.poll() is None, f"ntrain serve exited:\n{log_path.read_text()}"
-            ready = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log_path.read_text())
+            ready = re.search(
+                r"metrics on https://127\.0\.0\.1:(\d+)/metrics", log_path.read_text()
+            )
             return port_file.exists() and ready and (int(port_file.read_text()), int(ready[1]))
 
         port, metrics_port = _wait_for("ntrain serve to start", started, START_SECONDS)
@@ -138,16 +165,34 @@ def server(tmp_path):
         _stop(process)
 
 
+def _on_this_host(value: Any, files: dict[str, Path]) -> Any:
+    """A scrape config with each /run/secrets/ path replaced by the file compose mounts there."""
+    if isinstance(value, dict):
+        return {key: _on_this_host(item, files) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_on_this_host(item, files) for item in value]
+    if isinstance(value, str) and value.startswith(SECRETS_DIR):
+        return str(files[value])
+    return value
+
+
 @pytest.fixture
-def prometheus(server, tmp_path):
-    """A real Prometheus scraping the server every second, with deploy/'s alert rules."""
+def prometheus(server, secrets, tmp_path):
+    """A real Prometheus scraping the server every second, with deploy/'s job and alert rules.
+
+    A second job scrapes the same endpoint without the password: it must see it down.
+    """
     binary = require_tool("prometheus")
     _, metrics_port, _ = server
+    targets = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    stack = _on_this_host(scrape_job("ntrain"), secret_files(secrets))
+    without_password = {key: value for key, value in stack.items() if key != "basic_auth"}
     config = {
         "global": {"scrape_interval": SCRAPE, "evaluation_interval": SCRAPE},
         "rule_files": [str(PROMETHEUS / "alerts.yml")],
         "scrape_configs": [
-            {"job_name": "ntrain", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+            {**stack, "static_configs": targets},
+            {**without_password, "job_name": "no_password", "static_configs": targets},
         ],
     }
     config_path = tmp_path / "prometheus.yml"
@@ -214,6 +259,17 @@ def test_prometheus_scrapes_training_and_every_dashboard_query_returns_data(serv
     _wait_for(
         "Prometheus to scrape the server", lambda: prometheus.value('up{job="ntrain"}') == 1, 30
     )
+    # The same endpoint without the password answers 401: down, not scraped.
+    _wait_for(
+        "the scrape without a password to fail",
+        lambda: prometheus.value('up{job="no_password"}') == 0,
+        30,
+    )
+    (target,) = [
+        t for t in prometheus.get("/api/v1/targets")["activeTargets"]
+        if t["labels"]["job"] == "no_password"
+    ]  # fmt: skip
+    assert "401" in target["lastError"], target
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)

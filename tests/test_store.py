@@ -87,16 +87,22 @@ def test_list_is_newest_first_filtered_and_paged(tmp_path):
     assert [j.job_id for j in store.unfinished_jobs()] == ["job-0", "job-1", "job-2", "job-4"]
 
 
-def test_request_ids_are_unique(tmp_path):
+def test_request_ids_are_unique_per_owner(tmp_path):
     store = Store(tmp_path)
     new_job(store, "job-a")
-    assert store.find_by_request_id("req-job-a").job_id == "job-a"
+    assert store.find_by_request_id("", "req-job-a").job_id == "job-a"
     record = JobRecord(
         job_id="job-b", request_id="req-job-a", spec=SPEC, state="QUEUED", create_time=2.0
     )
     with pytest.raises(sqlite3.IntegrityError):
         store.create_job(record, 2.0)
     assert store.get_job("job-b") is None
+    # Another owner's key of the same text is another job.
+    store.create_job(JobRecord(**{**record.__dict__, "owner": "bob"}), 2.0)
+    assert store.get_job("job-b").owner == "bob"
+    assert store.find_by_request_id("bob", "req-job-a").job_id == "job-b"
+    assert store.find_by_request_id("", "req-job-a").job_id == "job-a"
+    assert store.find_by_request_id("carol", "req-job-a") is None
 
 
 def test_reopening_keeps_everything_and_uses_wal(tmp_path):
@@ -143,41 +149,74 @@ def test_progress_rows_written_before_the_per_call_fields_still_read(tmp_path):
     assert reopened.events_after("job-a", 1)[0].payload == PROGRESS
 
 
-def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
+# The jobs table as schema version 1 created it (no owner; request_id unique over all jobs).
+_VERSION_1_JOBS = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    request_id TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    strategy TEXT NOT NULL DEFAULT '',
+    devices TEXT NOT NULL DEFAULT '[]',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    progress TEXT,
+    result TEXT,
+    last_sequence INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_by_state ON jobs (state, seq);
+CREATE TABLE events (
+    job_id TEXT NOT NULL REFERENCES jobs (job_id),
+    sequence INTEGER NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+PRAGMA user_version=1;
+"""
+
+
+def test_a_version_1_database_opens_with_every_job_unowned(tmp_path):
+    """Jobs and events of a database from before owners survive, in order, owned by ""."""
     db = sqlite3.connect(tmp_path / "ntrain.db")
-    db.executescript(
-        """
-        CREATE TABLE jobs (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE,
-            request_id TEXT NOT NULL UNIQUE, spec TEXT NOT NULL, state TEXT NOT NULL,
-            create_time REAL NOT NULL, strategy TEXT NOT NULL DEFAULT '',
-            devices TEXT NOT NULL DEFAULT '[]', failure_reason TEXT NOT NULL DEFAULT '',
-            progress TEXT, result TEXT, last_sequence INTEGER NOT NULL DEFAULT 0);
-        CREATE TABLE events (job_id TEXT NOT NULL REFERENCES jobs (job_id),
-            sequence INTEGER NOT NULL, time REAL NOT NULL, kind TEXT NOT NULL,
-            data TEXT NOT NULL, PRIMARY KEY (job_id, sequence)) WITHOUT ROWID;
-        PRAGMA user_version=1;
-        """
-    )
-    spec = json.dumps(SPEC.to_dict())
-    db.execute(
-        "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
-        " VALUES ('job-old', 'r', ?, 'SUCCEEDED', 1.0, 1)",
-        (spec,),
-    )
-    db.execute(
-        "INSERT INTO events VALUES ('job-old', 1, 1.0, 'state', ?)",
-        ('{"state": "SUCCEEDED", "reason": ""}',),
-    )
+    db.executescript(_VERSION_1_JOBS)
+    spec = json.dumps(SPEC.to_dict(), sort_keys=True)
+    for index in range(3):
+        db.execute(
+            "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
+            " VALUES (?, ?, ?, 'QUEUED', ?, 1)",
+            (f"job-{index}", f"req-{index}", spec, float(index)),
+        )
+        db.execute(
+            'INSERT INTO events VALUES (?, 1, ?, \'state\', \'{"state": "QUEUED", "reason": ""}\')',
+            (f"job-{index}", float(index)),
+        )
     db.commit()
     db.close()
 
     store = Store(tmp_path)
-    job = store.get_job("job-old")
-    assert job.state == "SUCCEEDED" and job.spec == SPEC and job.restarts == 0
-    assert store.count_restart("job-old") == 1
-    version = sqlite3.connect(tmp_path / "ntrain.db").execute("PRAGMA user_version").fetchone()
-    assert version == (2,)
+    jobs, _ = store.list_jobs()
+    assert [(j.job_id, j.owner, j.request_id) for j in jobs] == [
+        ("job-2", "", "req-2"), ("job-1", "", "req-1"), ("job-0", "", "req-0"),
+    ]  # fmt: skip
+    assert [e.sequence for e in store.events_after("job-1", 0)] == [1]
+    assert store.find_by_request_id("", "req-1").job_id == "job-1"
+    store.append_event("job-1", StateChange(state="CANCELED"), 5.0)
+    new_job(store, "job-3", time=3.0)  # a new job comes after the migrated ones
+    assert store.list_jobs(limit=1)[0][0].job_id == "job-3"
+    store.close()
+
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    indexes = {row[1] for row in db.execute("PRAGMA index_list(jobs)")}
+    assert {"jobs_by_state", "jobs_by_request_id"} <= indexes
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []  # every event has its job
+    db.close()
+    reopened = Store(tmp_path)
+    assert reopened.get_job("job-1").state == "CANCELED"  # and it opens again
+    assert reopened.get_job("job-1").restarts == 0 and reopened.count_restart("job-1") == 1
 
 
 def test_a_newer_database_is_refused_untouched(tmp_path):

@@ -177,6 +177,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         devices=list(record.devices),
         strategy=record.strategy,
         restarts=record.restarts,
+        owner=record.owner,
     )
     if record.progress is not None:
         job.progress.CopyFrom(progress_to_proto(record.progress))

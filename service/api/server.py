@@ -2,14 +2,22 @@
 
 `TrainingServer` wires the store, the device inventory, the job manager, the
 TrainingService, the standard health service and server reflection, the
-interceptors (metrics, then errors to status codes) and the Prometheus
-endpoint. This process never imports TensorFlow: devices are probed in a child
-process and jobs run in worker processes.
+interceptors (metrics, then errors to status codes, then authentication) and
+the Prometheus endpoint. This process never imports TensorFlow: devices are
+probed in a child process and jobs run in worker processes.
+
+Security: with `tls` the port serves TLS (mutual TLS with a client CA), with
+`auth_tokens` every call but health needs a bearer token, and `reload()` (on
+SIGHUP) re-reads certificates, tokens and the metrics password file without
+stopping a job. A server on an address other than loopback refuses to start
+without TLS and authentication on both ports unless `insecure` is set.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import platform
 import signal
 import threading
@@ -23,9 +31,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
+from service.api.auth import AuthInterceptor, PasswordTable, TokenTable
 from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.servicer import TrainingServicer
 from service.api.status import ExceptionToStatusInterceptor
+from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
 from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
@@ -48,6 +58,10 @@ class ServerConfig:
 
     port, metrics_port: 0 picks a free port; metrics_port None serves no metrics.
     gpu_inventory: the GPUs to schedule on; None probes the host.
+    tls, auth_tokens: TLS for the gRPC port, and the token file of its principals
+        (None: every caller is the anonymous local admin).
+    metrics_tls, metrics_basic_auth: the same for the metrics endpoint.
+    insecure: serve on an address other than loopback without all of those.
     """
 
     bind_address: str = "127.0.0.1"
@@ -60,9 +74,51 @@ class ServerConfig:
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0
+    tls: TlsFiles | None = None
+    auth_tokens: Path | None = None
+    reflection: bool = True
+    metrics_tls: TlsFiles | None = None
+    metrics_basic_auth: Path | None = None
+    insecure: bool = False
     checkpoint_seconds: float = 300.0
     shutdown_grace_seconds: float = 30.0
     max_streams: int = 512
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address` reaches this host only (127.0.0.0/8, ::1, localhost)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def exposure_problem(config: ServerConfig) -> str | None:
+    """Why serving `config` would expose the service by accident, or None.
+
+    Loopback is the trusted default; any other address needs TLS and
+    authentication on the gRPC port and on the metrics endpoint, or `insecure`.
+    """
+    if config.insecure or is_loopback(config.bind_address):
+        return None
+    missing = []
+    if config.tls is None:
+        missing.append("TLS (--tls-cert, --tls-key)")
+    if config.auth_tokens is None:
+        missing.append("tokens (--auth-tokens)")
+    if config.metrics_port is not None:
+        if config.metrics_tls is None:
+            missing.append("metrics TLS (--metrics-tls-cert, --metrics-tls-key)")
+        if config.metrics_basic_auth is None:
+            missing.append("metrics basic auth (--metrics-basic-auth)")
+    if not missing:
+        return None
+    return (
+        f"refusing to serve on {config.bind_address}, which is not loopback, without "
+        f"{', '.join(missing)}: pass them, or --insecure to serve it open anyway"
+    )
 
 
 def _host_port(address: str, port: int) -> str:
@@ -86,6 +142,10 @@ class TrainingServer:
         self._lock: StateDirLock | None = None
         self._stopped = threading.Event()
         self._housekeeping: threading.Thread | None = None
+        self._credentials: ReloadableGrpcCredentials | None = None
+        self._metrics_ssl: ReloadableSslContext | None = None
+        self._tokens: TokenTable | None = None
+        self._passwords: PasswordTable | None = None
 
     def start(self) -> None:
         """Open the state, find the devices, and start serving on the configured ports.
@@ -101,6 +161,18 @@ class TrainingServer:
 
     def _start(self) -> None:
         config = self.config
+        problem = exposure_problem(config)
+        if problem is not None:
+            raise ValueError(problem)
+        # Read every secret first: a bad file stops the start before anything runs.
+        if config.auth_tokens is not None:
+            self._tokens = TokenTable.load(config.auth_tokens)
+        if config.metrics_basic_auth is not None:
+            self._passwords = PasswordTable.load(config.metrics_basic_auth)
+        if config.tls is not None:
+            self._credentials = ReloadableGrpcCredentials(config.tls)
+        if config.metrics_tls is not None:
+            self._metrics_ssl = ReloadableSslContext(config.metrics_tls)
         # Before anything touches the directory: one server owns it.
         self._lock = StateDirLock(config.state_dir)
         self._lock.acquire()
@@ -140,6 +212,7 @@ class TrainingServer:
             interceptors=[
                 MetricsServerInterceptor(self.metrics.registry),
                 ExceptionToStatusInterceptor(),
+                AuthInterceptor(lambda: self._tokens),
             ],
             # A second server on a taken port must fail, not share it silently.
             options=[("grpc.so_reuseport", 0)],
@@ -149,15 +222,20 @@ class TrainingServer:
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        self.port = server.add_insecure_port(_host_port(config.bind_address, config.port))
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        address = _host_port(config.bind_address, config.port)
+        if self._credentials is not None:
+            self.port = server.add_secure_port(address, self._credentials.credentials)
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {_host_port(config.bind_address, config.port)}")
         self.manager.start()
@@ -167,13 +245,59 @@ class TrainingServer:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port is not None:
             self._metrics_http, self.metrics_port = start_metrics_server(
-                config.metrics_port, config.bind_address, self.metrics.registry
+                config.metrics_port,
+                config.bind_address,
+                self.metrics.registry,
+                ssl_context=self._metrics_ssl,
+                check_password=self._check_metrics_password if self._passwords else None,
             )
         self._housekeeping = threading.Thread(
             target=self._keep_house, name="housekeeping", daemon=True
         )
         self._housekeeping.start()
-        log.info("serving on %s", _host_port(config.bind_address, self.port))
+        transport = "plaintext" if config.tls is None else "TLS"
+        if config.tls is not None and config.tls.client_ca is not None:
+            transport += " with client certificates"
+        principals = "no authentication" if self._tokens is None else f"{len(self._tokens)} tokens"
+        log.info(
+            "serving on %s (%s, %s)",
+            _host_port(config.bind_address, self.port),
+            transport,
+            principals,
+        )
+
+    def _check_metrics_password(self, name: str, password: str) -> bool:
+        return self._passwords is not None and self._passwords.check(name, password)
+
+    def reload(self) -> list[str]:
+        """Re-read the certificates, the token file and the metrics password file.
+
+        Each is replaced only when it reads cleanly; new connections and calls
+        use it, and running jobs and open streams go on. Returns a line for each
+        that could not be read (and was kept as it was).
+        """
+        config, problems = self.config, []
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if self._credentials is not None:
+            steps.append(("TLS certificate", self._credentials.reload))
+        if self._metrics_ssl is not None:
+            steps.append(("metrics TLS certificate", self._metrics_ssl.reload))
+        if config.auth_tokens is not None:
+            path = config.auth_tokens
+            steps.append(("tokens", lambda: setattr(self, "_tokens", TokenTable.load(path))))
+        if config.metrics_basic_auth is not None:
+            users = config.metrics_basic_auth
+            steps.append(
+                ("metrics users", lambda: setattr(self, "_passwords", PasswordTable.load(users)))
+            )
+        for what, step in steps:
+            try:
+                step()
+                log.info("reloaded the %s", what)
+            except ValueError as error:
+                problems.append(f"kept the old {what}: {error}")
+                log.error("kept the old %s: %s", what, error)
+        return problems
 
     def _keep_house(self) -> None:
         assert self.manager is not None  # started after the manager
@@ -214,7 +338,10 @@ def serve(
     on_ready: Callable[[TrainingServer], None] = lambda server: None,
     on_stopping: Callable[[], None] = lambda: None,
 ) -> None:
-    """Run a server until SIGTERM or SIGINT, then stop it gracefully.
+    """Run a server until SIGTERM or SIGINT, then stop it gracefully; SIGHUP reloads.
+
+    The process's umask becomes 077 first, so the state directory's files and
+    every worker's (workers inherit it) are readable by this user only.
 
     Args:
         on_ready: called once the server listens (to announce it, write a port file).
@@ -223,15 +350,19 @@ def serve(
     Raises:
         Exception: the server could not start; whatever had started is stopped.
     """
+    os.umask(0o077)
     server = TrainingServer(config)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
         server.start()
         on_ready(server)
         while not stop.wait(0.5):  # a short wait keeps signal handling prompt
-            pass
+            if reload.is_set():
+                reload.clear()
+                server.reload()
         on_stopping()
     finally:
         server.stop()

@@ -2,6 +2,8 @@
 
 No training logic and no error handling here: domain errors raised below are
 mapped to status codes by `service.api.status.ExceptionToStatusInterceptor`.
+No metadata either: `service.api.auth.AuthInterceptor` authenticated the
+caller before the handler runs, and the handler passes its principal on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from service.api import convert
+from service.api.auth import principal_of
 from service.jobs import validation
 from service.jobs.datasets import check_dataset_name
 from service.jobs.errors import ResourceExhausted
@@ -34,18 +37,23 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_request_id(request.request_id)
         job_spec = convert.job_spec_from_proto(request.spec)
-        return convert.job_to_proto(self.manager.submit(job_spec, request.request_id))
+        record = self.manager.submit(job_spec, request.request_id, principal=principal_of(context))
+        return convert.job_to_proto(record)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_job_id(request.job_id)
-        return convert.job_to_proto(self.manager.get(request.job_id))
+        return convert.job_to_proto(
+            self.manager.get(request.job_id, principal=principal_of(context))
+        )
 
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
         page_size, cursor = validation.check_page(request.page_size, request.page_token)
         states = convert.states_from_proto(request.states)
-        records, next_cursor = self.manager.list(states=states, page_size=page_size, cursor=cursor)
+        records, next_cursor = self.manager.list(
+            states=states, page_size=page_size, cursor=cursor, principal=principal_of(context)
+        )
         return pb.ListJobsResponse(
             jobs=[convert.job_to_proto(record) for record in records],
             next_page_token="" if next_cursor is None else str(next_cursor),
@@ -70,7 +78,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_job_id(request.job_id)
-        return convert.job_to_proto(self.manager.cancel(request.job_id))
+        return convert.job_to_proto(
+            self.manager.cancel(request.job_id, principal=principal_of(context))
+        )
 
     def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.ServicerContext
@@ -78,18 +88,24 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_job_id(request.job_id)
         if request.dataset:
             check_dataset_name(request.dataset)
-        evaluation = self.manager.evaluate(request.job_id, request.dataset, request.use_checkpoint)
+        evaluation = self.manager.evaluate(
+            request.job_id,
+            request.dataset,
+            request.use_checkpoint,
+            principal=principal_of(context),
+        )
         return convert.evaluation_to_proto(evaluation)
 
     def Predict(
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
         validation.check_job_id(request.job_id)
-        input_size = self.manager.model_input_size(request.job_id)
+        principal = principal_of(context)
+        input_size = self.manager.model_input_size(request.job_id, principal=principal)
         rows = convert.predict_rows(request)
         validation.check_predict_inputs(rows, input_size)
         inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)
-        predictions = self.manager.predict(request.job_id, inputs)
+        predictions = self.manager.predict(request.job_id, inputs, principal=principal)
         return convert.predictions_to_proto(predictions.probabilities)
 
     def GetServerInfo(

@@ -19,7 +19,7 @@ from ntrain.v1 import training_pb2, training_pb2_grpc
 
 from service.cli import output as cli_output
 from service.cli.client import QUICK_TIMEOUT, predict, watch_events
-from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, CliError
+from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.inputs import format_layers, load_inputs, load_mnist_test
 from service.cli.progress import ProgressRenderer
 
@@ -224,9 +224,44 @@ def cmd_health(args) -> int:
     return EXIT_OK if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
 
 
-def cmd_serve(args) -> int:
-    from service.api.server import ServerConfig, serve
+def cmd_token_new(args) -> int:
+    from service.api.auth import TokenTable, hash_secret, is_valid_name, new_token
 
+    if not is_valid_name(args.name):
+        raise CliError("a name is letters, digits and ._@- (64 at most)", EXIT_USAGE)
+    path = Path(args.auth_tokens)
+    try:
+        # The file must be valid before it grows, and a name is listed once.
+        if path.exists() and args.name in TokenTable.load(path).names:
+            raise CliError(f"{args.name} is already in {path}; remove its line to replace it")
+        token = new_token()
+        # 0600 when new: the hashes are not the tokens, but nobody else needs them.
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "a") as tokens:
+            tokens.write(f"{args.name} {args.role} {hash_secret(token)}\n")
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot add {args.name} to {path}: {error}") from None
+    print(token)
+    return EXIT_OK
+
+
+def cmd_token_hash(args) -> int:
+    from service.api.auth import hash_secret
+
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        raise CliError("no token or password on standard input", EXIT_USAGE)
+    print(hash_secret(secret))
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from service.api.server import ServerConfig, exposure_problem, serve
+
+    tls = _tls_files("--tls", args.tls_cert, args.tls_key, args.tls_client_ca)
+    metrics_tls = _tls_files(
+        "--metrics-tls", args.metrics_tls_cert, args.metrics_tls_key, args.metrics_tls_client_ca
+    )
     # Only what was given on the command line; ServerConfig holds the defaults.
     options = {
         "bind_address": args.bind,
@@ -241,17 +276,27 @@ def cmd_serve(args) -> int:
         "checkpoint_seconds": args.checkpoint_seconds,
         "max_streams": args.max_streams,
         "shutdown_grace_seconds": args.shutdown_grace,
+        "tls": tls,
+        "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,
+        "reflection": False if args.no_reflection else None,
+        "metrics_tls": metrics_tls,
+        "metrics_basic_auth": Path(args.metrics_basic_auth) if args.metrics_basic_auth else None,
+        "insecure": args.insecure or None,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
+    problem = exposure_problem(config)
+    if problem is not None:
+        raise CliError(problem, EXIT_USAGE)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
     def on_ready(server) -> None:
+        scheme = "http" if config.metrics_tls is None else "https"
         metrics = (
-            f", metrics on http://{config.bind_address}:{server.metrics_port}/metrics"
+            f", metrics on {scheme}://{config.bind_address}:{server.metrics_port}/metrics"
             if server.metrics_port
             else ""
         )
@@ -278,6 +323,20 @@ def cmd_serve(args) -> int:
             f"{error}"
         ) from None
     return EXIT_OK
+
+
+def _tls_files(flag: str, cert: str | None, key: str | None, client_ca: str | None):
+    from service.api.tls import TlsFiles
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise CliError(f"{flag}-client-ca needs {flag}-cert and {flag}-key", EXIT_USAGE)
+        return None
+    if cert is None or key is None:
+        raise CliError(f"{flag}-cert and {flag}-key go together", EXIT_USAGE)
+    return TlsFiles(
+        cert=Path(cert), key=Path(key), client_ca=Path(client_ca) if client_ca else None
+    )
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -4,7 +4,9 @@
     ntrain train --epochs 2             submit a job and follow it with a progress bar
     ntrain jobs | watch | cancel | eval | predict | info | health
 
-Client commands talk to --address (default $NTRAIN_ADDRESS or 127.0.0.1:50051).
+Client commands talk to --address (default $NTRAIN_ADDRESS or 127.0.0.1:50051),
+with TLS when --tls-ca (or $NTRAIN_TLS_CA) names a CA, and a bearer token from
+--token-file, $NTRAIN_TOKEN or $NTRAIN_TOKEN_FILE.
 Every failure is one line on standard error and a non-zero exit status; set
 NTRAIN_DEBUG=1 to see a traceback for an unexpected one.
 """
@@ -17,8 +19,14 @@ from collections.abc import Sequence
 
 import grpc
 
-from service.cli.client import QUICK_TIMEOUT, describe_rpc_error, open_channel
-from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, CliError
+from service.cli.client import (
+    QUICK_TIMEOUT,
+    CredentialsError,
+    describe_rpc_error,
+    load_credentials,
+    open_channel,
+)
+from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.parser import build_parser
 
 DEBUG_ENV = "NTRAIN_DEBUG"
@@ -33,10 +41,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if address is None:
             return args.run(args)
-        with open_channel(address) as args.channel:
+        credentials = load_credentials(
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token_file=args.token_file,
+        )
+        with open_channel(address, credentials) as args.channel:
             return args.run(args)
     except CliError as error:
         return _fail(str(error), error.exit_code)
+    except CredentialsError as error:
+        return _fail(str(error), EXIT_USAGE)
     except grpc.RpcError as error:
         return _fail(describe_rpc_error(error, address or "", args.timeout))
     except KeyboardInterrupt:

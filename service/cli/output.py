@@ -80,7 +80,9 @@ def job_epoch(job: training_pb2.Job) -> str:
 
 
 def jobs_table(jobs: Sequence[training_pb2.Job]) -> str:
-    headers = ("JOB", "STATE", "CREATED", "DATASET", "LAYERS", "EPOCH", "ACCURACY", "STRATEGY")
+    headers = (
+        "JOB", "STATE", "CREATED", "DATASET", "LAYERS", "EPOCH", "ACCURACY", "STRATEGY", "OWNER"
+    )  # fmt: skip
     rows = [
         (
             job.job_id,
@@ -91,6 +93,7 @@ def jobs_table(jobs: Sequence[training_pb2.Job]) -> str:
             job_epoch(job),
             job_accuracy(job),
             job.strategy or job.spec.strategy.name or "auto",
+            job.owner or "-",  # "-": submitted without authentication
         )
         for job in jobs
     ]

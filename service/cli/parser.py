@@ -9,7 +9,17 @@ from ntrain.v1 import training_pb2
 
 from naive_model.config import INITIALIZERS, OPTIMIZERS, TrainConfig
 from service.cli import commands
-from service.cli.client import ADDRESS_ENV, DEFAULT_ADDRESS, MODEL_TIMEOUT, QUICK_TIMEOUT
+from service.cli.client import (
+    ADDRESS_ENV,
+    DEFAULT_ADDRESS,
+    MODEL_TIMEOUT,
+    QUICK_TIMEOUT,
+    TLS_CA_ENV,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+)
 from service.cli.errors import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.protocol import SERVICE_STRATEGIES
@@ -48,6 +58,10 @@ _EXAMPLES = """examples:
   ntrain predict $JOB --mnist-test 5 --show
   ntrain cancel $JOB
 
+With TLS and tokens (see README, Security):
+  ntrain serve --tls-cert server.crt --tls-key server.key --auth-tokens tokens
+  ntrain jobs --tls-ca ca.crt --token-file alice.token
+
 Each command has --help. Errors are one line on stderr and a non-zero exit."""
 
 
@@ -78,6 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"seconds to wait for an answer (default {QUICK_TIMEOUT:g}; "
         f"{MODEL_TIMEOUT:g} for eval and predict)",
+    )
+    client.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=None,
+        help=f"connect with TLS, trusting this CA certificate (default ${TLS_CA_ENV})",
+    )
+    client.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help=f"client certificate, for a server that asks for one (default ${TLS_CERT_ENV})",
+    )
+    client.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=None,
+        help=f"the client certificate's key (default ${TLS_KEY_ENV})",
+    )
+    client.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help=f"file holding the bearer token (default ${TOKEN_ENV}, the token itself, "
+        f"then ${TOKEN_FILE_ENV})",
     )
     as_json = _OneLineParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -160,7 +199,72 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the bound gRPC port to this file once serving",
     )
+    security = serve.add_argument_group(
+        "security",
+        "SIGHUP re-reads every file below without stopping a job. An address other than "
+        "loopback needs TLS and authentication on both ports, or --insecure.",
+    )
+    security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+    security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    security.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    security.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="require a bearer token from this file's principals (NAME ROLE HASH lines; "
+        "see ntrain token new)",
+    )
+    security.add_argument(
+        "--no-reflection", action="store_true", help="do not offer gRPC server reflection"
+    )
+    security.add_argument("--metrics-tls-cert", metavar="FILE", help="serve /metrics over TLS")
+    security.add_argument("--metrics-tls-key", metavar="FILE", help="its private key")
+    security.add_argument(
+        "--metrics-tls-client-ca", metavar="FILE", help="require scrapers' client certificates"
+    )
+    security.add_argument(
+        "--metrics-basic-auth",
+        metavar="FILE",
+        help="require basic auth on /metrics from this file's users (NAME HASH lines; "
+        "see ntrain token hash)",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on an address other than loopback without TLS or authentication",
+    )
     serve.set_defaults(run=commands.cmd_serve)
+
+    token = subcommands.add_parser(
+        "token", help="make bearer tokens and the hashes the server keeps of them"
+    )
+    token_commands = token.add_subparsers(
+        dest="token_command", metavar="ACTION", parser_class=_OneLineParser
+    )
+    token_commands.required = True
+    new_token = token_commands.add_parser(
+        "new",
+        help="add a principal to a token file and print its new token",
+        description="Appends NAME ROLE HASH to the token file (made 0600 if new) and prints "
+        "the token on standard output, once: the file keeps only its hash. SIGHUP the "
+        "server to use it.",
+    )
+    new_token.add_argument("name", metavar="NAME", help="the principal (a job's owner)")
+    new_token.add_argument(
+        "--role", required=True, choices=("viewer", "trainer", "admin"), help="what it may do"
+    )
+    new_token.add_argument(
+        "--auth-tokens", metavar="FILE", required=True, help="the server's token file"
+    )
+    new_token.set_defaults(run=commands.cmd_token_new)
+    hash_token = token_commands.add_parser(
+        "hash",
+        help="print the hash of a token or password read from standard input",
+        description="For a token you made yourself (NAME ROLE HASH in --auth-tokens) or a "
+        "metrics password (NAME HASH in --metrics-basic-auth).",
+    )
+    hash_token.set_defaults(run=commands.cmd_token_hash)
 
     defaults = TrainConfig()
     train = subcommands.add_parser("train", parents=[client], help="submit a job and follow it")

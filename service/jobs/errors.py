@@ -28,6 +28,14 @@ class AlreadyExists(ServiceError):
     """A request_id was used before for a different request."""
 
 
+class Unauthenticated(ServiceError):
+    """No credentials, or credentials the server does not accept (never echoed back)."""
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known, but its role or the job's owner does not allow the request."""
+
+
 class FailedPrecondition(ServiceError):
     """The request is valid but the job or host is not in a state to do it."""
 

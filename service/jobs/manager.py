@@ -15,6 +15,7 @@ client that names its last sequence misses nothing and sees nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import threading
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from service.devices import DeviceInventory
+from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_request_id
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import (
     AlreadyExists,
@@ -183,15 +185,23 @@ class JobManager:
 
     # -- requests -------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, request_id: str = "") -> JobRecord:
-        """Queue a job, or return the one already submitted under `request_id`.
+    def submit(
+        self, spec: JobSpec, request_id: str = "", *, principal: Principal = LOCAL
+    ) -> JobRecord:
+        """Queue a job owned by `principal`, or return the one it submitted under `request_id`.
+
+        Each owner has its own request_ids: the same key from two principals
+        names two jobs. (`principal` defaults to the anonymous local caller of
+        a server without authentication; the API always passes the caller.)
 
         Raises:
+            PermissionDenied: the principal's role may not submit.
             InvalidArgument: a field of `spec` is invalid.
-            AlreadyExists: `request_id` names a job with another spec.
+            AlreadyExists: `request_id` names a job of this owner with another spec.
             FailedPrecondition: more GPUs than the host has.
             ResourceExhausted: the queue is full.
         """
+        authorize(principal, Action.SUBMIT)
         gpu_memory = min((gpu.memory_bytes for gpu in self.inventory.gpus), default=0)
         demand, _ = validate_job_spec(
             spec,
@@ -201,14 +211,14 @@ class JobManager:
         )
         with self._lock:
             if request_id:
-                existing = self.store.find_by_request_id(request_id)
+                existing = self.store.find_by_request_id(principal.name, request_id)
                 if existing is not None:
                     if existing.spec != spec:
                         raise AlreadyExists(
                             f"request_id {request_id!r} was used for job {existing.job_id} "
                             "with a different spec"
                         )
-                    return existing
+                    return self._as_seen_by(principal, existing)
             if self._closed:
                 raise Unavailable("the server is shutting down")
             self.scheduler.check_admission(demand)
@@ -220,15 +230,22 @@ class JobManager:
                 spec=spec,
                 state="QUEUED",
                 create_time=now,
+                owner=principal.name,
             )
             self._stored(self.store.create_job(record, now))
             self.scheduler.enqueue(job_id, demand)
             self._dispatch()
             self._report_counts()
-            return self.get(job_id)
+            return self.get(job_id, principal=principal)
 
-    def get(self, job_id: str) -> JobRecord:
-        """The job as stored; served from memory until the job next changes."""
+    def get(self, job_id: str, *, principal: Principal = LOCAL) -> JobRecord:
+        """The job as `principal` may see it (another owner's request_id is hidden).
+
+        Served from memory until the job next changes.
+        """
+        return self._as_seen_by(principal, self._record(job_id))
+
+    def _record(self, job_id: str) -> JobRecord:
         with self._lock:
             record = self._records.get(job_id)
             if record is not None:
@@ -244,9 +261,22 @@ class JobManager:
             return record
 
     def list(
-        self, *, states: tuple[str, ...] = (), page_size: int = 50, cursor: int | None = None
+        self,
+        *,
+        states: tuple[str, ...] = (),
+        page_size: int = 50,
+        cursor: int | None = None,
+        principal: Principal = LOCAL,
     ) -> tuple[list[JobRecord], int | None]:
-        return self.store.list_jobs(states=states, limit=page_size, before=cursor)
+        """Every owner's jobs, newest first, as `principal` may see them (see `get`)."""
+        records, next_cursor = self.store.list_jobs(states=states, limit=page_size, before=cursor)
+        return [self._as_seen_by(principal, record) for record in records], next_cursor
+
+    @staticmethod
+    def _as_seen_by(principal: Principal, record: JobRecord) -> JobRecord:
+        if may_see_request_id(principal, record.owner):
+            return record
+        return dataclasses.replace(record, request_id="")
 
     def watch(
         self, job_id: str, after_sequence: int = 0, *, is_active: Callable[[], bool] = lambda: True
@@ -305,41 +335,65 @@ class JobManager:
             condition = self._conditions[job_id] = threading.Condition(self._lock)
         return condition
 
-    def cancel(self, job_id: str, wait: float = CANCEL_WAIT_SECONDS) -> JobRecord:
+    def cancel(
+        self, job_id: str, wait: float = CANCEL_WAIT_SECONDS, *, principal: Principal = LOCAL
+    ) -> JobRecord:
         """Cancel a queued or running job; a finished job is returned unchanged.
 
         A running job reports CANCELED only after its worker process is gone and
         its devices are free; this waits up to `wait` seconds for that.
+
+        Raises:
+            NotFound: no such job.
+            PermissionDenied: a trainer's job of another owner, or a viewer.
         """
         with self._lock:
             record = self.get(job_id)
+            authorize(principal, Action.CANCEL, record.owner)
             if record.finished:
-                return record
+                return self._as_seen_by(principal, record)
             runner = self._runners.get(job_id)
             if runner is None:  # still queued
                 self.scheduler.remove(job_id)
                 self._transition(job_id, "CANCELED", "canceled while queued")
                 self.metrics.job_finished(job_id, "canceled", 0.0)
                 self._report_counts()
-                return self.get(job_id)
+                return self.get(job_id, principal=principal)
             if record.state != "CANCELLING":
                 self._transition(job_id, "CANCELLING", "cancel requested")
                 self._report_counts()
             runner.stop(CANCELED)
         runner.join(wait)
-        return self.get(job_id)
+        return self.get(job_id, principal=principal)
 
-    def evaluate(self, job_id: str, dataset: str = "", use_checkpoint: bool = False) -> Evaluation:
-        """Loss and accuracy of the job's model (or latest checkpoint) on a test split."""
-        return self.models.evaluate(self.get(job_id), dataset, use_checkpoint)
+    def evaluate(
+        self,
+        job_id: str,
+        dataset: str = "",
+        use_checkpoint: bool = False,
+        *,
+        principal: Principal = LOCAL,
+    ) -> Evaluation:
+        """Loss and accuracy of the job's model (or latest checkpoint) on a test split.
 
-    def model_input_size(self, job_id: str) -> int:
+        Raises:
+            PermissionDenied: a trainer's job of another owner, or a viewer.
+        """
+        return self.models.evaluate(self._model_job(job_id, principal), dataset, use_checkpoint)
+
+    def model_input_size(self, job_id: str, *, principal: Principal = LOCAL) -> int:
         """Features per example of the job's trained model (FailedPrecondition without one)."""
-        return self.models.require_model(self.get(job_id)).input_size
+        return self.models.require_model(self._model_job(job_id, principal)).input_size
 
-    def predict(self, job_id: str, inputs) -> Predictions:
+    def predict(self, job_id: str, inputs, *, principal: Principal = LOCAL) -> Predictions:
         """Class probabilities, (examples, classes), from the job's trained model."""
-        return self.models.predict(self.get(job_id), inputs)
+        return self.models.predict(self._model_job(job_id, principal), inputs)
+
+    def _model_job(self, job_id: str, principal: Principal) -> JobRecord:
+        """The job whose model `principal` wants to use, if it may."""
+        record = self.get(job_id)
+        authorize(principal, Action.USE_MODEL, record.owner)
+        return record
 
     def status(self) -> ServerStatus:
         with self._lock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -60,12 +61,13 @@ def decode_payload(kind: str, data: str) -> JobEventPayload:
     return _PAYLOAD_TYPES[kind](**json.loads(data))
 
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
     job_id TEXT NOT NULL UNIQUE,
-    request_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',         -- the principal that submitted it; '' anonymous
+    request_id TEXT NOT NULL,               -- unique per owner: jobs_by_request_id
     spec TEXT NOT NULL,                     -- JSON of the normalized JobSpec
     state TEXT NOT NULL,
     create_time REAL NOT NULL,
@@ -79,6 +81,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     checkpoint TEXT                         -- JSON of the latest CheckpointSaved
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_id ON jobs (owner, request_id);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs (job_id),
     sequence INTEGER NOT NULL,
@@ -88,13 +91,37 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
 """
-# Each step takes a database of the version before it to the next.
-_MIGRATIONS = {
-    2: (
-        "ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE jobs ADD COLUMN checkpoint TEXT",
-    ),
-}
+# Version 1 had no owner, restarts or checkpoint, and request_id UNIQUE over
+# all jobs. SQLite cannot drop a column's UNIQUE constraint, so the table is
+# rebuilt (SQLite's documented way: foreign keys off, copy, drop, rename,
+# check). Every job keeps its seq, so the order of ListJobs and its page
+# tokens stay as they were; old jobs are unowned. (Version 2 was never
+# released: this server migrates from 1 only.)
+_MIGRATE_1 = """
+CREATE TABLE jobs_new (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',
+    request_id TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    strategy TEXT NOT NULL DEFAULT '',
+    devices TEXT NOT NULL DEFAULT '[]',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    progress TEXT,
+    result TEXT,
+    last_sequence INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    checkpoint TEXT
+);
+INSERT INTO jobs_new (seq, job_id, owner, request_id, spec, state, create_time, strategy,
+                      devices, failure_reason, progress, result, last_sequence)
+    SELECT seq, job_id, '', request_id, spec, state, create_time, strategy,
+           devices, failure_reason, progress, result, last_sequence FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_new RENAME TO jobs;
+"""
 
 
 @dataclass(frozen=True)
@@ -117,7 +144,7 @@ class Transition:
 @dataclass(frozen=True)
 class JobRecord:
     job_id: str
-    request_id: str
+    request_id: str  # the owner's idempotency key
     spec: JobSpec
     state: str
     create_time: float
@@ -130,6 +157,7 @@ class JobRecord:
     transitions: tuple[Transition, ...] = field(default=())
     restarts: int = 0
     checkpoint: CheckpointSaved | None = None  # the latest one
+    owner: str = ""  # the principal that submitted it; "" anonymous
 
     @property
     def finished(self) -> bool:
@@ -142,7 +170,12 @@ class Store:
     def __init__(self, state_dir: str | Path):
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        # Jobs' models, logs and request_ids are their owners' business: the
+        # state directory is this user's alone (0700), whatever made it before.
+        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in (self.state_dir, self.jobs_dir):
+            if directory.stat().st_uid == os.getuid():
+                directory.chmod(0o700)
         self.path = self.state_dir / "ntrain.db"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -150,7 +183,7 @@ class Store:
         with self._lock:
             # Refuse a database from a newer server before writing anything to it.
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > _SCHEMA_VERSION:
+            if version not in (0, 1, _SCHEMA_VERSION):
                 self._db.close()
                 raise RuntimeError(
                     f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
@@ -160,13 +193,29 @@ class Store:
             # lose the last transactions, which is acceptable for progress rows.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            if version == 0:
-                self._db.executescript(_SCHEMA)
-            else:
-                for step in range(version + 1, _SCHEMA_VERSION + 1):
-                    for statement in _MIGRATIONS[step]:
-                        self._db.execute(statement)
+            if version == 1:
+                self._migrate_from_1()
+            self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _migrate_from_1(self) -> None:
+        self._db.execute("PRAGMA foreign_keys=OFF")  # must be outside a transaction
+        try:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{_MIGRATE_1}\nPRAGMA user_version={_SCHEMA_VERSION};"
+            )
+            if self._db.execute("PRAGMA foreign_key_check").fetchall():
+                self._db.execute("ROLLBACK")
+                raise RuntimeError(
+                    f"{self.path}: migrating from version 1 left events without a job"
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -186,10 +235,11 @@ class Store:
         payload = StateChange(state=record.state)
         with self._lock, self._transaction():
             self._db.execute(
-                "INSERT INTO jobs (job_id, request_id, spec, state, create_time, last_sequence)"
-                " VALUES (?, ?, ?, ?, ?, 1)",
+                "INSERT INTO jobs (job_id, owner, request_id, spec, state, create_time,"
+                " last_sequence) VALUES (?, ?, ?, ?, ?, ?, 1)",
                 (
                     record.job_id,
+                    record.owner,
                     record.request_id,
                     json.dumps(record.spec.to_dict(), sort_keys=True),
                     record.state,
@@ -277,10 +327,11 @@ class Store:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             return None if row is None else self._record(row)
 
-    def find_by_request_id(self, request_id: str) -> JobRecord | None:
+    def find_by_request_id(self, owner: str, request_id: str) -> JobRecord | None:
+        """The job `owner` submitted under `request_id`: each owner has its own keys."""
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE request_id = ?", (request_id,)
+                "SELECT * FROM jobs WHERE owner = ? AND request_id = ?", (owner, request_id)
             ).fetchone()
             return None if row is None else self._record(row)
 
@@ -378,6 +429,7 @@ class Store:
                 checkpoint=(
                     CheckpointSaved(**json.loads(row["checkpoint"])) if row["checkpoint"] else None
                 ),
+                owner=row["owner"],
             )
             for row in rows
         ]

@@ -130,6 +130,7 @@ def spawn_worker(
         stdin=subprocess.DEVNULL,
         env=env,
         close_fds=True,
+        umask=0o077,  # checkpoints, models and logs readable by the server's user only
     )
     worker_end.close()  # so that the server sees EOF when the worker ends
     return WorkerProcess(process, Connection(server_end.detach()), warm=preload)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ntrain/v1/training.proto\x12\tntrain.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\tLayerSpec\x12\r\n\x05units\x18\x01 \x01(\x05\x12\x12\n\nactivation\x18\x02 \x01(\t\"F\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\"2\n\x0cStrategySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x02 \x01(\x05\"\x9c\x03\n\x07JobSpec\x12$\n\x06layers\x18\x01 \x03(\x0b\x32\x14.ntrain.v1.LayerSpec\x12\x13\n\x0binitializer\x18\x02 \x01(\t\x12+\n\toptimizer\x18\x03 \x01(\x0b\x32\x18.ntrain.v1.OptimizerSpec\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12)\n\x08strategy\x18\x07 \x01(\x0b\x32\x17.ntrain.v1.StrategySpec\x12\x1b\n\x13steps_per_execution\x18\x08 \x01(\x05\x12\x13\n\x0bjit_compile\x18\t \x01(\x08\x12\x0c\n\x04seed\x18\n \x01(\x03\x12$\n\x17\x63heckpoint_every_epochs\x18\x0b \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x13max_runtime_seconds\x18\x0c \x01(\x01\x12\x19\n\x0cmax_restarts\x18\r \x01(\x05H\x01\x88\x01\x01\x42\x1a\n\x18_checkpoint_every_epochsB\x0f\n\r_max_restarts\"o\n\x0fStateTransition\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.ntrain.v1.JobState\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb6\x01\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x03\x12\x15\n\rstep_in_epoch\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x07 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x08 \x01(\x01\x12\x10\n\x08\x65xamples\x18\t \x01(\x03\"\x84\x01\n\x0c\x45pochSummary\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x03 \x01(\x01\x12\x11\n\teval_loss\x18\x04 \x01(\x01\x12\x15\n\reval_accuracy\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\xb7\x01\n\tJobResult\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x03\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x07 \x01(\x01\x12\x11\n\thas_model\x18\x08 \x01(\x08\"\xeb\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.ntrain.v1.JobSpec\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.ntrain.v1.JobState\x12/\n\x0btransitions\x18\x05 \x03(\x0b\x32\x1a.ntrain.v1.StateTransition\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x07 \x01(\t\x12%\n\x08progress\x18\x08 \x01(\x0b\x32\x13.ntrain.v1.Progress\x12$\n\x06result\x18\t \x01(\x0b\x32\x14.ntrain.v1.JobResult\x12\x0f\n\x07\x64\x65vices\x18\n \x03(\t\x12\x10\n\x08strategy\x18\x0b \x01(\t\x12\x10\n\x08restarts\x18\r \x01(\x05\"\x92\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x1a.ntrain.v1.StateTransitionH\x00\x12\'\n\x08progress\x18\x05 \x01(\x0b\x32\x13.ntrain.v1.ProgressH\x00\x12,\n\tepoch_end\x18\x06 \x01(\x0b\x32\x17.ntrain.v1.EpochSummaryH\x00\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x14.ntrain.v1.JobResultH\x00\x42\x07\n\x05\x65vent\"H\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.ntrain.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.ntrain.v1.JobState\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.ntrain.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"J\n\x0f\x45valuateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x16\n\x0euse_checkpoint\x18\x03 \x01(\x08\"e\n\x10\x45valuateResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x03 \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\"\x1d\n\x07\x45xample\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"D\n\x0ePredictRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.ntrain.v1.Example\"6\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x19\n\rprobabilities\x18\x02 \x03(\x02\x42\x02\x10\x01\"=\n\x0fPredictResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.ntrain.v1.Prediction\"\x16\n\x14GetServerInfoRequest\"]\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x08\"\xcb\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x1a\n\x12tensorflow_version\x18\x02 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x11.ntrain.v1.Device\x12\x12\n\nstrategies\x18\x04 \x03(\t\x12\x14\n\x0cqueue_length\x18\x05 \x01(\x05\x12\x14\n\x0crunning_jobs\x18\x06 \x01(\x05\x12\x14\n\x0cwarm_workers\x18\x07 \x01(\x05\x12\x16\n\x0epython_version\x18\x08 \x01(\t*\x85\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0c\n\x08STARTING\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\x0e\n\nCANCELLING\x10\x04\x12\r\n\tSUCCEEDED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\x0c\n\x08\x43\x41NCELED\x10\x07\x32\x8d\x04\n\x0fTrainingService\x12\x38\n\tSubmitJob\x12\x1b.ntrain.v1.SubmitJobRequest\x1a\x0e.ntrain.v1.Job\x12\x32\n\x06GetJob\x12\x18.ntrain.v1.GetJobRequest\x1a\x0e.ntrain.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.ntrain.v1.ListJobsRequest\x1a\x1b.ntrain.v1.ListJobsResponse\x12=\n\x08WatchJob\x12\x1a.ntrain.v1.WatchJobRequest\x1a\x13.ntrain.v1.JobEvent0\x01\x12\x38\n\tCancelJob\x12\x1b.ntrain.v1.CancelJobRequest\x1a\x0e.ntrain.v1.Job\x12\x43\n\x08\x45valuate\x12\x1a.ntrain.v1.EvaluateRequest\x1a\x1b.ntrain.v1.EvaluateResponse\x12@\n\x07Predict\x12\x19.ntrain.v1.PredictRequest\x1a\x1a.ntrain.v1.PredictResponse\x12G\n\rGetServerInfo\x12\x1f.ntrain.v1.GetServerInfoRequest\x1a\x15.ntrain.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ntrain/v1/training.proto\x12\tntrain.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\tLayerSpec\x12\r\n\x05units\x18\x01 \x01(\x05\x12\x12\n\nactivation\x18\x02 \x01(\t\"F\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\"2\n\x0cStrategySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x02 \x01(\x05\"\x9c\x03\n\x07JobSpec\x12$\n\x06layers\x18\x01 \x03(\x0b\x32\x14.ntrain.v1.LayerSpec\x12\x13\n\x0binitializer\x18\x02 \x01(\t\x12+\n\toptimizer\x18\x03 \x01(\x0b\x32\x18.ntrain.v1.OptimizerSpec\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12)\n\x08strategy\x18\x07 \x01(\x0b\x32\x17.ntrain.v1.StrategySpec\x12\x1b\n\x13steps_per_execution\x18\x08 \x01(\x05\x12\x13\n\x0bjit_compile\x18\t \x01(\x08\x12\x0c\n\x04seed\x18\n \x01(\x03\x12$\n\x17\x63heckpoint_every_epochs\x18\x0b \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x13max_runtime_seconds\x18\x0c \x01(\x01\x12\x19\n\x0cmax_restarts\x18\r \x01(\x05H\x01\x88\x01\x01\x42\x1a\n\x18_checkpoint_every_epochsB\x0f\n\r_max_restarts\"o\n\x0fStateTransition\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.ntrain.v1.JobState\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb6\x01\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x03\x12\x15\n\rstep_in_epoch\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x07 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x08 \x01(\x01\x12\x10\n\x08\x65xamples\x18\t \x01(\x03\"\x84\x01\n\x0c\x45pochSummary\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x03 \x01(\x01\x12\x11\n\teval_loss\x18\x04 \x01(\x01\x12\x15\n\reval_accuracy\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\xb7\x01\n\tJobResult\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x03\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x07 \x01(\x01\x12\x11\n\thas_model\x18\x08 \x01(\x08\"\xfa\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.ntrain.v1.JobSpec\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.ntrain.v1.JobState\x12/\n\x0btransitions\x18\x05 \x03(\x0b\x32\x1a.ntrain.v1.StateTransition\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x07 \x01(\t\x12%\n\x08progress\x18\x08 \x01(\x0b\x32\x13.ntrain.v1.Progress\x12$\n\x06result\x18\t \x01(\x0b\x32\x14.ntrain.v1.JobResult\x12\x0f\n\x07\x64\x65vices\x18\n \x03(\t\x12\x10\n\x08strategy\x18\x0b \x01(\t\x12\r\n\x05owner\x18\x0c \x01(\t\x12\x10\n\x08restarts\x18\r \x01(\x05\"\x92\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x1a.ntrain.v1.StateTransitionH\x00\x12\'\n\x08progress\x18\x05 \x01(\x0b\x32\x13.ntrain.v1.ProgressH\x00\x12,\n\tepoch_end\x18\x06 \x01(\x0b\x32\x17.ntrain.v1.EpochSummaryH\x00\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x14.ntrain.v1.JobResultH\x00\x42\x07\n\x05\x65vent\"H\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.ntrain.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.ntrain.v1.JobState\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.ntrain.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"J\n\x0f\x45valuateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x16\n\x0euse_checkpoint\x18\x03 \x01(\x08\"e\n\x10\x45valuateResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x03 \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\"\x1d\n\x07\x45xample\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"D\n\x0ePredictRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.ntrain.v1.Example\"6\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x19\n\rprobabilities\x18\x02 \x03(\x02\x42\x02\x10\x01\"=\n\x0fPredictResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.ntrain.v1.Prediction\"\x16\n\x14GetServerInfoRequest\"]\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x08\"\xcb\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x1a\n\x12tensorflow_version\x18\x02 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x11.ntrain.v1.Device\x12\x12\n\nstrategies\x18\x04 \x03(\t\x12\x14\n\x0cqueue_length\x18\x05 \x01(\x05\x12\x14\n\x0crunning_jobs\x18\x06 \x01(\x05\x12\x14\n\x0cwarm_workers\x18\x07 \x01(\x05\x12\x16\n\x0epython_version\x18\x08 \x01(\t*\x85\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0c\n\x08STARTING\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\x0e\n\nCANCELLING\x10\x04\x12\r\n\tSUCCEEDED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\x0c\n\x08\x43\x41NCELED\x10\x07\x32\x8d\x04\n\x0fTrainingService\x12\x38\n\tSubmitJob\x12\x1b.ntrain.v1.SubmitJobRequest\x1a\x0e.ntrain.v1.Job\x12\x32\n\x06GetJob\x12\x18.ntrain.v1.GetJobRequest\x1a\x0e.ntrain.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.ntrain.v1.ListJobsRequest\x1a\x1b.ntrain.v1.ListJobsResponse\x12=\n\x08WatchJob\x12\x1a.ntrain.v1.WatchJobRequest\x1a\x13.ntrain.v1.JobEvent0\x01\x12\x38\n\tCancelJob\x12\x1b.ntrain.v1.CancelJobRequest\x1a\x0e.ntrain.v1.Job\x12\x43\n\x08\x45valuate\x12\x1a.ntrain.v1.EvaluateRequest\x1a\x1b.ntrain.v1.EvaluateResponse\x12@\n\x07Predict\x12\x19.ntrain.v1.PredictRequest\x1a\x1a.ntrain.v1.PredictResponse\x12G\n\rGetServerInfo\x12\x1f.ntrain.v1.GetServerInfoRequest\x1a\x15.ntrain.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXAMPLE'].fields_by_name['values']._serialized_options = b'\020\001'
   _globals['_PREDICTION'].fields_by_name['probabilities']._loaded_options = None
   _globals['_PREDICTION'].fields_by_name['probabilities']._serialized_options = b'\020\001'
-  _globals['_JOBSTATE']._serialized_start=3018
-  _globals['_JOBSTATE']._serialized_end=3151
+  _globals['_JOBSTATE']._serialized_start=3033
+  _globals['_JOBSTATE']._serialized_end=3166
   _globals['_LAYERSPEC']._serialized_start=72
   _globals['_LAYERSPEC']._serialized_end=118
   _globals['_OPTIMIZERSPEC']._serialized_start=120
@@ -55,39 +55,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBRESULT']._serialized_start=1093
   _globals['_JOBRESULT']._serialized_end=1276
   _globals['_JOB']._serialized_start=1279
-  _globals['_JOB']._serialized_end=1642
-  _globals['_JOBEVENT']._serialized_start=1645
-  _globals['_JOBEVENT']._serialized_end=1919
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1921
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1993
-  _globals['_GETJOBREQUEST']._serialized_start=1995
-  _globals['_GETJOBREQUEST']._serialized_end=2026
-  _globals['_LISTJOBSREQUEST']._serialized_start=2028
-  _globals['_LISTJOBSREQUEST']._serialized_end=2121
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2123
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2196
-  _globals['_WATCHJOBREQUEST']._serialized_start=2198
-  _globals['_WATCHJOBREQUEST']._serialized_end=2255
-  _globals['_CANCELJOBREQUEST']._serialized_start=2257
-  _globals['_CANCELJOBREQUEST']._serialized_end=2291
-  _globals['_EVALUATEREQUEST']._serialized_start=2293
-  _globals['_EVALUATEREQUEST']._serialized_end=2367
-  _globals['_EVALUATERESPONSE']._serialized_start=2369
-  _globals['_EVALUATERESPONSE']._serialized_end=2470
-  _globals['_EXAMPLE']._serialized_start=2472
-  _globals['_EXAMPLE']._serialized_end=2501
-  _globals['_PREDICTREQUEST']._serialized_start=2503
-  _globals['_PREDICTREQUEST']._serialized_end=2571
-  _globals['_PREDICTION']._serialized_start=2573
-  _globals['_PREDICTION']._serialized_end=2627
-  _globals['_PREDICTRESPONSE']._serialized_start=2629
-  _globals['_PREDICTRESPONSE']._serialized_end=2690
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2692
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2714
-  _globals['_DEVICE']._serialized_start=2716
-  _globals['_DEVICE']._serialized_end=2809
-  _globals['_SERVERINFO']._serialized_start=2812
-  _globals['_SERVERINFO']._serialized_end=3015
-  _globals['_TRAININGSERVICE']._serialized_start=3154
-  _globals['_TRAININGSERVICE']._serialized_end=3679
+  _globals['_JOB']._serialized_end=1657
+  _globals['_JOBEVENT']._serialized_start=1660
+  _globals['_JOBEVENT']._serialized_end=1934
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1936
+  _globals['_SUBMITJOBREQUEST']._serialized_end=2008
+  _globals['_GETJOBREQUEST']._serialized_start=2010
+  _globals['_GETJOBREQUEST']._serialized_end=2041
+  _globals['_LISTJOBSREQUEST']._serialized_start=2043
+  _globals['_LISTJOBSREQUEST']._serialized_end=2136
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2138
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2211
+  _globals['_WATCHJOBREQUEST']._serialized_start=2213
+  _globals['_WATCHJOBREQUEST']._serialized_end=2270
+  _globals['_CANCELJOBREQUEST']._serialized_start=2272
+  _globals['_CANCELJOBREQUEST']._serialized_end=2306
+  _globals['_EVALUATEREQUEST']._serialized_start=2308
+  _globals['_EVALUATEREQUEST']._serialized_end=2382
+  _globals['_EVALUATERESPONSE']._serialized_start=2384
+  _globals['_EVALUATERESPONSE']._serialized_end=2485
+  _globals['_EXAMPLE']._serialized_start=2487
+  _globals['_EXAMPLE']._serialized_end=2516
+  _globals['_PREDICTREQUEST']._serialized_start=2518
+  _globals['_PREDICTREQUEST']._serialized_end=2586
+  _globals['_PREDICTION']._serialized_start=2588
+  _globals['_PREDICTION']._serialized_end=2642
+  _globals['_PREDICTRESPONSE']._serialized_start=2644
+  _globals['_PREDICTRESPONSE']._serialized_end=2705
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2707
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2729
+  _globals['_DEVICE']._serialized_start=2731
+  _globals['_DEVICE']._serialized_end=2824
+  _globals['_SERVERINFO']._serialized_start=2827
+  _globals['_SERVERINFO']._serialized_end=3030
+  _globals['_TRAININGSERVICE']._serialized_start=3169
+  _globals['_TRAININGSERVICE']._serialized_end=3694
 # @@protoc_insertion_point(module_scope)

@@ -154,7 +154,7 @@ class JobResult(_message.Message):
     def __init__(self, train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., has_model: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "restarts")
+    __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "owner", "restarts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class Job(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
@@ -178,8 +179,9 @@ class Job(_message.Message):
     result: JobResult
     devices: _containers.RepeatedScalarFieldContainer[str]
     strategy: str
+    owner: str
     restarts: int
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., transitions: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., transitions: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., owner: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "time", "state_change", "progress", "epoch_end", "result")

@@ -80,8 +80,9 @@ class TrainingServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def SubmitJob(self, request, context):
-        """Submit a training job. Idempotent on request_id: the same request_id with
-        the same spec returns the existing job; with a different spec, ALREADY_EXISTS.
+        """Submit a training job. Idempotent on request_id, per caller: the same
+        caller's request_id with the same spec returns the existing job; with a
+        different spec, ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

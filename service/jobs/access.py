@@ -1,0 +1,96 @@
+"""Who may do what: principals, their roles, and the rules on jobs they do not own.
+
+Plain data, no gRPC: the API's auth interceptor turns a bearer token into a
+`Principal` and asks `authorize` whether its role allows the method at all; the
+job manager asks again with the job's owner where ownership matters (cancel,
+evaluate, predict). Roles nest:
+
+    viewer   read: get, list and watch any job, server info
+    trainer  also submit, and cancel, evaluate and predict on its own jobs
+    admin    everything, on any job
+
+A job's owner is the name of the principal that submitted it; "" means
+anonymous (jobs submitted with authentication off, or before jobs had owners),
+which only an admin may act on once authentication is on.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from service.jobs.errors import PermissionDenied
+
+VIEWER = "viewer"
+TRAINER = "trainer"
+ADMIN = "admin"
+ROLES = (VIEWER, TRAINER, ADMIN)
+
+# Letters, digits and ._@- : a name that prints safely in a table and a log line.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+class Action(enum.Enum):
+    """What a request does, as far as permissions go; the value reads in a message."""
+
+    READ = "read jobs"
+    SUBMIT = "submit jobs"
+    CANCEL = "cancel"
+    USE_MODEL = "evaluate or predict with"
+
+
+ROLE_ACTIONS: dict[str, frozenset[Action]] = {
+    VIEWER: frozenset({Action.READ}),
+    TRAINER: frozenset({Action.READ, Action.SUBMIT, Action.CANCEL, Action.USE_MODEL}),
+    ADMIN: frozenset(Action),
+}
+# Actions on one job that a trainer may take only on the jobs it owns.
+OWNED_ACTIONS = frozenset({Action.CANCEL, Action.USE_MODEL})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """An authenticated caller: a name (a job's owner) and a role."""
+
+    name: str
+    role: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.name
+
+    def describe(self) -> str:
+        return f"{self.role} {self.name!r}" if self.name else "the anonymous caller"
+
+
+# Every caller when authentication is off: the server's loopback default, where
+# whoever reaches the port is trusted as before (jobs it submits are unowned).
+LOCAL = Principal(name="", role=ADMIN)
+
+
+def authorize(principal: Principal, action: Action, owner: str | None = None) -> None:
+    """Allow `action` for `principal`, on a job owned by `owner` when one is named.
+
+    Raises:
+        PermissionDenied: the role does not allow it, or the job is another's.
+    """
+    if action not in ROLE_ACTIONS[principal.role]:
+        raise PermissionDenied(f"{principal.describe()} may not {action.value}")
+    if owner is None or principal.role == ADMIN or action not in OWNED_ACTIONS:
+        return
+    if principal.anonymous or owner != principal.name:
+        whose = f"owned by {owner!r}" if owner else "that has no owner"
+        raise PermissionDenied(
+            f"{principal.describe()} may not {action.value} a job {whose}; only its owner "
+            "or an admin may"
+        )
+
+
+def may_see_request_id(principal: Principal, owner: str) -> bool:
+    """A request_id is its owner's idempotency key: shown to the owner and to admins only."""
+    return principal.role == ADMIN or (not principal.anonymous and owner == principal.name)
