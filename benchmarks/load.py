@@ -78,6 +78,20 @@ class Server:
         self.log.close()
 
 
+def _run_threads(target, count: int) -> None:
+    """Run target(0) .. target(count - 1) on threads of their own, and wait for all."""
+    workers = [threading.Thread(target=target, args=(slot,)) for slot in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def unary_client(address: str, job_id: str, rps: float, seconds: float, threads: int, results):
     """Open loop: call i is due at start + i / rps, whatever the answers take."""
     channel = grpc.insecure_channel(address)
@@ -109,14 +123,9 @@ def unary_client(address: str, job_id: str, rps: float, seconds: float, threads:
                 with lock:
                     errors.append(error.code().name)
 
-    workers = [threading.Thread(target=run, args=(offset,)) for offset in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    _run_threads(run, threads)
     channel.close()
-    times = os.times()
-    results.put({"latencies": latencies, "errors": errors, "cpu": times.user + times.system})
+    results.put({"latencies": latencies, "errors": errors, "cpu": _own_cpu()})
 
 
 def closed_loop_client(address: str, job_id: str, seconds: float, threads: int, results):
@@ -130,14 +139,9 @@ def closed_loop_client(address: str, job_id: str, seconds: float, threads: int, 
             stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
             counts[slot] += 1
 
-    workers = [threading.Thread(target=run, args=(slot,)) for slot in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    _run_threads(run, threads)
     channel.close()
-    times = os.times()
-    results.put({"calls": sum(counts), "cpu": times.user + times.system})
+    results.put({"calls": sum(counts), "cpu": _own_cpu()})
 
 
 def watcher_client(address: str, job_id: str, streams: int, seconds: float, results):
@@ -155,14 +159,9 @@ def watcher_client(address: str, job_id: str, streams: int, seconds: float, resu
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # the planned end
                 errors.append(error.code().name)
 
-    workers = [threading.Thread(target=follow, args=(slot,)) for slot in range(streams)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    _run_threads(follow, streams)
     channel.close()
-    times = os.times()
-    results.put({"events": sum(received), "errors": errors, "cpu": times.user + times.system})
+    results.put({"events": sum(received), "errors": errors, "cpu": _own_cpu()})
 
 
 class TrainingClock:
