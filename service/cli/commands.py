@@ -223,7 +223,24 @@ def cmd_token_hash(args) -> int:
     return EXIT_OK
 
 
+# What `ntrain serve` needs beyond the client: `pip install 'ntrain[server]'`.
+SERVER_MODULES = ("tensorflow", "prometheus_client", "grpc_reflection")
+
+
+def missing_server_modules() -> list[str]:
+    """The server extra's modules that are not installed (found, not imported: TF is slow)."""
+    from importlib.util import find_spec
+
+    return [name for name in SERVER_MODULES if find_spec(name) is None]
+
+
 def cmd_serve(args) -> int:
+    missing = missing_server_modules()
+    if missing:
+        raise CliError(
+            f"ntrain serve needs the server extra ({', '.join(missing)} not installed): "
+            "pip install 'ntrain[server]' (or 'ntrain[gpu]' for CUDA)"
+        )
     from service.api.server import ServerConfig, exposure_problem, serve
 
     tls = _tls_files("--tls", args.tls_cert, args.tls_key, args.tls_client_ca)
