@@ -42,7 +42,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, publish
-from service.cli.client import book_job_spec
+from service.cli.specs import book_job_spec
 
 TARGETS = {"cpu_ms_per_rpc": 0.5, "p99_ms": 50.0, "training_drop": 0.10}
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -33,7 +33,7 @@ from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, machine, publish
 from service.api.server import ServerConfig, TrainingServer
-from service.cli.client import book_job_spec
+from service.cli.specs import book_job_spec
 
 THROUGHPUT_TARGET = 0.95
 WARM_FIRST_PROGRESS_TARGET = 1.5

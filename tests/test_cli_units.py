@@ -21,7 +21,8 @@ import pytest
 from conftest import REPO_ROOT
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
-from service.cli import client, commands, parser
+from ntrain import client
+from service.cli import commands, parser
 from service.cli import errors as cli_errors
 from service.cli import inputs as cli_inputs
 from service.cli import output as cli_output

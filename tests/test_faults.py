@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from service.cli.client import book_job_spec
+from service.cli.specs import book_job_spec
 
 pytestmark = pytest.mark.slow
 

@@ -35,10 +35,10 @@ from ntrain.v1 import training_pb2_grpc
 from service_harness import job_spec
 from tls_harness import make_pki
 
+from ntrain.client import Credentials, open_channel
 from service.api.server import ServerConfig, TrainingServer
 from service.api.tls import TlsFiles
 from service.cli import errors as cli_errors
-from service.cli.client import Credentials, open_channel
 from service.cli.main import main as cli_main
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ def test_a_plaintext_client_gets_nothing_and_will_not_send_its_token_off_host(se
     plain = training_pb2_grpc.TrainingServiceStub(channel)
     error = refused(lambda: plain.ListJobs(pb.ListJobsRequest(), timeout=30))
     assert error.code() == Code.UNAVAILABLE
-    from service.cli.client import CredentialsError
+    from ntrain.client import CredentialsError
 
     with pytest.raises(CredentialsError, match="refusing to send a token in plaintext"):
         open_channel("192.0.2.1:50051", Credentials(token="t"))  # never connects

@@ -25,7 +25,7 @@ from service_harness import (
     process_exists,
 )
 
-from service.cli.client import book_job_spec
+from service.cli.specs import book_job_spec
 
 pytestmark = pytest.mark.slow
 

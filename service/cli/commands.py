@@ -1,8 +1,9 @@
 """The ntrain commands: each parses nothing and prints what the client returns.
 
-Every command takes the parsed arguments (`args.channel` is open for client
-commands) and returns the exit status; failures raise `CliError` or let a
-`grpc.RpcError` through, which `service.cli.main` turns into one line.
+Every command takes the parsed arguments (`args.client`, an
+`ntrain.client.Client`, is open for client commands) and returns the exit
+status; failures raise `CliError` or let an `ntrain.client.NtrainError`
+through, which `service.cli.main` turns into one line.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import dataclasses
 import logging
 import os
 import sys
-import uuid
 from pathlib import Path
 
-from ntrain.v1 import training_pb2, training_pb2_grpc
+import numpy as np
+from ntrain.v1 import training_pb2
 
+from ntrain.client import Client
 from service.cli import output as cli_output
-from service.cli.client import QUICK_TIMEOUT, predict, watch_events
 from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.inputs import format_layers, load_inputs, load_mnist_test
 from service.cli.progress import ProgressRenderer
@@ -46,37 +47,32 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
 
 
 def follow_job(
-    stub: training_pb2_grpc.TrainingServiceStub,
-    job: training_pb2.Job,
-    renderer: ProgressRenderer,
-    *,
-    timeout: float = QUICK_TIMEOUT,
+    client: Client, job: training_pb2.Job, renderer: ProgressRenderer
 ) -> training_pb2.Job:
     """Show a job's events until it ends; return the job as it ended."""
     epochs = job.spec.epochs
     try:
-        events = watch_events(
-            stub,
+        events = client.watch(
             job.job_id,
             on_reconnect=lambda last: renderer.line(
                 f"connection lost; reconnecting from event {last}"
             ),
         )
         for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "state_change":
-                renderer.line(cli_output.format_state_change(event.state_change))
-            elif kind == "progress":
-                epochs = event.progress.epochs or epochs
-                renderer.progress(event.progress)
-            elif kind == "epoch_end":
-                renderer.epoch_end(event.epoch_end, epochs)
-            elif kind == "result":
+            payload = event.payload
+            if isinstance(payload, training_pb2.StateTransition):
+                renderer.line(cli_output.format_state_change(payload))
+            elif isinstance(payload, training_pb2.Progress):
+                epochs = payload.epochs or epochs
+                renderer.progress(payload)
+            elif isinstance(payload, training_pb2.EpochSummary):
+                renderer.epoch_end(payload, epochs)
+            elif isinstance(payload, training_pb2.JobResult):
                 renderer.close()
-                renderer.line("result: " + cli_output.format_result(event.result))
+                renderer.line("result: " + cli_output.format_result(payload))
     finally:
         renderer.close()
-    return stub.GetJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=timeout)
+    return client.get(job.job_id)
 
 
 def job_exit_status(job: training_pb2.Job) -> int:
@@ -90,10 +86,10 @@ def job_exit_status(job: training_pb2.Job) -> int:
     raise CliError(f"job {job.job_id} ended {state}{reason}")
 
 
-def _follow_or_explain(stub, job, args) -> int:
+def _follow_or_explain(job, args) -> int:
     renderer = ProgressRenderer(sys.stdout)
     try:
-        ended = follow_job(stub, job, renderer, timeout=args.timeout)
+        ended = follow_job(args.client, job, renderer)
     except KeyboardInterrupt:
         raise CliError(
             f"stopped following job {job.job_id}; it goes on running "
@@ -103,16 +99,8 @@ def _follow_or_explain(stub, job, args) -> int:
     return job_exit_status(ended)
 
 
-def _stub(args) -> training_pb2_grpc.TrainingServiceStub:
-    return training_pb2_grpc.TrainingServiceStub(args.channel)
-
-
 def cmd_train(args) -> int:
-    stub = _stub(args)
-    request = training_pb2.SubmitJobRequest(
-        spec=build_job_spec(args), request_id=args.request_id or uuid.uuid4().hex
-    )
-    job = stub.SubmitJob(request, timeout=args.timeout)
+    job = args.client.submit(build_job_spec(args), request_id=args.request_id)
     if args.detach:
         print(job.job_id)
         return EXIT_OK
@@ -122,30 +110,15 @@ def cmd_train(args) -> int:
         f"{job.spec.optimizer.name} lr {job.spec.optimizer.learning_rate:g}",
         flush=True,
     )
-    return _follow_or_explain(stub, job, args)
+    return _follow_or_explain(job, args)
 
 
 def cmd_watch(args) -> int:
-    stub = _stub(args)
-    job = stub.GetJob(training_pb2.GetJobRequest(job_id=args.job_id), timeout=args.timeout)
-    return _follow_or_explain(stub, job, args)
+    return _follow_or_explain(args.client.get(args.job_id), args)
 
 
 def cmd_jobs(args) -> int:
-    stub = _stub(args)
-    states = [training_pb2.JobState.Name(training_pb2.JobState.Value(s)) for s in args.state or ()]
-    jobs: list[training_pb2.Job] = []
-    token = ""
-    while len(jobs) < args.limit:
-        request = training_pb2.ListJobsRequest(
-            page_size=min(args.limit - len(jobs), 1000), page_token=token, states=states
-        )
-        response = stub.ListJobs(request, timeout=args.timeout)
-        jobs.extend(response.jobs)
-        token = response.next_page_token
-        if not token or not response.jobs:
-            break
-    jobs = jobs[: args.limit]
+    jobs = args.client.list(states=args.state or (), limit=args.limit)
     if args.json:
         print(cli_output.to_json(jobs))
     elif jobs:
@@ -156,18 +129,13 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    job = _stub(args).CancelJob(
-        training_pb2.CancelJobRequest(job_id=args.job_id), timeout=args.timeout
-    )
+    job = args.client.cancel(args.job_id)
     print(f"job {job.job_id}: {cli_output.state_name(job.state)}")
     return EXIT_OK
 
 
 def cmd_eval(args) -> int:
-    request = training_pb2.EvaluateRequest(
-        job_id=args.job_id, dataset=args.dataset or "", use_checkpoint=args.checkpoint
-    )
-    response = _stub(args).Evaluate(request, timeout=args.timeout)
+    response = args.client.evaluate(args.job_id, dataset=args.dataset, checkpoint=args.checkpoint)
     if args.json:
         print(cli_output.to_json(response))
     else:
@@ -186,7 +154,11 @@ def cmd_predict(args) -> int:
             labels = labels[: args.limit] if labels is not None else None
     if not inputs:
         raise CliError("no inputs to predict")
-    predictions = predict(_stub(args), args.job_id, inputs, timeout=args.timeout)
+    probabilities = args.client.predict(args.job_id, np.asarray(inputs, dtype=np.float32))
+    predictions = [
+        training_pb2.Prediction(label=int(row.argmax()), probabilities=row.tolist())
+        for row in probabilities
+    ]
     if args.json:
         print(cli_output.to_json(training_pb2.PredictResponse(predictions=predictions)))
         return EXIT_OK
@@ -209,19 +181,15 @@ def cmd_predict(args) -> int:
 
 
 def cmd_info(args) -> int:
-    info = _stub(args).GetServerInfo(training_pb2.GetServerInfoRequest(), timeout=args.timeout)
+    info = args.client.info()
     print(cli_output.to_json(info) if args.json else cli_output.format_server_info(info))
     return EXIT_OK
 
 
 def cmd_health(args) -> int:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(args.channel)
-    response = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    status = args.client.health(args.service)
     print(status)
-    return EXIT_OK if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
+    return EXIT_OK if status == "SERVING" else EXIT_ERROR
 
 
 def cmd_token_new(args) -> int:
@@ -255,7 +223,24 @@ def cmd_token_hash(args) -> int:
     return EXIT_OK
 
 
+# What `ntrain serve` needs beyond the client: `pip install 'ntrain[server]'`.
+SERVER_MODULES = ("tensorflow", "prometheus_client", "grpc_reflection")
+
+
+def missing_server_modules() -> list[str]:
+    """The server extra's modules that are not installed (found, not imported: TF is slow)."""
+    from importlib.util import find_spec
+
+    return [name for name in SERVER_MODULES if find_spec(name) is None]
+
+
 def cmd_serve(args) -> int:
+    missing = missing_server_modules()
+    if missing:
+        raise CliError(
+            f"ntrain serve needs the server extra ({', '.join(missing)} not installed): "
+            "pip install 'ntrain[server]' (or 'ntrain[gpu]' for CUDA)"
+        )
     from service.api.server import ServerConfig, exposure_problem, serve
 
     tls = _tls_files("--tls", args.tls_cert, args.tls_key, args.tls_client_ca)

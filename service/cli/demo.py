@@ -26,18 +26,18 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-import grpc
 import numpy as np
-from ntrain.v1 import training_pb2, training_pb2_grpc
+from ntrain.v1 import training_pb2
 
 from naive_model.data import find_mnist as find_mnist_file
 from naive_model.data import mnist_candidates, synthetic_dataset
-from service.cli import client
+from ntrain.client import TERMINAL_STATES, Client, NtrainError
 from service.cli import output as cli_output
 from service.cli.commands import follow_job
 from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from service.cli.inputs import read_test_images
 from service.cli.progress import ProgressRenderer
+from service.cli.specs import book_job_spec
 
 SERVER_START_SECONDS = 120.0
 SERVER_STOP_SECONDS = 30.0
@@ -176,9 +176,8 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
     server = LocalServer(state_dir, data_dir, env)
     stack.callback(_stop_server, server)
     args.address = server.address
-    channel = stack.enter_context(client.open_channel(server.address))
-    stub = training_pb2_grpc.TrainingServiceStub(channel)
-    info = stub.GetServerInfo(training_pb2.GetServerInfoRequest(), timeout=client.QUICK_TIMEOUT)
+    client = stack.enter_context(Client(server.address))
+    info = client.info()
     devices = ", ".join(device.name for device in info.devices) or "-"
     print(
         f"server ntrain {info.version} at {server.address} (TensorFlow {info.tensorflow_version},"
@@ -186,40 +185,38 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
         flush=True,
     )
 
-    job = stub.SubmitJob(
-        training_pb2.SubmitJobRequest(
-            spec=client.book_job_spec(
-                training_pb2.JobSpec(
-                    dataset=dataset,
-                    epochs=args.epochs,
-                    # About ten progress updates per MNIST epoch, so the bar moves; a
-                    # compiled call of 50 steps keeps the per-call overhead negligible.
-                    steps_per_execution=DEMO_STEPS_PER_EXECUTION,
-                )
+    job = client.submit(
+        book_job_spec(
+            training_pb2.JobSpec(
+                dataset=dataset,
+                epochs=args.epochs,
+                # About ten progress updates per MNIST epoch, so the bar moves; a
+                # compiled call of 50 steps keeps the per-call overhead negligible.
+                steps_per_execution=DEMO_STEPS_PER_EXECUTION,
             )
-        ),
-        timeout=client.QUICK_TIMEOUT,
+        )
     )
-    stack.callback(_cancel_if_running, stub, job.job_id)
+    stack.callback(_cancel_if_running, client, job.job_id)
     print(
         f"\njob {job.job_id}: 784 -> 512 relu -> 10 softmax on {dataset}, "
         f"rmsprop 1e-3, batch 128, {args.epochs} epoch{'s' if args.epochs != 1 else ''}",
         flush=True,
     )
-    ended = follow_job(stub, job, ProgressRenderer(sys.stdout))
+    ended = follow_job(client, job, ProgressRenderer(sys.stdout))
     if ended.state != training_pb2.SUCCEEDED:
         raise DemoError(
             f"job {ended.job_id} ended {cli_output.state_name(ended.state)}: "
             f"{ended.failure_reason or 'no reason given'}"
         )
 
-    evaluation = stub.Evaluate(
-        training_pb2.EvaluateRequest(job_id=job.job_id), timeout=client.MODEL_TIMEOUT
-    )
+    evaluation = client.evaluate(job.job_id)
     print("\n" + cli_output.format_evaluation(job.job_id, evaluation), flush=True)
 
     images, labels = load_test_images(mnist_path, args.images)
-    predictions = client.predict(stub, job.job_id, images.tolist(), timeout=client.MODEL_TIMEOUT)
+    predictions = [
+        training_pb2.Prediction(label=int(row.argmax()), probabilities=row.tolist())
+        for row in client.predict(job.job_id, images)
+    ]
     if mnist_path is None:
         # Synthetic inputs are noise around one prototype per class: nothing to look at.
         print(f"\n{len(predictions)} synthetic test examples and what the model says:")
@@ -237,14 +234,14 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
     return evaluation.accuracy
 
 
-def _cancel_if_running(stub: training_pb2_grpc.TrainingServiceStub, job_id: str) -> None:
+def _cancel_if_running(client: Client, job_id: str) -> None:
     """On an early exit (Ctrl-C), stop the job before the server."""
     try:
-        job = stub.GetJob(training_pb2.GetJobRequest(job_id=job_id), timeout=5)
-        if job.state not in client.TERMINAL_STATES:
+        job = client.get(job_id)
+        if job.state not in TERMINAL_STATES:
             _say(f"cancelling job {job_id} ...")
-            stub.CancelJob(training_pb2.CancelJobRequest(job_id=job_id), timeout=60)
-    except grpc.RpcError:
+            client.cancel(job_id)
+    except NtrainError:
         pass  # the server is going down anyway; stopping it ends the worker
 
 
@@ -291,9 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as error:
         print(f"ntrain demo: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except grpc.RpcError as error:
-        message = client.describe_rpc_error(error, getattr(args, "address", "its address"))
-        print(f"ntrain demo: {message}", file=sys.stderr)
+    except NtrainError as error:
+        print(f"ntrain demo: {error}", file=sys.stderr)
         return EXIT_ERROR
     print(f"final test accuracy: {cli_output.format_percent(accuracy)}")
     return EXIT_OK

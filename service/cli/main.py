@@ -17,14 +17,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-import grpc
-
-from service.cli.client import (
+from ntrain.client import (
     QUICK_TIMEOUT,
+    AddressError,
+    Client,
     CredentialsError,
-    describe_rpc_error,
+    NtrainError,
     load_credentials,
-    open_channel,
 )
 from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.parser import build_parser
@@ -47,14 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key,
             token_file=args.token_file,
         )
-        with open_channel(address, credentials) as args.channel:
+        with Client(
+            address, credentials=credentials, timeout=args.timeout, model_timeout=args.timeout
+        ) as args.client:
             return args.run(args)
     except CliError as error:
         return _fail(str(error), error.exit_code)
-    except CredentialsError as error:
+    except (CredentialsError, AddressError) as error:
         return _fail(str(error), EXIT_USAGE)
-    except grpc.RpcError as error:
-        return _fail(describe_rpc_error(error, address or "", args.timeout))
+    except NtrainError as error:
+        return _fail(str(error))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:

@@ -8,18 +8,15 @@ import os
 from ntrain.v1 import training_pb2
 
 from naive_model.config import INITIALIZERS, OPTIMIZERS, TrainConfig
-from service.cli import commands
-from service.cli.client import (
-    ADDRESS_ENV,
-    DEFAULT_ADDRESS,
-    MODEL_TIMEOUT,
-    QUICK_TIMEOUT,
+from ntrain.client import ADDRESS_ENV, DEFAULT_ADDRESS, MODEL_TIMEOUT, QUICK_TIMEOUT
+from ntrain.client.channel import (
     TLS_CA_ENV,
     TLS_CERT_ENV,
     TLS_KEY_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
 )
+from service.cli import commands
 from service.cli.errors import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.protocol import SERVICE_STRATEGIES

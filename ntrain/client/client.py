@@ -1,0 +1,293 @@
+"""`Client`: the ntrain service as Python calls, with typed errors and a reconnecting watch."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from ntrain.client.channel import (
+    ADDRESS_ENV,
+    DEFAULT_ADDRESS,
+    Credentials,
+    load_credentials,
+    normalize_address,
+    open_channel,
+)
+from ntrain.client.errors import InvalidArgument, from_rpc_error
+from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, watch_events
+from ntrain.v1 import training_pb2, training_pb2_grpc
+
+# Seconds for quick requests, and for Evaluate/Predict, which run a worker process.
+QUICK_TIMEOUT = 30.0
+MODEL_TIMEOUT = 300.0
+# Predict sends inputs in chunks that stay well under gRPC's 4 MiB message limit.
+PREDICT_CHUNK = 500
+TERMINAL_STATES = frozenset({training_pb2.SUCCEEDED, training_pb2.FAILED, training_pb2.CANCELED})
+
+Answer = TypeVar("Answer")
+JobSpecLike = training_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str]
+
+
+class Client:
+    """A connection to an ntrain server.
+
+        client = Client("127.0.0.1:50051")            # or Client.from_env()
+        job = client.submit({"dataset": "mnist", "epochs": 2})
+        for event in client.watch(job.job_id):
+            print(event.payload)
+        probabilities = client.predict(job.job_id, images)   # (examples, classes)
+
+    Jobs, events and results are the contract's messages (`ntrain.v1`);
+    failures raise `ntrain.client.NtrainError` subclasses named after their
+    status (`NotFound`, `InvalidArgument`, ...), each with a one-line message.
+
+    Args:
+        address: HOST:PORT (a bare host gets port 50051); default
+            $NTRAIN_ADDRESS, else 127.0.0.1:50051.
+        token: a bearer token (sent only over TLS, or to a loopback address).
+        tls: True for TLS trusting the system's CAs, or the path of the CA
+            certificate that signed the server's; None or False for plaintext.
+        credentials: TLS material and token at once (`load_credentials`), instead
+            of `token` and `tls`.
+        timeout: seconds to wait for quick calls; model_timeout: for evaluate
+            and predict, which load the model in a worker process.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls: bool | str | os.PathLike[str] | None = None,
+        credentials: Credentials | None = None,
+        timeout: float = QUICK_TIMEOUT,
+        model_timeout: float = MODEL_TIMEOUT,
+    ):
+        if credentials is not None and (token is not None or tls is not None):
+            raise ValueError("pass credentials, or token and tls, not both")
+        if credentials is None:
+            credentials = Credentials(token=token, use_tls=tls is True)
+            if isinstance(tls, str | os.PathLike):
+                ca = load_credentials(tls_ca=os.fspath(tls), environ={}).tls_ca
+                credentials = dataclasses.replace(credentials, tls_ca=ca)
+        self.address = normalize_address(address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
+        self.timeout = timeout
+        self.model_timeout = model_timeout
+        self._channel = open_channel(self.address, credentials)
+        self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
+
+    @classmethod
+    def from_env(cls, address: str | None = None, **kwargs: Any) -> Client:
+        """A client configured as the command line is: $NTRAIN_ADDRESS, $NTRAIN_TLS_CA,
+        $NTRAIN_TLS_CERT/KEY, and $NTRAIN_TOKEN or $NTRAIN_TOKEN_FILE."""
+        return cls(address, credentials=load_credentials(), **kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Answer], request: Any, timeout: float) -> Answer:
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.address, timeout) from None
+
+    def _stream(self, responses: Iterable[Answer], timeout: float | None) -> Iterator[Answer]:
+        try:
+            yield from responses
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.address, timeout) from None
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpecLike, *, request_id: str | None = None) -> training_pb2.Job:
+        """Submit a training job; the same request_id and spec return the same job.
+
+        Args:
+            spec: a `JobSpec`, a dict in the proto3 JSON mapping
+                (`{"dataset": "mnist", "optimizer": {"learningRate": 0.01}}`), or
+                the path of a .json (or .yaml) file holding one.
+            request_id: idempotency key; default a fresh random one.
+
+        Raises:
+            InvalidArgument: the spec is malformed or the server refuses it.
+        """
+        request = training_pb2.SubmitJobRequest(
+            spec=job_spec(spec), request_id=request_id or uuid.uuid4().hex
+        )
+        return self._call(self._stub.SubmitJob, request, self.timeout)
+
+    def get(self, job_id: str) -> training_pb2.Job:
+        """The job as it stands: spec, state, transitions, progress, result."""
+        return self._call(
+            self._stub.GetJob, training_pb2.GetJobRequest(job_id=job_id), self.timeout
+        )
+
+    def list(
+        self, *, states: Iterable[str | int] = (), limit: int | None = None
+    ) -> builtins.list[training_pb2.Job]:
+        """Jobs, newest first, in the given states (names like "RUNNING"; none: every state)."""
+        wanted = [
+            training_pb2.JobState.Value(s.upper()) if isinstance(s, str) else s for s in states
+        ]
+        jobs: builtins.list[training_pb2.Job] = []
+        token = ""
+        while limit is None or len(jobs) < limit:
+            page = 1000 if limit is None else min(limit - len(jobs), 1000)
+            request = training_pb2.ListJobsRequest(
+                page_size=page,
+                page_token=token,
+                states=wanted,  # type: ignore[arg-type]  # JobState values are ints
+            )
+            response = self._call(self._stub.ListJobs, request, self.timeout)
+            jobs.extend(response.jobs)
+            token = response.next_page_token
+            if not token or not response.jobs:
+                break
+        return jobs if limit is None else jobs[:limit]
+
+    def watch(
+        self,
+        job_id: str,
+        after: int = 0,
+        *,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+        on_reconnect: Callable[[int], None] | None = None,
+    ) -> Iterator[JobEvent]:
+        """Every event of a job after sequence `after`, then live ones until it ends.
+
+        A dropped stream reconnects from the last event seen, so none is missed
+        or repeated; after `reconnect_seconds` without a connection it raises
+        `Unavailable`. `on_reconnect(last_sequence)` is told when it starts trying.
+        """
+        events = watch_events(
+            self._stub,
+            job_id,
+            after_sequence=after,
+            reconnect_seconds=reconnect_seconds,
+            on_reconnect=on_reconnect,
+        )
+        for event in self._stream(events, None):
+            yield JobEvent.from_proto(event)
+
+    def wait(
+        self, job_id: str, *, on_event: Callable[[JobEvent], None] | None = None
+    ) -> training_pb2.Job:
+        """Follow a job until it ends (calling `on_event` for each event); the job as it ended."""
+        for event in self.watch(job_id):
+            if on_event is not None:
+                on_event(event)
+        return self.get(job_id)
+
+    def cancel(self, job_id: str) -> training_pb2.Job:
+        """Stop a queued or running job.
+
+        Raises:
+            FailedPrecondition: the job has already ended.
+        """
+        return self._call(
+            self._stub.CancelJob, training_pb2.CancelJobRequest(job_id=job_id), self.timeout
+        )
+
+    # -- models ----------------------------------------------------------------------------
+
+    def evaluate(
+        self, job_id: str, *, dataset: str | None = None, checkpoint: bool = False
+    ) -> training_pb2.EvaluateResponse:
+        """Loss and accuracy of the job's model on a test split (its own data set by default).
+
+        checkpoint: use the latest checkpoint, as while the job runs or after it failed.
+        """
+        request = training_pb2.EvaluateRequest(
+            job_id=job_id, dataset=dataset or "", use_checkpoint=checkpoint
+        )
+        return self._call(self._stub.Evaluate, request, self.model_timeout)
+
+    def predict(self, job_id: str, inputs: Any) -> np.ndarray:
+        """Class probabilities, (examples, classes), for `inputs`, (examples, ...).
+
+        Each example is flattened; uint8 pixels are scaled to [0, 1] as the
+        server scales its data sets, other values are sent as they are. The
+        predicted classes are `probabilities.argmax(axis=1)`.
+        """
+        array = np.asarray(inputs)
+        if array.ndim == 1:
+            array = array[None, :]
+        flat = array.reshape(len(array), -1)  # (examples, features)
+        if flat.dtype == np.uint8:
+            flat = np.divide(flat, np.float32(255), dtype=np.float32)
+        flat = flat.astype(np.float32, copy=False)
+        rows: builtins.list[np.ndarray] = []
+        for start in range(0, len(flat), PREDICT_CHUNK):
+            request = training_pb2.PredictRequest(
+                job_id=job_id,
+                inputs=[
+                    training_pb2.Example(values=row) for row in flat[start : start + PREDICT_CHUNK]
+                ],
+            )
+            response = self._call(self._stub.Predict, request, self.model_timeout)
+            rows.extend(np.asarray(p.probabilities, dtype=np.float32) for p in response.predictions)
+        if not rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack(rows)  # (examples, classes)
+
+    # -- the server ------------------------------------------------------------------------
+
+    def info(self) -> training_pb2.ServerInfo:
+        """Versions, devices, strategies and the queue."""
+        return self._call(
+            self._stub.GetServerInfo, training_pb2.GetServerInfoRequest(), self.timeout
+        )
+
+    def health(self, service: str = "") -> str:
+        """The standard gRPC health check's answer: "SERVING", "NOT_SERVING", ..."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        response = self._call(
+            stub.Check, health_pb2.HealthCheckRequest(service=service), self.timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def job_spec(spec: JobSpecLike) -> training_pb2.JobSpec:
+    """A JobSpec from a JobSpec, a dict in the proto3 JSON mapping, or a .json/.yaml file.
+
+    Raises:
+        InvalidArgument: the file cannot be read or the fields do not fit a JobSpec.
+    """
+    if isinstance(spec, training_pb2.JobSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        fields: Any = spec
+    else:
+        path = Path(spec)
+        try:
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml  # only for YAML files: PyYAML is not one of the client's needs
+
+                fields = yaml.safe_load(text)
+            else:
+                fields = json.loads(text)
+        except (OSError, ValueError, ImportError) as error:
+            raise InvalidArgument(f"cannot read a job spec from {path}: {error}") from None
+    try:
+        return json_format.ParseDict(fields, training_pb2.JobSpec())
+    except (json_format.ParseError, TypeError, AttributeError) as error:
+        raise InvalidArgument(f"not a job spec: {' '.join(str(error).split())}") from None

@@ -1,0 +1,95 @@
+"""A job's events as a Python iterator that reconnects without gaps, and their typed form."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+
+from ntrain.v1 import training_pb2, training_pb2_grpc
+
+# How long `watch` keeps trying to reconnect after the stream drops.
+RECONNECT_SECONDS = 60.0
+
+# What an event carries: exactly one of these messages of the contract.
+EventPayload = (
+    training_pb2.StateTransition
+    | training_pb2.Progress
+    | training_pb2.EpochSummary
+    | training_pb2.JobResult
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    """One event of a job: match on the type of `payload`.
+
+    payload: a `StateTransition` (the job changed state, with the reason),
+    `Progress` (after a compiled call), `EpochSummary` (an epoch ended, with
+    its evaluation when due) or `JobResult` (the training's outcome).
+    sequence: strictly increasing per job from 1, with no gaps; pass the last
+    one seen as `after=` to go on from there.
+    """
+
+    job_id: str
+    sequence: int
+    time: datetime
+    payload: EventPayload
+
+    @classmethod
+    def from_proto(cls, event: training_pb2.JobEvent) -> JobEvent:
+        kind = event.WhichOneof("event")
+        if kind is None:
+            raise ValueError(f"event {event.sequence} of {event.job_id} carries nothing")
+        return cls(
+            job_id=event.job_id,
+            sequence=event.sequence,
+            time=event.time.ToDatetime(tzinfo=UTC),
+            payload=getattr(event, kind),
+        )
+
+
+def watch_events(
+    stub: training_pb2_grpc.TrainingServiceStub,
+    job_id: str,
+    *,
+    after_sequence: int = 0,
+    reconnect_seconds: float = RECONNECT_SECONDS,
+    on_reconnect: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[training_pb2.JobEvent]:
+    """Every event of a job after `after_sequence`, once each, until the job ends.
+
+    When the stream drops (the server restarted, the network hiccuped) it
+    reconnects from the last sequence number seen, so nothing is missed or
+    repeated, and gives up after `reconnect_seconds` without a connection.
+    """
+    last = after_sequence
+    failing_since: float | None = None
+    delay = 0.1
+    while True:
+        try:
+            request = training_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)
+            for event in stub.WatchJob(request):
+                failing_since, delay = None, 0.1
+                if event.sequence <= last:
+                    continue  # never show an event twice, whatever the server sends
+                last = event.sequence
+                yield event
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            now = clock()
+            if failing_since is None:
+                failing_since = now
+                if on_reconnect is not None:
+                    on_reconnect(last)
+            elif now - failing_since > reconnect_seconds:
+                raise
+            sleep(delay)  # back off between attempts; gRPC offers no event to wait for here
+            delay = min(delay * 2, 2.0)
