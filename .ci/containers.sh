@@ -40,6 +40,7 @@ GPU_PROJECT=${PROJECT}gpu
 TF_BASE_REPO=ntrain-ci/tf-base
 DEBIAN_IMAGE=ntrain-ci/debian:bookworm
 PROMETHEUS_IMAGE=ntrain-ci/prometheus:debian  # named in deploy/ci/docker-compose.ci.yml
+ROOTFS=$RUN_DIR/bookworm.tar
 HEALTH_SECONDS=180
 SCRAPE_SECONDS=90
 JOB_SECONDS=300
@@ -57,6 +58,7 @@ broken=""        # the setup step that failed; the steps after it do not run
 dockerd_pid=""
 made_docker0=""
 memlock_settable=true
+apt_updated=""
 tf_base_cached=false
 
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
@@ -95,6 +97,37 @@ run() {
     return $status
 }
 
+# in_background NAME FUNCTION: start FUNCTION now, beside the steps that follow;
+# `run KIND TITLE await_NAME` later waits for it and records it as a step.
+declare -A bg_pid bg_log
+in_background() {
+    local name=$1 fn=$2
+    bg_log[$name]=$OUT_DIR/background-$name.log
+    (
+        trap - EXIT INT TERM
+        t0=$(date +%s.%N)
+        "$fn"
+        status=$?
+        printf '%s\n%s' "$(elapsed "$t0" "$(date +%s.%N)")" "$DETAIL" >"${bg_log[$name]}.detail"
+        exit $status
+    ) >"${bg_log[$name]}" 2>&1 9>&- &
+    bg_pid[$name]=$!
+}
+
+# await NAME: its output into the transcript; DETAIL says how long it took.
+await() {
+    local name=$1 status
+    wait "${bg_pid[$name]}"
+    status=$?
+    unset "bg_pid[$name]"
+    cat "${bg_log[$name]}"
+    if [ -f "${bg_log[$name]}.detail" ]; then
+        DETAIL="$(tail -n +2 "${bg_log[$name]}.detail") [in the background, $(head -n 1 "${bg_log[$name]}.detail")s]"
+    fi
+    rm -f "${bg_log[$name]}" "${bg_log[$name]}.detail"
+    return $status
+}
+
 compose() { "$COMPOSE" --project-directory deploy "$@"; }
 
 # --- setup -----------------------------------------------------------------------------------
@@ -125,26 +158,32 @@ preflight() {
     done
 }
 
-install_packages() {
-    local missing=() made_policy=""
-    command -v dockerd >/dev/null || missing+=(docker.io)
-    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
-    if [ ${#missing[@]} -gt 0 ]; then
-        # No init system runs here, but if the machine has no policy-rc.d, keep the
-        # package from starting a system dockerd that this script did not ask for.
-        if [ ! -e /usr/sbin/policy-rc.d ]; then
-            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-            made_policy=1
-        fi
-        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
-        local status=$?
-        [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
-        [ $status -eq 0 ] || return $status
+# apt_install COMMAND PACKAGE: install Debian's PACKAGE unless COMMAND is there.
+apt_install() {
+    if command -v "$1" >/dev/null; then
+        DETAIL="$2 was installed"
+        return 0
     fi
-    DETAIL="$(dockerd --version | cut -d, -f1); mmdebstrap $(mmdebstrap --version | cut -d' ' -f2)"
-    [ ${#missing[@]} -gt 0 ] && DETAIL+="; installed ${missing[*]}"
-    return 0
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq || return 1
+        apt_updated=1
+    fi
+    # No init system runs here, but if the machine has no policy-rc.d, keep the
+    # package from starting a service (a system dockerd) this script did not ask for.
+    local made_policy="" status
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    apt-get install -y -qq --no-install-recommends "$2"
+    status=$?
+    [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+    DETAIL="installed $2"
+    return $status
 }
+
+install_mmdebstrap() { apt_install mmdebstrap mmdebstrap && DETAIL+=" $(mmdebstrap --version)"; }
+install_docker() { apt_install dockerd docker.io && DETAIL+=" ($(dockerd --version | cut -d, -f1))"; }
 
 # The host's Debian mirror, as its apt sources name it, for mmdebstrap and trixie.
 debian_mirror() {
@@ -215,21 +254,32 @@ tf_base_tag() {
         sha256sum | cut -c1-16
 }
 
+# The Debian root file system of the stand-in images, as a tarball.
+make_rootfs() {
+    rm -f "$ROOTFS"
+    # force-unsafe-io: dpkg skips its fsyncs, here and (the option stays in the
+    # image, as in Debian's own container images) in apt runs on top of it.
+    # policy-rc.d: packages installed in images built on this start no services.
+    mmdebstrap --variant=minbase --mode=root --dpkgopt=force-unsafe-io \
+        --customize-hook='printf "#!/bin/sh\nexit 101\n" > "$1/usr/sbin/policy-rc.d"; chmod 755 "$1/usr/sbin/policy-rc.d"' \
+        bookworm "$ROOTFS" "$(debian_mirror)" </dev/null || return 1
+    DETAIL="$(du -h "$ROOTFS" | cut -f1) from mmdebstrap"
+}
+
 debian_image() {
     if "$DOCKER" image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1; then
+        [ -n "${bg_pid[rootfs]:-}" ] && await rootfs >/dev/null
+        rm -f "$ROOTFS"
         DETAIL="cached"
         return 0
     fi
-    local tarball mirror
-    tarball=$(mktemp -d)/bookworm.tar
-    mirror=$(debian_mirror)
-    # policy-rc.d: packages installed in images built on this do not start services.
-    mmdebstrap --variant=minbase --mode=root \
-        --customize-hook='printf "#!/bin/sh\nexit 101\n" > "$1/usr/sbin/policy-rc.d"; chmod 755 "$1/usr/sbin/policy-rc.d"' \
-        bookworm "$tarball" "$mirror" </dev/null || return 1
-    "$DOCKER" import "$tarball" "$DEBIAN_IMAGE" || return 1
-    DETAIL="$(du -h "$tarball" | cut -f1) from mmdebstrap"
-    rm -rf "$(dirname "$tarball")"
+    if [ -n "${bg_pid[rootfs]:-}" ]; then
+        await rootfs || return 1
+    else
+        make_rootfs || return 1
+    fi
+    "$DOCKER" import "$ROOTFS" "$DEBIAN_IMAGE" || return 1
+    rm -f "$ROOTFS"
 }
 
 # Proxy settings of the host, if any, for builds that reach PyPI (Docker predefines these ARGs).
@@ -436,12 +486,17 @@ finish() {
     trap - EXIT INT TERM
     broken=""
     [ -n "$dockerd_pid" ] && run setup "stop dockerd" stop_dockerd
+    # Steps still running in the background (after a failure) end with the daemon.
+    local pid
+    for pid in "${bg_pid[@]}"; do
+        wait "$pid"
+    done
     local total
     total=$(elapsed "$START" "$(date +%s.%N)")
     python3 .ci/containers_checks.py write-result "$CHECKS" "$RESULT" --seconds "$total" \
         --commit "$(git rev-parse HEAD 2>/dev/null)" --tf-base-cached "$tf_base_cached"
     local status=$?
-    echo "containers: ${total}s in all; result in ${RESULT#"$REPO"/}, transcript in ${TRANSCRIPT#"$REPO"/}"
+    echo "containers: ${total}s in all; load average $(cut -d' ' -f1-3 /proc/loadavg); result in ${RESULT#"$REPO"/}"
     exit $status
 }
 # Only one run at a time: they would share the daemon's paths and the published ports.
@@ -459,15 +514,26 @@ START=$(date +%s.%N)
 trap finish EXIT
 trap 'echo "interrupted"; exit 130' INT TERM
 
-echo "containers: project $PROJECT; transcript in ${TRANSCRIPT#"$REPO"/}"
-run setup "preflight" preflight
-run setup "install docker.io and mmdebstrap" install_packages
-run setup "install Compose v2 (trixie's docker-compose)" install_compose
+mkdir -p "$RUN_DIR"
+echo "containers: project $PROJECT; load average $(cut -d' ' -f1-3 /proc/loadavg); transcript in ${TRANSCRIPT#"$REPO"/}"
+await_compose() { await compose; }
+await_prometheus() { await prometheus; }
+
+# Three steps run beside others to save time when cold: fetching Compose v2 (with
+# its own apt lists and cache), mmdebstrap (its own apt and dpkg in its own
+# directory) and building the Prometheus image.
+run setup "preflight" preflight && in_background compose install_compose
+run setup "install mmdebstrap" install_mmdebstrap
+# A new data root means a cold run: make the Debian root file system meanwhile.
+[ -z "$broken" ] && [ ! -d "$DATA_ROOT" ] && in_background rootfs make_rootfs
+run setup "install docker.io" install_docker
+run setup "install Compose v2 (trixie's docker-compose)" await_compose
 run setup "client venv (.venv/bin/ntrain)" client_venv
 run setup "start dockerd" start_dockerd
-run setup "debian image (mmdebstrap, docker import)" debian_image
+run setup "debian image (mmdebstrap, docker import)" debian_image &&
+    in_background prometheus prometheus_image
 run setup "tensorflow stand-in base image" tf_base_image
-run setup "prometheus image from Debian's package" prometheus_image
+run setup "prometheus image from Debian's package" await_prometheus
 run setup "build deploy/Dockerfile on the stand-in" ntrain_image
 run setup "compose up trainer prometheus (CPU override)" compose_up
 run check "trainer healthy" trainer_healthy

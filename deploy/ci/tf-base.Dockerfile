@@ -14,17 +14,13 @@ FROM ${DEBIAN_IMAGE}
 # `python3 -m pip install` and `ntrain` in deploy/Dockerfile use the venv, as
 # they use the system Python in TensorFlow's image (Debian's is externally managed).
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Services that packages install are not started during a build, as in
-# Debian's own container images.
-RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-
 COPY ca-certificates/ /usr/local/share/ca-certificates/
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && update-ca-certificates \
     && printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > /etc/pip.conf \
