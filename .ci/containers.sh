@@ -161,7 +161,7 @@ preflight() {
 # apt_install COMMAND PACKAGE: install Debian's PACKAGE unless COMMAND is there.
 apt_install() {
     if command -v "$1" >/dev/null; then
-        DETAIL="$2 was installed"
+        DETAIL="already there"
         return 0
     fi
     if [ -z "$apt_updated" ]; then
@@ -182,8 +182,8 @@ apt_install() {
     return $status
 }
 
-install_mmdebstrap() { apt_install mmdebstrap mmdebstrap && DETAIL+=" $(mmdebstrap --version)"; }
-install_docker() { apt_install dockerd docker.io && DETAIL+=" ($(dockerd --version | cut -d, -f1))"; }
+install_mmdebstrap() { apt_install mmdebstrap mmdebstrap && DETAIL="$(mmdebstrap --version), $DETAIL"; }
+install_docker() { apt_install dockerd docker.io && DETAIL="$(dockerd --version | cut -d, -f1), $DETAIL"; }
 
 # The host's Debian mirror, as its apt sources name it, for mmdebstrap and trixie.
 debian_mirror() {
