@@ -248,10 +248,13 @@ start_dockerd() {
     return 1
 }
 
+# The host's extra trusted CA certificates, as update-ca-certificates finds them.
+EXTRA_CA_DIR=/usr/local/share/ca-certificates
+extra_ca_files() { find "$EXTRA_CA_DIR" -type f -name '*.crt' 2>/dev/null | sort; }
+
 # The tag of the stand-in base: a hash of everything that goes into it.
 tf_base_tag() {
-    cat deploy/ci/tf-base.Dockerfile /usr/local/share/ca-certificates/*.crt 2>/dev/null |
-        sha256sum | cut -c1-16
+    { cat deploy/ci/tf-base.Dockerfile; extra_ca_files | xargs -r cat; } | sha256sum | cut -c1-16
 }
 
 # The Debian root file system of the stand-in images, as a tarball.
@@ -302,7 +305,7 @@ tf_base_image() {
     local context proxy_args
     context=$(mktemp -d)
     mkdir "$context/ca-certificates"
-    cp /usr/local/share/ca-certificates/*.crt "$context/ca-certificates/" 2>/dev/null
+    [ -d "$EXTRA_CA_DIR" ] && cp -r "$EXTRA_CA_DIR/." "$context/ca-certificates/"
     mapfile -t proxy_args < <(proxy_build_args)
     "$DOCKER" build --progress plain -f deploy/ci/tf-base.Dockerfile \
         --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" "${proxy_args[@]}" -t "$tag" "$context" || return 1
@@ -499,6 +502,7 @@ finish() {
     echo "containers: ${total}s in all; load average $(cut -d' ' -f1-3 /proc/loadavg); result in ${RESULT#"$REPO"/}"
     exit $status
 }
+
 # Only one run at a time: they would share the daemon's paths and the published ports.
 mkdir -p "$CACHE_DIR"
 exec 9>"$CACHE_DIR/lock"
