@@ -82,6 +82,8 @@ run() {
     DETAIL=""
     t0=$(date +%s.%N)
     { printf '\n=== %s\n' "$name"; } >>"$TRANSCRIPT"
+    local first_line
+    first_line=$(wc -l <"$TRANSCRIPT")
     "$fn" >>"$TRANSCRIPT" 2>&1
     status=$?
     t1=$(date +%s.%N)
@@ -89,6 +91,9 @@ run() {
     if [ $status -eq 0 ]; then
         record "$name" true "$(elapsed "$t0" "$t1")" "$detail"
     else
+        # Without a detail of its own, the step's first line that reports an error.
+        [ -n "$detail" ] || detail=$(tail -n +"$((first_line + 1))" "$TRANSCRIPT" |
+            grep -m 1 -E 'Error:|ERROR:|error:|Error response')
         record "$name" false "$(elapsed "$t0" "$t1")" "${detail:-exit status $status}"
         echo "         --- last lines of $name (all in $TRANSCRIPT):"
         tail -n 25 "$TRANSCRIPT" | sed 's/^/         | /'
