@@ -26,8 +26,22 @@ MAX_EPOCHS = 100_000
 # Seeds go to TensorFlow's int32 initializer seeds and int64 shuffle seeds.
 MAX_SEED = 2**31 - 1
 
+# Error messages show at most about this many characters of a value: a client
+# may send a megabyte where a name belongs, and an answer echoing it whole
+# fails itself (gRPC's metadata limit) and floods the logs.
+SHOWN_CHARACTERS = 100
+
 # Variables the optimizer keeps per weight (slots), used to size the model.
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """A value as an error message shows it: its repr, cut to about `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}...{size}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +59,7 @@ class LayerSpec:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"layers[{index}].activation must be one of {', '.join(ACTIVATIONS)}, "
-                f"got {self.activation!r}"
+                f"got {shown(self.activation)}"
             )
 
 
@@ -98,11 +112,12 @@ class TrainConfig:
             layer.validate(index)
         if self.initializer not in INITIALIZERS:
             raise ValueError(
-                f"initializer must be one of {', '.join(INITIALIZERS)}, got {self.initializer!r}"
+                f"initializer must be one of {', '.join(INITIALIZERS)}, "
+                f"got {shown(self.initializer)}"
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {shown(self.optimizer)}"
             )
         _check_positive_finite("learning_rate", self.learning_rate)
         if not isinstance(self.momentum, int | float) or not 0.0 <= self.momentum < 1.0:
@@ -179,7 +194,9 @@ class StrategyConfig:
 
     def validate(self) -> None:
         if self.kind not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.kind!r}")
+            raise ValueError(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {shown(self.kind)}"
+            )
         if not isinstance(self.num_devices, int) or self.num_devices < 0:
             raise ValueError(
                 f"num_devices must be a non-negative integer, got {self.num_devices!r}"
@@ -193,4 +210,4 @@ def _check_positive_finite(name: str, value: float) -> None:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number, got {shown(value)}")

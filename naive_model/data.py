@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from naive_model.config import shown
+
 MNIST_ENV = "NTRAIN_MNIST_PATH"
 KERAS_CACHE = Path("~/.keras/datasets/mnist.npz")
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
@@ -229,15 +231,15 @@ def resolve_dataset_path(name: str, data_dir: str | os.PathLike | None) -> Path:
     """
     if not is_plain_file_name(name):
         raise ValueError(
-            f"dataset must be a plain file name inside the data directory, got {name!r}"
+            f"dataset must be a plain file name inside the data directory, got {shown(name)}"
         )
     if data_dir is None:
-        raise DatasetNotFoundError(f"dataset {name!r}: no data directory is configured")
+        raise DatasetNotFoundError(f"dataset {shown(name)}: no data directory is configured")
     directory = Path(data_dir)
     for candidate in (directory / name, directory / f"{name}.npz"):
         if candidate.is_file():
             return candidate
-    raise DatasetNotFoundError(f"dataset {name!r} not found in {directory}")
+    raise DatasetNotFoundError(f"dataset {shown(name)} not found in {directory}")
 
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:

@@ -18,6 +18,8 @@ from service.jobs import errors
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_CHARACTERS = 1000
+
 STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -37,14 +39,24 @@ def status_code(error: errors.ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def one_line(message: str) -> str:
+    """A status message as the client gets it: one line, of bounded length.
+
+    Messages show client values cut short already (`naive_model.config.shown`);
+    this is the net under them, so that no answer exceeds gRPC's metadata limit.
+    """
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_MESSAGE_CHARACTERS else text[:MAX_MESSAGE_CHARACTERS] + "..."
+
+
 def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None:
     if isinstance(error, errors.ServiceError):
-        context.abort(status_code(error), error.message)
+        context.abort(status_code(error), one_line(error.message))
     # ServicerContext.code() exists since grpcio 1.38; the type stubs lag behind.
     if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]
         raise error  # the handler already aborted with its own status (health, reflection)
     log.exception("unexpected error in %s", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}")
+    context.abort(grpc.StatusCode.INTERNAL, one_line(f"internal error in {method}: {error}"))
 
 
 class ExceptionToStatusInterceptor(grpc.ServerInterceptor):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from naive_model.config import shown
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument, WorkerError
 from service.jobs.runner import STOP_AFTER_ANSWER_SECONDS
@@ -67,12 +68,12 @@ class ModelTasks:
             input_size = lookup_dataset(spec.dataset, self.data_dir).input_size
         if info.input_size != input_size:
             raise InvalidArgument(
-                f"dataset {name!r} has {info.input_size} features per example; "
+                f"dataset {shown(name)} has {info.input_size} features per example; "
                 f"the model of job {job_id} takes {input_size}"
             )
         if info.num_classes > units:
             raise InvalidArgument(
-                f"dataset {name!r} has {info.num_classes} classes; "
+                f"dataset {shown(name)} has {info.num_classes} classes; "
                 f"the model of job {job_id} predicts {units}"
             )
         files = self.store.job_files(job_id)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from naive_model.config import shown
 from naive_model.data import DatasetInfo
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import InvalidArgument
@@ -104,13 +105,15 @@ def check_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
         raise InvalidArgument(
             f"request_id must be at most {MAX_REQUEST_ID_LENGTH} printable characters, "
-            f"got {request_id[:40]!r}{'...' if len(request_id) > 40 else ''}"
+            f"got {shown(request_id)}"
         )
 
 
 def check_job_id(job_id: str) -> None:
-    if not _JOB_ID.match(job_id):
-        raise InvalidArgument(f"job_id must be a job id such as 'job-1a2b3c4d5e6f', got {job_id!r}")
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArgument(
+            f"job_id must be a job id such as 'job-1a2b3c4d5e6f', got {shown(job_id)}"
+        )
 
 
 def check_page(page_size: int, page_token: str) -> tuple[int, int | None]:
