@@ -291,3 +291,41 @@ def test_a_taken_port_fails_to_start_and_leaves_nothing_running(server, tmp_path
     with pytest.raises(RuntimeError):
         second.start()
     assert second.manager is None or second.manager.pool.warm_ready == 0
+
+
+def test_bytes_that_are_no_message_are_invalid_argument_without_a_traceback(server, caplog):
+    """gRPC itself would answer INTERNAL and log a traceback per request."""
+    garbage = b"\xff\xff\xff\x01 not a protobuf"
+    for method in ("SubmitJob", "GetJob", "ListJobs", "Evaluate", "Predict", "GetServerInfo"):
+        call = server.channel.unary_unary(f"/ntrain.v1.TrainingService/{method}")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(garbage, timeout=10)
+        assert raised.value.code() == INVALID, (method, raised.value.details())
+        assert f"not a valid ntrain.v1.{method}Request message" in raised.value.details()
+    for method in ("/ntrain.v1.TrainingService/WatchJob", "/grpc.health.v1.Health/Watch"):
+        with pytest.raises(grpc.RpcError) as raised:
+            list(server.channel.unary_stream(method)(garbage, timeout=10))
+        assert raised.value.code() == INVALID, (method, raised.value.details())
+    reflection = server.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        list(reflection(iter([garbage]), timeout=10))
+    assert raised.value.code() == INVALID
+    assert "Traceback" not in caplog.text and "Exception deserializing" not in caplog.text
+
+
+def test_unicode_digits_and_huge_filters_in_list_jobs_are_invalid(server):
+    stub = server.stub
+    assert_refused(
+        server,
+        lambda: stub.ListJobs(pb.ListJobsRequest(page_token="\u00b2")),
+        INVALID,
+        "page_token",
+    )
+    assert_refused(
+        server,
+        lambda: stub.ListJobs(pb.ListJobsRequest(states=[pb.RUNNING] * 250_000)),
+        INVALID,
+        "at most 64 job states",
+    )

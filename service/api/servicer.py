@@ -40,7 +40,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         records, next_cursor = self.manager.list(states=states, page_size=page_size, cursor=cursor)
         return pb.ListJobsResponse(
             jobs=[convert.job_to_proto(record) for record in records],
-            next_page_token="" if next_cursor is None else str(next_cursor),
+            next_page_token="" if next_cursor is None else validation.page_token(next_cursor),
         )
 
     def WatchJob(
@@ -70,6 +70,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
         validation.check_job_id(request.job_id)
+        validation.check_predict_count(len(request.inputs))
         input_size = self.manager.model_input_size(request.job_id)
         rows = convert.predict_rows(request)
         validation.check_predict_inputs(rows, input_size)

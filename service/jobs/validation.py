@@ -8,8 +8,12 @@ protocol's dataclasses first, and these check the dataclasses.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import math
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +33,9 @@ MAX_RESTARTS = 100
 MAX_PREDICT_INPUTS = 10_000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A ListJobs filter names each state at most once or twice; more is no request
+# a client means, and every entry costs a query parameter.
+MAX_STATE_FILTERS = 64
 _JOB_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
@@ -127,22 +134,63 @@ def check_page(page_size: int, page_token: str) -> tuple[int, int | None]:
             f"page_size must be in 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE}), "
             f"got {page_size}"
         )
-    cursor = None
-    if page_token:
-        if not page_token.isdigit() or len(page_token) > 18:
-            raise InvalidArgument(f"page_token is not one this server gave, got {page_token!r}")
-        cursor = int(page_token)
+    cursor = _cursor_of(page_token) if page_token else None
     return page_size or DEFAULT_PAGE_SIZE, cursor
+
+
+# A page token is the cursor (the store's sequence number of the page's last
+# job) packed with a version byte and a checksum, in base64url: opaque to
+# clients, and anything this server did not make is refused by its length,
+# alphabet (ASCII only: no Unicode digits reach int()) and checksum before it
+# reaches a query. The checksum's key is no secret, and needs none: a forged
+# cursor only names another place in the listing, and the query takes it as a
+# bound parameter. Tokens stay valid across restarts of the server.
+_TOKEN_KEY = b"ntrain.v1.ListJobs page token"
+_TOKEN_VERSION = 1
+_TOKEN_BODY = struct.Struct(">BQ")  # version, cursor
+_TOKEN_DIGEST_BYTES = 6
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{20}")  # 15 bytes in base64url, unpadded
+
+
+def page_token(cursor: int) -> str:
+    """The next_page_token that makes `check_page` return `cursor`."""
+    body = _TOKEN_BODY.pack(_TOKEN_VERSION, cursor)
+    return base64.urlsafe_b64encode(body + _token_digest(body)).decode("ascii")
+
+
+def _token_digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=_TOKEN_DIGEST_BYTES, key=_TOKEN_KEY).digest()
+
+
+def _cursor_of(page_token: str) -> int:
+    refused = InvalidArgument(
+        f"page_token must be a next_page_token this server gave, got {shown(page_token)}"
+    )
+    if not _TOKEN.fullmatch(page_token):
+        raise refused
+    raw = base64.urlsafe_b64decode(page_token)
+    body, digest = raw[: _TOKEN_BODY.size], raw[_TOKEN_BODY.size :]
+    if not hmac.compare_digest(digest, _token_digest(body)):
+        raise refused
+    version, cursor = _TOKEN_BODY.unpack(body)
+    if version != _TOKEN_VERSION or not 0 < cursor < 2**63:
+        raise refused
+    return cursor
+
+
+def check_predict_count(count: int) -> None:
+    """How many examples a Predict request holds: checked before anything is converted."""
+    if not count:
+        raise InvalidArgument("inputs must hold at least one example, got none")
+    if count > MAX_PREDICT_INPUTS:
+        raise InvalidArgument(
+            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {count}"
+        )
 
 
 def check_predict_inputs(rows: Sequence[Sequence[float]], input_size: int) -> None:
     """The inputs of a Predict request, checked against the model's input size."""
-    if not rows:
-        raise InvalidArgument("inputs must hold at least one example, got none")
-    if len(rows) > MAX_PREDICT_INPUTS:
-        raise InvalidArgument(
-            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {len(rows)}"
-        )
+    check_predict_count(len(rows))
     for index, values in enumerate(rows):
         if len(values) != input_size:
             raise InvalidArgument(
