@@ -129,7 +129,7 @@ class ModelTasks:
         name = type(task).__name__.removesuffix("Task").lower()
         if event is None:
             raise WorkerError(f"the worker did not answer in {TASK_TIMEOUT_SECONDS:.0f} s")
-        if isinstance(event, Failed) and event.data_missing:
+        if isinstance(event, Failed) and (event.data_missing or event.data_unusable):
             raise FailedPrecondition(f"{name}: {event.reason}")
         if not isinstance(event, answer_type):
             reason = event.reason if isinstance(event, Failed) else type(event).__name__
