@@ -65,3 +65,80 @@ def test_echoed_values_are_cut_to_about_100_characters():
     assert len(raised.value.message) < 250
     assert one_line("two\nlines  here") == "two lines here"
     assert len(one_line("x" * 10**6)) <= 1003
+
+
+def _spec(*units: int, optimizer: str = "sgd", strategy: str = "cpu", devices: int = 0, **train):
+    from naive_model.config import LayerSpec, TrainConfig
+    from service.protocol import JobSpec
+
+    layers = tuple(LayerSpec(units=u, activation="relu") for u in units[:-1])
+    layers += (LayerSpec(units=units[-1], activation="softmax"),)
+    config = TrainConfig(layers=layers, optimizer=optimizer, learning_rate=0.01, **train)
+    return JobSpec(train=config, dataset="synthetic", strategy=strategy, device_count=devices)
+
+
+# Peak resident memory of a worker's train task (benchmarks/memory_peak.py, TensorFlow
+# 2.21 on CPU, one epoch with a checkpoint and the export), MiB, and the config.
+MEASURED_PEAKS = [
+    (4283, _spec(300_000, 10)),
+    (1844, _spec(100_000, 10)),
+    (2473, _spec(100_000, 10, optimizer="adam")),
+    (981, _spec(16_384, 10, batch_size=2048)),
+    (2362, _spec(100_000, 10, strategy="mirrored", devices=2)),
+]
+
+
+@pytest.mark.parametrize("measured,spec", MEASURED_PEAKS)
+def test_the_memory_estimate_covers_measured_peaks_closely(measured, spec):
+    from service.jobs.scheduler import demand_for
+
+    replicas = demand_for(spec.strategy, spec.device_count, 0).replicas
+    estimate = spec.train.memory_estimate(
+        input_size=784, num_train=2048, num_test=512, num_replicas=replicas
+    )
+    assert measured <= estimate.host_bytes() / 1024**2 <= 1.2 * measured
+
+
+def test_a_job_beyond_the_hosts_memory_is_failed_precondition():
+    from service.jobs.errors import FailedPrecondition
+
+    host = 24 * 1024**3
+    # The case: about 33 GB of weights over 16 logical CPU replicas.
+    sixteen = _spec(650_000, 10, strategy="mirrored", devices=16)
+    with pytest.raises(FailedPrecondition, match=r"16 replica\(s\).*75% of this host's 24.0 GiB"):
+        validation.validate_job_spec(sixteen, data_dir=None, host_gpus=0, host_memory_bytes=host)
+    demand, _ = validation.validate_job_spec(
+        _spec(300_000, 10), data_dir=None, host_gpus=0, host_memory_bytes=host
+    )
+    assert demand.replicas == 1
+    with pytest.raises(FailedPrecondition, match="a job may take"):
+        validation.validate_job_spec(
+            _spec(300_000, 10), data_dir=None, host_gpus=0, host_memory_bytes=4 * 1024**3
+        )
+    with pytest.raises(InvalidArgument, match="learning_rate must be at most"):
+        validation.validate_job_spec(
+            _lr(1e39),
+            data_dir=None,
+            host_gpus=0,
+        )
+
+
+def _lr(value: float):
+    import dataclasses
+
+    spec = _spec(64, 10)
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, learning_rate=value))
+
+
+def test_a_replica_beyond_a_gpus_memory_is_failed_precondition():
+    from service.jobs.errors import FailedPrecondition
+
+    spec = _spec(300_000, 10, strategy="mirrored", devices=2)
+    with pytest.raises(FailedPrecondition, match=r"per GPU.*90% of the 2.0 GiB a GPU"):
+        validation.validate_job_spec(
+            spec, data_dir=None, host_gpus=2, gpu_memory_bytes=2 * 1024**3, host_memory_bytes=0
+        )
+    validation.validate_job_spec(
+        spec, data_dir=None, host_gpus=2, gpu_memory_bytes=16 * 1024**3, host_memory_bytes=0
+    )
+

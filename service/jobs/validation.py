@@ -17,15 +17,22 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from naive_model import data
 from naive_model.config import shown
 from naive_model.data import DatasetInfo
 from service.jobs.datasets import lookup_dataset
-from service.jobs.errors import InvalidArgument
+from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.scheduler import Demand, demand_for
 from service.protocol import JobSpec
 
 # Activations of one step (forward values and their gradients) must fit too.
 MAX_ACTIVATION_BYTES = 8 * 1024**3
+# The share of the host's physical memory one job's estimated peak may take:
+# the server, a warm worker and the operating system need the rest.
+HOST_MEMORY_SHARE = 0.75
+# The share of a GPU's memory a replica may take: the CUDA context and
+# TensorFlow's allocator need the rest.
+GPU_MEMORY_SHARE = 0.9
 MAX_REQUEST_ID_LENGTH = 128
 # A year: past it a timer would overflow what the worker's wait accepts.
 MAX_RUNTIME_SECONDS = 365 * 24 * 3600.0
@@ -40,20 +47,28 @@ _JOB_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
 def validate_job_spec(
-    spec: JobSpec, *, data_dir: Path | None, host_gpus: int, gpu_memory_bytes: int = 0
+    spec: JobSpec,
+    *,
+    data_dir: Path | None,
+    host_gpus: int,
+    gpu_memory_bytes: int = 0,
+    host_memory_bytes: int | None = None,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
     Args:
         host_gpus: GPUs the host has, to resolve the strategy's device count.
         gpu_memory_bytes: memory of the smallest GPU, 0 when unknown.
+        host_memory_bytes: the host's physical memory; None reads it, 0 skips
+            the check.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
 
     Raises:
         InvalidArgument: a field is invalid; the message names it and its value.
-        FailedPrecondition: more GPUs than the host has.
+        FailedPrecondition: more GPUs than the host has, or more memory than a
+            job may take of the host's or a GPU's (`naive_model.config.MemoryEstimate`).
     """
     if not spec.train.layers:
         raise InvalidArgument("layers must hold at least one layer, got none")
@@ -80,16 +95,6 @@ def validate_job_spec(
             f"{activation_bytes / 1024**3:.1f} GiB of activations per step, more than the "
             f"{MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB limit"
         )
-    if demand.gpus and gpu_memory_bytes:
-        needed = spec.train.model_bytes(info.input_size) + activation_bytes // max(
-            demand.replicas, 1
-        )
-        if needed > gpu_memory_bytes:
-            raise InvalidArgument(
-                f"layers {[layer.units for layer in spec.train.layers]} need about "
-                f"{needed / 1024**3:.1f} GiB per GPU, more than the "
-                f"{gpu_memory_bytes / 1024**3:.1f} GiB a GPU of this host has"
-            )
     if spec.checkpoint_every_epochs < 0:
         raise InvalidArgument(
             "checkpoint_every_epochs must be 0 (only at the end) or positive, "
@@ -105,7 +110,48 @@ def validate_job_spec(
         )
     if not 0 <= spec.max_restarts <= MAX_RESTARTS:
         raise InvalidArgument(f"max_restarts must be in 0..{MAX_RESTARTS}, got {spec.max_restarts}")
+    _check_memory(spec, info, demand, gpu_memory_bytes, host_memory_bytes)
     return demand, info
+
+
+def _check_memory(
+    spec: JobSpec,
+    info: DatasetInfo,
+    demand: Demand,
+    gpu_memory_bytes: int,
+    host_memory_bytes: int | None,
+) -> None:
+    """Refuse a job whose estimated peak memory exceeds its share of the host or a GPU."""
+    estimate = spec.train.memory_estimate(
+        input_size=info.input_size,
+        num_train=info.num_train,
+        num_test=info.num_test,
+        num_replicas=demand.replicas,
+    )
+    units = shown([layer.units for layer in spec.train.layers])
+    on = f"{spec.train.optimizer}, batch {spec.train.batch_size}, {demand.replicas} replica(s)"
+    if host_memory_bytes is None:
+        host_memory_bytes = data.host_memory_bytes()
+    # An auto job runs on the CPU when no GPU is free: the host must hold it all then.
+    host_needed = estimate.host_bytes(on_gpus=bool(demand.gpus) and not demand.flexible)
+    host_limit = int(HOST_MEMORY_SHARE * host_memory_bytes)
+    if host_limit and host_needed > host_limit:
+        raise FailedPrecondition(
+            f"layers {units} ({on}) on {shown(spec.dataset)} need about {_gib(host_needed)} of "
+            f"memory, more than the {_gib(host_limit)} a job may take "
+            f"({HOST_MEMORY_SHARE:.0%} of this host's {_gib(host_memory_bytes)})"
+        )
+    gpu_limit = int(GPU_MEMORY_SHARE * gpu_memory_bytes)
+    if demand.gpus and gpu_limit and estimate.per_device > gpu_limit:
+        raise FailedPrecondition(
+            f"layers {units} ({on}) need about {_gib(estimate.per_device)} per GPU, more "
+            f"than the {_gib(gpu_limit)} a job may take ({GPU_MEMORY_SHARE:.0%} of the "
+            f"{_gib(gpu_memory_bytes)} a GPU of this host has)"
+        )
+
+
+def _gib(count: int) -> str:
+    return f"{count / 1024**3:.1f} GiB"
 
 
 def check_request_id(request_id: str) -> None:
