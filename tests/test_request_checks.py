@@ -142,3 +142,49 @@ def test_a_replica_beyond_a_gpus_memory_is_failed_precondition():
         spec, data_dir=None, host_gpus=2, gpu_memory_bytes=16 * 1024**3, host_memory_bytes=0
     )
 
+
+def test_model_tasks_past_the_bound_are_refused_at_once():
+    import threading
+    import time
+    from pathlib import Path
+
+    from service.jobs.errors import ResourceExhausted
+    from service.jobs.inference import ModelTasks
+    from service.protocol import Predictions, PredictTask
+
+    release = threading.Event()
+    answered = []
+
+    class BlockedWorker:
+        def send(self, task):
+            pass
+
+        def receive(self, timeout):
+            release.wait(30)
+            return Predictions(probabilities=[[1.0]])
+
+        def wait(self, timeout):
+            return 0
+
+    class Pool:
+        def take(self):
+            return BlockedWorker()
+
+    tasks = ModelTasks(None, Pool(), data_dir=None, on_worker_returned=lambda: None, max_tasks=2)
+    task = PredictTask(job_dir=Path("/nonexistent"), inputs=[[0.0]])
+    running = [
+        threading.Thread(target=lambda: answered.append(tasks._run_task(task, Predictions)))
+        for _ in range(2)
+    ]
+    for thread in running:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while tasks._slots._value and time.monotonic() < deadline:  # both hold a slot
+        time.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="2 Evaluate or Predict task"):
+        tasks._run_task(task, Predictions)
+    release.set()
+    for thread in running:
+        thread.join(10)
+    assert len(answered) == 2
+    assert isinstance(tasks._run_task(task, Predictions), Predictions)  # slots came back

@@ -27,6 +27,7 @@ from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.servicer import TrainingServicer
 from service.api.status import ExceptionToStatusInterceptor
 from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
+from service.jobs.inference import DEFAULT_MAX_TASKS
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.status import package_version
@@ -55,6 +56,7 @@ class ServerConfig:
     data_dir: Path | None = None
     max_queue: int = 64
     max_cpu_jobs: int = 1
+    max_model_tasks: int = DEFAULT_MAX_TASKS
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0
@@ -124,6 +126,7 @@ class TrainingServer:
             data_dir=config.data_dir,
             max_queue=config.max_queue,
             max_cpu_jobs=config.max_cpu_jobs,
+            max_model_tasks=config.max_model_tasks,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.

@@ -236,6 +236,7 @@ def cmd_serve(args) -> int:
         "data_dir": Path(args.data_dir) if args.data_dir else None,
         "max_queue": args.max_queue,
         "max_cpu_jobs": args.max_cpu_jobs,
+        "max_model_tasks": args.max_model_tasks,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,

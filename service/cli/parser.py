@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU-only jobs running at once (default 1)",
     )
     serve.add_argument(
+        "--max-model-tasks",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="Evaluate and Predict requests running at once, each in a worker process; "
+        "more are refused (default 2)",
+    )
+    serve.add_argument(
         "--no-warm-worker",
         action="store_true",
         help="do not keep a worker with TensorFlow imported ready",
