@@ -70,8 +70,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
         validation.check_job_id(request.job_id)
-        validation.check_predict_count(len(request.inputs))
         input_size = self.manager.model_input_size(request.job_id)
+        validation.check_predict_count(len(request.inputs))  # before converting a value
         rows = convert.predict_rows(request)
         validation.check_predict_inputs(rows, input_size)
         inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)
