@@ -220,7 +220,7 @@ class MemoryEstimate:
     the creation of variables when the model is built or exported (the
     initializer's random draw and its scaled form beside the new variable,
     once per run). Calibrated against the peak resident memory of worker
-    processes (benchmarks/memory_peak.py): the estimate is 4 to 16% above
+    processes (benchmarks/memory_peak.py): the estimate is 0 to 11% above
     every configuration measured there.
     """
 
