@@ -6,9 +6,12 @@ format). Images of any shape are flattened; uint8 pixels are scaled to [0, 1].
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +162,7 @@ def load_npz(
     """
     path = Path(path)
     check_npz(path, max_bytes=max_bytes)
-    with np.load(path, allow_pickle=False) as archive:
+    with _reading(path, "an array cannot be read"), np.load(path, allow_pickle=False) as archive:
         arrays = [archive[key] for key in _SPLITS]
     return from_arrays(name or path.stem, *arrays)
 
@@ -177,24 +180,29 @@ class ArrayHeader:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def read_npz_headers(path: str | os.PathLike) -> dict[str, ArrayHeader]:
-    """The shape and dtype of every array in an .npz, read from headers alone.
+def read_npz_headers(
+    path: str | os.PathLike, keys: Sequence[str] | None = None
+) -> dict[str, ArrayHeader]:
+    """The shape and dtype of arrays in an .npz, read from their headers alone.
 
     Nothing is allocated for the data: each member's .npy header is parsed
     (`numpy.lib.format.read_magic`, `read_array_header_1_0`/`_2_0`) and the
     member's size is taken from the zip directory.
+
+    Args:
+        keys: the arrays to read (those the file has); None reads every one.
 
     Raises:
         DatasetError: not a zip archive, or a member with no valid .npy header.
     """
     path = Path(path)
     headers = {}
-    try:
+    with _reading(path, "an array header is not valid"):
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
-                if not member.filename.endswith(".npy"):
-                    continue
                 key = member.filename.removesuffix(".npy")
+                if key == member.filename or (keys is not None and key not in keys):
+                    continue
                 with archive.open(member) as stream:
                     version = np.lib.format.read_magic(stream)
                     if version == (1, 0):
@@ -210,13 +218,22 @@ def read_npz_headers(path: str | os.PathLike) -> dict[str, ArrayHeader]:
                 headers[key] = ArrayHeader(
                     tuple(shape), np.dtype(dtype), member.file_size - header_bytes
                 )
-    except zipfile.BadZipFile:
-        raise DatasetError(f"{path.name} is not an .npz (zip) archive") from None
-    except (ValueError, EOFError) as error:
-        if isinstance(error, DatasetError):
-            raise
-        raise DatasetError(f"{path.name}: an array header is not valid: {error}") from None
     return headers
+
+
+@contextlib.contextmanager
+def _reading(path: Path, problem: str) -> Iterator[None]:
+    """Turn what reading a broken or hostile .npz raises into a DatasetError."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except zipfile.BadZipFile as error:
+        raise DatasetError(f"{path.name} is not a valid .npz (zip) archive: {error}") from None
+    # zlib.error: a corrupt compressed member; RuntimeError: an encrypted one;
+    # NotImplementedError: a compression method zipfile lacks.
+    except (ValueError, EOFError, zlib.error, RuntimeError, NotImplementedError) as error:
+        raise DatasetError(f"{path.name}: {problem}: {error}") from None
 
 
 def check_npz(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, ArrayHeader]:
@@ -237,11 +254,13 @@ def check_npz(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[
         DatasetError: naming the first problem.
     """
     path = Path(path)
-    headers = read_npz_headers(path)
+    headers = read_npz_headers(path, _SPLITS)
     missing = [key for key in _SPLITS if key not in headers]
     if missing:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(name.removesuffix(".npy") for name in archive.namelist())
         raise DatasetError(
-            f"{path}: missing arrays {', '.join(missing)} (has {sorted(headers)[:10]})"
+            f"{path}: missing arrays {', '.join(missing)} (has {shown(names, limit=200)})"
         )
     for key in _SPLITS:
         header = headers[key]
@@ -448,7 +467,7 @@ def dataset_info(
     else:
         path = resolve_dataset_path(name, data_dir)
     headers = check_npz(path, max_bytes=max_bytes)
-    with np.load(path, allow_pickle=False) as archive:
+    with _reading(path, "an array cannot be read"), np.load(path, allow_pickle=False) as archive:
         y_train, y_test = archive["y_train"], archive["y_test"]
     x_train, x_test = headers["x_train"], headers["x_test"]
     return DatasetInfo(

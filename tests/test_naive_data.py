@@ -193,9 +193,10 @@ def test_a_data_set_larger_than_allowed_is_refused_before_loading(tmp_path):
 @pytest.mark.parametrize(
     "content,message",
     [
-        (b"not a zip at all", "not an .npz"),
+        (b"not a zip at all", "not a valid .npz"),
         ("object", "must hold numbers"),
         ("bad-magic", "array header is not valid"),
+        ("corrupt-deflate", "while decompressing data: invalid block type"),
     ],
 )
 def test_files_that_are_no_npz_data_set_are_named(tmp_path, content, message):
@@ -206,6 +207,17 @@ def test_files_that_are_no_npz_data_set_are_named(tmp_path, content, message):
         arrays = _arrays()
         np.savez(path, x_train=arrays[0].astype(object), y_train=arrays[1], x_test=arrays[2],
                  y_test=arrays[3])  # fmt: skip
+    elif content == "corrupt-deflate":
+        np.savez_compressed(path, **dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                                             _arrays(num_train=500), strict=True)))  # fmt: skip
+        with zipfile.ZipFile(path) as archive:
+            member = archive.getinfo("y_train.npy")
+        raw = bytearray(path.read_bytes())
+        name_length, extra_length = np.frombuffer(
+            raw[member.header_offset + 26 : member.header_offset + 30], "<u2"
+        )
+        raw[member.header_offset + 30 + name_length + extra_length] = 0xFF  # no deflate block type
+        path.write_bytes(bytes(raw))
     elif content == "bad-magic":
         with zipfile.ZipFile(path, "w") as archive:
             for key in ("x_train", "y_train", "x_test", "y_test"):
