@@ -25,9 +25,28 @@ MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 100_000
 # Seeds go to TensorFlow's int32 initializer seeds and int64 shuffle seeds.
 MAX_SEED = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+# Error messages show at most about this many characters of a value: a client
+# may send a megabyte where a name belongs, and an answer echoing it whole
+# fails itself (gRPC's metadata limit) and floods the logs.
+SHOWN_CHARACTERS = 100
+
+# TensorFlow imported and running in a process: 575 MiB resident right after
+# the import (TensorFlow 2.21 on a CPU host), plus its allocator's working set.
+RUNTIME_BYTES = 640 * 1024**2
 
 # Variables the optimizer keeps per weight (slots), used to size the model.
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """A value as an error message shows it: its repr, cut to about `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}...{size}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +64,7 @@ class LayerSpec:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"layers[{index}].activation must be one of {', '.join(ACTIVATIONS)}, "
-                f"got {self.activation!r}"
+                f"got {shown(self.activation)}"
             )
 
 
@@ -98,13 +117,19 @@ class TrainConfig:
             layer.validate(index)
         if self.initializer not in INITIALIZERS:
             raise ValueError(
-                f"initializer must be one of {', '.join(INITIALIZERS)}, got {self.initializer!r}"
+                f"initializer must be one of {', '.join(INITIALIZERS)}, "
+                f"got {shown(self.initializer)}"
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {shown(self.optimizer)}"
             )
         _check_positive_finite("learning_rate", self.learning_rate)
+        if self.learning_rate > FLOAT32_MAX:  # the optimizer holds it as float32
+            raise ValueError(
+                f"learning_rate must be at most {FLOAT32_MAX:.7g} (float32's largest), "
+                f"got {shown(self.learning_rate)}"
+            )
         if not isinstance(self.momentum, int | float) or not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not isinstance(self.batch_size, int) or not 0 < self.batch_size <= MAX_BATCH_SIZE:
@@ -154,12 +179,78 @@ class TrainConfig:
         copies = 2 + _OPTIMIZER_SLOTS.get(self.optimizer, 2)
         return 4 * copies * self.parameter_count(input_size)
 
+    def memory_estimate(
+        self, *, input_size: int, num_train: int, num_test: int, num_replicas: int = 1
+    ) -> MemoryEstimate:
+        """What a training run of this config needs at its peak; see `MemoryEstimate`."""
+        weights = 4 * self.parameter_count(input_size)
+        slots = _OPTIMIZER_SLOTS.get(self.optimizer, 2)
+        per_replica_batch = -(-self.batch_size // max(num_replicas, 1))
+        # Forward values and their gradients, for each layer's output.
+        activations = 4 * 2 * per_replica_batch * sum(layer.units for layer in self.layers)
+        return MemoryEstimate(
+            weights=weights,
+            optimizer_slots=slots * weights,
+            # The gradients, the update's temporaries (one, or one per slot), activations.
+            step=(1 + max(1, slots)) * weights + activations,
+            # The initializer's random draw, its scaled form and the variable.
+            variable_copies=3 * weights,
+            # The training split as each replica's variables: float32 images,
+            # int32 labels and the int64 epoch order.
+            device_data=num_train * (4 * input_size + 4 + 8),
+            # The arrays as loaded (float32 at worst) and their float32 and int32 forms.
+            host_data=(num_train + num_test) * (8 * input_size + 8 + 4),
+            replicas=max(num_replicas, 1),
+        )
+
     @property
     def effective_momentum(self) -> float:
         """The momentum the optimizer uses: "momentum" defaults to 0.9."""
         if self.optimizer == "momentum" and self.momentum == 0.0:
             return 0.9
         return float(self.momentum)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    """Bytes a training run needs at its peak, by what holds them.
+
+    A run's memory peaks at one of two moments: a training step (each
+    replica's gradients, the optimizer's temporaries and the activations) or
+    the creation of variables when the model is built or exported (the
+    initializer's random draw and its scaled form beside the new variable,
+    once per run). Calibrated against the peak resident memory of worker
+    processes (benchmarks/memory_peak.py): the estimate is 0 to 11% above
+    every configuration measured there.
+    """
+
+    weights: int  # one float32 copy of the weights and biases
+    optimizer_slots: int  # the optimizer's per-weight variables (momentum, RMS, Adam's m and v)
+    step: int  # per replica: gradients, update temporaries, activations at its batch
+    variable_copies: int  # building or exporting the model, once per run
+    device_data: int  # per replica: the training split held in variables
+    host_data: int  # the data set loaded on the host
+    replicas: int
+
+    @property
+    def per_device(self) -> int:
+        """What one replica's device holds at the peak (a GPU's share of the run)."""
+        return (
+            self.weights
+            + self.optimizer_slots
+            + self.device_data
+            + max(self.variable_copies, self.step)
+        )
+
+    def host_bytes(self, *, on_gpus: bool = False) -> int:
+        """What the host needs: TensorFlow, the data, and the replicas when they are on it."""
+        host = RUNTIME_BYTES + self.host_data
+        if on_gpus:
+            return host
+        persistent = self.weights + self.optimizer_slots + self.device_data
+        return (
+            host + self.replicas * persistent + max(self.variable_copies, self.replicas * self.step)
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +270,9 @@ class StrategyConfig:
 
     def validate(self) -> None:
         if self.kind not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.kind!r}")
+            raise ValueError(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {shown(self.kind)}"
+            )
         if not isinstance(self.num_devices, int) or self.num_devices < 0:
             raise ValueError(
                 f"num_devices must be a non-negative integer, got {self.num_devices!r}"
@@ -193,4 +286,4 @@ def _check_positive_finite(name: str, value: float) -> None:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number, got {shown(value)}")

@@ -6,20 +6,34 @@ format). Images of any shape are flattened; uint8 pixels are scaled to [0, 1].
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from naive_model.config import shown
+
 MNIST_ENV = "NTRAIN_MNIST_PATH"
 KERAS_CACHE = Path("~/.keras/datasets/mnist.npz")
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
+# A data set is refused before loading when holding it (its arrays as stored
+# plus their float32 and int32 forms) would take more than this share of the
+# host's memory: the model, its optimizer and TensorFlow need the rest.
+DATASET_MEMORY_SHARE = 0.5
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """No file holds the requested data set; the message says where we looked."""
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be used as it is; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -69,42 +83,42 @@ def from_arrays(
     """Check, flatten and scale raw arrays into a Dataset.
 
     Raises:
-        ValueError: empty splits, mismatched lengths, wrong dtypes, non-finite
+        DatasetError: empty splits, mismatched lengths, wrong dtypes, non-finite
             values, negative labels, or labels >= num_classes.
     """
     splits = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     for key, array in splits.items():
         if not isinstance(array, np.ndarray):
-            raise ValueError(f"{name}: {key} must be a numpy array, got {type(array).__name__}")
+            raise DatasetError(f"{name}: {key} must be a numpy array, got {type(array).__name__}")
         if array.ndim == 0 or len(array) == 0:
-            raise ValueError(f"{name}: {key} is empty")
+            raise DatasetError(f"{name}: {key} is empty")
     for split in ("train", "test"):
         x, y = splits[f"x_{split}"], splits[f"y_{split}"]
         if len(x) != len(y):
-            raise ValueError(
+            raise DatasetError(
                 f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)} labels"
             )
         if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-            raise ValueError(f"{name}: x_{split} must hold numbers, got dtype {x.dtype}")
+            raise DatasetError(f"{name}: x_{split} must hold numbers, got dtype {x.dtype}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{name}: y_{split} must hold integer class labels, got {y.dtype}")
+            raise DatasetError(f"{name}: y_{split} must hold integer class labels, got {y.dtype}")
         if y.ndim != 1:
-            raise ValueError(f"{name}: y_{split} must be one label per example, got {y.shape}")
+            raise DatasetError(f"{name}: y_{split} must be one label per example, got {y.shape}")
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise ValueError(f"{name}: x_{split} holds non-finite values (NaN or infinity)")
+            raise DatasetError(f"{name}: x_{split} holds non-finite values (NaN or infinity)")
         if y.min() < 0:
-            raise ValueError(f"{name}: y_{split} holds a negative label {int(y.min())}")
+            raise DatasetError(f"{name}: y_{split} holds a negative label {int(y.min())}")
     train_features = math.prod(x_train.shape[1:])
     test_features = math.prod(x_test.shape[1:])
     if train_features != test_features:
-        raise ValueError(
+        raise DatasetError(
             f"{name}: x_train has {train_features} features per example, x_test {test_features}"
         )
     labels_seen = int(max(y_train.max(), y_test.max())) + 1
     if num_classes is None:
         num_classes = labels_seen
     elif labels_seen > num_classes:
-        raise ValueError(
+        raise DatasetError(
             f"{name}: label {labels_seen - 1} is out of range for {num_classes} classes"
         )
     return Dataset(
@@ -130,15 +144,195 @@ def to_features(images: np.ndarray) -> np.ndarray:
     return flat.astype(np.float32)
 
 
-def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
-    """Load an .npz holding x_train, y_train, x_test and y_test."""
+def load_npz(
+    path: str | os.PathLike, *, name: str | None = None, max_bytes: int | None = None
+) -> Dataset:
+    """Load an .npz holding x_train, y_train, x_test and y_test.
+
+    The arrays' headers are checked first (`check_npz`), so a file that
+    declares more data than it holds, or more than memory allows, is refused
+    without allocating anything.
+
+    Args:
+        max_bytes: the most loading may take; None means `DATASET_MEMORY_SHARE`
+            of this host's memory.
+
+    Raises:
+        DatasetError: the file is no usable data set; the message says why.
+    """
     path = Path(path)
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [key for key in _SPLITS if key not in archive.files]
-        if missing:
-            raise ValueError(f"{path}: missing arrays {', '.join(missing)} (has {archive.files})")
+    check_npz(path, max_bytes=max_bytes)
+    with _reading(path, "an array cannot be read"), np.load(path, allow_pickle=False) as archive:
         arrays = [archive[key] for key in _SPLITS]
     return from_arrays(name or path.stem, *arrays)
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """What an .npy header inside an .npz declares, and how many bytes follow it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stored_bytes: int
+
+    @property
+    def declared_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_npz_headers(
+    path: str | os.PathLike, keys: Sequence[str] | None = None
+) -> dict[str, ArrayHeader]:
+    """The shape and dtype of arrays in an .npz, read from their headers alone.
+
+    Nothing is allocated for the data: each member's .npy header is parsed
+    (`numpy.lib.format.read_magic`, `read_array_header_1_0`/`_2_0`) and the
+    member's size is taken from the zip directory.
+
+    Args:
+        keys: the arrays to read (those the file has); None reads every one.
+
+    Raises:
+        DatasetError: not a zip archive, or a member with no valid .npy header.
+    """
+    path = Path(path)
+    headers = {}
+    with _reading(path, "an array header is not valid"):
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                key = member.filename.removesuffix(".npy")
+                if key == member.filename or (keys is not None and key not in keys):
+                    continue
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+                    else:
+                        raise DatasetError(
+                            f"{path.name}: {shown(key)} is in .npy format {version}, "
+                            "which is not read here (1.0 and 2.0 are)"
+                        )
+                    header_bytes = stream.tell()
+                headers[key] = ArrayHeader(
+                    tuple(shape), np.dtype(dtype), member.file_size - header_bytes
+                )
+    return headers
+
+
+@contextlib.contextmanager
+def _reading(path: Path, problem: str) -> Iterator[None]:
+    """Turn what reading a broken or hostile .npz raises into a DatasetError."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except zipfile.BadZipFile as error:
+        raise DatasetError(f"{path.name} is not a valid .npz (zip) archive: {error}") from None
+    # zlib.error: a corrupt compressed member; RuntimeError: an encrypted one;
+    # NotImplementedError: a compression method zipfile lacks.
+    except (ValueError, EOFError, zlib.error, RuntimeError, NotImplementedError) as error:
+        raise DatasetError(f"{path.name}: {problem}: {error}") from None
+
+
+def check_npz(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, ArrayHeader]:
+    """Check an .npz data set from its headers alone, before anything is loaded.
+
+    Checks that the four splits are there with numeric images and 1-D integer
+    labels of matching lengths, that each array holds as many bytes as its
+    header declares, and that loading fits in `max_bytes`.
+
+    Args:
+        max_bytes: the most loading may take; None means `DATASET_MEMORY_SHARE`
+            of this host's memory (no bound where the host does not say).
+
+    Returns:
+        The headers of the four splits.
+
+    Raises:
+        DatasetError: naming the first problem.
+    """
+    path = Path(path)
+    headers = read_npz_headers(path, _SPLITS)
+    missing = [key for key in _SPLITS if key not in headers]
+    if missing:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(name.removesuffix(".npy") for name in archive.namelist())
+        raise DatasetError(
+            f"{path}: missing arrays {', '.join(missing)} (has {shown(names, limit=200)})"
+        )
+    for key in _SPLITS:
+        header = headers[key]
+        if header.dtype.hasobject or not (
+            np.issubdtype(header.dtype, np.integer) or np.issubdtype(header.dtype, np.floating)
+        ):
+            raise DatasetError(f"{path.name}: {key} must hold numbers, got dtype {header.dtype}")
+        if any(size < 0 for size in header.shape) or not header.shape or not header.shape[0]:
+            raise DatasetError(f"{path.name}: {key} is empty (shape {header.shape})")
+        if header.declared_bytes != header.stored_bytes:
+            raise DatasetError(
+                f"{path.name}: {key} declares shape {_shape(header.shape)} of {header.dtype} "
+                f"({_size(header.declared_bytes)}) but holds {_size(header.stored_bytes)}"
+            )
+    for split in ("train", "test"):
+        x, y = headers[f"x_{split}"], headers[f"y_{split}"]
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(
+                f"{path.name}: y_{split} must hold integer class labels, got {y.dtype}"
+            )
+        if len(y.shape) != 1:
+            raise DatasetError(
+                f"{path.name}: y_{split} must be one label per example, got shape {y.shape}"
+            )
+        if x.shape[0] != y.shape[0]:
+            raise DatasetError(
+                f"{path.name}: x_{split} has {x.shape[0]} examples but y_{split} has "
+                f"{y.shape[0]} labels"
+            )
+    train_features = math.prod(headers["x_train"].shape[1:])
+    test_features = math.prod(headers["x_test"].shape[1:])
+    if train_features != test_features:
+        raise DatasetError(
+            f"{path.name}: x_train has {train_features} features per example, "
+            f"x_test {test_features}"
+        )
+    if max_bytes is None:
+        max_bytes = int(DATASET_MEMORY_SHARE * host_memory_bytes()) or None
+    needed = loading_bytes(headers)
+    if max_bytes is not None and needed > max_bytes:
+        raise DatasetError(
+            f"{path.name}: x_train of shape {_shape(headers['x_train'].shape)} needs about "
+            f"{_size(needed)} to load, more than the {_size(max_bytes)} allowed"
+        )
+    return {key: headers[key] for key in _SPLITS}
+
+
+def loading_bytes(headers: dict[str, ArrayHeader]) -> int:
+    """Memory that loading takes: the arrays as stored, the float32 images, int32 labels."""
+    stored = sum(headers[key].declared_bytes for key in _SPLITS)
+    images = sum(4 * math.prod(headers[key].shape) for key in ("x_train", "x_test"))
+    labels = sum(4 * headers[key].shape[0] for key in ("y_train", "y_test"))
+    return stored + images + labels
+
+
+def host_memory_bytes() -> int:
+    """This host's physical memory; 0 where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return shown(shape, limit=60)
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def mnist_candidates(path: str | os.PathLike | None = None, data_dir=None) -> list[Path]:
@@ -224,20 +418,27 @@ def resolve_dataset_path(name: str, data_dir: str | os.PathLike | None) -> Path:
     """The file inside data_dir that a data set name refers to.
 
     Raises:
-        ValueError: the name is empty or reaches outside data_dir.
+        ValueError: the name is empty or reaches outside data_dir, itself or
+            through a symbolic link.
         DatasetNotFoundError: no such file.
     """
     if not is_plain_file_name(name):
         raise ValueError(
-            f"dataset must be a plain file name inside the data directory, got {name!r}"
+            f"dataset must be a plain file name inside the data directory, got {shown(name)}"
         )
     if data_dir is None:
-        raise DatasetNotFoundError(f"dataset {name!r}: no data directory is configured")
+        raise DatasetNotFoundError(f"dataset {shown(name)}: no data directory is configured")
     directory = Path(data_dir)
     for candidate in (directory / name, directory / f"{name}.npz"):
         if candidate.is_file():
-            return candidate
-    raise DatasetNotFoundError(f"dataset {name!r} not found in {directory}")
+            # A symbolic link may point anywhere; the file it reaches must be inside.
+            resolved = candidate.resolve()
+            if not resolved.is_relative_to(directory.resolve()):
+                raise ValueError(
+                    f"dataset {shown(name)} is a link to a file outside the data directory"
+                )
+            return resolved
+    raise DatasetNotFoundError(f"dataset {shown(name)} not found in {directory}")
 
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -249,10 +450,13 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
     return load_npz(resolve_dataset_path(name, data_dir), name=name)
 
 
-def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> DatasetInfo:
+def dataset_info(
+    name: str, *, data_dir: str | os.PathLike | None = None, max_bytes: int | None = None
+) -> DatasetInfo:
     """Sizes of a data set, for validating a request before training.
 
-    Reads shapes and labels only: no float conversion of the images.
+    Reads the arrays' headers (`check_npz`, with `max_bytes` as there) and
+    the labels only: the images are never loaded.
     """
     if name == "synthetic":
         return synthetic_dataset().info
@@ -262,17 +466,16 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
             return load_mnist(data_dir=data_dir).info
     else:
         path = resolve_dataset_path(name, data_dir)
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [key for key in _SPLITS if key not in archive.files]
-        if missing:
-            raise ValueError(f"{path}: missing arrays {', '.join(missing)} (has {archive.files})")
-        x_train, y_train, x_test, y_test = (archive[key] for key in _SPLITS)
+    headers = check_npz(path, max_bytes=max_bytes)
+    with _reading(path, "an array cannot be read"), np.load(path, allow_pickle=False) as archive:
+        y_train, y_test = archive["y_train"], archive["y_test"]
+    x_train, x_test = headers["x_train"], headers["x_test"]
     return DatasetInfo(
         name=name,
         input_size=math.prod(x_train.shape[1:]),
         num_classes=int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1,
-        num_train=len(x_train),
-        num_test=len(x_test),
+        num_train=x_train.shape[0],
+        num_test=x_test.shape[0],
     )
 
 

@@ -174,6 +174,7 @@ class Failed:
 
     reason: str
     data_missing: bool = False  # the data set was not found: the request's fault
+    data_unusable: bool = False  # the data set's file is no usable data set (NaN values)
 
 
 @dataclass(frozen=True, kw_only=True)

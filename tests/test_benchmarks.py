@@ -114,3 +114,20 @@ def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
         {name: fastest[name] / fastest["roofline"] for name in fastest if name != "roofline"}
     )
     assert set(report["ratios_to_roofline_paired_median"]) == entries - {"roofline"}
+
+
+def test_memory_peak_reports_a_workers_peak_beside_the_estimate(tmp_path):
+    output = tmp_path / "memory_peak.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory_peak", "--config", "wide_activations"]
+        + ["--json", str(output)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    entry = json.loads(output.read_text())["entries"]["wide_activations"]
+    stages = entry["peak_mib_by_stage"]
+    assert entry["peak_mib"] == max(stages.values()) > stages["tensorflow_imported"] > 0
+    # The estimate submissions are checked against must not fall below a real peak.
+    assert entry["estimate/peak"] >= 1.0

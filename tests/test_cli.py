@@ -255,3 +255,34 @@ def test_serve_on_a_port_in_use_is_one_line(tmp_path, taken):
     errors = [line for line in result.stderr.splitlines() if line.startswith("ntrain:")]
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
+    # Nothing before it either: gRPC's C core logs its own line for a taken port.
+    assert result.stderr.splitlines() == errors, result.stderr
+    if taken == "grpc":
+        assert errors[0].endswith(f"port {port} is in use on 127.0.0.1"), errors
+
+
+@pytest.mark.parametrize(
+    ("flags", "status", "expected"),
+    [
+        (["--port", "70000"], 2, "argument --port: must be a port number in 0..65535, got 70000"),
+        (["--port", "-1"], 2, "argument --port: must be a port number in 0..65535, got -1"),
+        (["--metrics-port", "65536"], 2, "argument --metrics-port: must be a port number"),
+        (["--port-file", "/nonexistent/folder/port"], 1, "the folder /nonexistent/folder does"),
+        (["--data-dir", "/nonexistent"], 1, "data directory /nonexistent does not exist"),
+        (["--data-dir", "FILE"], 1, "is not a directory"),
+    ],
+)
+def test_serve_refuses_a_bad_start_up_in_one_line_before_ready(tmp_path, flags, status, expected):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    flags = [str(a_file) if flag == "FILE" else flag for flag in flags]
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--no-metrics",
+         "--no-warm-worker", "--state-dir", str(tmp_path / "state"), *flags],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )  # fmt: skip
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "state").exists()  # refused before the state was touched

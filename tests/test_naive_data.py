@@ -146,3 +146,102 @@ def test_mnist_missing_everywhere_says_where_it_looked(tmp_path, monkeypatch):
     assert str(tmp_path / "data" / "mnist.npz") in message
     assert str(tmp_path / ".keras" / "datasets" / "mnist.npz") in message
     assert "network is unreachable" in message and data.MNIST_ENV in message
+
+
+def write_npz_with_headers(path, shapes, dtype="<f4", data=b"\0" * 64):
+    """An .npz whose members' .npy headers declare `shapes` but hold only `data`."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, shape in shapes.items():
+            member = io.BytesIO()
+            header = {"descr": dtype if key.startswith("x") else "<i8", "fortran_order": False}
+            np.lib.format.write_array_header_1_0(member, {**header, "shape": shape})
+            archive.writestr(f"{key}.npy", member.getvalue() + data)
+
+
+def test_a_header_declaring_a_huge_shape_is_refused_without_allocating(tmp_path):
+    shapes = {"x_train": (10**11, 784), "y_train": (10**11,), "x_test": (8, 784), "y_test": (8,)}
+    write_npz_with_headers(tmp_path / "huge.npz", shapes)
+    headers = data.read_npz_headers(tmp_path / "huge.npz")
+    assert headers["x_train"].shape == (10**11, 784) and headers["x_train"].stored_bytes == 64
+    for load in (
+        lambda: load_dataset("huge.npz", data_dir=tmp_path),
+        lambda: dataset_info("huge.npz", data_dir=tmp_path),
+    ):
+        with pytest.raises(
+            data.DatasetError, match=r"x_train declares shape \(100000000000, 784\)"
+        ):
+            load()
+
+
+def test_a_data_set_larger_than_allowed_is_refused_before_loading(tmp_path):
+    x_train, y_train, x_test, y_test = _arrays(num_train=1000, shape=(28, 28))
+    path = tmp_path / "big.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    headers = data.check_npz(path)  # fits the host: half its memory by default
+    assert data.loading_bytes(headers) == 1004 * 784 * 5 + 1004 * 5
+    with pytest.raises(
+        data.DatasetError, match="needs about 3.8 MiB to load, more than the 1.0 MiB"
+    ):
+        data.load_npz(path, max_bytes=1024**2)
+    with pytest.raises(data.DatasetError, match="needs about"):
+        dataset_info("big.npz", data_dir=tmp_path, max_bytes=1024**2)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"not a zip at all", "not a valid .npz"),
+        ("object", "must hold numbers"),
+        ("bad-magic", "array header is not valid"),
+        ("corrupt-deflate", "while decompressing data: invalid block type"),
+    ],
+)
+def test_files_that_are_no_npz_data_set_are_named(tmp_path, content, message):
+    import zipfile
+
+    path = tmp_path / "bad.npz"
+    if content == "object":
+        arrays = _arrays()
+        np.savez(path, x_train=arrays[0].astype(object), y_train=arrays[1], x_test=arrays[2],
+                 y_test=arrays[3])  # fmt: skip
+    elif content == "corrupt-deflate":
+        np.savez_compressed(path, **dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                                             _arrays(num_train=500), strict=True)))  # fmt: skip
+        with zipfile.ZipFile(path) as archive:
+            member = archive.getinfo("y_train.npy")
+        raw = bytearray(path.read_bytes())
+        name_length, extra_length = np.frombuffer(
+            raw[member.header_offset + 26 : member.header_offset + 30], "<u2"
+        )
+        raw[member.header_offset + 30 + name_length + extra_length] = 0xFF  # no deflate block type
+        path.write_bytes(bytes(raw))
+    elif content == "bad-magic":
+        with zipfile.ZipFile(path, "w") as archive:
+            for key in ("x_train", "y_train", "x_test", "y_test"):
+                archive.writestr(f"{key}.npy", b"\x93NOTNUMPY")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(data.DatasetError, match=message):
+        load_dataset("bad.npz", data_dir=tmp_path)
+
+
+def test_a_link_out_of_the_data_directory_is_refused(tmp_path):
+    outside, inside = tmp_path / "outside", tmp_path / "data"
+    outside.mkdir()
+    inside.mkdir()
+    np.savez(outside / "secret.npz", **dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                                                 _arrays(), strict=True)))  # fmt: skip
+    (inside / "secret.npz").symlink_to(outside / "secret.npz")
+    with pytest.raises(ValueError, match="link to a file outside the data directory"):
+        load_dataset("secret.npz", data_dir=inside)
+    # A link that stays inside is followed, and a data directory that is itself a link works.
+    (inside / "alias.npz").symlink_to(inside / "secret.npz")
+    (inside / "secret.npz").unlink()
+    (outside / "secret.npz").rename(inside / "real.npz")
+    (inside / "alias.npz").unlink()
+    (inside / "alias.npz").symlink_to(inside / "real.npz")
+    (tmp_path / "linked").symlink_to(inside, target_is_directory=True)
+    assert dataset_info("alias", data_dir=tmp_path / "linked").num_train == 12

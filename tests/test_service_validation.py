@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from ntrain.v1 import training_pb2 as pb
 from service_harness import RunningServer, job_spec, layers
+from test_naive_data import write_npz_with_headers
 
 from service.devices import fake_gpus
 
@@ -30,6 +31,21 @@ def data_dir(tmp_path_factory):
         y_test=rng.integers(0, 3, 16),
     )
     (directory / "notes.txt").write_text("not a data set")
+    x_test = rng.random((16, 20), dtype=np.float32)
+    x_test[3, 4] = np.nan
+    np.savez(
+        directory / "nan.npz",
+        x_train=rng.random((64, 20), dtype=np.float32),
+        y_train=rng.integers(0, 3, 64),
+        x_test=x_test,
+        y_test=rng.integers(0, 3, 16),
+    )
+    shapes = {"x_train": (10**11, 784), "y_train": (10**11,), "x_test": (8, 784), "y_test": (8,)}
+    write_npz_with_headers(directory / "huge.npz", shapes)
+    outside = tmp_path_factory.mktemp("outside")
+    np.savez(outside / "elsewhere.npz", x_train=np.zeros((4, 20)), y_train=np.zeros(4, int),
+             x_test=np.zeros((4, 20)), y_test=np.zeros(4, int))  # fmt: skip
+    (directory / "escape.npz").symlink_to(outside / "elsewhere.npz")
     return directory
 
 
@@ -119,6 +135,14 @@ BAD_SPECS = {
     "empty dataset": ({"dataset": ""}, ("dataset",)),
     "missing dataset file": ({"dataset": "absent.npz"}, ("dataset", "absent.npz")),
     "file that is not a data set": ({"dataset": "notes.txt"}, ("dataset", "notes.txt")),
+    "header declaring a huge shape": (
+        {"dataset": "huge.npz"},
+        ("dataset", "huge.npz", "declares shape (100000000000, 784)"),
+    ),
+    "link out of the data directory": (
+        {"dataset": "escape.npz"},
+        ("dataset", "escape.npz", "outside the data directory"),
+    ),
     "unknown strategy": ({"strategy": pb.StrategySpec(name="tpu")}, ("strategy.name", "tpu")),
     "multi_worker strategy": (
         {"strategy": pb.StrategySpec(name="multi_worker")},
@@ -291,3 +315,60 @@ def test_a_taken_port_fails_to_start_and_leaves_nothing_running(server, tmp_path
     with pytest.raises(RuntimeError):
         second.start()
     assert second.manager is None or second.manager.pool.warm_ready == 0
+
+
+def test_bytes_that_are_no_message_are_invalid_argument_without_a_traceback(server, caplog):
+    """gRPC itself would answer INTERNAL and log a traceback per request."""
+    garbage = b"\xff\xff\xff\x01 not a protobuf"
+    for method in ("SubmitJob", "GetJob", "ListJobs", "Evaluate", "Predict", "GetServerInfo"):
+        call = server.channel.unary_unary(f"/ntrain.v1.TrainingService/{method}")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(garbage, timeout=10)
+        assert raised.value.code() == INVALID, (method, raised.value.details())
+        assert f"not a valid ntrain.v1.{method}Request message" in raised.value.details()
+    for method in ("/ntrain.v1.TrainingService/WatchJob", "/grpc.health.v1.Health/Watch"):
+        with pytest.raises(grpc.RpcError) as raised:
+            list(server.channel.unary_stream(method)(garbage, timeout=10))
+        assert raised.value.code() == INVALID, (method, raised.value.details())
+    reflection = server.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        list(reflection(iter([garbage]), timeout=10))
+    assert raised.value.code() == INVALID
+    assert "Traceback" not in caplog.text and "Exception deserializing" not in caplog.text
+
+
+def test_unicode_digits_and_huge_filters_in_list_jobs_are_invalid(server):
+    stub = server.stub
+    assert_refused(
+        server,
+        lambda: stub.ListJobs(pb.ListJobsRequest(page_token="\u00b2")),
+        INVALID,
+        "page_token",
+    )
+    assert_refused(
+        server,
+        lambda: stub.ListJobs(pb.ListJobsRequest(states=[pb.RUNNING] * 250_000)),
+        INVALID,
+        "at most 64 job states",
+    )
+
+
+def test_evaluate_on_unusable_data_is_failed_precondition_naming_it(server):
+    """The worker loads the values; NaN among them is the data set's fault, not INTERNAL."""
+    spec = job_spec(dataset="small.npz", layers=layers((8, "relu"), (3, "softmax")), batch_size=16)
+    job = server.submit(spec, request_id="small-for-eval")
+    assert server.wait_for(job.job_id).state == pb.SUCCEEDED
+    assert_refused(
+        server,
+        lambda: server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id, dataset="nan.npz")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "nan.npz: x_test holds non-finite values",
+    )
+    assert_refused(
+        server,
+        lambda: server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id, dataset="huge.npz")),
+        INVALID,
+        "declares shape (100000000000, 784)",
+    )

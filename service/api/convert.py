@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
-from naive_model.config import LayerSpec, TrainConfig
+from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
 from service.jobs.errors import InvalidArgument
 from service.jobs.status import ServerStatus
 from service.jobs.store import Event, JobRecord
+from service.jobs.validation import MAX_STATE_FILTERS
 from service.protocol import (
     EpochEnd,
     Evaluation,
@@ -36,6 +37,10 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
     Numbers are taken as given (a zero batch size is an error, not a default),
     so a client never trains with a value it did not mean.
     """
+    if len(message.layers) > MAX_LAYERS:  # before a dataclass is built for each
+        raise InvalidArgument(
+            f"layers must hold at most {MAX_LAYERS} layers, got {len(message.layers)}"
+        )
     optimizer = message.optimizer
     return JobSpec(
         train=TrainConfig(
@@ -72,14 +77,18 @@ def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
     """Job state names of a ListJobs filter.
 
     Raises:
-        InvalidArgument: an unspecified or unknown state.
+        InvalidArgument: an unspecified or unknown state, or too many of them.
     """
+    if len(values) > MAX_STATE_FILTERS:
+        raise InvalidArgument(
+            f"states must hold at most {MAX_STATE_FILTERS} job states, got {len(values)}"
+        )
     names = []
     for value in values:
         if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
             raise InvalidArgument(f"states holds an unknown job state {value}")
         names.append(pb.JobState.Name(value))
-    return tuple(names)
+    return tuple(dict.fromkeys(names))  # each state once: one query parameter each
 
 
 def predict_rows(request: pb.PredictRequest) -> list[list[float]]:

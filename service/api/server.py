@@ -15,11 +15,13 @@ without TLS and authentication on both ports unless `insecure` is set.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import platform
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -37,6 +39,7 @@ from service.api.servicer import TrainingServicer
 from service.api.status import ExceptionToStatusInterceptor
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
 from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
+from service.jobs.inference import DEFAULT_MAX_TASKS
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.status import package_version
@@ -71,6 +74,7 @@ class ServerConfig:
     data_dir: Path | None = None
     max_queue: int = 64
     max_cpu_jobs: int = 1
+    max_model_tasks: int = DEFAULT_MAX_TASKS
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0
@@ -121,6 +125,55 @@ def exposure_problem(config: ServerConfig) -> str | None:
     )
 
 
+def check_config(config: ServerConfig) -> None:
+    """Refuse, with one line, a config the server cannot start with.
+
+    Runs before the state directory or a port is touched: the ports must be
+    in range and free, and the data directory must be a directory. gRPC's
+    C core would log its own line before our error for a taken port, and
+    silencing it takes GRPC_VERBOSITY set before grpc is imported; asking
+    the operating system first says it once, in our words. (A port taken in
+    the instant between this check and the bind still fails, with that line.)
+
+    Raises:
+        ValueError: a port out of range, or a data directory that is missing
+            or not a directory.
+        RuntimeError: a port in use, or an address this host cannot bind.
+    """
+    ports = {"port": config.port}
+    if config.metrics_port is not None:
+        ports["metrics_port"] = config.metrics_port
+    for name, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name} must be in 0..65535, got {port}")
+    if config.data_dir is not None and not config.data_dir.is_dir():
+        problem = "is not a directory" if config.data_dir.exists() else "does not exist"
+        raise ValueError(f"data directory {config.data_dir} {problem}")
+    for port in set(ports.values()) - {0}:
+        _check_port_free(config.bind_address, port)
+
+
+def _check_port_free(address: str, port: int) -> None:
+    """Bind `address:port` as gRPC would (SO_REUSEADDR), and let it go again."""
+    try:
+        candidates = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise RuntimeError(f"cannot resolve the address {address!r}: {error.strerror}") from None
+    for family, kind, protocol, _, where in candidates:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise RuntimeError(f"port {port} is in use on {address}") from None
+                raise RuntimeError(
+                    f"cannot listen on {_host_port(address, port)}: {error.strerror}"
+                ) from None
+
+
 def _host_port(address: str, port: int) -> str:
     if ":" in address and not address.startswith("["):
         address = f"[{address}]"  # an IPv6 literal
@@ -161,6 +214,7 @@ class TrainingServer:
 
     def _start(self) -> None:
         config = self.config
+        check_config(config)
         problem = exposure_problem(config)
         if problem is not None:
             raise ValueError(problem)
@@ -199,6 +253,7 @@ class TrainingServer:
             data_dir=config.data_dir,
             max_queue=config.max_queue,
             max_cpu_jobs=config.max_cpu_jobs,
+            max_model_tasks=config.max_model_tasks,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.

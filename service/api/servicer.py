@@ -56,7 +56,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
         return pb.ListJobsResponse(
             jobs=[convert.job_to_proto(record) for record in records],
-            next_page_token="" if next_cursor is None else str(next_cursor),
+            next_page_token="" if next_cursor is None else validation.page_token(next_cursor),
         )
 
     def WatchJob(
@@ -102,6 +102,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_job_id(request.job_id)
         principal = principal_of(context)
         input_size = self.manager.model_input_size(request.job_id, principal=principal)
+        validation.check_predict_count(len(request.inputs))  # before converting a value
         rows = convert.predict_rows(request)
         validation.check_predict_inputs(rows, input_size)
         inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)

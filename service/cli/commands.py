@@ -256,6 +256,7 @@ def cmd_serve(args) -> int:
         "data_dir": Path(args.data_dir) if args.data_dir else None,
         "max_queue": args.max_queue,
         "max_cpu_jobs": args.max_cpu_jobs,
+        "max_model_tasks": args.max_model_tasks,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,
@@ -285,17 +286,20 @@ def cmd_serve(args) -> int:
             if server.metrics_port
             else ""
         )
+        if args.port_file:  # before "ready": a reader of the file may rely on both
+            _write_atomically(Path(args.port_file), f"{server.port}\n")
         print(
             f"ntrain {version()} ready: gRPC on {config.bind_address}:{server.port}{metrics}, "
             f"state in {config.state_dir}",
             file=sys.stderr,
             flush=True,
         )
-        if args.port_file:
-            _write_atomically(Path(args.port_file), f"{server.port}\n")
 
     def on_stopping() -> None:
         print("ntrain: shutting down", file=sys.stderr, flush=True)
+
+    if args.port_file:
+        _check_port_file_folder(Path(args.port_file))
 
     try:
         serve(config, on_ready=on_ready, on_stopping=on_stopping)
@@ -322,6 +326,16 @@ def _tls_files(flag: str, cert: str | None, key: str | None, client_ca: str | No
     return TlsFiles(
         cert=Path(cert), key=Path(key), client_ca=Path(client_ca) if client_ca else None
     )
+
+
+def _check_port_file_folder(path: Path) -> None:
+    """The folder of --port-file must take the file: checked before the server starts."""
+    folder = path.parent
+    if not folder.is_dir():
+        problem = "is not a directory" if folder.exists() else "does not exist"
+        raise CliError(f"cannot write the port file {path}: the folder {folder} {problem}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write the port file {path}: the folder {folder} is not writable")
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -38,6 +38,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -120,12 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = subcommands.add_parser("serve", help="run the training server")
     serve.add_argument(
-        "--port", metavar="N", type=int, default=None, help="gRPC port (default 50051; 0 = any)"
+        "--port", metavar="N", type=_port, default=None, help="gRPC port (default 50051; 0 = any)"
     )
     serve.add_argument(
         "--metrics-port",
         metavar="N",
-        type=int,
+        type=_port,
         default=None,
         help="Prometheus /metrics port (default 9101; 0 = any)",
     )
@@ -155,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="CPU-only jobs running at once (default 1)",
+    )
+    serve.add_argument(
+        "--max-model-tasks",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="Evaluate and Predict requests running at once, each in a worker process; "
+        "more are refused (default 2)",
     )
     serve.add_argument(
         "--no-warm-worker",

@@ -12,6 +12,7 @@ import functools
 import zipfile
 from pathlib import Path
 
+from naive_model.config import shown
 from naive_model.data import (
     DatasetInfo,
     DatasetNotFoundError,
@@ -23,6 +24,7 @@ from naive_model.data import (
 from service.jobs.errors import InvalidArgument
 
 BUILTIN_DATASETS = ("mnist", "synthetic")
+MAX_DATASET_NAME = 255  # a file name's limit on Linux file systems
 # MNIST's shape, known without the file: the worker may still download it.
 MNIST_INFO = DatasetInfo(
     name="mnist", input_size=784, num_classes=10, num_train=60000, num_test=10000
@@ -36,9 +38,14 @@ def check_dataset_name(name: str, field: str = "dataset") -> None:
             f"{field} must name a data set (mnist, synthetic, or a file in the server's "
             "data directory), got ''"
         )
+    if len(name) > MAX_DATASET_NAME:
+        raise InvalidArgument(
+            f"{field} must be at most {MAX_DATASET_NAME} characters, got {shown(name)}"
+        )
     if not is_plain_file_name(name):
         raise InvalidArgument(
-            f"{field} must be a plain file name inside the server's data directory, got {name!r}"
+            f"{field} must be a plain file name inside the server's data directory, "
+            f"got {shown(name)}"
         )
 
 
@@ -56,7 +63,7 @@ def lookup_dataset(name: str, data_dir: Path | None, field: str = "dataset") -> 
     except DatasetNotFoundError as error:
         raise InvalidArgument(f"{field}: {error}") from None
     except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise InvalidArgument(f"{field} {name!r} is not a usable data set: {error}") from None
+        raise InvalidArgument(f"{field} {shown(name)} is not a usable data set: {error}") from None
 
 
 def _file_identity(name: str, data_dir: Path | None) -> tuple:

@@ -34,7 +34,7 @@ from service.jobs.errors import (
     NotFound,
     Unavailable,
 )
-from service.jobs.inference import ModelTasks
+from service.jobs.inference import DEFAULT_MAX_TASKS, ModelTasks
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner, RunOutcome
 from service.jobs.scheduler import Assignment, Scheduler, demand_for
@@ -84,6 +84,7 @@ class JobManager:
         max_cpu_jobs: int = 1,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
+        max_model_tasks: int = DEFAULT_MAX_TASKS,
         worker_held_fds: tuple[int, ...] = (),
         clock: Callable[[], float] = time.time,
     ):
@@ -113,7 +114,11 @@ class JobManager:
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
         self.models = ModelTasks(
-            store, self.pool, data_dir=data_dir, on_worker_returned=self._refill_when_idle
+            store,
+            self.pool,
+            data_dir=data_dir,
+            on_worker_returned=self._refill_when_idle,
+            max_tasks=max_model_tasks,
         )
 
     # -- start and stop -------------------------------------------------------

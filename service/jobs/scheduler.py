@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from naive_model.config import shown
 from service.jobs.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from service.protocol import SERVICE_STRATEGIES
 
@@ -83,7 +84,7 @@ def demand_for(strategy: str, device_count: int, host_gpus: int) -> Demand:
         )
     if strategy not in SERVICE_STRATEGIES:
         raise InvalidArgument(
-            f"strategy.name must be one of {', '.join(SERVICE_STRATEGIES)}, got {strategy!r}"
+            f"strategy.name must be one of {', '.join(SERVICE_STRATEGIES)}, got {shown(strategy)}"
         )
     if device_count < 0:
         raise InvalidArgument(

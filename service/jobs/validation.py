@@ -8,19 +8,31 @@ protocol's dataclasses first, and these check the dataclasses.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import math
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from naive_model import data
+from naive_model.config import shown
 from naive_model.data import DatasetInfo
 from service.jobs.datasets import lookup_dataset
-from service.jobs.errors import InvalidArgument
+from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.scheduler import Demand, demand_for
 from service.protocol import JobSpec
 
 # Activations of one step (forward values and their gradients) must fit too.
 MAX_ACTIVATION_BYTES = 8 * 1024**3
+# The share of the host's physical memory one job's estimated peak may take:
+# the server, a warm worker and the operating system need the rest.
+HOST_MEMORY_SHARE = 0.75
+# The share of a GPU's memory a replica may take: the CUDA context and
+# TensorFlow's allocator need the rest.
+GPU_MEMORY_SHARE = 0.9
 MAX_REQUEST_ID_LENGTH = 128
 # A year: past it a timer would overflow what the worker's wait accepts.
 MAX_RUNTIME_SECONDS = 365 * 24 * 3600.0
@@ -28,24 +40,35 @@ MAX_RESTARTS = 100
 MAX_PREDICT_INPUTS = 10_000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A ListJobs filter names each state at most once or twice; more is no request
+# a client means, and every entry costs a query parameter.
+MAX_STATE_FILTERS = 64
 _JOB_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
 def validate_job_spec(
-    spec: JobSpec, *, data_dir: Path | None, host_gpus: int, gpu_memory_bytes: int = 0
+    spec: JobSpec,
+    *,
+    data_dir: Path | None,
+    host_gpus: int,
+    gpu_memory_bytes: int = 0,
+    host_memory_bytes: int | None = None,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
     Args:
         host_gpus: GPUs the host has, to resolve the strategy's device count.
         gpu_memory_bytes: memory of the smallest GPU, 0 when unknown.
+        host_memory_bytes: the host's physical memory; None reads it, 0 skips
+            the check.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
 
     Raises:
         InvalidArgument: a field is invalid; the message names it and its value.
-        FailedPrecondition: more GPUs than the host has.
+        FailedPrecondition: more GPUs than the host has, or more memory than a
+            job may take of the host's or a GPU's (`naive_model.config.MemoryEstimate`).
     """
     if not spec.train.layers:
         raise InvalidArgument("layers must hold at least one layer, got none")
@@ -72,16 +95,6 @@ def validate_job_spec(
             f"{activation_bytes / 1024**3:.1f} GiB of activations per step, more than the "
             f"{MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB limit"
         )
-    if demand.gpus and gpu_memory_bytes:
-        needed = spec.train.model_bytes(info.input_size) + activation_bytes // max(
-            demand.replicas, 1
-        )
-        if needed > gpu_memory_bytes:
-            raise InvalidArgument(
-                f"layers {[layer.units for layer in spec.train.layers]} need about "
-                f"{needed / 1024**3:.1f} GiB per GPU, more than the "
-                f"{gpu_memory_bytes / 1024**3:.1f} GiB a GPU of this host has"
-            )
     if spec.checkpoint_every_epochs < 0:
         raise InvalidArgument(
             "checkpoint_every_epochs must be 0 (only at the end) or positive, "
@@ -97,20 +110,63 @@ def validate_job_spec(
         )
     if not 0 <= spec.max_restarts <= MAX_RESTARTS:
         raise InvalidArgument(f"max_restarts must be in 0..{MAX_RESTARTS}, got {spec.max_restarts}")
+    _check_memory(spec, info, demand, gpu_memory_bytes, host_memory_bytes)
     return demand, info
+
+
+def _check_memory(
+    spec: JobSpec,
+    info: DatasetInfo,
+    demand: Demand,
+    gpu_memory_bytes: int,
+    host_memory_bytes: int | None,
+) -> None:
+    """Refuse a job whose estimated peak memory exceeds its share of the host or a GPU."""
+    estimate = spec.train.memory_estimate(
+        input_size=info.input_size,
+        num_train=info.num_train,
+        num_test=info.num_test,
+        num_replicas=demand.replicas,
+    )
+    units = shown([layer.units for layer in spec.train.layers])
+    on = f"{spec.train.optimizer}, batch {spec.train.batch_size}, {demand.replicas} replica(s)"
+    if host_memory_bytes is None:
+        host_memory_bytes = data.host_memory_bytes()
+    # An auto job runs on the CPU when no GPU is free: the host must hold it all then.
+    host_needed = estimate.host_bytes(on_gpus=bool(demand.gpus) and not demand.flexible)
+    host_limit = int(HOST_MEMORY_SHARE * host_memory_bytes)
+    if host_limit and host_needed > host_limit:
+        raise FailedPrecondition(
+            f"layers {units} ({on}) on {shown(spec.dataset)} need about {_gib(host_needed)} of "
+            f"memory, more than the {_gib(host_limit)} a job may take "
+            f"({HOST_MEMORY_SHARE:.0%} of this host's {_gib(host_memory_bytes)})"
+        )
+    gpu_limit = int(GPU_MEMORY_SHARE * gpu_memory_bytes)
+    if demand.gpus and gpu_limit and estimate.per_device > gpu_limit:
+        raise FailedPrecondition(
+            f"layers {units} ({on}) need about {_gib(estimate.per_device)} per GPU, more "
+            f"than the {_gib(gpu_limit)} a job may take ({GPU_MEMORY_SHARE:.0%} of the "
+            f"{_gib(gpu_memory_bytes)} a GPU of this host has)"
+        )
+
+
+def _gib(count: int) -> str:
+    return f"{count / 1024**3:.1f} GiB"
 
 
 def check_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
         raise InvalidArgument(
             f"request_id must be at most {MAX_REQUEST_ID_LENGTH} printable characters, "
-            f"got {request_id[:40]!r}{'...' if len(request_id) > 40 else ''}"
+            f"got {shown(request_id)}"
         )
 
 
 def check_job_id(job_id: str) -> None:
-    if not _JOB_ID.match(job_id):
-        raise InvalidArgument(f"job_id must be a job id such as 'job-1a2b3c4d5e6f', got {job_id!r}")
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArgument(
+            f"job_id must be a job id such as 'job-1a2b3c4d5e6f', got {shown(job_id)}"
+        )
 
 
 def check_page(page_size: int, page_token: str) -> tuple[int, int | None]:
@@ -124,22 +180,63 @@ def check_page(page_size: int, page_token: str) -> tuple[int, int | None]:
             f"page_size must be in 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE}), "
             f"got {page_size}"
         )
-    cursor = None
-    if page_token:
-        if not page_token.isdigit() or len(page_token) > 18:
-            raise InvalidArgument(f"page_token is not one this server gave, got {page_token!r}")
-        cursor = int(page_token)
+    cursor = _cursor_of(page_token) if page_token else None
     return page_size or DEFAULT_PAGE_SIZE, cursor
+
+
+# A page token is the cursor (the store's sequence number of the page's last
+# job) packed with a version byte and a checksum, in base64url: opaque to
+# clients, and anything this server did not make is refused by its length,
+# alphabet (ASCII only: no Unicode digits reach int()) and checksum before it
+# reaches a query. The checksum's key is no secret, and needs none: a forged
+# cursor only names another place in the listing, and the query takes it as a
+# bound parameter. Tokens stay valid across restarts of the server.
+_TOKEN_KEY = b"ntrain.v1.ListJobs page token"
+_TOKEN_VERSION = 1
+_TOKEN_BODY = struct.Struct(">BQ")  # version, cursor
+_TOKEN_DIGEST_BYTES = 6
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{20}")  # 15 bytes in base64url, unpadded
+
+
+def page_token(cursor: int) -> str:
+    """The next_page_token that makes `check_page` return `cursor`."""
+    body = _TOKEN_BODY.pack(_TOKEN_VERSION, cursor)
+    return base64.urlsafe_b64encode(body + _token_digest(body)).decode("ascii")
+
+
+def _token_digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=_TOKEN_DIGEST_BYTES, key=_TOKEN_KEY).digest()
+
+
+def _cursor_of(page_token: str) -> int:
+    refused = InvalidArgument(
+        f"page_token must be a next_page_token this server gave, got {shown(page_token)}"
+    )
+    if not _TOKEN.fullmatch(page_token):
+        raise refused
+    raw = base64.urlsafe_b64decode(page_token)
+    body, digest = raw[: _TOKEN_BODY.size], raw[_TOKEN_BODY.size :]
+    if not hmac.compare_digest(digest, _token_digest(body)):
+        raise refused
+    version, cursor = _TOKEN_BODY.unpack(body)
+    if version != _TOKEN_VERSION or not 0 < cursor < 2**63:
+        raise refused
+    return cursor
+
+
+def check_predict_count(count: int) -> None:
+    """How many examples a Predict request holds: checked before anything is converted."""
+    if not count:
+        raise InvalidArgument("inputs must hold at least one example, got none")
+    if count > MAX_PREDICT_INPUTS:
+        raise InvalidArgument(
+            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {count}"
+        )
 
 
 def check_predict_inputs(rows: Sequence[Sequence[float]], input_size: int) -> None:
     """The inputs of a Predict request, checked against the model's input size."""
-    if not rows:
-        raise InvalidArgument("inputs must hold at least one example, got none")
-    if len(rows) > MAX_PREDICT_INPUTS:
-        raise InvalidArgument(
-            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {len(rows)}"
-        )
+    check_predict_count(len(rows))
     for index, values in enumerate(rows):
         if len(values) != input_size:
             raise InvalidArgument(

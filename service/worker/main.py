@@ -70,6 +70,7 @@ def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> 
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Evaluate and Predict run on the CPU
         log = JobFiles(task.job_dir).task_log
     _redirect_output(log)
+    from naive_model.data import DatasetError
     from service.worker import tasks
 
     try:
@@ -84,6 +85,9 @@ def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> 
     except FileNotFoundError as error:  # a data set that is not there: the request's fault
         traceback.print_exc()
         conn.send(Failed(reason=str(error), data_missing=True))
+    except DatasetError as error:  # a file that is no usable data set: named in the request
+        traceback.print_exc()
+        conn.send(Failed(reason=str(error), data_unusable=True))
     except Exception as error:  # reported to the server, which fails the job with it
         traceback.print_exc()
         conn.send(Failed(reason=f"{type(error).__name__}: {error}"))
