@@ -11,20 +11,28 @@ one optimizer for all):
   roofline        what the machine's measured tf.matmul rate at this step's
                   shapes allows (forward, and backward for the weights)
   mirrored_2      naive_model.Trainer over 2 logical CPU devices
-seed_eager (400 steps), roofline and every configuration tried for compiled
-and keras_fit_best (an epoch each) are timed in interleaved rounds; a
-configuration's samples_per_sec is its fastest round, an entry's that of its
-best configuration.
+  jax_scan        JAX: the whole epoch in one jax.jit of lax.scan
+  jax_step        JAX: one jax.jit call per batch
+  torch_eager     PyTorch: the step eagerly, one Python call per batch
+  torch_compile   PyTorch: the step through torch.compile
+The peers (jax_*, torch_*; benchmarks/peers_jax.py and peers_torch.py) do the
+same work per step and per epoch as compiled; each is skipped, with one line,
+when its package is not installed. seed_eager (400 steps), roofline, the peers
+and every configuration tried for compiled and keras_fit_best (an epoch each)
+are timed in interleaved rounds; a configuration's samples_per_sec is its
+fastest round, an entry's that of its best configuration.
 See benchmarks/README.md for how to read the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -195,6 +203,49 @@ def bench_roofline(args, dataset) -> tuple[dict, Callable[[], float]]:
     return {"flops_per_sample": flops_per_sample(dataset.input_size)}, one_epoch
 
 
+# The same model, step and epoch in other frameworks: package -> (module, entries).
+PEERS = {
+    "jax": ("benchmarks.peers_jax", ("jax_scan", "jax_step")),
+    "torch": ("benchmarks.peers_torch", ("torch_eager", "torch_compile")),
+}
+INSTALL_HINTS = {
+    "jax": "pip install -e '.[bench]'",
+    "torch": "pip install torch==2.13.0, the CPU build",
+}
+
+
+def peer_timers(args, dataset) -> tuple[dict, dict[str, Callable[[], float]], dict[str, str]]:
+    """The peers whose package is installed, each having trained (and compiled) one epoch.
+
+    Returns their setups, their timers (one epoch each, samples/s), and for
+    every peer skipped the line that says why (also printed on stderr).
+    """
+    setups, timers, skipped = {}, {}, {}
+    for package, (module_name, names) in PEERS.items():
+        reason = None
+        if args.optimizer != "sgd":
+            reason = f"the peers train with SGD only, not {args.optimizer}"
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as error:
+                if (error.name or "").split(".")[0] != package:
+                    raise
+                reason = f"{package} is not installed ({INSTALL_HINTS[package]})"
+        if reason is not None:
+            for name in names:
+                skipped[name] = f"{name}: skipped, {reason}"
+                print(skipped[name], file=sys.stderr)
+            continue
+        runners = module.peers(
+            dataset, hidden=HIDDEN, batch_size=BATCH, learning_rate=args.learning_rate
+        )
+        for name, runner in runners.items():
+            setups[name] = {"library": f"{package} {metadata.version(package)}"}
+            timers[name] = lambda runner=runner: runner.train_epoch().examples_per_second
+    return setups, timers, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -220,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     setups, timers = {}, {}
     setups["seed_eager"], timers["seed_eager"] = bench_seed_eager(args, dataset)
     setups["roofline"], timers["roofline"] = bench_roofline(args, dataset)
+    peer_setups, peer_timings, skipped = peer_timers(args, dataset)
+    setups.update(peer_setups)
+    timers.update(peer_timings)
     groups = {
         "compiled": compiled_timers(args, dataset, single),
         "keras_fit_best": keras_fit_timers(args, dataset),
@@ -245,19 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["mirrored_2"] = bench_mirrored(args, dataset, results["compiled"]["best"])
     rate = {name: entry["samples_per_sec"] for name, entry in results.items()}
+    others = ["keras_fit_best", "roofline", "seed_eager", *peer_setups]
     report = {
         "entries": results,
+        "skipped": skipped,
         "ratios": {
-            "compiled/keras_fit_best": rate["compiled"] / rate["keras_fit_best"],
-            "compiled/roofline": rate["compiled"] / rate["roofline"],
-            "compiled/seed_eager": rate["compiled"] / rate["seed_eager"],
+            **{f"compiled/{other}": rate["compiled"] / rate[other] for other in others},
             "mirrored_2/compiled": rate["mirrored_2"] / rate["compiled"],
         },
         "ratios_paired_median": {
             f"compiled/{other}": paired_ratio(
                 results["compiled"]["rounds"], results[other]["rounds"]
             )
-            for other in ("keras_fit_best", "roofline", "seed_eager")
+            for other in others
         },
         "setup": {
             "side_by_side_rounds": args.rounds,

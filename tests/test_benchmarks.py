@@ -7,6 +7,7 @@ these tests keep the benchmark programs from rotting, on a small data set.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,14 @@ from benchmarks.report import paired_ratio, side_by_side
 from naive_model.data import synthetic_dataset
 
 pytestmark = pytest.mark.slow
+
+
+PEER_PACKAGES = {
+    "jax_scan": "jax",
+    "jax_step": "jax",
+    "torch_eager": "torch",
+    "torch_compile": "torch",
+}
 
 
 def test_paired_ratio_is_the_median_of_the_ratios_within_rounds():
@@ -52,24 +61,47 @@ def small_npz(tmp_path_factory):
     return path
 
 
-def run_benchmark(module: str, data, tmp_path) -> dict:
+def run_benchmark(module: str, data, tmp_path, env=None) -> tuple[dict, str]:
+    """The benchmark's JSON report, and what it printed on stderr."""
     output = tmp_path / f"{module}.json"
-    subprocess.run(
+    finished = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--data", str(data)]
         + ["--json", str(output)],
         cwd=REPO_ROOT,
-        check=True,
         capture_output=True,
+        text=True,
         timeout=600,
+        env=env,
     )
-    return json.loads(output.read_text())
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return json.loads(output.read_text()), finished.stderr
+
+
+def without_packages(tmp_path, *packages: str) -> dict[str, str]:
+    """An environment in which importing `packages` fails as if they were not installed.
+
+    Then the run is the same on a machine that has them as in CI, which has not.
+    """
+    hiding = tmp_path / "hide"
+    hiding.mkdir()
+    for package in packages:
+        (hiding / f"{package}.py").write_text(
+            f'raise ModuleNotFoundError("No module named {package!r}", name={package!r})\n'
+        )
+    path = [str(hiding), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_npz, tmp_path):
-    report = run_benchmark("throughput", small_npz, tmp_path)
+    env = without_packages(tmp_path, "jax", "torch")
+    report, stderr = run_benchmark("throughput", small_npz, tmp_path, env)
 
     entries = report["entries"]
     assert set(entries) == {"seed_eager", "compiled", "keras_fit_best", "roofline", "mirrored_2"}
+    for peer, package in PEER_PACKAGES.items():
+        line = f"{peer}: skipped, {package} is not installed"
+        assert report["skipped"][peer].startswith(line)
+        assert line in stderr
     for name in ("seed_eager", "compiled", "keras_fit_best", "roofline"):
         assert len(entries[name]["rounds"]) == report["setup"]["side_by_side_rounds"] == 3
         assert entries[name]["samples_per_sec"] == max(entries[name]["rounds"]) > 0
@@ -99,7 +131,7 @@ def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_n
 
 
 def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
-    report = run_benchmark("step_anatomy", small_npz, tmp_path)
+    report, _ = run_benchmark("step_anatomy", small_npz, tmp_path)
 
     fastest = report["samples_per_sec"]
     entries = {"roofline", "roofline_serial", "matmul_chain", "chain_update", "compiled"}
@@ -131,3 +163,101 @@ def test_memory_peak_reports_a_workers_peak_beside_the_estimate(tmp_path):
     assert entry["peak_mib"] == max(stages.values()) > stages["tensorflow_imported"] > 0
     # The estimate submissions are checked against must not fall below a real peak.
     assert entry["estimate/peak"] >= 1.0
+
+
+# -- the peers, where their packages are installed (CI has neither) ---------
+
+LEARNING_RATE = 0.1  # large enough that one step moves every weight visibly
+
+
+@pytest.fixture(scope="module")
+def reference_step():
+    """One SGD step of naive_model's model and loss on a fixed batch, in TensorFlow.
+
+    Returns the batch, the initial weights [W1, b1, W2, b2] ((in, out) layout),
+    and what the step gives: the new weights, the loss sum and the hits.
+    """
+    import tensorflow as tf
+
+    from naive_model.config import LayerSpec
+    from naive_model.layers import build_model
+    from naive_model.losses import per_example_loss
+
+    data = synthetic_dataset(num_train=128, num_test=8)
+    layers = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
+    model = build_model(data.input_size, layers, initializer="glorot")
+    for weight in model.weights[1::2]:  # non-zero biases, so that their use is checked too
+        weight.assign(tf.random.stateless_uniform(weight.shape, seed=(1, 2), minval=-0.1))
+    initial = [weight.numpy() for weight in model.weights]
+    images, labels = tf.constant(data.x_train), tf.constant(data.y_train)
+    with tf.GradientTape() as tape:
+        losses, scores = per_example_loss(model, images, labels)  # (batch,)
+        loss = tf.reduce_sum(losses) / len(data.x_train)
+    gradients = tape.gradient(loss, model.weights)
+    updated = [w - LEARNING_RATE * g for w, g in zip(initial, gradients, strict=True)]
+    predicted = tf.argmax(scores, axis=1, output_type=tf.int32)  # (batch,)
+    hits = int(tf.reduce_sum(tf.cast(predicted == labels, tf.int32)))
+    return data, initial, updated, float(tf.reduce_sum(losses)), hits
+
+
+def test_jax_step_computes_naive_models_step(reference_step):
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from benchmarks.peers_jax import train_step
+
+    data, initial, updated, loss_sum, hits = reference_step
+    params = [(jnp.asarray(initial[0]), jnp.asarray(initial[1]))]
+    params.append((jnp.asarray(initial[2]), jnp.asarray(initial[3])))
+
+    params, step_loss, step_hits = train_step(
+        params, jnp.asarray(data.x_train), jnp.asarray(data.y_train), LEARNING_RATE
+    )
+
+    got = [np.asarray(weight) for layer in params for weight in layer]
+    for weight, expected in zip(got, updated, strict=True):
+        np.testing.assert_allclose(weight, expected, rtol=1e-4, atol=1e-6)
+    assert float(step_loss) == pytest.approx(loss_sum, rel=1e-5)
+    assert int(step_hits) == hits
+
+
+def test_torch_step_computes_naive_models_step(reference_step):
+    pytest.importorskip("torch")
+    import torch
+
+    from benchmarks.peers_torch import TorchMLP
+
+    data, initial, updated, loss_sum, hits = reference_step
+    runner = TorchMLP(data, hidden=32, batch_size=128, learning_rate=LEARNING_RATE, compile=False)
+    with torch.no_grad():
+        for parameter, weight in zip(runner.model.parameters(), initial, strict=True):
+            parameter.copy_(torch.from_numpy(weight.T.copy()))  # nn.Linear holds (out, in)
+    step_loss, step_hits = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+
+    runner.train_step(torch.arange(128), step_loss, step_hits)
+
+    got = [parameter.detach().numpy().T for parameter in runner.model.parameters()]
+    for weight, expected in zip(got, updated, strict=True):
+        np.testing.assert_allclose(weight, expected, rtol=1e-4, atol=1e-6)
+    assert float(step_loss) == pytest.approx(loss_sum, rel=1e-5)
+    assert int(step_hits) == hits
+
+
+@pytest.mark.parametrize("package", ["jax", "torch"])
+def test_peers_train_epochs_of_the_same_work_each_way(package):
+    """Both ways of one framework draw the same weights and orders: the same epochs."""
+    pytest.importorskip(package)
+    module = __import__(f"benchmarks.peers_{package}", fromlist=["peers"])
+    data = synthetic_dataset(num_train=1300, num_test=8)  # 10 batches, 20 examples dropped
+
+    runners = module.peers(data, hidden=32, batch_size=128, learning_rate=1e-2)
+
+    assert set(runners) == {peer for peer, owner in PEER_PACKAGES.items() if owner == package}
+    epochs = {name: [runner.train_epoch() for _ in range(2)] for name, runner in runners.items()}
+    first, second = epochs.values()
+    for a, b in zip(first, second, strict=True):
+        assert (a.epoch, a.steps, a.examples) == (b.epoch, b.steps, b.examples)
+        assert (a.steps, a.examples) == (10, 1280)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+        assert a.accuracy == pytest.approx(b.accuracy, abs=1 / 1280)
+    assert first[1].loss < first[0].loss
