@@ -39,6 +39,7 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         steps_per_execution=args.steps_per_execution,
         jit_compile=args.jit,
         seed=args.seed,
+        precision=args.precision,
         checkpoint_every_epochs=args.checkpoint_every,  # None leaves it to the server
         max_runtime_seconds=args.max_runtime,
         max_restarts=args.max_restarts,

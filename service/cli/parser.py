@@ -7,7 +7,7 @@ import os
 
 from ntrain.v1 import training_pb2
 
-from naive_model.config import INITIALIZERS, OPTIMIZERS, TrainConfig
+from naive_model.config import INITIALIZERS, OPTIMIZERS, PRECISIONS, TrainConfig
 from service.cli import commands
 from service.cli.client import ADDRESS_ENV, DEFAULT_ADDRESS, MODEL_TIMEOUT, QUICK_TIMEOUT
 from service.cli.errors import EXIT_USAGE
@@ -238,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps per compiled call (default 0: a whole epoch)",
     )
     train.add_argument("--jit", action="store_true", help="compile with XLA")
+    train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help=f"compute dtype; weights stay float32 (default {defaults.precision})",
+    )
     train.add_argument("--seed", metavar="N", type=int, default=defaults.seed, help="(default 0)")
     train.add_argument(
         "--checkpoint-every",
