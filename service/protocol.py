@@ -157,7 +157,17 @@ class Running:
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceMemory:
-    bytes_in_use: dict[str, int] = field(default_factory=dict)  # host GPU name -> bytes
+    """GPU memory TensorFlow's allocator gave the job's tensors, per host GPU, at an epoch's end.
+
+    bytes_in_use: allocated when read (`get_memory_info()["current"]`).
+    peak_bytes: the most allocated at once during the epoch, its evaluation
+        included (`["peak"]`; the worker resets it as each epoch starts).
+    Neither counts the CUDA context or memory the allocator reserved but had
+    not handed out.
+    """
+
+    bytes_in_use: dict[str, int] = field(default_factory=dict)
+    peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

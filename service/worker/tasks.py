@@ -108,8 +108,9 @@ def train(
         send(event)
         if isinstance(event, EpochEnd) and task.cuda_visible_devices:
             memory = _gpu_memory(task.gpu_names)
-            if memory:
-                send(DeviceMemory(bytes_in_use=memory))
+            if memory.bytes_in_use:
+                send(memory)
+            _reset_gpu_peaks(task.gpu_names)  # the next epoch's peak is its own
 
     options = LoopOptions(
         checkpoint_dir=files.checkpoints,
@@ -121,6 +122,8 @@ def train(
         # run of this job (a server restart, a worker that died).
         resume=True,
     )
+    if task.cuda_visible_devices:
+        _reset_gpu_peaks(task.gpu_names)  # the first epoch's peak: training, not set-up
     try:
         run_training(trainer, options, on_event=on_event, should_stop=should_stop)
     except TrainingStopped as stopped:
@@ -129,16 +132,28 @@ def train(
         send(Failed(reason=str(diverged)))
 
 
-def _gpu_memory(gpu_names: tuple[str, ...]) -> dict[str, int]:
+def _gpu_memory(gpu_names: tuple[str, ...]) -> DeviceMemory:
+    """What TensorFlow's allocator gave out on each GPU: now, and at most since the last reset."""
     import tensorflow as tf
 
-    in_use = {}
+    in_use, peak = {}, {}
     for local, name in enumerate(gpu_names):
         try:
-            in_use[name] = tf.config.experimental.get_memory_info(f"GPU:{local}")["current"]
+            info = tf.config.experimental.get_memory_info(f"GPU:{local}")
         except (ValueError, RuntimeError):
             continue  # this device or build does not report memory
-    return in_use
+        in_use[name], peak[name] = info["current"], info["peak"]
+    return DeviceMemory(bytes_in_use=in_use, peak_bytes=peak)
+
+
+def _reset_gpu_peaks(gpu_names: tuple[str, ...]) -> None:
+    import tensorflow as tf
+
+    for local in range(len(gpu_names)):
+        try:
+            tf.config.experimental.reset_memory_stats(f"GPU:{local}")
+        except (ValueError, RuntimeError):
+            continue  # this device or build keeps no statistics
 
 
 def evaluate(task: EvaluateTask) -> Evaluation:
