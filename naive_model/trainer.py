@@ -245,6 +245,19 @@ class Trainer:
         return self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     @property
+    def data_devices(self) -> dict[str, tuple[str, ...]]:
+        """Where the training data lives: each replica's device for images, labels and order."""
+
+        def devices(variable: tf.Variable) -> tuple[str, ...]:
+            return tuple(copy.device for copy in getattr(variable, "values", (variable,)))
+
+        return {
+            "images": devices(self._images),
+            "labels": devices(self._labels),
+            "order": devices(self._order),
+        }
+
+    @property
     def trace_count(self) -> int:
         """How many times the training loop was traced (1 when all is well)."""
         if isinstance(self._train_loop, tf.types.experimental.PolymorphicFunction):

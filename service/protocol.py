@@ -107,10 +107,12 @@ class TrainTask:
     spec: JobSpec
     strategy: str  # cpu, gpu or mirrored: what the scheduler resolved
     replicas: int
-    cuda_visible_devices: str  # "" hides every GPU
+    cuda_visible_devices: str  # "" hides every GPU; tokens as the server's own list names them
     gpu_names: tuple[str, ...]  # host names of the visible GPUs, in their local order
     data_dir: Path | None
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
+    # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
+    gpu_memory_limit_mb: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

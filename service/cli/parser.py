@@ -121,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU-only jobs running at once (default 1)",
     )
     serve.add_argument(
+        "--jobs-per-gpu",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="one-GPU jobs that fit a 1/N share of a GPU's memory may share it, N at most, "
+        "each under a TensorFlow memory limit (default 1: no sharing)",
+    )
+    serve.add_argument(
+        "--backfill-seconds",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="how long a waiting GPU job lets younger jobs that fit pass before it "
+        "reserves GPUs (default 600)",
+    )
+    serve.add_argument(
+        "--auto-gpu-wait",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="how long an auto job waits for a GPU before it runs on the CPU (default 300)",
+    )
+    serve.add_argument(
         "--no-warm-worker",
         action="store_true",
         help="do not keep a worker with TensorFlow imported ready",
