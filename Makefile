@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint proto bench clean
+.PHONY: demo test test-fast lint proto bench gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.step_anatomy --json benchmarks/results/step_anatomy.json
 	$(PY) -m benchmarks.service_benchmark --json benchmarks/results/service.json
 	$(PY) -m benchmarks.metrics_overhead --json benchmarks/results/metrics_overhead.json
+
+# On a real GPU host: one-GPU and all-GPU jobs, XLA, bfloat16, NCCL, placement, memory metrics.
+gpu-smoke: $(STAMP)
+	PYTHON=$(PY) deploy/gpu-smoke.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
