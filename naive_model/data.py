@@ -45,6 +45,21 @@ class Dataset:
     def input_size(self) -> int:
         return int(self.x_train.shape[1])
 
+    def training_images(self) -> np.ndarray:
+        """The training images to keep on a device, (num_train, input_size).
+
+        x_train_uint8 when x_train still is its scaling (checked on a sample of
+        rows: a copy with a changed x_train, normalised or reordered, must not
+        train on the old pixels), else x_train.
+        """
+        pixels = self.x_train_uint8
+        if pixels is None or pixels.shape != self.x_train.shape:
+            return self.x_train
+        rows = np.unique(np.linspace(0, len(pixels) - 1, num=min(len(pixels), 257), dtype=int))
+        if not np.array_equal(to_features(pixels[rows]), self.x_train[rows]):
+            return self.x_train
+        return pixels
+
     @property
     def info(self) -> DatasetInfo:
         return DatasetInfo(

@@ -132,8 +132,8 @@ class Trainer:
             # int64: TensorFlow's GPU kernels for int32 (the variable's gather,
             # Equal) keep their tensors in host memory, so int32 labels would
             # cross to the host and back on every step.
-            images = dataset.x_train if dataset.x_train_uint8 is None else dataset.x_train_uint8
-            self._images = tf.Variable(images, trainable=False)  # (N, input_size)
+            images = dataset.training_images()  # (N, input_size) uint8 or float32
+            self._images = tf.Variable(images, trainable=False)
             self._labels = tf.Variable(dataset.y_train.astype(np.int64), trainable=False)  # (N,)
             self._order = tf.Variable(
                 tf.range(len(dataset.x_train), dtype=tf.int64), trainable=False
