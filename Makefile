@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint proto bench certs clean
+.PHONY: demo test test-fast lint proto bench certs gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 # tokens, the metrics password) in deploy/secrets/; again to renew the certificates.
 certs: $(STAMP)
 	NTRAIN=$(VENV)/bin/ntrain deploy/make-certs.sh deploy/secrets
+
+# On a real GPU host: one-GPU and all-GPU jobs, XLA, bfloat16, NCCL, placement, memory metrics.
+gpu-smoke: $(STAMP)
+	PYTHON=$(PY) deploy/gpu-smoke.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,6 +14,9 @@ ACTIVATIONS = ("relu", "softmax", "sigmoid", "tanh", "linear")
 INITIALIZERS = ("seed", "glorot")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam")
 STRATEGIES = ("auto", "cpu", "gpu", "mirrored", "multi_worker")
+# The dtype a step computes in. Weights and optimizer state stay float32 in all
+# three; float16 also scales the loss (Keras's LossScaleOptimizer).
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 # A model whose weights and optimizer state exceed this is refused before any
 # tensor is built. The bound is generous for a dense network and keeps a typo
@@ -78,7 +81,8 @@ class TrainConfig:
 
     `batch_size` is the global batch: with N replicas each takes batch_size / N.
     `steps_per_execution` is how many steps run inside one compiled call
-    (0 means a whole epoch per call).
+    (0 means a whole epoch per call). `precision` is the dtype the layers
+    compute in (mixed precision: the weights and the loss stay float32).
     """
 
     layers: tuple[LayerSpec, ...] = field(default_factory=_default_layers)
@@ -92,6 +96,7 @@ class TrainConfig:
     jit_compile: bool = False
     seed: int = 0
     shuffle: bool = True
+    precision: str = "float32"
 
     def validate(
         self,
@@ -152,6 +157,10 @@ class TrainConfig:
             )
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if num_classes is not None and self.layers[-1].units != num_classes:
             raise ValueError(
                 f"layers[{len(self.layers) - 1}].units must equal the data set's "

@@ -12,7 +12,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,9 @@ _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 # host's memory: the model, its optimizer and TensorFlow need the rest.
 DATASET_MEMORY_SHARE = 0.5
 
+# uint8 pixels p become p / UINT8_SCALE: here, and inside the training step.
+UINT8_SCALE = 255.0
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """No file holds the requested data set; the message says where we looked."""
@@ -38,7 +41,12 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits, flattened to (examples, features) float32."""
+    """Train and test splits, flattened to (examples, features) float32.
+
+    A data set whose training images came as uint8 also keeps them so, in
+    `x_train_uint8` (x_train is exactly x_train_uint8 / 255): the `Trainer`
+    holds those on its devices, 4x smaller, and scales them inside the step.
+    """
 
     name: str
     x_train: np.ndarray  # (num_train, input_size) float32
@@ -46,10 +54,26 @@ class Dataset:
     x_test: np.ndarray  # (num_test, input_size) float32
     y_test: np.ndarray  # (num_test,) int32
     num_classes: int
+    x_train_uint8: np.ndarray | None = field(default=None, repr=False)  # (num_train, input_size)
 
     @property
     def input_size(self) -> int:
         return int(self.x_train.shape[1])
+
+    def training_images(self) -> np.ndarray:
+        """The training images to keep on a device, (num_train, input_size).
+
+        x_train_uint8 when x_train still is its scaling (checked on a sample of
+        rows: a copy with a changed x_train, normalised or reordered, must not
+        train on the old pixels), else x_train.
+        """
+        pixels = self.x_train_uint8
+        if pixels is None or pixels.shape != self.x_train.shape:
+            return self.x_train
+        rows = np.unique(np.linspace(0, len(pixels) - 1, num=min(len(pixels), 257), dtype=int))
+        if not np.array_equal(to_features(pixels[rows]), self.x_train[rows]):
+            return self.x_train
+        return pixels
 
     @property
     def info(self) -> DatasetInfo:
@@ -59,6 +83,7 @@ class Dataset:
             num_classes=self.num_classes,
             num_train=len(self.x_train),
             num_test=len(self.x_test),
+            feature_bytes=1 if self.x_train_uint8 is not None else 4,
         )
 
 
@@ -69,6 +94,12 @@ class DatasetInfo:
     num_classes: int
     num_train: int
     num_test: int
+    feature_bytes: int = 4  # per feature on the device: 1 for uint8 images, else 4 (float32)
+
+    @property
+    def device_bytes(self) -> int:
+        """What the Trainer keeps on each replica's device: images, int64 labels and order."""
+        return self.num_train * (self.input_size * self.feature_bytes + 8 + 8)
 
 
 def from_arrays(
@@ -128,6 +159,7 @@ def from_arrays(
         x_test=to_features(x_test),
         y_test=y_test.astype(np.int32),
         num_classes=num_classes,
+        x_train_uint8=x_train.reshape(len(x_train), -1) if x_train.dtype == np.uint8 else None,
     )
 
 
@@ -140,7 +172,7 @@ def to_features(images: np.ndarray) -> np.ndarray:
     flat = images.reshape(len(images), -1)  # (examples, features)
     if flat.dtype == np.uint8:
         # One pass straight to float32: astype-then-divide takes 20x longer on 60k images.
-        return np.divide(flat, np.float32(255), dtype=np.float32)
+        return np.divide(flat, np.float32(UINT8_SCALE), dtype=np.float32)
     return flat.astype(np.float32)
 
 
@@ -476,6 +508,7 @@ def dataset_info(
         num_classes=int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1,
         num_train=x_train.shape[0],
         num_test=x_test.shape[0],
+        feature_bytes=1 if x_train.dtype == np.uint8 else 4,
     )
 
 

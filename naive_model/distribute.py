@@ -25,6 +25,22 @@ def split_cpu(count: int) -> list[tf.config.LogicalDevice]:
     return tf.config.list_logical_devices("CPU")
 
 
+def limit_gpu_memory(megabytes: int) -> list[tf.config.LogicalDevice]:
+    """Let TensorFlow use at most `megabytes` of each visible GPU.
+
+    For several jobs sharing one GPU: each process gets one logical device of
+    that size per GPU instead of growing into the whole card. Must run before
+    TensorFlow initialises its devices; memory growth is then left off.
+    """
+    if megabytes < 1:
+        raise ValueError(f"megabytes must be at least 1, got {megabytes}")
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=megabytes)]
+        )
+    return tf.config.list_logical_devices("GPU")
+
+
 def make_strategy(config: StrategyConfig | None = None) -> tf.distribute.Strategy:
     """The strategy `config` asks for.
 
@@ -74,6 +90,8 @@ def _grow_gpu_memory() -> None:
     before TensorFlow initialises the GPUs; later it is left as it is.
     """
     for gpu in tf.config.list_physical_devices("GPU"):
+        if tf.config.get_logical_device_configuration(gpu) is not None:
+            continue  # a memory limit (limit_gpu_memory) and growth exclude each other
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised
@@ -91,6 +109,24 @@ def _multi_worker(config: StrategyConfig) -> tf.distribute.Strategy:
     if "TF_CONFIG" not in os.environ:
         raise ValueError("strategy 'multi_worker' needs a cluster spec or the TF_CONFIG variable")
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def describe_strategy(strategy: tf.distribute.Strategy) -> str:
+    """Its kind, devices and all-reduce, in words, for logs.
+
+    E.g. "MirroredStrategy over GPU:0, GPU:1; all-reduce CollectiveAllReduce (NCCL)".
+    """
+    extended = strategy.extended
+    devices = ", ".join(name.split("device:")[-1] for name in extended.worker_devices)
+    text = f"{type(strategy).__name__} over {devices}"
+    # What MirroredStrategy reduces with: not public API, read only to report it.
+    reduce_ops = getattr(extended, "_cross_device_ops", None)
+    if reduce_ops is not None:
+        text += f"; all-reduce {type(reduce_ops).__name__}"
+        options = getattr(reduce_ops, "_options", None)
+        if options is not None:
+            text += f" ({options.implementation.name})"
+    return text
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -61,7 +61,12 @@ class NaiveDense(tf.Module):
         self.b = tf.Variable(tf.zeros((output_size,)), name="b")  # (output_size,)
 
     def pre_activation(self, inputs: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(inputs, self.W) + self.b  # (batch, output_size)
+        # The weights stay float32; under mixed precision the inputs come in
+        # the compute dtype (bfloat16, float16) and the weights are cast to it.
+        # (A cast to the dtype a tensor already has is no op at all.)
+        inputs = tf.convert_to_tensor(inputs)
+        W, b = tf.cast(self.W, inputs.dtype), tf.cast(self.b, inputs.dtype)
+        return tf.matmul(inputs, W) + b  # (batch, output_size)
 
     def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
         return self.activation(self.pre_activation(inputs))

@@ -18,17 +18,19 @@ def per_example_loss(
 
     When the last layer is a softmax, the loss is computed from its logits:
     the same value as the book's cross-entropy of the probabilities, but
-    without their clipping and cheaper (one fused op).
+    without their clipping and cheaper (one fused op). Images in a reduced
+    precision (bfloat16, float16) run the layers in it; the logits return to
+    float32 before the last activation and the loss.
 
     Returns:
-        (losses, scores): shapes (batch,) and (batch, classes).
+        (losses, scores): shapes (batch,) and (batch, classes), float32.
     """
     last = model.layers[-1]
+    logits = tf.cast(model.logits(images), tf.float32)  # (batch, classes)
     if last.activation_name in _LOGIT_ACTIVATIONS:
-        logits = model.logits(images)  # (batch, classes)
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         return losses, logits
-    outputs = model(images)  # (batch, classes)
+    outputs = last.activation(logits)  # (batch, classes)
     return keras.losses.sparse_categorical_crossentropy(labels, outputs), outputs
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from naive_model.config import TrainConfig
-from naive_model.data import Dataset
+from naive_model.data import UINT8_SCALE, Dataset
 from naive_model.distribute import is_chief
 from naive_model.export import export_saved_model
 from naive_model.layers import build_model
@@ -29,6 +29,7 @@ from naive_model.optimizers import make_optimizer
 from naive_model.results import EpochResult, Metrics, Progress
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
+COMPUTE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 
 
 class TrainingStopped(Exception):
@@ -59,6 +60,10 @@ def _sum_on_read(dtype: tf.DType) -> tf.Variable:
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=tf.VariableAggregation.SUM,
     )
+
+
+def _all_gpus(strategy: tf.distribute.Strategy) -> bool:
+    return all("GPU" in device.upper() for device in strategy.extended.worker_devices)
 
 
 class Trainer:
@@ -104,6 +109,7 @@ class Trainer:
         self.steps_per_execution = min(
             config.steps_per_execution or self.steps_per_epoch, self.steps_per_epoch
         )
+        self.compute_dtype = COMPUTE_DTYPES[config.precision]
         with self.strategy.scope():
             self.model = build_model(
                 dataset.input_size, config.layers, initializer=config.initializer, seed=config.seed
@@ -121,9 +127,14 @@ class Trainer:
             # The training data lives on the devices; each step gathers its batch
             # through the epoch's order. (Reordering the data once an epoch and
             # slicing was measured slower: the 188 MB gather costs more than
-            # 468 small ones.)
-            self._images = tf.Variable(dataset.x_train, trainable=False)  # (N, input_size)
-            self._labels = tf.Variable(dataset.y_train, trainable=False)  # (N,)
+            # 468 small ones.) Images that came as uint8 stay uint8 there, 4x
+            # smaller, and are scaled inside the step. Labels and predictions are
+            # int64: TensorFlow's GPU kernels for int32 (the variable's gather,
+            # Equal) keep their tensors in host memory, so int32 labels would
+            # cross to the host and back on every step.
+            images = dataset.training_images()  # (N, input_size) uint8 or float32
+            self._images = tf.Variable(images, trainable=False)
+            self._labels = tf.Variable(dataset.y_train.astype(np.int64), trainable=False)  # (N,)
             self._order = tf.Variable(
                 tf.range(len(dataset.x_train), dtype=tf.int64), trainable=False
             )
@@ -145,11 +156,16 @@ class Trainer:
         # XLA compiles the math of a step, not its data slicing or the
         # accumulators: a jitted function that reads the 188 MB data variable
         # or a sync-on-read variable was measured slower than no XLA at all.
-        # With several replicas the optimizer all-reduces gradients, which
-        # cannot happen inside an XLA cluster; only the gradients are jitted.
+        # On one device, and on GPUs only, the optimizer's update is in the
+        # cluster too. Over several GPUs MirroredStrategy sees the XLA context,
+        # skips merge_call and all-reduces the gradients with collective ops
+        # (CollectiveReduceV2, NCCL), which XLA compiles into an all-reduce of
+        # its own. Over logical CPUs the all-reduce goes through merge_call and
+        # ReductionToOneDevice, which XLA cannot compile: only the gradients
+        # are jitted there.
         self._learn, self._gradients = self._learn_batch, self._gradients_batch
         if config.jit_compile and not eager:
-            if self.num_replicas == 1:
+            if self.num_replicas == 1 or _all_gpus(self.strategy):
                 self._learn = tf.function(self._learn_batch, jit_compile=True)
             else:
                 self._gradients = tf.function(self._gradients_batch, jit_compile=True)
@@ -157,7 +173,7 @@ class Trainer:
             self._evaluate_batch_eager,
             input_signature=[
                 tf.TensorSpec((None, dataset.input_size), tf.float32),
-                tf.TensorSpec((None,), tf.int32),
+                tf.TensorSpec((None,), tf.int64),
             ],
         )
 
@@ -182,15 +198,26 @@ class Trainer:
         return loss_sum, correct
 
     def _gradients_batch(self, images: tf.Tensor, labels: tf.Tensor):
+        images = self._to_compute_dtype(images)  # (per_replica, input_size)
         with tf.GradientTape() as tape:
             losses, scores = per_example_loss(self.model, images, labels)  # (per_replica,)
             # Divide by the global batch: the optimizer sums gradients over
             # replicas, so the sum is the gradient of the global mean loss.
             loss = tf.reduce_sum(losses) / self.global_batch_size
-        gradients = tape.gradient(loss, self.model.weights)
-        predicted = tf.argmax(scores, axis=1, output_type=tf.int32)  # (per_replica,)
+            # float16 only: the LossScaleOptimizer's scale (others return the loss).
+            scaled = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, self.model.weights)
+        predicted = tf.argmax(scores, axis=1, output_type=tf.int64)  # (per_replica,)
         hits = tf.reduce_sum(tf.cast(predicted == labels, tf.int64))
         return gradients, tf.reduce_sum(losses), hits
+
+    def _to_compute_dtype(self, images: tf.Tensor) -> tf.Tensor:
+        """uint8 pixels scaled as `data.to_features` does, then cast to the compute dtype."""
+        if images.dtype == tf.uint8:
+            # The host's values to within one ulp: Grappler turns the division
+            # by a constant into a multiplication by its reciprocal.
+            images = tf.cast(images, tf.float32) / UINT8_SCALE
+        return tf.cast(images, self.compute_dtype)
 
     def _run_steps(self, first_step: tf.Tensor, num_steps: tf.Tensor) -> None:
         for offset in tf.range(num_steps):
@@ -210,7 +237,25 @@ class Trainer:
 
     @property
     def global_step(self) -> int:
-        return int(self.optimizer.iterations.numpy())
+        """Steps run, over every epoch.
+
+        With float16 this counts the steps whose update the loss scale skipped
+        (non-finite gradients), which the optimizer's `iterations` does not.
+        """
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+    @property
+    def data_devices(self) -> dict[str, tuple[str, ...]]:
+        """Where the training data lives: each replica's device for images, labels and order."""
+
+        def devices(variable: tf.Variable) -> tuple[str, ...]:
+            return tuple(copy.device for copy in getattr(variable, "values", (variable,)))
+
+        return {
+            "images": devices(self._images),
+            "labels": devices(self._labels),
+            "order": devices(self._order),
+        }
 
     @property
     def trace_count(self) -> int:
@@ -267,7 +312,7 @@ class Trainer:
             # divergence check rides on it at no extra cost.
             loss_sum = base_loss + float(self._loss_sum.numpy())
             correct = base_correct + int(self._correct.numpy())
-            step = self.global_step
+            step = (epoch - 1) * self.steps_per_epoch + step_in_epoch
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(epoch, step, loss_sum, self.config.learning_rate)
             self._remember_position(step_in_epoch, loss_sum, correct)
@@ -338,12 +383,17 @@ class Trainer:
     # -- evaluation, checkpoints, export -------------------------------------
 
     def _evaluate_batch_eager(self, images, labels):
+        images = self._to_compute_dtype(images)  # (batch, input_size)
         losses, scores = per_example_loss(self.model, images, labels)  # (batch,)
-        predicted = tf.argmax(scores, axis=1, output_type=tf.int32)
+        predicted = tf.argmax(scores, axis=1, output_type=tf.int64)
         return tf.reduce_sum(losses), tf.reduce_sum(tf.cast(predicted == labels, tf.int64))
 
     def evaluate(self, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Metrics:
-        """Loss and accuracy on (x, y), by default the data set's test split."""
+        """Loss and accuracy on (x, y), by default the data set's test split.
+
+        The model computes in the config's precision, as it trained (the
+        exported SavedModel computes in float32).
+        """
         if x is None or y is None:
             x, y = self.dataset.x_test, self.dataset.y_test
         loss_sum, correct = 0.0, 0
@@ -351,7 +401,7 @@ class Trainer:
         for start in range(0, len(x), batch):
             batch_loss, batch_correct = self._evaluate_batch(
                 tf.constant(x[start : start + batch], tf.float32),
-                tf.constant(y[start : start + batch], tf.int32),
+                tf.constant(y[start : start + batch], tf.int64),
             )
             loss_sum += float(batch_loss)
             correct += int(batch_correct)

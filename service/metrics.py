@@ -170,9 +170,19 @@ class ServiceMetrics:
             buckets=CHECKPOINT_BUCKETS,
             registry=r,
         )
+        # What TensorFlow's allocator reports (tf.config.experimental.get_memory_info):
+        # memory given to tensors, not the CUDA context or the allocator's unused pool.
         self.gpu_memory_in_use = Gauge(
             "ntrain_gpu_memory_in_use_bytes",
-            "GPU memory TensorFlow holds for the job, per device, where TensorFlow reports it.",
+            "GPU memory TensorFlow's allocator had given the job's tensors at the end of "
+            "the last epoch, per device; not the CUDA context or reserved but unused memory.",
+            (*JOB_LABELS, "device"),
+            registry=r,
+        )
+        self.gpu_memory_peak = Gauge(
+            "ntrain_gpu_memory_peak_bytes",
+            "Most GPU memory TensorFlow's allocator gave the job's tensors at once during "
+            "the last epoch (its evaluation included), per device; reset each epoch.",
             (*JOB_LABELS, "device"),
             registry=r,
         )
@@ -285,9 +295,13 @@ class ServiceMetrics:
         self._track(job_id, strategy)
         self.checkpoint_save_duration.labels(job_id, strategy).observe(seconds)
 
-    def job_gpu_memory(self, job_id: str, strategy: str, device: str, bytes_in_use: int) -> None:
+    def job_gpu_memory(
+        self, job_id: str, strategy: str, device: str, bytes_in_use: int, peak_bytes: int
+    ) -> None:
+        """One device's memory at an epoch's end: in use then, and the epoch's peak."""
         self._track(job_id, strategy, device)
         self.gpu_memory_in_use.labels(job_id, strategy, device).set(bytes_in_use)
+        self.gpu_memory_peak.labels(job_id, strategy, device).set(peak_bytes)
 
     def job_finished(self, job_id: str, outcome: str, duration_seconds: float) -> None:
         """Count the outcome and start the retention window of the job's series.
@@ -322,6 +336,7 @@ class ServiceMetrics:
                     metric.remove(job_id, strategy)
             for strategy, device in series.gpu_devices:
                 self.gpu_memory_in_use.remove(job_id, strategy, device)
+                self.gpu_memory_peak.remove(job_id, strategy, device)
         return len(expired)
 
     def _track(self, job_id: str, strategy: str, device: str | None = None) -> None:

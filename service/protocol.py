@@ -107,10 +107,12 @@ class TrainTask:
     spec: JobSpec
     strategy: str  # cpu, gpu or mirrored: what the scheduler resolved
     replicas: int
-    cuda_visible_devices: str  # "" hides every GPU
+    cuda_visible_devices: str  # "" hides every GPU; tokens as the server's own list names them
     gpu_names: tuple[str, ...]  # host names of the visible GPUs, in their local order
     data_dir: Path | None
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
+    # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
+    gpu_memory_limit_mb: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +159,17 @@ class Running:
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceMemory:
-    bytes_in_use: dict[str, int] = field(default_factory=dict)  # host GPU name -> bytes
+    """GPU memory TensorFlow's allocator gave the job's tensors, per host GPU, at an epoch's end.
+
+    bytes_in_use: allocated when read (`get_memory_info()["current"]`).
+    peak_bytes: the most allocated at once during the epoch, its evaluation
+        included (`["peak"]`; the worker resets it as each epoch starts).
+    Neither counts the CUDA context or memory the allocator reserved but had
+    not handed out.
+    """
+
+    bytes_in_use: dict[str, int] = field(default_factory=dict)
+    peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -41,13 +41,20 @@ def pytest_collection_finish(session):
 
     The mirrored-strategy tests need two replicas on a CPU-only host, and the
     split must happen before any TensorFlow op runs in this process (importing
-    it runs none). Single-device tests run on the first logical CPU. When no
-    collected test module imported TensorFlow, it is not imported at all.
+    it runs none). Single-device tests run on the first logical CPU. TF32 is
+    turned off, for GPU hosts. When no collected test module imported
+    TensorFlow, it is not imported at all.
     """
     if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
         from naive_model.distribute import split_cpu
 
         split_cpu(2)
+        # On a GPU host the strategies pick GPUs, whose matmuls use TF32 by
+        # default (10-bit mantissa): tests comparing them with the CPU at
+        # rtol 1e-4 need full float32.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
 def require_tool(name: str) -> str:

@@ -49,7 +49,7 @@ def test_train_flags_build_the_job_spec():
         "train --layers 256:tanh,10:softmax --init seed --optimizer momentum --lr 0.05 "
         "--momentum 0.8 --batch-size 64 --epochs 3 --dataset synthetic --strategy mirrored "
         "--devices 2 --steps-per-execution 10 --jit --seed 7 --checkpoint-every 1 "
-        "--max-runtime 60".split()
+        "--max-runtime 60 --precision bfloat16".split()
     )
     spec = commands.build_job_spec(args)
     assert [(layer.units, layer.activation) for layer in spec.layers] == [
@@ -66,6 +66,7 @@ def test_train_flags_build_the_job_spec():
     assert (spec.strategy.name, spec.strategy.device_count) == ("mirrored", 2)
     assert (spec.steps_per_execution, spec.jit_compile, spec.seed) == (10, True, 7)
     assert (spec.checkpoint_every_epochs, spec.max_runtime_seconds) == (1, 60.0)
+    assert spec.precision == "bfloat16"
 
 
 def test_train_defaults_are_the_books_network():

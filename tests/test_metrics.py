@@ -54,13 +54,14 @@ def test_progress_increments_counters_and_sets_gauges(metrics):
 def test_epoch_checkpoint_and_gpu_memory_series(metrics):
     metrics.job_epoch_evaluated("job-a", "mirrored", loss=0.1, accuracy=0.97)
     metrics.job_checkpoint_saved("job-a", "mirrored", 0.3)
-    metrics.job_gpu_memory("job-a", "mirrored", "GPU:0", 1 << 30)
+    metrics.job_gpu_memory("job-a", "mirrored", "GPU:0", 1 << 30, 3 << 30)
     value = metrics.registry.get_sample_value
     labels = {"job_id": "job-a", "strategy": "mirrored"}
     assert value("ntrain_eval_accuracy", labels) == 0.97
     assert value("ntrain_eval_loss", labels) == 0.1
     assert value("ntrain_checkpoint_save_duration_seconds_sum", labels) == pytest.approx(0.3)
     assert value("ntrain_gpu_memory_in_use_bytes", {**labels, "device": "GPU:0"}) == 1 << 30
+    assert value("ntrain_gpu_memory_peak_bytes", {**labels, "device": "GPU:0"}) == 3 << 30
 
 
 def test_service_series(metrics):
@@ -119,7 +120,7 @@ def _every_series(metrics):
     _progress(metrics, "job-a")
     metrics.job_epoch_evaluated("job-a", "cpu", loss=0.1, accuracy=0.9)
     metrics.job_checkpoint_saved("job-a", "cpu", 0.1)
-    metrics.job_gpu_memory("job-a", "cpu", "GPU:0", 1024)
+    metrics.job_gpu_memory("job-a", "cpu", "GPU:0", 1024, 2048)
     metrics.job_first_step("job-a", 1.0)
     metrics.set_build_info(version="0.1.0", tensorflow_version="2.21.0", python_version="3.11")
     metrics.set_devices({"CPU": 1})
@@ -178,14 +179,15 @@ def test_running_gauge_tells_live_jobs_from_finished_ones(metrics):
 
 
 def test_gpu_memory_series_go_with_the_job(metrics, clock):
-    metrics.job_gpu_memory("job-g", "mirrored", "GPU:0", 100)
-    metrics.job_gpu_memory("job-g", "mirrored", "GPU:1", 200)
+    metrics.job_gpu_memory("job-g", "mirrored", "GPU:0", 100, 150)
+    metrics.job_gpu_memory("job-g", "mirrored", "GPU:1", 200, 250)
     metrics.job_finished("job-g", "failed", 2.0)
     clock.now += 60
     assert metrics.remove_expired_job_series() == 1
     for device in ("GPU:0", "GPU:1"):
         labels = {"job_id": "job-g", "strategy": "mirrored", "device": device}
-        assert metrics.registry.get_sample_value("ntrain_gpu_memory_in_use_bytes", labels) is None
+        for name in ("ntrain_gpu_memory_in_use_bytes", "ntrain_gpu_memory_peak_bytes"):
+            assert metrics.registry.get_sample_value(name, labels) is None
 
 
 def test_a_job_canceled_while_queued_has_no_series_to_remove(metrics, clock):

@@ -1,5 +1,7 @@
 """Data loading, the BatchGenerator, and the clear errors bad data gets."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,21 @@ def test_batch_generator_keeps_the_partial_last_batch():
     batches = BatchGenerator(np.arange(10), np.arange(10), 4)
     sizes = [len(images) for images, _ in batches]
     assert sizes == [4, 4, 2]
+
+
+def test_uint8_images_are_kept_for_the_device_while_x_train_is_their_scaling():
+    dataset = from_arrays("t", *_arrays())
+    assert dataset.x_train_uint8 is not None and dataset.x_train_uint8.shape == (12, 6)
+    assert dataset.training_images() is dataset.x_train_uint8
+    assert dataset.info.feature_bytes == 1
+    # A copy whose x_train changed trains on x_train, not on the old pixels.
+    normalised = dataclasses.replace(dataset, x_train=dataset.x_train - 0.5)
+    reordered = dataclasses.replace(dataset, x_train=dataset.x_train[::-1].copy())
+    subset = dataclasses.replace(dataset, x_train=dataset.x_train[:4])
+    for changed in (normalised, reordered, subset):
+        assert changed.training_images() is changed.x_train
+    floats = from_arrays("f", *(a.astype(np.float32) if a.ndim > 1 else a for a in _arrays()))
+    assert floats.x_train_uint8 is None and floats.info.feature_bytes == 4
 
 
 def test_arrays_are_flattened_and_uint8_scaled():

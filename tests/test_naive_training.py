@@ -1,5 +1,6 @@
 """The compiled, distributed loop against the book's eager step."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
-from naive_model.data import synthetic_dataset
+from naive_model.data import from_arrays, synthetic_dataset
 from naive_model.distribute import make_strategy
 from naive_model.eager import evaluate, fit, one_training_step
 from naive_model.layers import build_model
@@ -94,6 +95,30 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(dataset, one_device):
     np.testing.assert_array_equal(copies[0], copies[1])
 
 
+def test_uint8_images_stay_uint8_on_the_device_and_train_exactly_as_float32(one_device):
+    rng = np.random.default_rng(0)
+    pixels = from_arrays(
+        "pixels",
+        rng.integers(0, 256, (512, 8, 8), dtype=np.uint8),
+        rng.integers(0, 10, 512),
+        rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+        rng.integers(0, 10, 64),
+    )
+    floats = dataclasses.replace(pixels, x_train_uint8=None)  # the same values, as float32
+    config = _config(optimizer="adam", learning_rate=0.01, shuffle=True)
+    on_uint8, on_float32 = Trainer(config, pixels, one_device), Trainer(config, floats, one_device)
+    assert on_uint8._images.dtype == tf.uint8 and on_float32._images.dtype == tf.float32
+    assert on_uint8._labels.dtype == tf.int64
+    assert pixels.info.feature_bytes == 1 and floats.info.feature_bytes == 4
+    scale = tf.function(lambda: on_uint8._to_compute_dtype(tf.gather(on_uint8._images, [0, 1])))
+    np.testing.assert_array_max_ulp(scale().numpy(), floats.x_train[:2], maxulp=1)
+    on_uint8.train_epoch()
+    on_float32.train_epoch()
+    for a, b in zip(_weights(on_uint8.model), _weights(on_float32.model), strict=True):
+        np.testing.assert_allclose(a, b, **WEIGHT_TOLERANCE)
+    assert on_uint8.evaluate().accuracy == on_float32.evaluate().accuracy
+
+
 def test_batch_not_divisible_by_replicas_is_refused(dataset):
     mirrored = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
     with pytest.raises(ValueError, match="batch_size must be divisible by the replica count 2"):
@@ -166,6 +191,17 @@ def test_jit_compile_gives_the_same_weights(dataset, one_device, replicas):
     jitted.train_epoch()
     for a, b in zip(_weights(plain.model), _weights(jitted.model), strict=True):
         np.testing.assert_allclose(a, b, **WEIGHT_TOLERANCE)
+
+
+def test_xla_takes_the_whole_step_except_over_logical_cpus(dataset, one_device):
+    compiled = tf.types.experimental.PolymorphicFunction
+    one = Trainer(_config(jit_compile=True), dataset, one_device)
+    assert isinstance(one._learn, compiled)  # the optimizer's update is in the cluster
+    mirrored = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
+    split = Trainer(_config(jit_compile=True), dataset, mirrored)
+    # Logical CPUs all-reduce through merge_call, outside XLA: only the gradients are jitted.
+    # (Over GPUs the whole step is, all-reduce included: not run here, there is no GPU.)
+    assert split._learn == split._learn_batch and isinstance(split._gradients, compiled)
 
 
 def test_eager_switch_gives_the_same_weights(dataset, one_device):

@@ -52,7 +52,7 @@ SCRAPE = "1s"
 RATE_INTERVAL = "10s"  # what $__rate_interval becomes: enough 1 s scrapes for rate()
 # Queries that can only return data on a host with GPUs (TensorFlow reports
 # memory for GPUs only); on a CPU-only host they must still run without error.
-GPU_ONLY_METRICS = ("ntrain_gpu_memory_in_use_bytes",)
+GPU_ONLY_METRICS = ("ntrain_gpu_memory_in_use_bytes", "ntrain_gpu_memory_peak_bytes")
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

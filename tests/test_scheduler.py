@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from service.devices import DeviceInventory, fake_gpus
 from service.jobs.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from service.jobs.scheduler import Demand, Scheduler, demand_for
 
 FOUR_GPUS = [0, 1, 2, 3]
+INVENTORY = DeviceInventory(gpus=fake_gpus(4))
 
 
 def mirrored(gpus: int) -> Demand:
@@ -24,7 +26,7 @@ def test_two_2_gpu_jobs_run_at_once_on_disjoint_devices_and_a_third_waits():
     assert [a.job_id for a in started] == ["a", "b"]
     first, second = (set(a.gpus) for a in started)
     assert len(first) == len(second) == 2 and not first & second
-    assert {a.cuda_visible_devices for a in started} == {"0,1", "2,3"}
+    assert {INVENTORY.cuda_visible_devices(a.gpus) for a in started} == {"0,1", "2,3"}
     assert scheduler.queue_length == 1 and scheduler.next_runnable() == []
 
     scheduler.release("a")
@@ -61,12 +63,14 @@ def test_cpu_jobs_are_limited_and_fifo():
     assert scheduler.next_runnable() == []
     scheduler.release("a")
     (started,) = scheduler.next_runnable()
-    assert started.job_id == "b" and started.gpus == () and started.devices == ("CPU:0",)
-    assert started.cuda_visible_devices == ""
+    assert started.job_id == "b" and started.gpus == ()
+    assert INVENTORY.device_names(started.gpus) == ("CPU:0",)
+    assert INVENTORY.cuda_visible_devices(started.gpus) == ""
 
 
 def test_a_waiting_large_gpu_job_is_not_overtaken_by_younger_gpu_jobs():
-    scheduler = Scheduler(FOUR_GPUS)
+    # Past its backfill window (here at once) a waiting job reserves the GPUs.
+    scheduler = Scheduler(FOUR_GPUS, backfill_seconds=0)
     scheduler.enqueue("small", mirrored(2))
     scheduler.next_runnable()
     scheduler.enqueue("large", mirrored(4))
@@ -79,7 +83,7 @@ def test_a_waiting_large_gpu_job_is_not_overtaken_by_younger_gpu_jobs():
 
 
 def test_auto_takes_a_free_gpu_else_the_cpu():
-    scheduler = Scheduler([0])
+    scheduler = Scheduler([0], auto_gpu_wait_seconds=0)  # no wait for a GPU
     auto = demand_for("auto", 0, host_gpus=1)
     scheduler.enqueue("first", auto)
     scheduler.enqueue("second", auto)

@@ -159,6 +159,7 @@ BAD_SPECS = {
     "NaN run-time limit": ({"max_runtime_seconds": math.nan}, ("max_runtime_seconds", "nan")),
     "negative run-time limit": ({"max_runtime_seconds": -3.0}, ("max_runtime_seconds", "-3.0")),
     "negative seed": ({"seed": -1}, ("seed", "-1")),
+    "unknown precision": ({"precision": "int8"}, ("precision", "int8")),
 }
 
 

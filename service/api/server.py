@@ -42,6 +42,7 @@ from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_d
 from service.jobs.inference import DEFAULT_MAX_TASKS
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
+from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 from service.jobs.status import package_version
 from service.jobs.store import Store
 from service.metrics import MetricsHttpServer, ServiceMetrics, start_metrics_server
@@ -75,6 +76,9 @@ class ServerConfig:
     max_queue: int = 64
     max_cpu_jobs: int = 1
     max_model_tasks: int = DEFAULT_MAX_TASKS
+    jobs_per_gpu: int = 1
+    backfill_seconds: float = BACKFILL_SECONDS
+    auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0
@@ -254,6 +258,9 @@ class TrainingServer:
             max_queue=config.max_queue,
             max_cpu_jobs=config.max_cpu_jobs,
             max_model_tasks=config.max_model_tasks,
+            jobs_per_gpu=config.jobs_per_gpu,
+            backfill_seconds=config.backfill_seconds,
+            auto_gpu_wait_seconds=config.auto_gpu_wait_seconds,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.

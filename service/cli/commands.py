@@ -40,6 +40,7 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         steps_per_execution=args.steps_per_execution,
         jit_compile=args.jit,
         seed=args.seed,
+        precision=args.precision,
         checkpoint_every_epochs=args.checkpoint_every,  # None leaves it to the server
         max_runtime_seconds=args.max_runtime,
         max_restarts=args.max_restarts,
@@ -257,6 +258,9 @@ def cmd_serve(args) -> int:
         "max_queue": args.max_queue,
         "max_cpu_jobs": args.max_cpu_jobs,
         "max_model_tasks": args.max_model_tasks,
+        "jobs_per_gpu": args.jobs_per_gpu,
+        "backfill_seconds": args.backfill_seconds,
+        "auto_gpu_wait_seconds": args.auto_gpu_wait,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,

@@ -103,7 +103,13 @@ def load_test_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndar
 class LocalServer:
     """`ntrain serve` in a child process on a free port; stopped with SIGTERM."""
 
-    def __init__(self, state_dir: Path, data_dir: Path | None, env: dict[str, str]):
+    def __init__(
+        self,
+        state_dir: Path,
+        data_dir: Path | None,
+        env: dict[str, str],
+        extra_args: Sequence[str] = (),
+    ):
         self.state_dir = state_dir
         self.log_path = state_dir / "server.log"
         port_file = state_dir / "server.port"
@@ -114,6 +120,7 @@ class LocalServer:
         ]  # fmt: skip
         if data_dir is not None:
             command += ["--data-dir", str(data_dir)]
+        command += extra_args  # later flags win: they may override the ones above
         with open(self.log_path, "wb") as log:
             # A session of its own: Ctrl-C reaches the demo, which stops the server in order.
             self.process = subprocess.Popen(

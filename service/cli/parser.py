@@ -7,7 +7,7 @@ import os
 
 from ntrain.v1 import training_pb2
 
-from naive_model.config import INITIALIZERS, OPTIMIZERS, TrainConfig
+from naive_model.config import INITIALIZERS, OPTIMIZERS, PRECISIONS, TrainConfig
 from ntrain.client import ADDRESS_ENV, DEFAULT_ADDRESS, MODEL_TIMEOUT, QUICK_TIMEOUT
 from ntrain.client.channel import (
     TLS_CA_ENV,
@@ -170,6 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Evaluate and Predict requests running at once, each in a worker process; "
         "more are refused (default 2)",
+    )
+    serve.add_argument(
+        "--jobs-per-gpu",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="one-GPU jobs that fit a 1/N share of a GPU's memory may share it, N at most, "
+        "each under a TensorFlow memory limit (default 1: no sharing)",
+    )
+    serve.add_argument(
+        "--backfill-seconds",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="how long a waiting GPU job lets younger jobs that fit pass before it "
+        "reserves GPUs (default 600)",
+    )
+    serve.add_argument(
+        "--auto-gpu-wait",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="how long an auto job waits for a GPU before it runs on the CPU (default 300)",
     )
     serve.add_argument(
         "--no-warm-worker",
@@ -354,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps per compiled call (default 0: a whole epoch)",
     )
     train.add_argument("--jit", action="store_true", help="compile with XLA")
+    train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help=f"compute dtype; weights stay float32 (default {defaults.precision})",
+    )
     train.add_argument("--seed", metavar="N", type=int, default=defaults.seed, help="(default 0)")
     train.add_argument(
         "--checkpoint-every",

@@ -37,7 +37,13 @@ from service.jobs.errors import (
 from service.jobs.inference import DEFAULT_MAX_TASKS, ModelTasks
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner, RunOutcome
-from service.jobs.scheduler import Assignment, Scheduler, demand_for
+from service.jobs.scheduler import (
+    AUTO_GPU_WAIT_SECONDS,
+    BACKFILL_SECONDS,
+    Assignment,
+    Demand,
+    Scheduler,
+)
 from service.jobs.status import ServerStatus, package_version
 from service.jobs.store import Event, JobRecord, Store
 from service.jobs.validation import validate_job_spec
@@ -82,6 +88,9 @@ class JobManager:
         data_dir: Path | None = None,
         max_queue: int = 64,
         max_cpu_jobs: int = 1,
+        jobs_per_gpu: int = 1,
+        backfill_seconds: float = BACKFILL_SECONDS,
+        auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
@@ -100,9 +109,18 @@ class JobManager:
             dataset=("mnist", data_dir),
             held_fds=worker_held_fds,
         )
+        self.gpu_memory_bytes = min((gpu.memory_bytes for gpu in inventory.gpus), default=0)
         self.scheduler = Scheduler(
-            [gpu.index for gpu in inventory.gpus], max_cpu_jobs=max_cpu_jobs, max_queue=max_queue
+            [gpu.index for gpu in inventory.gpus],
+            max_cpu_jobs=max_cpu_jobs,
+            max_queue=max_queue,
+            jobs_per_gpu=jobs_per_gpu,
+            gpu_memory_bytes=self.gpu_memory_bytes,
+            backfill_seconds=backfill_seconds,
+            auto_gpu_wait_seconds=auto_gpu_wait_seconds,
         )
+        # Dispatches again when waiting alone lets a job start (Scheduler.next_wakeup).
+        self._wakeup: threading.Timer | None = None
         self._clock = clock
         # One lock for the scheduler, the runners, event appends and the
         # record cache; a condition per watched job, on the same lock, wakes
@@ -155,12 +173,20 @@ class JobManager:
         self._enqueue(record)
 
     def _enqueue(self, record: JobRecord) -> None:
-        spec = record.spec
         try:
-            demand = demand_for(spec.strategy, spec.device_count, len(self.inventory.gpus))
-            self.scheduler.enqueue(record.job_id, demand)
+            self.scheduler.enqueue(record.job_id, self._demand(record.spec))
         except Exception as error:  # the host changed under a queued job
             self._transition(record.job_id, "FAILED", f"cannot run on this host: {error}")
+
+    def _demand(self, spec: JobSpec) -> Demand:
+        """What the job needs of this host; validating the spec against it finds that out."""
+        demand, _ = validate_job_spec(
+            spec,
+            data_dir=self.data_dir,
+            host_gpus=len(self.inventory.gpus),
+            gpu_memory_bytes=self.gpu_memory_bytes,
+        )
+        return demand
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop serving jobs; running ones checkpoint and resume on the next start.
@@ -173,6 +199,8 @@ class JobManager:
         with self._lock:
             self._closed = True
             runners = list(self._runners.values())
+            if self._wakeup is not None:
+                self._wakeup.cancel()
         for runner in runners:
             runner.request_stop()
         deadline = time.monotonic() + grace
@@ -207,13 +235,7 @@ class JobManager:
             ResourceExhausted: the queue is full.
         """
         authorize(principal, Action.SUBMIT)
-        gpu_memory = min((gpu.memory_bytes for gpu in self.inventory.gpus), default=0)
-        demand, _ = validate_job_spec(
-            spec,
-            data_dir=self.data_dir,
-            host_gpus=len(self.inventory.gpus),
-            gpu_memory_bytes=gpu_memory,
-        )
+        demand = self._demand(spec)
         with self._lock:
             if request_id:
                 existing = self.store.find_by_request_id(principal.name, request_id)
@@ -428,17 +450,39 @@ class JobManager:
         if self._closed:
             return
         for assignment in self.scheduler.next_runnable():
+            devices = self.inventory.device_names(assignment.gpus)
+            shared = ""
+            if assignment.memory_limit_bytes:
+                shared = f" (shared, {assignment.memory_limit_bytes / 1024**3:.1f} GiB limit)"
             self._transition(
                 assignment.job_id,
                 "STARTING",
-                f"on {', '.join(assignment.devices)}",
+                f"on {', '.join(devices)}{shared}",
                 strategy=assignment.strategy,
-                devices=assignment.devices,
+                devices=devices,
             )
             runner = self._runner(self.get(assignment.job_id), assignment)
             self._runners[assignment.job_id] = runner
             runner.start()
+        self._wake_up_later()
         self._refill_when_idle()
+
+    def _wake_up_later(self) -> None:
+        """Dispatch again when waiting alone next lets a job start (an auto job's GPU wait)."""
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        wakeup = self.scheduler.next_wakeup()
+        if wakeup is None or self._closed:
+            return
+        self._wakeup = threading.Timer(max(0.0, wakeup - time.monotonic()), self._woken)
+        self._wakeup.daemon = True
+        self._wakeup.start()
+
+    def _woken(self) -> None:
+        with self._lock:
+            self._dispatch()
+            self._report_counts()
 
     def _runner(self, record: JobRecord, assignment: Assignment) -> JobRunner:
         job_id, strategy = record.job_id, assignment.strategy
@@ -448,10 +492,11 @@ class JobManager:
             spec=record.spec,
             strategy=strategy,
             replicas=assignment.replicas,
-            cuda_visible_devices=assignment.cuda_visible_devices,
-            gpu_names=tuple(f"GPU:{index}" for index in assignment.gpus),
+            cuda_visible_devices=self.inventory.cuda_visible_devices(assignment.gpus),
+            gpu_names=self.inventory.device_names(assignment.gpus) if assignment.gpus else (),
             data_dir=self.data_dir,
             checkpoint_seconds=self.checkpoint_seconds,
+            gpu_memory_limit_mb=assignment.memory_limit_bytes // 1024**2,
         )
         first_progress = threading.Event()
 

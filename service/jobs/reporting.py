@@ -43,7 +43,7 @@ class JobMetrics(Protocol):
     ) -> None: ...
     def job_checkpoint_saved(self, job_id: str, strategy: str, seconds: float) -> None: ...
     def job_gpu_memory(
-        self, job_id: str, strategy: str, device: str, bytes_in_use: int
+        self, job_id: str, strategy: str, device: str, bytes_in_use: int, peak_bytes: int
     ) -> None: ...
     def job_finished(self, job_id: str, outcome: str, duration_seconds: float) -> None: ...
 
@@ -71,4 +71,5 @@ def report_metrics(metrics: JobMetrics, job_id: str, strategy: str, event: Worke
         metrics.job_checkpoint_saved(job_id, strategy, event.seconds)
     elif isinstance(event, DeviceMemory):
         for device, in_use in event.bytes_in_use.items():
-            metrics.job_gpu_memory(job_id, strategy, device, in_use)
+            peak = event.peak_bytes.get(device, in_use)
+            metrics.job_gpu_memory(job_id, strategy, device, in_use, peak)

@@ -1,25 +1,38 @@
 """Which queued job runs next, and on which devices.
 
 Pure bookkeeping, no threads and no processes: the job manager asks
-`Scheduler.next_runnable` whenever something changed and starts what it gets.
+`Scheduler.next_runnable` whenever something changed (and at
+`Scheduler.next_wakeup`, when waiting alone changes an answer) and starts what
+it gets. Time comes from the `clock` it is given, so tests move it by hand.
 
 Policy:
-- GPU jobs get disjoint sets of GPU indices (the worker sees them through
+- GPU jobs get disjoint sets of GPUs (the worker sees them through
   `CUDA_VISIBLE_DEVICES`), so jobs whose devices do not overlap run at once.
 - Jobs without GPUs run on the host CPU, at most `max_cpu_jobs` at a time.
-- The queue is FIFO per resource: once the oldest waiting GPU job cannot start,
-  no younger GPU job overtakes it (so a large request is not starved by small
-  ones), while CPU jobs behind it may still start, and the other way round.
-- `auto` jobs take one GPU when one is free (and no older GPU job waits), else a
-  CPU slot.
+- Oldest first, with backfill: while an older GPU job waits for more GPUs than
+  are free, younger GPU jobs that fit may start. Once it has waited
+  `backfill_seconds`, it holds a reservation: no younger job takes a GPU until
+  it has started, so it waits at most that long plus the rest of the runs
+  already going (no starvation). CPU jobs behind it may always start.
+- `mirrored` without a device count takes the most GPUs that split the global
+  batch evenly with at least `MIN_EXAMPLES_PER_GPU` examples each (batch 128:
+  2 GPUs; 512: 8), one GPU when no count does.
+- `auto` takes one GPU. It waits up to `auto_gpu_wait_seconds` for one (a GPU
+  frees within minutes on a busy host, while a whole run on the CPU can take
+  hours), then takes a CPU slot if one is free.
+- With `jobs_per_gpu` > 1, one-GPU jobs whose memory estimate fits a share
+  (`share_bytes`) are packed, up to that many on one GPU, fullest GPU first;
+  each runs under a TensorFlow memory limit of one share. Mirrored jobs and
+  jobs too large for a share hold whole GPUs.
 - Past `max_queue` waiting jobs, a submission is refused (RESOURCE_EXHAUSTED);
   a request for more GPUs than the host has can never run (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from naive_model.config import shown
@@ -30,6 +43,17 @@ from service.protocol import SERVICE_STRATEGIES
 MAX_LOGICAL_CPUS = 16
 # Replicas of a `mirrored` job on a host without GPUs when it names no count.
 DEFAULT_LOGICAL_CPUS = 2
+# A `mirrored` job without a count splits its batch over no more GPUs than
+# leave each this many examples: smaller per-GPU batches leave a GPU idle
+# between all-reduces.
+MIN_EXAMPLES_PER_GPU = 64
+# How long an older GPU job lets younger ones pass before it reserves GPUs.
+BACKFILL_SECONDS = 600.0
+# How long an `auto` job waits for a GPU before it takes a CPU slot.
+AUTO_GPU_WAIT_SECONDS = 300.0
+# Memory each process on a GPU uses outside TensorFlow's allocator (the CUDA
+# context, cuBLAS and cuDNN handles), kept out of the packed jobs' shares.
+CUDA_CONTEXT_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,37 +65,40 @@ class Demand:
     strategy: the strategy the worker builds: cpu, gpu or mirrored (an `auto` job
     resolves to gpu or cpu when it is placed).
     replicas: replicas the global batch is split over.
+    memory_bytes: estimated device memory per GPU (model, activations, data);
+    0 when unknown, which never shares a GPU.
     """
 
     strategy: str
     gpus: int = 0
     replicas: int = 1
     flexible: bool = False
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
 class Assignment:
-    """A job placed on devices: `gpus` are host GPU indices, empty for a CPU job."""
+    """A job placed on devices: `gpus` are inventory indices, empty for a CPU job.
+
+    memory_limit_bytes: the job shares its GPU and must stay under this much
+    TensorFlow memory on it; 0 when it has its GPUs to itself.
+    """
 
     job_id: str
     strategy: str
     gpus: tuple[int, ...]
     replicas: int
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        if self.gpus:
-            return tuple(f"GPU:{index}" for index in self.gpus)
-        return ("CPU:0",)
-
-    @property
-    def cuda_visible_devices(self) -> str:
-        """The value of CUDA_VISIBLE_DEVICES for the worker ("" hides every GPU)."""
-        return ",".join(str(index) for index in self.gpus)
+    memory_limit_bytes: int = 0
 
 
-def demand_for(strategy: str, device_count: int, host_gpus: int) -> Demand:
+def demand_for(
+    strategy: str, device_count: int, host_gpus: int, *, batch_size: int | None = None
+) -> Demand:
     """Resolve a job's strategy and device count against the host's GPU count.
+
+    Args:
+        batch_size: the job's global batch, which a `mirrored` job without a
+            count is split by; None takes every GPU of the host.
 
     Raises:
         InvalidArgument: an unknown strategy or a device count it cannot take.
@@ -116,9 +143,26 @@ def demand_for(strategy: str, device_count: int, host_gpus: int) -> Demand:
                 f"devices on a host without GPUs, got {count}"
             )
         return Demand(strategy="mirrored", replicas=count)
-    count = device_count or host_gpus
+    count = device_count or default_gpu_count(batch_size, host_gpus)
     _check_gpus(count, host_gpus)
     return Demand(strategy="mirrored", gpus=count, replicas=count)
+
+
+def default_gpu_count(batch_size: int | None, host_gpus: int) -> int:
+    """GPUs of a `mirrored` job that names no count.
+
+    The most GPUs, up to the host's, that divide the global batch evenly and
+    leave each at least MIN_EXAMPLES_PER_GPU examples; one when no count does.
+    An unknown batch takes every GPU.
+    """
+    if batch_size is None:
+        return host_gpus
+    fitting = [
+        count
+        for count in range(1, host_gpus + 1)
+        if batch_size % count == 0 and batch_size // count >= MIN_EXAMPLES_PER_GPU
+    ]
+    return max(fitting, default=1)
 
 
 def _check_gpus(wanted: int, host_gpus: int) -> None:
@@ -129,19 +173,70 @@ def _check_gpus(wanted: int, host_gpus: int) -> None:
         )
 
 
-class Scheduler:
-    """FIFO queue over a fixed set of GPUs and a number of CPU slots."""
+@dataclass(frozen=True)
+class _Waiting:
+    demand: Demand
+    since: float  # when it was queued, by the scheduler's clock
 
-    def __init__(self, gpu_indices: Sequence[int], *, max_cpu_jobs: int = 1, max_queue: int = 64):
+
+class Scheduler:
+    """Oldest-first queue with bounded backfill over a fixed set of GPUs and CPU slots.
+
+    Args:
+        gpu_indices: the GPUs to hand out (inventory indices).
+        jobs_per_gpu: one-GPU jobs packed on one GPU at most (1: no packing).
+        gpu_memory_bytes: memory of the smallest GPU; needed to pack.
+        backfill_seconds: how long an older GPU job lets younger ones pass.
+        auto_gpu_wait_seconds: how long an `auto` job waits for a GPU before the CPU.
+        clock: monotonic seconds.
+
+    Raises:
+        ValueError: a bound out of range, or packing without the GPUs' memory.
+    """
+
+    def __init__(
+        self,
+        gpu_indices: Sequence[int],
+        *,
+        max_cpu_jobs: int = 1,
+        max_queue: int = 64,
+        jobs_per_gpu: int = 1,
+        gpu_memory_bytes: int = 0,
+        backfill_seconds: float = BACKFILL_SECONDS,
+        auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if max_cpu_jobs < 1:
             raise ValueError(f"max_cpu_jobs must be at least 1, got {max_cpu_jobs}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if jobs_per_gpu < 1:
+            raise ValueError(f"jobs_per_gpu must be at least 1, got {jobs_per_gpu}")
+        if backfill_seconds < 0 or auto_gpu_wait_seconds < 0:
+            raise ValueError(
+                "backfill_seconds and auto_gpu_wait_seconds must be 0 or positive, got "
+                f"{backfill_seconds} and {auto_gpu_wait_seconds}"
+            )
+        self.share_bytes = 0
+        if jobs_per_gpu > 1 and gpu_indices:
+            self.share_bytes = (gpu_memory_bytes - jobs_per_gpu * CUDA_CONTEXT_BYTES) // (
+                jobs_per_gpu
+            )
+            if self.share_bytes <= 0:
+                raise ValueError(
+                    f"jobs_per_gpu {jobs_per_gpu} needs the GPUs' memory to size each job's "
+                    f"share, and {gpu_memory_bytes / 1024**3:.1f} GiB leaves none "
+                    f"(0 means nvidia-smi did not report it)"
+                )
         self._all_gpus = tuple(sorted(gpu_indices))
-        self._free_gpus = set(self._all_gpus)
+        self._jobs_per_gpu = jobs_per_gpu
+        self._slots_used = dict.fromkeys(self._all_gpus, 0)  # a whole GPU uses every slot
         self._max_cpu_jobs = max_cpu_jobs
         self._max_queue = max_queue
-        self._queue: OrderedDict[str, Demand] = OrderedDict()
+        self._backfill_seconds = backfill_seconds
+        self._auto_gpu_wait_seconds = auto_gpu_wait_seconds
+        self._clock = clock
+        self._queue: OrderedDict[str, _Waiting] = OrderedDict()
         self._running: dict[str, Assignment] = {}
 
     @property
@@ -154,7 +249,8 @@ class Scheduler:
 
     @property
     def free_gpus(self) -> tuple[int, ...]:
-        return tuple(sorted(self._free_gpus))
+        """GPUs no job holds or shares."""
+        return tuple(index for index, used in self._slots_used.items() if not used)
 
     def check_admission(self, demand: Demand) -> None:
         """Raise if a job with `demand` could not be queued now.
@@ -175,7 +271,7 @@ class Scheduler:
         self.check_admission(demand)
         if job_id in self._queue or job_id in self._running:
             raise ValueError(f"job {job_id} is already queued or running")
-        self._queue[job_id] = demand
+        self._queue[job_id] = _Waiting(demand, self._clock())
 
     def remove(self, job_id: str) -> bool:
         """Take a waiting job out of the queue; False when it was not waiting."""
@@ -185,33 +281,88 @@ class Scheduler:
         """Give back the devices of a job that ended."""
         assignment = self._running.pop(job_id, None)
         if assignment is not None:
-            self._free_gpus.update(assignment.gpus)
+            for index in assignment.gpus:
+                self._slots_used[index] -= self._slots(assignment)
 
     def next_runnable(self) -> list[Assignment]:
         """Place every waiting job that can start now, oldest first."""
+        now = self._clock()
         started: list[Assignment] = []
-        gpu_blocked = False  # an older GPU job is waiting: younger ones may not overtake
-        for job_id, demand in list(self._queue.items()):
+        reserved = False  # an older GPU job waited past its backfill: GPUs are kept for it
+        for job_id, waiting in list(self._queue.items()):
+            demand, waited = waiting.demand, now - waiting.since
             assignment = None
-            if demand.gpus and not gpu_blocked and len(self._free_gpus) >= demand.gpus:
-                gpus = tuple(sorted(self._free_gpus)[: demand.gpus])
-                assignment = Assignment(
-                    job_id=job_id, strategy=demand.strategy, gpus=gpus, replicas=demand.replicas
-                )
-            elif (demand.flexible or not demand.gpus) and self._cpu_jobs() < self._max_cpu_jobs:
-                strategy = "cpu" if demand.flexible else demand.strategy
-                assignment = Assignment(
-                    job_id=job_id, strategy=strategy, gpus=(), replicas=demand.replicas
-                )
-            elif demand.gpus and not demand.flexible:
-                gpu_blocked = True
+            if demand.gpus and not reserved:
+                assignment = self._place_on_gpus(job_id, demand)
+            if assignment is None and self._cpu_jobs() < self._max_cpu_jobs:
+                if not demand.gpus or (demand.flexible and waited >= self._auto_gpu_wait_seconds):
+                    strategy = "cpu" if demand.flexible else demand.strategy
+                    assignment = Assignment(
+                        job_id=job_id, strategy=strategy, gpus=(), replicas=demand.replicas
+                    )
             if assignment is None:
+                if demand.gpus and not demand.flexible and waited >= self._backfill_seconds:
+                    reserved = True
                 continue
             del self._queue[job_id]
             self._running[job_id] = assignment
-            self._free_gpus.difference_update(assignment.gpus)
+            for index in assignment.gpus:
+                self._slots_used[index] += self._slots(assignment)
             started.append(assignment)
         return started
+
+    def next_wakeup(self) -> float | None:
+        """When waiting alone next lets a job start (an `auto` job's wait for a GPU ends).
+
+        In the clock's seconds; None when no waiting job's chances change with time.
+        Backfill needs no wake-up: a reservation only ever holds jobs back.
+        """
+        now = self._clock()
+        ends = [
+            waiting.since + self._auto_gpu_wait_seconds
+            for waiting in self._queue.values()
+            if waiting.demand.flexible and waiting.since + self._auto_gpu_wait_seconds > now
+        ]
+        return min(ends, default=None)
+
+    def _place_on_gpus(self, job_id: str, demand: Demand) -> Assignment | None:
+        if self._shares(demand):
+            partly_used = [
+                index for index, used in self._slots_used.items() if 0 < used < self._jobs_per_gpu
+            ]
+            # The fullest shared GPU first, so whole GPUs stay free for large jobs.
+            candidates = sorted(partly_used, key=lambda index: -self._slots_used[index])
+            candidates += list(self.free_gpus)
+            if not candidates:
+                return None
+            return Assignment(
+                job_id=job_id,
+                strategy=demand.strategy,
+                gpus=(candidates[0],),
+                replicas=demand.replicas,
+                memory_limit_bytes=self.share_bytes,
+            )
+        free = self.free_gpus
+        if len(free) < demand.gpus:
+            return None
+        return Assignment(
+            job_id=job_id,
+            strategy=demand.strategy,
+            gpus=free[: demand.gpus],
+            replicas=demand.replicas,
+        )
+
+    def _shares(self, demand: Demand) -> bool:
+        """Whether the job may share a GPU: packing is on and it fits a share."""
+        return (
+            self._jobs_per_gpu > 1
+            and demand.gpus == 1
+            and demand.strategy == "gpu"
+            and 0 < demand.memory_bytes <= self.share_bytes
+        )
+
+    def _slots(self, assignment: Assignment) -> int:
+        return 1 if assignment.memory_limit_bytes else self._jobs_per_gpu
 
     def _cpu_jobs(self) -> int:
         return sum(1 for assignment in self._running.values() if not assignment.gpus)

@@ -9,6 +9,7 @@ protocol's dataclasses first, and these check the dataclasses.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -73,7 +74,9 @@ def validate_job_spec(
     if not spec.train.layers:
         raise InvalidArgument("layers must hold at least one layer, got none")
     info = lookup_dataset(spec.dataset, data_dir)
-    demand = demand_for(spec.strategy, spec.device_count, host_gpus)
+    demand = demand_for(
+        spec.strategy, spec.device_count, host_gpus, batch_size=spec.train.batch_size
+    )
     try:
         spec.train.validate(
             input_size=info.input_size, num_classes=info.num_classes, num_replicas=demand.replicas
@@ -95,6 +98,15 @@ def validate_job_spec(
             f"{activation_bytes / 1024**3:.1f} GiB of activations per step, more than the "
             f"{MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB limit"
         )
+    # Each replica holds the model, its share of the activations and a whole
+    # copy of the training data (images, int64 labels and order).
+    needed = (
+        spec.train.model_bytes(info.input_size)
+        + activation_bytes // max(demand.replicas, 1)
+        + info.device_bytes
+    )
+    if demand.gpus:
+        demand = dataclasses.replace(demand, memory_bytes=needed)
     if spec.checkpoint_every_epochs < 0:
         raise InvalidArgument(
             "checkpoint_every_epochs must be 0 (only at the end) or positive, "

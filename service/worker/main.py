@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
 def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> None:
     """Run one task, sending its events to `conn`; a failure is sent as `Failed`."""
     if isinstance(task, TrainTask):
-        # Before TensorFlow touches a device: which GPUs this process may see.
+        # Before TensorFlow touches a device: which GPUs this process may see,
+        # named as the server's device probe named them (service.devices): in
+        # PCI bus order, nvidia-smi's, unless the server's environment set one.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
         log = JobFiles(task.job_dir).train_log
     else:

@@ -9,6 +9,7 @@ and GPU memory readings. This module imports TensorFlow (through naive_model).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ FIRST_CALL_STEPS = 1
 
 # A warm worker's data set, loaded while it waited: (name, data_dir, Dataset).
 _preloaded: tuple[str, Path | None, Dataset] | None = None
+# Set to 1 to log where TensorFlow places every op (the GPU smoke test reads it).
+LOG_PLACEMENT_ENV = "NTRAIN_LOG_DEVICE_PLACEMENT"
 
 
 def import_tensorflow() -> None:
@@ -72,8 +75,10 @@ def _log(message: str) -> None:
 
 
 def _strategy(task: TrainTask):
-    from naive_model.distribute import make_strategy, split_cpu
+    from naive_model.distribute import limit_gpu_memory, make_strategy, split_cpu
 
+    if task.gpu_memory_limit_mb:  # the job shares its GPU with others
+        limit_gpu_memory(task.gpu_memory_limit_mb)
     if task.strategy == "mirrored":
         if not task.cuda_visible_devices:
             split_cpu(task.replicas)
@@ -90,16 +95,29 @@ def train(
     compiled-call boundary and this sends `Stopped`; a diverged loss is a
     `Failed` with the loop's one-line reason.
     """
+    from naive_model.distribute import describe_strategy
     from naive_model.trainer import Trainer
 
     files = JobFiles(task.job_dir)
     spec = task.spec
     start = time.perf_counter()
+    if os.environ.get(LOG_PLACEMENT_ENV) == "1":
+        import tensorflow as tf
+
+        tf.debugging.set_log_device_placement(True)
+    _log(
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} "
+        f"CUDA_DEVICE_ORDER={os.environ.get('CUDA_DEVICE_ORDER', '')} "
+        f"host GPUs {', '.join(task.gpu_names) or 'none'}"
+        + (f", memory limit {task.gpu_memory_limit_mb} MiB" if task.gpu_memory_limit_mb else "")
+    )
     strategy = _strategy(task)
+    _log(f"strategy: {describe_strategy(strategy)}")
     dataset = _load_dataset(spec.dataset, task.data_dir)
     _log(f"data set {spec.dataset} ready after {time.perf_counter() - start:.2f} s")
     trainer = Trainer(spec.train, dataset, strategy)
     _log(f"model built after {time.perf_counter() - start:.2f} s")
+    _log(f"data on: {json.dumps(trainer.data_devices)}; precision {spec.train.precision}")
     info = ModelInfo(input_size=dataset.input_size, num_classes=dataset.num_classes)
     files.model_info.write_text(json.dumps(asdict(info)))
     send(Running(replicas=trainer.num_replicas))
@@ -108,8 +126,9 @@ def train(
         send(event)
         if isinstance(event, EpochEnd) and task.cuda_visible_devices:
             memory = _gpu_memory(task.gpu_names)
-            if memory:
-                send(DeviceMemory(bytes_in_use=memory))
+            if memory.bytes_in_use:
+                send(memory)
+            _reset_gpu_peaks(task.gpu_names)  # the next epoch's peak is its own
 
     options = LoopOptions(
         checkpoint_dir=files.checkpoints,
@@ -121,6 +140,8 @@ def train(
         # run of this job (a server restart, a worker that died).
         resume=True,
     )
+    if task.cuda_visible_devices:
+        _reset_gpu_peaks(task.gpu_names)  # the first epoch's peak: training, not set-up
     try:
         run_training(trainer, options, on_event=on_event, should_stop=should_stop)
     except TrainingStopped as stopped:
@@ -129,16 +150,28 @@ def train(
         send(Failed(reason=str(diverged)))
 
 
-def _gpu_memory(gpu_names: tuple[str, ...]) -> dict[str, int]:
+def _gpu_memory(gpu_names: tuple[str, ...]) -> DeviceMemory:
+    """What TensorFlow's allocator gave out on each GPU: now, and at most since the last reset."""
     import tensorflow as tf
 
-    in_use = {}
+    in_use, peak = {}, {}
     for local, name in enumerate(gpu_names):
         try:
-            in_use[name] = tf.config.experimental.get_memory_info(f"GPU:{local}")["current"]
+            info = tf.config.experimental.get_memory_info(f"GPU:{local}")
         except (ValueError, RuntimeError):
             continue  # this device or build does not report memory
-    return in_use
+        in_use[name], peak[name] = info["current"], info["peak"]
+    return DeviceMemory(bytes_in_use=in_use, peak_bytes=peak)
+
+
+def _reset_gpu_peaks(gpu_names: tuple[str, ...]) -> None:
+    import tensorflow as tf
+
+    for local in range(len(gpu_names)):
+        try:
+            tf.config.experimental.reset_memory_stats(f"GPU:{local}")
+        except (ValueError, RuntimeError):
+            continue  # this device or build keeps no statistics
 
 
 def evaluate(task: EvaluateTask) -> Evaluation:

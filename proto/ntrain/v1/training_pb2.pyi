@@ -56,7 +56,7 @@ class StrategySpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device_count: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts")
+    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     INITIALIZER_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class JobSpec(_message.Message):
     CHECKPOINT_EVERY_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
     initializer: str
     optimizer: OptimizerSpec
@@ -83,7 +84,8 @@ class JobSpec(_message.Message):
     checkpoint_every_epochs: int
     max_runtime_seconds: float
     max_restarts: int
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class StateTransition(_message.Message):
     __slots__ = ("state", "time", "reason")
