@@ -21,7 +21,7 @@ from service.devices import (
     identify_gpus,
     parse_nvidia_smi,
 )
-from service.jobs.errors import InvalidArgument
+from service.jobs.errors import FailedPrecondition
 from service.jobs.scheduler import (
     AUTO_GPU_WAIT_SECONDS,
     BACKFILL_SECONDS,
@@ -121,7 +121,8 @@ def test_admission_refuses_a_data_set_that_fills_every_gpu(tmp_path):
     # The model and its activations alone would fit in 80 MiB; with the data they do not.
     limit = 80 * 1024**2
     assert demand.memory_bytes - info.device_bytes < limit < demand.memory_bytes
-    with pytest.raises(InvalidArgument, match="'big.npz' \\(23 MiB on each GPU\\)"):
+    # Refused as every job too big for a GPU is (service.jobs.validation._check_memory).
+    with pytest.raises(FailedPrecondition, match="per GPU, more than"):
         validate_job_spec(spec, data_dir=tmp_path, host_gpus=8, gpu_memory_bytes=limit)
 
 
