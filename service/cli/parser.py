@@ -19,6 +19,8 @@ from ntrain.client.channel import (
 from service.cli import commands
 from service.cli.errors import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
+from service.cli.serve_parser import add_serve_parser
+from service.cli.types import positive_int
 from service.protocol import SERVICE_STRATEGIES
 
 JOB_STATE_NAMES = [name for name in training_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
@@ -29,27 +31,6 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 _EXAMPLES = """examples:
@@ -125,151 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     as_json = _OneLineParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    serve = subcommands.add_parser("serve", help="run the training server")
-    serve.add_argument(
-        "--port", metavar="N", type=_port, default=None, help="gRPC port (default 50051; 0 = any)"
-    )
-    serve.add_argument(
-        "--metrics-port",
-        metavar="N",
-        type=_port,
-        default=None,
-        help="Prometheus /metrics port (default 9101; 0 = any)",
-    )
-    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
-    serve.add_argument(
-        "--bind",
-        metavar="ADDRESS",
-        default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
-    )
-    serve.add_argument(
-        "--state-dir", metavar="DIR", help="jobs database and artifacts (default ./var)"
-    )
-    serve.add_argument(
-        "--data-dir", metavar="DIR", default=None, help="directory of .npz data sets jobs may name"
-    )
-    serve.add_argument(
-        "--max-queue",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="queued jobs before submissions are refused (default 64)",
-    )
-    serve.add_argument(
-        "--max-cpu-jobs",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="CPU-only jobs running at once (default 1)",
-    )
-    serve.add_argument(
-        "--max-model-tasks",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="Evaluate and Predict requests running at once, each in a worker process; "
-        "more are refused (default 2)",
-    )
-    serve.add_argument(
-        "--jobs-per-gpu",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="one-GPU jobs that fit a 1/N share of a GPU's memory may share it, N at most, "
-        "each under a TensorFlow memory limit (default 1: no sharing)",
-    )
-    serve.add_argument(
-        "--backfill-seconds",
-        metavar="SECONDS",
-        type=float,
-        default=None,
-        help="how long a waiting GPU job lets younger jobs that fit pass before it "
-        "reserves GPUs (default 600)",
-    )
-    serve.add_argument(
-        "--auto-gpu-wait",
-        metavar="SECONDS",
-        type=float,
-        default=None,
-        help="how long an auto job waits for a GPU before it runs on the CPU (default 300)",
-    )
-    serve.add_argument(
-        "--no-warm-worker",
-        action="store_true",
-        help="do not keep a worker with TensorFlow imported ready",
-    )
-    serve.add_argument(
-        "--job-series-retention",
-        metavar="SECONDS",
-        type=_positive_seconds,
-        default=None,
-        help="how long a finished job's Prometheus series stay (default 600)",
-    )
-    serve.add_argument(
-        "--max-streams",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="WatchJob streams open at once, each on a thread of its own (default 512)",
-    )
-    serve.add_argument(
-        "--checkpoint-seconds",
-        metavar="SECONDS",
-        type=_positive_seconds,
-        default=None,
-        help="also checkpoint running jobs this often, between compiled calls (default 300)",
-    )
-    serve.add_argument(
-        "--shutdown-grace",
-        metavar="SECONDS",
-        type=_positive_seconds,
-        default=None,
-        help="on SIGTERM, how long running jobs get to checkpoint before their workers "
-        "are killed (default 30); they resume on the next start",
-    )
-    serve.add_argument(
-        "--port-file",
-        metavar="PATH",
-        default=None,
-        help="write the bound gRPC port to this file once serving",
-    )
-    security = serve.add_argument_group(
-        "security",
-        "SIGHUP re-reads every file below without stopping a job. An address other than "
-        "loopback needs TLS and authentication on both ports, or --insecure.",
-    )
-    security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
-    security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
-    security.add_argument(
-        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
-    )
-    security.add_argument(
-        "--auth-tokens",
-        metavar="FILE",
-        help="require a bearer token from this file's principals (NAME ROLE HASH lines; "
-        "see ntrain token new)",
-    )
-    security.add_argument(
-        "--no-reflection", action="store_true", help="do not offer gRPC server reflection"
-    )
-    security.add_argument("--metrics-tls-cert", metavar="FILE", help="serve /metrics over TLS")
-    security.add_argument("--metrics-tls-key", metavar="FILE", help="its private key")
-    security.add_argument(
-        "--metrics-tls-client-ca", metavar="FILE", help="require scrapers' client certificates"
-    )
-    security.add_argument(
-        "--metrics-basic-auth",
-        metavar="FILE",
-        help="require basic auth on /metrics from this file's users (NAME HASH lines; "
-        "see ntrain token hash)",
-    )
-    security.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve on an address other than loopback without TLS or authentication",
-    )
-    serve.set_defaults(run=commands.cmd_serve)
+    add_serve_parser(subcommands)
 
     token = subcommands.add_parser(
         "token", help="make bearer tokens and the hashes the server keeps of them"
@@ -423,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only jobs in this state (repeatable)",
     )
     jobs.add_argument(
-        "--limit", metavar="N", type=_positive_int, default=20, help="at most N jobs (default 20)"
+        "--limit", metavar="N", type=positive_int, default=20, help="at most N jobs (default 20)"
     )
     jobs.set_defaults(run=commands.cmd_jobs)
 
@@ -460,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", metavar="PATH", help=".npy or .npz of inputs (an .npz may carry labels)"
     )
     source.add_argument(
-        "--mnist-test", type=_positive_int, metavar="N", help="the first N MNIST test images"
+        "--mnist-test", type=positive_int, metavar="N", help="the first N MNIST test images"
     )
     prediction.add_argument(
         "--mnist-file",
@@ -472,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument(
         "--limit",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="only the first N inputs of --input",
     )

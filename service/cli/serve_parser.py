@@ -1,0 +1,158 @@
+"""The flags of `ntrain serve`: ports, state, limits, recovery, scheduling and security."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.cli import commands
+from service.cli.types import port, positive_int, positive_seconds
+
+
+def add_serve_parser(subcommands) -> argparse.ArgumentParser:
+    """Add `serve` to the command line's subcommands."""
+    serve = subcommands.add_parser("serve", help="run the training server")
+    serve.add_argument(
+        "--port", metavar="N", type=port, default=None, help="gRPC port (default 50051; 0 = any)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        metavar="N",
+        type=port,
+        default=None,
+        help="Prometheus /metrics port (default 9101; 0 = any)",
+    )
+    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    serve.add_argument(
+        "--bind",
+        metavar="ADDRESS",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    serve.add_argument(
+        "--state-dir", metavar="DIR", help="jobs database and artifacts (default ./var)"
+    )
+    serve.add_argument(
+        "--data-dir", metavar="DIR", default=None, help="directory of .npz data sets jobs may name"
+    )
+    serve.add_argument(
+        "--max-queue",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="queued jobs before submissions are refused (default 64)",
+    )
+    serve.add_argument(
+        "--max-cpu-jobs",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="CPU-only jobs running at once (default 1)",
+    )
+    serve.add_argument(
+        "--max-model-tasks",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="Evaluate and Predict requests running at once, each in a worker process; "
+        "more are refused (default 2)",
+    )
+    serve.add_argument(
+        "--jobs-per-gpu",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="one-GPU jobs that fit a 1/N share of a GPU's memory may share it, N at most, "
+        "each under a TensorFlow memory limit (default 1: no sharing)",
+    )
+    serve.add_argument(
+        "--backfill-seconds",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="how long a waiting GPU job lets younger jobs that fit pass before it "
+        "reserves GPUs (default 600)",
+    )
+    serve.add_argument(
+        "--auto-gpu-wait",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="how long an auto job waits for a GPU before it runs on the CPU (default 300)",
+    )
+    serve.add_argument(
+        "--no-warm-worker",
+        action="store_true",
+        help="do not keep a worker with TensorFlow imported ready",
+    )
+    serve.add_argument(
+        "--job-series-retention",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=None,
+        help="how long a finished job's Prometheus series stay (default 600)",
+    )
+    serve.add_argument(
+        "--max-streams",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="WatchJob streams open at once, each on a thread of its own (default 512)",
+    )
+    serve.add_argument(
+        "--checkpoint-seconds",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=None,
+        help="also checkpoint running jobs this often, between compiled calls (default 300)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=None,
+        help="on SIGTERM, how long running jobs get to checkpoint before their workers "
+        "are killed (default 30); they resume on the next start",
+    )
+    serve.add_argument(
+        "--port-file",
+        metavar="PATH",
+        default=None,
+        help="write the bound gRPC port to this file once serving",
+    )
+    security = serve.add_argument_group(
+        "security",
+        "SIGHUP re-reads every file below without stopping a job. An address other than "
+        "loopback needs TLS and authentication on both ports, or --insecure.",
+    )
+    security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+    security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    security.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    security.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="require a bearer token from this file's principals (NAME ROLE HASH lines; "
+        "see ntrain token new)",
+    )
+    security.add_argument(
+        "--no-reflection", action="store_true", help="do not offer gRPC server reflection"
+    )
+    security.add_argument("--metrics-tls-cert", metavar="FILE", help="serve /metrics over TLS")
+    security.add_argument("--metrics-tls-key", metavar="FILE", help="its private key")
+    security.add_argument(
+        "--metrics-tls-client-ca", metavar="FILE", help="require scrapers' client certificates"
+    )
+    security.add_argument(
+        "--metrics-basic-auth",
+        metavar="FILE",
+        help="require basic auth on /metrics from this file's users (NAME HASH lines; "
+        "see ntrain token hash)",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on an address other than loopback without TLS or authentication",
+    )
+    serve.set_defaults(run=commands.cmd_serve)
+    return serve
