@@ -21,8 +21,7 @@ import platform
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from service.devices import DeviceInventory
@@ -31,9 +30,9 @@ from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import (
     AlreadyExists,
     InvalidArgument,
-    NotFound,
     Unavailable,
 )
+from service.jobs.feed import JobFeed
 from service.jobs.inference import DEFAULT_MAX_TASKS, ModelTasks
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner, RunOutcome
@@ -68,11 +67,6 @@ log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
-# Job records kept in memory for GetJob and watchers (each dropped when its job changes).
-RECORD_CACHE_SIZE = 1024
-# The newest events of the jobs that changed last, for their watchers.
-RECENT_EVENTS = 256
-RECENT_EVENT_JOBS = 64
 _OUTCOMES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "canceled"}
 
 
@@ -126,9 +120,7 @@ class JobManager:
         # record cache; a condition per watched job, on the same lock, wakes
         # that job's watchers when it changes.
         self._lock = threading.RLock()
-        self._conditions: dict[str, threading.Condition] = {}
-        self._records: OrderedDict[str, JobRecord] = OrderedDict()
-        self._recent: OrderedDict[str, deque[Event]] = OrderedDict()
+        self.feed = JobFeed(store, self._lock)
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
         self.models = ModelTasks(
@@ -212,9 +204,7 @@ class JobManager:
         for runner in runners:
             runner.join(STOP_AFTER_ANSWER_SECONDS + 5.0)
         self.pool.close()
-        with self._lock:
-            for condition in self._conditions.values():
-                condition.notify_all()
+        self.feed.wake_all()
 
     # -- requests -------------------------------------------------------------
 
@@ -259,7 +249,7 @@ class JobManager:
                 create_time=now,
                 owner=principal.name,
             )
-            self._stored(self.store.create_job(record, now))
+            self.feed.stored(self.store.create_job(record, now))
             self.scheduler.enqueue(job_id, demand)
             self._dispatch()
             self._report_counts()
@@ -270,22 +260,7 @@ class JobManager:
 
         Served from memory until the job next changes.
         """
-        return self._as_seen_by(principal, self._record(job_id))
-
-    def _record(self, job_id: str) -> JobRecord:
-        with self._lock:
-            record = self._records.get(job_id)
-            if record is not None:
-                self._records.move_to_end(job_id)
-                return record
-            # Read under the lock, so no change can slip between the read and the caching.
-            record = self.store.get_job(job_id)
-            if record is None:
-                raise NotFound(f"job {job_id!r} does not exist")
-            self._records[job_id] = record
-            if len(self._records) > RECORD_CACHE_SIZE:
-                self._records.popitem(last=False)
-            return record
+        return self._as_seen_by(principal, self.feed.record(job_id))
 
     def list(
         self,
@@ -326,7 +301,7 @@ class JobManager:
 
     def _follow(self, job_id: str, last: int, is_active: Callable[[], bool]) -> Iterator[Event]:
         while True:
-            events = self._events_after(job_id, last)
+            events = self.feed.events_after(job_id, last)
             for event in events:
                 yield event
                 last = event.sequence
@@ -340,27 +315,9 @@ class JobManager:
                 if record.finished or (self._closed and job_id not in self._runners):
                     return
                 # Woken by this job's next event only, not by every job's.
-                self._job_changed(job_id).wait(WATCH_POLL_SECONDS)
+                self.feed.wait_for_change(job_id, WATCH_POLL_SECONDS)
             if not is_active():
                 return
-
-    def _events_after(self, job_id: str, last: int) -> Sequence[Event]:
-        """The job's events after `last`: from memory when the recent ones reach back that far.
-
-        Every watcher of a running job asks for each new event; reading it
-        from memory spares SQLite a query per watcher per event.
-        """
-        with self._lock:
-            recent = self._recent.get(job_id)
-            if recent and recent[0].sequence <= last + 1:
-                return [event for event in recent if event.sequence > last]
-        return self.store.events_after(job_id, last)
-
-    def _job_changed(self, job_id: str) -> threading.Condition:
-        condition = self._conditions.get(job_id)
-        if condition is None:
-            condition = self._conditions[job_id] = threading.Condition(self._lock)
-        return condition
 
     def cancel(
         self, job_id: str, wait: float = CANCEL_WAIT_SECONDS, *, principal: Principal = LOCAL
@@ -510,7 +467,7 @@ class JobManager:
                 self.append(job_id, event)
             elif isinstance(event, CheckpointSaved):
                 self.store.record_checkpoint(job_id, event)
-                self._forget(job_id)
+                self.feed.changed(job_id)
             report_metrics(self.metrics, job_id, strategy, event)
 
         def on_finish(outcome: RunOutcome) -> None:
@@ -550,34 +507,15 @@ class JobManager:
                 devices=devices,
                 failure_reason=reason if state == "FAILED" else None,
             )
-            self._stored(event)
+            self.feed.stored(event)
             return event
 
     def append(self, job_id: str, payload: JobEventPayload) -> Event:
         """Store the job's next event and wake its watchers."""
         with self._lock:
             event = self.store.append_event(job_id, payload, self._clock())
-            self._stored(event)
+            self.feed.stored(event)
             return event
-
-    def _stored(self, event: Event) -> None:
-        with self._lock:
-            recent = self._recent.get(event.job_id)
-            if recent is None or (recent and recent[-1].sequence != event.sequence - 1):
-                recent = self._recent[event.job_id] = deque(maxlen=RECENT_EVENTS)
-            recent.append(event)
-            self._recent.move_to_end(event.job_id)
-            if len(self._recent) > RECENT_EVENT_JOBS:
-                self._recent.popitem(last=False)
-        self._forget(event.job_id)
-
-    def _forget(self, job_id: str) -> None:
-        """The job changed: drop its cached record and wake its watchers."""
-        with self._lock:
-            self._records.pop(job_id, None)
-            condition = self._conditions.get(job_id)
-            if condition is not None:
-                condition.notify_all()
 
     def _report_counts(self) -> None:
         self.metrics.set_jobs_by_state(self.store.count_by_state())
@@ -602,7 +540,7 @@ class JobManager:
                 return
             if outcome.worker_died and record.restarts < record.spec.max_restarts:
                 restarts = self.store.count_restart(job_id)
-                self._forget(job_id)
+                self.feed.changed(job_id)
                 self._requeue(
                     record,
                     f"{outcome.reason}; restart {restarts} of {record.spec.max_restarts}, "
