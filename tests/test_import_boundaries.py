@@ -29,10 +29,12 @@ ALLOWED = {
     "service.jobs": {"service.protocol", "service.worker", "service.devices", "naive_model"},
     "service.metrics": {"service.protocol"},
     "service.devices": set(),
+    "service.metrics_http": set(),
     "service.api": {
         "service.protocol",
         "service.jobs",
         "service.metrics",
+        "service.metrics_http",
         "service.devices",
         "naive_model.config",
         "naive_model.data",

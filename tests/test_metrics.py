@@ -8,7 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.api.grpc_metrics import MetricsServerInterceptor
-from service.metrics import JOB_STATES, ServiceMetrics, start_metrics_server
+from service.metrics import JOB_STATES, ServiceMetrics
+from service.metrics_http import start_metrics_server
 
 
 class FakeClock:

@@ -15,18 +15,13 @@ without TLS and authentication on both ports unless `insecure` is set.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import logging
 import os
 import platform
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,18 +29,24 @@ from grpc_reflection.v1alpha import reflection
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
 from service.api.auth import AuthInterceptor, PasswordTable, TokenTable
+from service.api.config import (  # noqa: F401 - ServerConfig is this module's API too
+    ServerConfig,
+    check_config,
+    exposure_problem,
+    host_port,
+    is_loopback,
+)
 from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.servicer import TrainingServicer
 from service.api.status import ExceptionToStatusInterceptor
-from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
-from service.devices import DeviceInventory, GpuDevice, cpu_description, probe_devices
-from service.jobs.inference import DEFAULT_MAX_TASKS
+from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
+from service.devices import DeviceInventory, cpu_description, probe_devices
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
-from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 from service.jobs.status import package_version
 from service.jobs.store import Store
-from service.metrics import MetricsHttpServer, ServiceMetrics, start_metrics_server
+from service.metrics import ServiceMetrics
+from service.metrics_http import MetricsHttpServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -54,134 +55,6 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 # on top of these (ServerConfig.max_streams), so streams cannot starve them.
 UNARY_THREADS = 32
 HOUSEKEEPING_SECONDS = 2.0  # warm-worker gauge and expired per-job series
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    """How to run the server.
-
-    port, metrics_port: 0 picks a free port; metrics_port None serves no metrics.
-    gpu_inventory: the GPUs to schedule on; None probes the host.
-    tls, auth_tokens: TLS for the gRPC port, and the token file of its principals
-        (None: every caller is the anonymous local admin).
-    metrics_tls, metrics_basic_auth: the same for the metrics endpoint.
-    insecure: serve on an address other than loopback without all of those.
-    """
-
-    bind_address: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int | None = 9101
-    state_dir: Path = Path("var")
-    data_dir: Path | None = None
-    max_queue: int = 64
-    max_cpu_jobs: int = 1
-    max_model_tasks: int = DEFAULT_MAX_TASKS
-    jobs_per_gpu: int = 1
-    backfill_seconds: float = BACKFILL_SECONDS
-    auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS
-    warm_worker: bool = True
-    gpu_inventory: tuple[GpuDevice, ...] | None = None
-    job_series_retention_seconds: float = 600.0
-    tls: TlsFiles | None = None
-    auth_tokens: Path | None = None
-    reflection: bool = True
-    metrics_tls: TlsFiles | None = None
-    metrics_basic_auth: Path | None = None
-    insecure: bool = False
-    checkpoint_seconds: float = 300.0
-    shutdown_grace_seconds: float = 30.0
-    max_streams: int = 512
-
-
-def is_loopback(address: str) -> bool:
-    """Whether `address` reaches this host only (127.0.0.0/8, ::1, localhost)."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
-
-
-def exposure_problem(config: ServerConfig) -> str | None:
-    """Why serving `config` would expose the service by accident, or None.
-
-    Loopback is the trusted default; any other address needs TLS and
-    authentication on the gRPC port and on the metrics endpoint, or `insecure`.
-    """
-    if config.insecure or is_loopback(config.bind_address):
-        return None
-    missing = []
-    if config.tls is None:
-        missing.append("TLS (--tls-cert, --tls-key)")
-    if config.auth_tokens is None:
-        missing.append("tokens (--auth-tokens)")
-    if config.metrics_port is not None:
-        if config.metrics_tls is None:
-            missing.append("metrics TLS (--metrics-tls-cert, --metrics-tls-key)")
-        if config.metrics_basic_auth is None:
-            missing.append("metrics basic auth (--metrics-basic-auth)")
-    if not missing:
-        return None
-    return (
-        f"refusing to serve on {config.bind_address}, which is not loopback, without "
-        f"{', '.join(missing)}: pass them, or --insecure to serve it open anyway"
-    )
-
-
-def check_config(config: ServerConfig) -> None:
-    """Refuse, with one line, a config the server cannot start with.
-
-    Runs before the state directory or a port is touched: the ports must be
-    in range and free, and the data directory must be a directory. gRPC's
-    C core would log its own line before our error for a taken port, and
-    silencing it takes GRPC_VERBOSITY set before grpc is imported; asking
-    the operating system first says it once, in our words. (A port taken in
-    the instant between this check and the bind still fails, with that line.)
-
-    Raises:
-        ValueError: a port out of range, or a data directory that is missing
-            or not a directory.
-        RuntimeError: a port in use, or an address this host cannot bind.
-    """
-    ports = {"port": config.port}
-    if config.metrics_port is not None:
-        ports["metrics_port"] = config.metrics_port
-    for name, port in ports.items():
-        if not 0 <= port <= 65535:
-            raise ValueError(f"{name} must be in 0..65535, got {port}")
-    if config.data_dir is not None and not config.data_dir.is_dir():
-        problem = "is not a directory" if config.data_dir.exists() else "does not exist"
-        raise ValueError(f"data directory {config.data_dir} {problem}")
-    for port in set(ports.values()) - {0}:
-        _check_port_free(config.bind_address, port)
-
-
-def _check_port_free(address: str, port: int) -> None:
-    """Bind `address:port` as gRPC would (SO_REUSEADDR), and let it go again."""
-    try:
-        candidates = socket.getaddrinfo(
-            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as error:
-        raise RuntimeError(f"cannot resolve the address {address!r}: {error.strerror}") from None
-    for family, kind, protocol, _, where in candidates:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(where)
-            except OSError as error:
-                if error.errno == errno.EADDRINUSE:
-                    raise RuntimeError(f"port {port} is in use on {address}") from None
-                raise RuntimeError(
-                    f"cannot listen on {_host_port(address, port)}: {error.strerror}"
-                ) from None
-
-
-def _host_port(address: str, port: int) -> str:
-    if ":" in address and not address.startswith("["):
-        address = f"[{address}]"  # an IPv6 literal
-    return f"{address}:{port}"
 
 
 class TrainingServer:
@@ -293,13 +166,13 @@ class TrainingServer:
                 ),
                 server,
             )
-        address = _host_port(config.bind_address, config.port)
+        address = host_port(config.bind_address, config.port)
         if self._credentials is not None:
             self.port = server.add_secure_port(address, self._credentials.credentials)
         else:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
-            raise RuntimeError(f"cannot bind {_host_port(config.bind_address, config.port)}")
+            raise RuntimeError(f"cannot bind {host_port(config.bind_address, config.port)}")
         self.manager.start()
         server.start()
         self._server = server
@@ -323,7 +196,7 @@ class TrainingServer:
         principals = "no authentication" if self._tokens is None else f"{len(self._tokens)} tokens"
         log.info(
             "serving on %s (%s, %s)",
-            _host_port(config.bind_address, self.port),
+            host_port(config.bind_address, self.port),
             transport,
             principals,
         )
