@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.jobs.schema import MIGRATE_1, SCHEMA, SCHEMA_VERSION
 from service.protocol import (
     JOB_STATES,
     TERMINAL_STATES,
@@ -59,69 +60,6 @@ def encode_payload(payload: JobEventPayload) -> tuple[str, str]:
 
 def decode_payload(kind: str, data: str) -> JobEventPayload:
     return _PAYLOAD_TYPES[kind](**json.loads(data))
-
-
-_SCHEMA_VERSION = 3
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
-    job_id TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL DEFAULT '',         -- the principal that submitted it; '' anonymous
-    request_id TEXT NOT NULL,               -- unique per owner: jobs_by_request_id
-    spec TEXT NOT NULL,                     -- JSON of the normalized JobSpec
-    state TEXT NOT NULL,
-    create_time REAL NOT NULL,
-    strategy TEXT NOT NULL DEFAULT '',
-    devices TEXT NOT NULL DEFAULT '[]',
-    failure_reason TEXT NOT NULL DEFAULT '',
-    progress TEXT,                          -- JSON of the latest progress event
-    result TEXT,                            -- JSON of the result event
-    last_sequence INTEGER NOT NULL DEFAULT 0,
-    restarts INTEGER NOT NULL DEFAULT 0,    -- restarts after the worker died
-    checkpoint TEXT                         -- JSON of the latest CheckpointSaved
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_id ON jobs (owner, request_id);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL REFERENCES jobs (job_id),
-    sequence INTEGER NOT NULL,
-    time REAL NOT NULL,
-    kind TEXT NOT NULL,                     -- state, progress, epoch_end or result
-    data TEXT NOT NULL,                     -- JSON of the payload dataclass of `kind`
-    PRIMARY KEY (job_id, sequence)
-) WITHOUT ROWID;
-"""
-# Version 1 had no owner, restarts or checkpoint, and request_id UNIQUE over
-# all jobs. SQLite cannot drop a column's UNIQUE constraint, so the table is
-# rebuilt (SQLite's documented way: foreign keys off, copy, drop, rename,
-# check). Every job keeps its seq, so the order of ListJobs and its page
-# tokens stay as they were; old jobs are unowned. (Version 2 was never
-# released: this server migrates from 1 only.)
-_MIGRATE_1 = """
-CREATE TABLE jobs_new (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL DEFAULT '',
-    request_id TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    create_time REAL NOT NULL,
-    strategy TEXT NOT NULL DEFAULT '',
-    devices TEXT NOT NULL DEFAULT '[]',
-    failure_reason TEXT NOT NULL DEFAULT '',
-    progress TEXT,
-    result TEXT,
-    last_sequence INTEGER NOT NULL DEFAULT 0,
-    restarts INTEGER NOT NULL DEFAULT 0,
-    checkpoint TEXT
-);
-INSERT INTO jobs_new (seq, job_id, owner, request_id, spec, state, create_time, strategy,
-                      devices, failure_reason, progress, result, last_sequence)
-    SELECT seq, job_id, '', request_id, spec, state, create_time, strategy,
-           devices, failure_reason, progress, result, last_sequence FROM jobs;
-DROP TABLE jobs;
-ALTER TABLE jobs_new RENAME TO jobs;
-"""
 
 
 @dataclass(frozen=True)
@@ -183,10 +121,10 @@ class Store:
         with self._lock:
             # Refuse a database from a newer server before writing anything to it.
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, _SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 self._db.close()
                 raise RuntimeError(
-                    f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
+                    f"{self.path} has schema version {version}; this server knows {SCHEMA_VERSION}"
                 )
             self._db.execute("PRAGMA journal_mode=WAL")
             # WAL with NORMAL sync survives a process crash; only an OS crash may
@@ -195,14 +133,14 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             if version == 1:
                 self._migrate_from_1()
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate_from_1(self) -> None:
         self._db.execute("PRAGMA foreign_keys=OFF")  # must be outside a transaction
         try:
             self._db.executescript(
-                f"BEGIN IMMEDIATE;\n{_MIGRATE_1}\nPRAGMA user_version={_SCHEMA_VERSION};"
+                f"BEGIN IMMEDIATE;\n{MIGRATE_1}\nPRAGMA user_version={SCHEMA_VERSION};"
             )
             if self._db.execute("PRAGMA foreign_key_check").fetchall():
                 self._db.execute("ROLLBACK")
