@@ -29,7 +29,6 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +41,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, publish
+from service.cli.demo import LocalServer
 from service.cli.specs import book_job_spec
 
 TARGETS = {"cpu_ms_per_rpc": 0.5, "p99_ms": 50.0, "training_drop": 0.10}
@@ -52,30 +52,6 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of one process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-class Server:
-    def __init__(self, state_dir: Path, data_dir: Path | None):
-        port_file = state_dir / "port"
-        command = [
-            sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0",
-            "--state-dir", str(state_dir), "--port-file", str(port_file), "--no-warm-worker",
-        ]  # fmt: skip
-        if data_dir is not None:
-            command += ["--data-dir", str(data_dir)]
-        self.log = open(state_dir / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; see {state_dir / 'server.log'}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
-        self.log.close()
 
 
 def _run_threads(target, count: int) -> None:
@@ -192,7 +168,7 @@ class TrainingClock:
         self._call.cancel()
 
 
-def run_phase(kind: str, server: Server, job_id: str, args) -> dict:
+def run_phase(kind: str, server: LocalServer, job_id: str, args) -> dict:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     clients = []
@@ -239,7 +215,9 @@ def run_phase(kind: str, server: Server, job_id: str, args) -> dict:
     return phase
 
 
-def closed_loop(server: Server, job_id: str, seconds: float, processes: int, threads: int) -> dict:
+def closed_loop(
+    server: LocalServer, job_id: str, seconds: float, processes: int, threads: int
+) -> dict:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     clients = [
@@ -274,7 +252,9 @@ def run(args) -> dict:
     data_dir = SHARED_MNIST.parent if SHARED_MNIST.is_file() and not args.quick else None
     dataset = "mnist" if data_dir is not None else "synthetic"
     with tempfile.TemporaryDirectory(prefix="ntrain-load-") as state:
-        server = Server(Path(state), data_dir)
+        server = LocalServer(
+            Path(state), data_dir, dict(os.environ), extra_args=("--no-warm-worker",)
+        )
         try:
             channel = grpc.insecure_channel(server.address)
             stub = training_pb2_grpc.TrainingServiceStub(channel)

@@ -7,6 +7,7 @@ time to resume, accuracy against an uninterrupted run) are printed; run with
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from conftest import REPO_ROOT
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
+from service.cli.demo import LocalServer
 from service.cli.specs import book_job_spec
 
 pytestmark = pytest.mark.slow
@@ -31,27 +33,14 @@ SPEC = book_job_spec(
 STEPS_PER_EPOCH = 60000 // 128
 
 
-class ServeProcess:
-    """`python -m service.cli serve` on a free port, in a process of its own."""
+class ServeProcess(LocalServer):
+    """The demo's `ntrain serve` process, without metrics or a warm worker, and a client."""
 
     def __init__(self, state_dir: Path, data_dir: Path, *extra: str):
-        self.port_file = state_dir / f"port-{time.monotonic_ns()}"
-        self.log = state_dir / "serve.log"
-        command = [
-            sys.executable, "-m", "service.cli", "serve", "--port", "0", "--no-metrics",
-            "--state-dir", str(state_dir), "--data-dir", str(data_dir),
-            "--port-file", str(self.port_file), "--no-warm-worker", *extra,
-        ]  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 120
-        while not self.port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port_file.read_text().strip()}")
+        super().__init__(
+            state_dir, data_dir, dict(os.environ), ("--no-metrics", "--no-warm-worker", *extra)
+        )
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)
 
     def end(self, signum: int, timeout: float = 60) -> int:
@@ -144,7 +133,7 @@ def test_sigterm_checkpoints_exits_and_the_restart_resumes(tmp_path, mnist_path)
     started = time.monotonic()
     assert server.end(signal.SIGTERM) == 0
     stop_seconds = time.monotonic() - started
-    log = server.log.read_text()
+    log = server.log_path.read_text()
     assert "shutting down" in log
 
     resumed = _resume_and_finish(tmp_path, mnist_path, job.job_id)

@@ -113,6 +113,8 @@ class LocalServer:
         self.state_dir = state_dir
         self.log_path = state_dir / "server.log"
         port_file = state_dir / "server.port"
+        # An earlier server on this state directory left its port here.
+        port_file.unlink(missing_ok=True)
         command = [
             sys.executable, "-m", "service.cli", "serve",
             "--port", "0", "--metrics-port", "0",
