@@ -149,23 +149,29 @@ class Trainer:
             partial_correct=self._partial_correct,
         )
         self._managers: dict[str, tf.train.CheckpointManager] = {}
+        # XLA: on one device the whole in-graph loop is one XLA program (the
+        # epoch's steps in a while loop, batches sliced and gathered inside),
+        # as JAX compiles a `lax.scan` over an epoch. Over several devices
+        # the loop stays a TensorFlow graph, since `strategy.run` cannot be
+        # compiled, and XLA takes each replica's step: on GPUs only the
+        # update too, since MirroredStrategy then sees the XLA context, skips
+        # merge_call and all-reduces the gradients with collective ops
+        # (CollectiveReduceV2, NCCL) that XLA compiles into an all-reduce of
+        # its own. Over logical CPUs the all-reduce goes through merge_call
+        # and ReductionToOneDevice, which XLA cannot compile: only the
+        # gradients are jitted there.
+        whole_loop_jit = config.jit_compile and not eager and self.num_replicas == 1
         if eager:
             self._train_loop = self._run_steps
         else:
-            self._train_loop = tf.function(self._run_steps, input_signature=[_SCALAR_INT64] * 2)
-        # XLA compiles the math of a step, not its data slicing or the
-        # accumulators: a jitted function that reads the 188 MB data variable
-        # or a sync-on-read variable was measured slower than no XLA at all.
-        # On one device, and on GPUs only, the optimizer's update is in the
-        # cluster too. Over several GPUs MirroredStrategy sees the XLA context,
-        # skips merge_call and all-reduces the gradients with collective ops
-        # (CollectiveReduceV2, NCCL), which XLA compiles into an all-reduce of
-        # its own. Over logical CPUs the all-reduce goes through merge_call and
-        # ReductionToOneDevice, which XLA cannot compile: only the gradients
-        # are jitted there.
+            self._train_loop = tf.function(
+                self._run_steps,
+                input_signature=[_SCALAR_INT64] * 2,
+                jit_compile=True if whole_loop_jit else None,
+            )
         self._learn, self._gradients = self._learn_batch, self._gradients_batch
-        if config.jit_compile and not eager:
-            if self.num_replicas == 1 or _all_gpus(self.strategy):
+        if config.jit_compile and not eager and not whole_loop_jit:
+            if _all_gpus(self.strategy):
                 self._learn = tf.function(self._learn_batch, jit_compile=True)
             else:
                 self._gradients = tf.function(self._gradients_batch, jit_compile=True)
@@ -184,7 +190,9 @@ class Trainer:
         start = step_in_epoch * self.global_batch_size + tf.cast(
             replica * self.per_replica_batch_size, tf.int64
         )
-        indices = self._order[start : start + self.per_replica_batch_size]  # (per_replica,)
+        # tf.slice, not `order[start:stop]`: XLA compiles the strided slice
+        # of a variable with dynamic bounds into a copy of the whole order.
+        indices = tf.slice(self._order, [start], [self.per_replica_batch_size])  # (per_replica,)
         images = tf.gather(self._images, indices)  # (per_replica, input_size)
         labels = tf.gather(self._labels, indices)  # (per_replica,)
         loss_sum, correct = self._learn(images, labels)
@@ -313,8 +321,7 @@ class Trainer:
             loss_sum = base_loss + float(self._loss_sum.numpy())
             correct = base_correct + int(self._correct.numpy())
             step = (epoch - 1) * self.steps_per_epoch + step_in_epoch
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(epoch, step, loss_sum, self.config.learning_rate)
+            self._check_finite(loss_sum, epoch, step)
             self._remember_position(step_in_epoch, loss_sum, correct)
             examples_so_far = step_in_epoch * self.global_batch_size
             loss, accuracy = loss_sum / examples_so_far, correct / examples_so_far
@@ -346,6 +353,11 @@ class Trainer:
             examples=(self.steps_per_epoch - start_step) * self.global_batch_size,
             seconds=time.perf_counter() - epoch_start,
         )
+
+    def _check_finite(self, loss_sum: float, epoch: int, step: int) -> None:
+        # A NaN or infinite loss poisons the sum, so one look per call finds it.
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(epoch, step, loss_sum, self.config.learning_rate)
 
     def _remember_position(self, step_in_epoch: int, loss_sum: float, correct: int) -> None:
         self._step_in_epoch.assign(step_in_epoch)

@@ -193,15 +193,26 @@ def test_jit_compile_gives_the_same_weights(dataset, one_device, replicas):
         np.testing.assert_allclose(a, b, **WEIGHT_TOLERANCE)
 
 
-def test_xla_takes_the_whole_step_except_over_logical_cpus(dataset, one_device):
+def test_xla_takes_the_whole_loop_on_one_device_and_the_gradients_over_logical_cpus(
+    dataset, one_device
+):
     compiled = tf.types.experimental.PolymorphicFunction
     one = Trainer(_config(jit_compile=True), dataset, one_device)
-    assert isinstance(one._learn, compiled)  # the optimizer's update is in the cluster
+    # One XLA program for the whole call: the steps' while loop, each batch's
+    # slice and gather, the update and the accumulators.
+    hlo = one._train_loop.experimental_get_compiler_ir(
+        tf.constant(0, tf.int64), tf.constant(4, tf.int64)
+    )(stage="hlo")
+    assert " while(" in hlo and "gather(" in hlo
     mirrored = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
     split = Trainer(_config(jit_compile=True), dataset, mirrored)
     # Logical CPUs all-reduce through merge_call, outside XLA: only the gradients are jitted.
     # (Over GPUs the whole step is, all-reduce included: not run here, there is no GPU.)
     assert split._learn == split._learn_batch and isinstance(split._gradients, compiled)
+    with pytest.raises(ValueError):  # the loop itself is a plain graph
+        split._train_loop.experimental_get_compiler_ir(
+            tf.constant(0, tf.int64), tf.constant(4, tf.int64)
+        )
 
 
 def test_eager_switch_gives_the_same_weights(dataset, one_device):
