@@ -121,6 +121,31 @@ def compiled_timers(args, dataset, strategy) -> dict[str, Callable[[], float]]:
     return timers
 
 
+class _UncheckedTrainer(Trainer):
+    """A Trainer without the divergence check, to measure what the check costs."""
+
+    def _check_finite(self, loss_sum: float, epoch: int, step: int) -> None:
+        pass
+
+
+def divergence_check_timers(args, dataset, strategy) -> dict[str, Callable[[], float]]:
+    """The compiled loop with and without its divergence check.
+
+    At one step per call (the most checks an epoch can have: 468) and at a
+    whole epoch per call with XLA.
+    """
+    timers = {}
+    for spe, jit in ((1, False), (0, True)):
+        config = _config(args, steps_per_execution=spe, jit_compile=jit)
+        for checked, kind in ((True, Trainer), (False, _UncheckedTrainer)):
+            trainer = kind(config, dataset, strategy)
+            trainer.train_epoch()
+            timers[f"spe={spe or 'epoch'},jit={jit},checked={checked}"] = lambda trainer=trainer: (
+                trainer.train_epoch().examples_per_second
+            )
+    return timers
+
+
 def bench_mirrored(args, dataset, best_compiled: str) -> dict:
     """The best compiled configuration over two replicas (two logical CPUs)."""
     strategy = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
@@ -277,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = {
         "compiled": compiled_timers(args, dataset, single),
         "keras_fit_best": keras_fit_timers(args, dataset),
+        "divergence_check": divergence_check_timers(args, dataset, single),
     }
     for entry, configurations in groups.items():
         timers.update({f"{entry} {name}": timer for name, timer in configurations.items()})
@@ -285,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, setup in setups.items():
         results[name] = {"samples_per_sec": max(rounds[name]), "rounds": rounds[name], **setup}
+    check_cost = {
+        spe: paired_ratio(
+            rounds[f"divergence_check {spe},checked=False"],
+            rounds[f"divergence_check {spe},checked=True"],
+        )
+        for spe in ("spe=1,jit=False", "spe=epoch,jit=True")
+    }
+    del groups["divergence_check"]
     for entry, configurations in groups.items():
         tried = {name: max(rounds[f"{entry} {name}"]) for name in configurations}
         best = max(tried, key=tried.get)
@@ -313,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             for other in others
         },
+        # Paired median of unchecked/checked samples/s, minus one: what the
+        # loss's NaN check costs the compiled loop (target: at most 1%).
+        "divergence_check_cost": {spe: ratio - 1 for spe, ratio in check_cost.items()},
         "setup": {
             "side_by_side_rounds": args.rounds,
             "optimizer": args.optimizer,
