@@ -32,6 +32,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, machine, publish
+from ntrain.client.states import state_name
 from service.api.server import ServerConfig, TrainingServer
 from service.cli.specs import book_job_spec
 
@@ -96,7 +97,7 @@ def first_progress_seconds(server: Server, spec: pb.JobSpec) -> float:
         if event.HasField("progress"):
             seconds = time.perf_counter() - start
             break
-        if event.HasField("state_change") and event.state_change.state == pb.FAILED:
+        if event.HasField("state_change") and event.state_change.state == pb.JOB_STATE_FAILED:
             raise RuntimeError(f"job failed: {event.state_change.reason}")
     server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
     return seconds
@@ -113,8 +114,8 @@ def service_epochs(server: Server, spec: pb.JobSpec) -> list[dict]:
             examples = steps_per_epoch * spec.batch_size
             epochs.append({"examples": examples, "seconds": event.epoch_end.seconds})
     final = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
-    if final.state != pb.SUCCEEDED:
-        raise RuntimeError(f"service job ended {pb.JobState.Name(final.state)}: {final}")
+    if final.state != pb.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"service job ended {state_name(final.state)}: {final}")
     return epochs
 
 

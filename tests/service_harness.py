@@ -13,7 +13,7 @@ from ntrain.v1 import training_pb2_grpc
 
 from service.api.server import ServerConfig, TrainingServer
 
-TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELED)
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELED)
 
 
 def layers(*units_and_activations: tuple[int, str]) -> list[pb.LayerSpec]:

@@ -226,7 +226,7 @@ def test_image_beside_caption_centres_the_caption():
 def test_jobs_table_lists_each_job():
     job = training_pb2.Job(
         job_id="abc123",
-        state=training_pb2.SUCCEEDED,
+        state=training_pb2.JOB_STATE_SUCCEEDED,
         spec=training_pb2.JobSpec(
             layers=[training_pb2.LayerSpec(units=512), training_pb2.LayerSpec(units=10)],
             epochs=2,
@@ -297,14 +297,14 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
             self.watch_requests.append(request.after_sequence)
             attempt = len(self.watch_requests)
         if attempt == 1:
-            yield event(1, state=training_pb2.RUNNING)
+            yield event(1, state=training_pb2.JOB_STATE_RUNNING)
             yield event(2)
             yield event(3)
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server went away")
         # A careless server might resend the last event; the client must not show it twice.
         for sequence in range(request.after_sequence, 7):
             if sequence == 6:
-                yield event(6, state=training_pb2.SUCCEEDED)
+                yield event(6, state=training_pb2.JOB_STATE_SUCCEEDED)
             elif sequence:
                 yield event(sequence)
 
@@ -312,7 +312,9 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
         if request.job_id != "job1":
             context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not found")
         return training_pb2.Job(
-            job_id="job1", state=training_pb2.SUCCEEDED, spec=training_pb2.JobSpec(epochs=1)
+            job_id="job1",
+            state=training_pb2.JOB_STATE_SUCCEEDED,
+            spec=training_pb2.JobSpec(epochs=1),
         )
 
     def SubmitJob(self, request, context):

@@ -168,7 +168,7 @@ def test_the_client_follows_a_job_and_raises_typed_errors(server):
             api.submit(job_spec(epochs=2), request_id="r1")
         seen = []
         ended = api.wait(job.job_id, on_event=seen.append)
-        assert ended.state == pb.SUCCEEDED
+        assert ended.state == pb.JOB_STATE_SUCCEEDED
         sequences = [event.sequence for event in seen]
         assert sequences == list(range(1, len(seen) + 1))
         assert isinstance(seen[-1].payload, pb.StateTransition)

@@ -87,7 +87,7 @@ def _resume_and_finish(tmp_path, mnist_path, job_id: str) -> dict:
         full = list(server.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=60))
     finally:
         assert server.end(signal.SIGTERM) == 0
-    assert job.state == pb.SUCCEEDED, job.failure_reason
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.failure_reason
     assert first_progress is not None
     sequences = [e.sequence for e in full]
     assert sequences == list(range(1, len(full) + 1))  # no gap, no repeat over the restart
@@ -108,7 +108,7 @@ def test_kill_9_of_the_server_mid_epoch_resumes_to_the_same_accuracy(tmp_path, m
 
     resumed = _resume_and_finish(tmp_path, mnist_path, job.job_id)
     done = resumed["job"]
-    reasons = [t.reason for t in done.transitions if t.state == pb.QUEUED]
+    reasons = [t.reason for t in done.transitions if t.state == pb.JOB_STATE_QUEUED]
     assert "after a server restart" in reasons[-1] and "step" in reasons[-1], reasons
     resumed_from = resumed["resumed_from_step"]
     assert resumed_from > 0, "resumed from the start, not from the checkpoint"
@@ -137,7 +137,7 @@ def test_sigterm_checkpoints_exits_and_the_restart_resumes(tmp_path, mnist_path)
     assert "shutting down" in log
 
     resumed = _resume_and_finish(tmp_path, mnist_path, job.job_id)
-    reasons = [t.reason for t in resumed["job"].transitions if t.state == pb.QUEUED]
+    reasons = [t.reason for t in resumed["job"].transitions if t.state == pb.JOB_STATE_QUEUED]
     assert reasons[-1].startswith("resumed from epoch 1, step"), reasons
     # The checkpoint was taken at the stop, so nothing before it is trained again.
     assert resumed["resumed_from_step"] >= STEPS_PER_EPOCH // 3

@@ -97,7 +97,7 @@ def server(tmp_path_factory, data_dir):
 def trained_job(server) -> str:
     spec = job_spec(dataset="small.npz", layers=layers((8, "relu"), (3, "softmax")), batch_size=16)
     job = server.submit(spec, request_id="fuzz-model")
-    assert server.wait_for(job.job_id).state == pb.SUCCEEDED
+    assert server.wait_for(job.job_id).state == pb.JOB_STATE_SUCCEEDED
     return job.job_id
 
 

@@ -365,7 +365,7 @@ def test_a_worker_is_given_the_servers_tokens_and_the_job_the_hosts_names(tmp_pa
         # No GPU answers to those tokens here, so the jobs fail in their workers.
         first, second = (server.wait_for(job.job_id) for job in (first, second))
         assert list(first.devices) == ["GPU:4"] and list(second.devices) == ["GPU:6/MIG:0"]
-        starting = [t.reason for t in second.transitions if t.state == pb.STARTING]
+        starting = [t.reason for t in second.transitions if t.state == pb.JOB_STATE_STARTING]
         assert starting == ["on GPU:6/MIG:0"]
         log = (server.manager.store.job_dir(second.job_id) / "train.log").read_text()
         order = child_cuda_env()["CUDA_DEVICE_ORDER"]  # PCI_BUS_ID unless this env names one

@@ -161,7 +161,7 @@ def test_the_checks_find_fault_with_a_real_worker_on_the_cpu(tmp_path, monkeypat
     server = RunningServer(tmp_path, warm_worker=False)
     try:
         job = server.wait_for(server.submit(job_spec()).job_id)
-        assert job.state == pb.SUCCEEDED, job.failure_reason
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.failure_reason
         log = (server.manager.store.job_dir(job.job_id) / "train.log").read_text()
     finally:
         server.stop()

@@ -45,6 +45,8 @@ from test_deploy import (
 )
 from tls_harness import run_make_certs
 
+from ntrain.client.states import state_name
+
 START_SECONDS = 120  # the server probes devices and imports TensorFlow in child processes
 TRAIN_SECONDS = 120
 STOP_SECONDS = 20
@@ -281,8 +283,8 @@ def test_prometheus_scrapes_training_and_every_dashboard_query_returns_data(serv
 
         def seen_training():
             state = stub.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=10).state
-            assert state in (pb.QUEUED, pb.STARTING, pb.RUNNING), (
-                f"the job ended early ({pb.JobState.Name(state)}); server log:\n"
+            assert state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_STARTING, pb.JOB_STATE_RUNNING), (
+                f"the job ended early ({state_name(state)}); server log:\n"
                 + server_log.read_text()[-3000:]
             )
             batches = prometheus.query_range(
@@ -318,7 +320,7 @@ def test_prometheus_scrapes_training_and_every_dashboard_query_returns_data(serv
         assert prometheus.value("ntrain_submit_to_first_step_seconds_count") == 1
 
         canceled = stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
-        assert canceled.state == pb.CANCELED, pb.JobState.Name(canceled.state)
+        assert canceled.state == pb.JOB_STATE_CANCELED, state_name(canceled.state)
 
     _wait_for(
         "Prometheus to see the job end",

@@ -45,8 +45,10 @@ def test_a_page_token_this_server_did_not_make_is_invalid(token):
 
 def test_repeated_fields_are_bounded_before_any_work():
     with pytest.raises(InvalidArgument, match="at most 64 job states, got 250000"):
-        convert.states_from_proto([pb.RUNNING] * 250_000)
-    assert convert.states_from_proto([pb.RUNNING, pb.QUEUED, pb.RUNNING]) == ("RUNNING", "QUEUED")
+        convert.states_from_proto([pb.JOB_STATE_RUNNING] * 250_000)
+    assert convert.states_from_proto(
+        [pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING]
+    ) == ("RUNNING", "QUEUED")
     layers = [pb.LayerSpec(units=1, activation="relu")] * 100_000
     with pytest.raises(InvalidArgument, match="at most 64 layers, got 100000"):
         convert.job_spec_from_proto(pb.JobSpec(layers=layers))

@@ -210,14 +210,17 @@ def test_owners_cancel_their_own_jobs_and_admins_any(server, pki):
         lambda: trainer.CancelJob(pb.CancelJobRequest(job_id=admins.job_id), timeout=30)
     )
     assert error.code() == Code.PERMISSION_DENIED
-    assert viewer.GetJob(pb.GetJobRequest(job_id=running.job_id), timeout=30).state != pb.CANCELED
+    assert (
+        viewer.GetJob(pb.GetJobRequest(job_id=running.job_id), timeout=30).state
+        != pb.JOB_STATE_CANCELED
+    )
 
     canceled = trainer.CancelJob(pb.CancelJobRequest(job_id=queued.job_id), timeout=30)
-    assert canceled.state == pb.CANCELED and canceled.request_id  # its own key
+    assert canceled.state == pb.JOB_STATE_CANCELED and canceled.request_id  # its own key
     canceled = admin.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
-    assert canceled.state == pb.CANCELED and canceled.request_id == "long"
+    assert canceled.state == pb.JOB_STATE_CANCELED and canceled.request_id == "long"
     assert admin.CancelJob(pb.CancelJobRequest(job_id=admins.job_id), timeout=30).state == (
-        pb.CANCELED
+        pb.JOB_STATE_CANCELED
     )
 
 
@@ -410,7 +413,7 @@ def test_serve_reloads_certificates_on_sighup_under_a_running_job_and_logs_no_to
         assert listed.status == 0 and job_id in listed.out and "trainer" in listed.out
         assert next(e for e in events if e.HasField("progress")).progress.step > 0
         job = trainer.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30)
-        assert job.state == pb.RUNNING and job.owner == "trainer"
+        assert job.state == pb.JOB_STATE_RUNNING and job.owner == "trainer"
         context = ssl.create_default_context(cadata=other_pki.ca.decode())
         metrics_port = int(
             log_path.read_text().split("metrics on https://127.0.0.1:")[1].split("/")[0]

@@ -69,9 +69,14 @@ def states_of(events):
 
 def test_mnist_job_succeeds_with_history_and_accuracy(mnist_job):
     job, events = mnist_job
-    assert job.state == pb.SUCCEEDED, job.failure_reason
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.failure_reason
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
-    assert states_of(events) == [pb.QUEUED, pb.STARTING, pb.RUNNING, pb.SUCCEEDED]
+    assert states_of(events) == [
+        pb.JOB_STATE_QUEUED,
+        pb.JOB_STATE_STARTING,
+        pb.JOB_STATE_RUNNING,
+        pb.JOB_STATE_SUCCEEDED,
+    ]
     times = [t.time.ToNanoseconds() for t in job.transitions]
     assert times == sorted(times) and len(times) == 4
     progress = [e.progress for e in events if e.HasField("progress")]
@@ -79,7 +84,7 @@ def test_mnist_job_succeeds_with_history_and_accuracy(mnist_job):
     assert progress[-1].examples == 468 * 128 and progress[-1].examples_per_second > 0
     (epoch_end,) = [e.epoch_end for e in events if e.HasField("epoch_end")]
     assert epoch_end.epoch == 1 and epoch_end.eval_accuracy >= 0.95
-    assert events[-2].HasField("result") and events[-1].state_change.state == pb.SUCCEEDED
+    assert events[-2].HasField("result") and events[-1].state_change.state == pb.JOB_STATE_SUCCEEDED
     assert job.result.has_model and job.result.test_accuracy >= 0.95
     assert job.strategy == "cpu" and list(job.devices) == ["CPU:0"]
 
@@ -144,7 +149,7 @@ def test_idempotent_resubmission(server, mnist_job):
     job, _ = mnist_job
     jobs_before = server.stored_job_count()
     again = server.submit(MNIST_SPEC, request_id="mnist-e2e")
-    assert again.job_id == job.job_id and again.state == pb.SUCCEEDED
+    assert again.job_id == job.job_id and again.state == pb.JOB_STATE_SUCCEEDED
 
     different = pb.JobSpec()
     different.CopyFrom(MNIST_SPEC)
@@ -176,7 +181,7 @@ def test_watch_reconnects_without_gaps_or_repeats(server):
             break
     sequences = [e.sequence for e in seen]
     assert sequences == list(range(1, len(seen) + 1))
-    assert seen[-1].state_change.state == pb.SUCCEEDED
+    assert seen[-1].state_change.state == pb.JOB_STATE_SUCCEEDED
     assert len([e for e in seen if e.HasField("epoch_end")]) == 6
     # A reconnect after the end replays exactly the tail asked for.
     tail = server.events(job.job_id, after=len(seen) - 3)
@@ -193,26 +198,31 @@ def test_cancel_running_job_leaves_no_worker(server):
 
     canceled = server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
 
-    assert canceled.state == pb.CANCELED
+    assert canceled.state == pb.JOB_STATE_CANCELED
     assert not process_exists(worker_pid)
-    assert [t.state for t in canceled.transitions][-2:] == [pb.CANCELLING, pb.CANCELED]
+    assert [t.state for t in canceled.transitions][-2:] == [
+        pb.JOB_STATE_CANCELLING,
+        pb.JOB_STATE_CANCELED,
+    ]
     info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.running_jobs == 0 and not any(d.busy for d in info.devices)
     again = server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
-    assert again.state == pb.CANCELED and len(again.transitions) == len(canceled.transitions)
+    assert again.state == pb.JOB_STATE_CANCELED and len(again.transitions) == len(
+        canceled.transitions
+    )
 
 
 def test_run_time_limit_and_worker_crash_fail_the_job(server):
     limited = server.submit(job_spec(epochs=100_000, max_runtime_seconds=1.0))
     job = server.wait_for(limited.job_id)
-    assert job.state == pb.FAILED and "max_runtime_seconds" in job.failure_reason
+    assert job.state == pb.JOB_STATE_FAILED and "max_runtime_seconds" in job.failure_reason
 
     crashing = server.submit(job_spec(epochs=100_000, max_restarts=0))
-    server.wait_for(crashing.job_id, [pb.RUNNING])
+    server.wait_for(crashing.job_id, [pb.JOB_STATE_RUNNING])
     (worker_pid,) = child_worker_pids()
     os.kill(worker_pid, signal.SIGKILL)
     job = server.wait_for(crashing.job_id)
-    assert job.state == pb.FAILED and "SIGKILL" in job.failure_reason
+    assert job.state == pb.JOB_STATE_FAILED and "SIGKILL" in job.failure_reason
     assert job.transitions[-1].reason == job.failure_reason and job.restarts == 0
 
 
@@ -232,13 +242,13 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(server):
     # come before the worker saved epoch 2's).
     assert resumed.epoch >= 2 and resumed.step > 16
     restarted = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
-    queued = [t for t in restarted.transitions if t.state == pb.QUEUED][1:]
+    queued = [t for t in restarted.transitions if t.state == pb.JOB_STATE_QUEUED][1:]
     assert len(queued) == 1 and restarted.restarts == 1
     assert "SIGKILL" in queued[0].reason and "restart 1 of 1, from epoch" in queued[0].reason
     (second_worker,) = child_worker_pids()
     os.kill(second_worker, signal.SIGKILL)  # no restarts left
     failed = server.wait_for(job.job_id)
-    assert failed.state == pb.FAILED and failed.restarts == 1
+    assert failed.state == pb.JOB_STATE_FAILED and failed.restarts == 1
     assert "after 1 restarts" in failed.failure_reason and "restart 1 of 1" in failed.failure_reason
 
 
@@ -249,9 +259,9 @@ def test_list_jobs_newest_first_with_paging_and_filter(server, mnist_job):
     first = server.stub.ListJobs(pb.ListJobsRequest(page_size=2))
     second = server.stub.ListJobs(pb.ListJobsRequest(page_size=2, page_token=first.next_page_token))
     assert [j.job_id for j in [*first.jobs, *second.jobs]] == [j.job_id for j in all_jobs[:4]]
-    succeeded = server.stub.ListJobs(pb.ListJobsRequest(states=[pb.SUCCEEDED])).jobs
+    succeeded = server.stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_SUCCEEDED])).jobs
     assert mnist_job[0].job_id in {j.job_id for j in succeeded}
-    assert all(j.state == pb.SUCCEEDED for j in succeeded)
+    assert all(j.state == pb.JOB_STATE_SUCCEEDED for j in succeeded)
 
 
 def test_server_info(server):
@@ -283,9 +293,11 @@ def test_mirrored_job_over_logical_cpus(server):
     job = server.submit(spec)
     events = server.events(job.job_id)
     done = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
-    assert done.state == pb.SUCCEEDED, done.failure_reason
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
     assert done.strategy == "mirrored"
-    assert "2 replica(s)" in [t.reason for t in done.transitions if t.state == pb.RUNNING][0]
+    assert (
+        "2 replica(s)" in [t.reason for t in done.transitions if t.state == pb.JOB_STATE_RUNNING][0]
+    )
     assert len([e for e in events if e.HasField("epoch_end")]) == 2
 
 
@@ -293,7 +305,7 @@ def test_restart_keeps_finished_jobs_histories_and_models(server, mnist_job):
     job, events = mnist_job
     running = server.submit(job_spec(epochs=100_000))
     queued = server.submit(job_spec(epochs=1, seed=7))
-    server.wait_for(running.job_id, [pb.RUNNING])
+    server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
 
     server.restart()
 
@@ -301,12 +313,12 @@ def test_restart_keeps_finished_jobs_histories_and_models(server, mnist_job):
     assert after == job
     assert server.events(job.job_id) == events
     # The running job checkpointed on the shutdown and goes on where it was.
-    interrupted = server.wait_for(running.job_id, [pb.RUNNING])
-    reasons = [t.reason for t in interrupted.transitions if t.state == pb.QUEUED]
+    interrupted = server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
+    reasons = [t.reason for t in interrupted.transitions if t.state == pb.JOB_STATE_QUEUED]
     assert reasons[-1].startswith("resumed from epoch") and "after a server restart" in reasons[-1]
     server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
     resumed = server.wait_for(queued.job_id)
-    assert resumed.state == pb.SUCCEEDED, resumed.failure_reason
+    assert resumed.state == pb.JOB_STATE_SUCCEEDED, resumed.failure_reason
     image = np.zeros(784, np.float32)
     prediction = server.stub.Predict(
         pb.PredictRequest(job_id=job.job_id, inputs=[pb.Example(values=image)]), timeout=120
@@ -327,7 +339,7 @@ def test_server_process_never_imports_tensorflow(tmp_path):
             server = RunningServer({str(tmp_path)!r}, warm_worker=True)
             job = server.submit(job_spec())
             events = server.events(job.job_id)
-            assert events[-1].state_change.state == pb.SUCCEEDED, events[-1]
+            assert events[-1].state_change.state == pb.JOB_STATE_SUCCEEDED, events[-1]
             server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id), timeout=120)
             server.stop()
             print("tensorflow" in sys.modules, "keras" in sys.modules)
@@ -363,7 +375,7 @@ def test_evaluate_on_mnist_that_cannot_be_found_is_failed_precondition(tmp_path,
     running = RunningServer(tmp_path / "state", warm_worker=False)
     try:
         job = running.submit(job_spec(epochs=1), request_id="synthetic-for-eval")
-        assert running.wait_for(job.job_id).state == pb.SUCCEEDED
+        assert running.wait_for(job.job_id).state == pb.JOB_STATE_SUCCEEDED
         with pytest.raises(grpc.RpcError) as error:
             running.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id, dataset="mnist"))
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

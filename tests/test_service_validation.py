@@ -246,8 +246,10 @@ def test_queue_overflow_and_requests_before_a_model(server):
     running = server.submit(long_job, request_id="runs")
     waiting = server.submit(long_job, request_id="waits")
     try:
-        server.wait_for(running.job_id, [pb.RUNNING])
-        assert server.stub.GetJob(pb.GetJobRequest(job_id=waiting.job_id)).state == pb.QUEUED
+        server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
+        assert (
+            server.stub.GetJob(pb.GetJobRequest(job_id=waiting.job_id)).state == pb.JOB_STATE_QUEUED
+        )
         assert_refused(
             server,
             lambda: server.submit(long_job, request_id="overflows"),
@@ -285,7 +287,9 @@ def test_queue_overflow_and_requests_before_a_model(server):
     finally:
         for job in (waiting, running):
             server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
-    assert server.stub.GetJob(pb.GetJobRequest(job_id=waiting.job_id)).state == pb.CANCELED
+    assert (
+        server.stub.GetJob(pb.GetJobRequest(job_id=waiting.job_id)).state == pb.JOB_STATE_CANCELED
+    )
 
 
 def test_more_gpus_than_the_host_has_is_failed_precondition(tmp_path):
@@ -350,7 +354,7 @@ def test_unicode_digits_and_huge_filters_in_list_jobs_are_invalid(server):
     )
     assert_refused(
         server,
-        lambda: stub.ListJobs(pb.ListJobsRequest(states=[pb.RUNNING] * 250_000)),
+        lambda: stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_RUNNING] * 250_000)),
         INVALID,
         "at most 64 job states",
     )
@@ -360,7 +364,7 @@ def test_evaluate_on_unusable_data_is_failed_precondition_naming_it(server):
     """The worker loads the values; NaN among them is the data set's fault, not INTERNAL."""
     spec = job_spec(dataset="small.npz", layers=layers((8, "relu"), (3, "softmax")), batch_size=16)
     job = server.submit(spec, request_id="small-for-eval")
-    assert server.wait_for(job.job_id).state == pb.SUCCEEDED
+    assert server.wait_for(job.job_id).state == pb.JOB_STATE_SUCCEEDED
     assert_refused(
         server,
         lambda: server.stub.Evaluate(pb.EvaluateRequest(job_id=job.job_id, dataset="nan.npz")),

@@ -39,12 +39,12 @@ def test_500_open_streams_leave_unary_calls_answering(tmp_path):
     try:
         running = server.submit(job_spec(epochs=100_000))
         waiting = server.submit(job_spec(epochs=1, seed=9))  # queued behind it
-        server.wait_for(running.job_id, [pb.RUNNING])
+        server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
         address = f"127.0.0.1:{server.server.port}"
         channels, calls = _open_streams(address, waiting.job_id, 500)
         # Each stream has its first event (the QUEUED change) once the server holds it.
         for call in calls[::50]:
-            assert next(call).state_change.state == pb.QUEUED
+            assert next(call).state_change.state == pb.JOB_STATE_QUEUED
 
         health = health_pb2_grpc.HealthStub(server.channel)
         check = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # noqa: E731
@@ -72,7 +72,7 @@ def test_streams_past_the_limit_are_refused(tmp_path):
     try:
         running = server.submit(job_spec(epochs=100_000))
         waiting = server.submit(job_spec(epochs=1, seed=9))
-        server.wait_for(running.job_id, [pb.RUNNING])
+        server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
         channels, calls = _open_streams(f"127.0.0.1:{server.server.port}", waiting.job_id, 3)
         for call in calls:
             next(call)

@@ -48,6 +48,7 @@ from ntrain.client.errors import (
     Unimplemented,
     describe_rpc_error,
 )
+from ntrain.client.states import STATE_NAMES, state_name, state_value
 from ntrain.client.watch import JobEvent, watch_events
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "DEFAULT_PORT",
     "MODEL_TIMEOUT",
     "QUICK_TIMEOUT",
+    "STATE_NAMES",
     "TERMINAL_STATES",
     "AddressError",
     "AlreadyExists",
@@ -81,5 +83,7 @@ __all__ = [
     "load_credentials",
     "normalize_address",
     "open_channel",
+    "state_name",
+    "state_value",
     "watch_events",
 ]

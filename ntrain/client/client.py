@@ -24,6 +24,7 @@ from ntrain.client.channel import (
     open_channel,
 )
 from ntrain.client.errors import InvalidArgument, from_rpc_error
+from ntrain.client.states import state_value
 from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, watch_events
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
@@ -32,7 +33,13 @@ QUICK_TIMEOUT = 30.0
 MODEL_TIMEOUT = 300.0
 # Predict sends inputs in chunks that stay well under gRPC's 4 MiB message limit.
 PREDICT_CHUNK = 500
-TERMINAL_STATES = frozenset({training_pb2.SUCCEEDED, training_pb2.FAILED, training_pb2.CANCELED})
+TERMINAL_STATES = frozenset(
+    {
+        training_pb2.JOB_STATE_SUCCEEDED,
+        training_pb2.JOB_STATE_FAILED,
+        training_pb2.JOB_STATE_CANCELED,
+    }
+)
 
 Answer = TypeVar("Answer")
 JobSpecLike = training_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str]
@@ -142,9 +149,7 @@ class Client:
         self, *, states: Iterable[str | int] = (), limit: int | None = None
     ) -> builtins.list[training_pb2.Job]:
         """Jobs, newest first, in the given states (names like "RUNNING"; none: every state)."""
-        wanted = [
-            training_pb2.JobState.Value(s.upper()) if isinstance(s, str) else s for s in states
-        ]
+        wanted = [state_value(s) if isinstance(s, str) else s for s in states]
         jobs: builtins.list[training_pb2.Job] = []
         token = ""
         while limit is None or len(jobs) < limit:

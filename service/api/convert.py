@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
+from ntrain.client.states import state_name, state_value
 from service.jobs.errors import InvalidArgument
 from service.jobs.status import ServerStatus
 from service.jobs.store import Event, JobRecord
@@ -88,7 +89,7 @@ def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
     for value in values:
         if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
             raise InvalidArgument(f"states holds an unknown job state {value}")
-        names.append(pb.JobState.Name(value))
+        names.append(state_name(value))
     return tuple(dict.fromkeys(names))  # each state once: one query parameter each
 
 
@@ -130,7 +131,9 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
 
 
 def state_change_to_proto(change: StateChange, time: float) -> pb.StateTransition:
-    return pb.StateTransition(state=change.state, time=timestamp(time), reason=change.reason)
+    return pb.StateTransition(
+        state=state_value(change.state), time=timestamp(time), reason=change.reason
+    )
 
 
 def progress_to_proto(progress: Progress) -> pb.Progress:
@@ -178,7 +181,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         job_id=record.job_id,
         request_id=record.request_id,
         spec=job_spec_to_proto(record.spec),
-        state=record.state,
+        state=state_value(record.state),
         transitions=[
             state_change_to_proto(StateChange(state=t.state, reason=t.reason), t.time)
             for t in record.transitions

@@ -78,7 +78,7 @@ def follow_job(
 
 def job_exit_status(job: training_pb2.Job) -> int:
     """0 for SUCCEEDED; otherwise say why on standard error and return 1."""
-    if job.state == training_pb2.SUCCEEDED:
+    if job.state == training_pb2.JOB_STATE_SUCCEEDED:
         return EXIT_OK
     state = cli_output.state_name(job.state)
     # A reason may be a whole TensorFlow error; its last line says what went wrong.

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
         flush=True,
     )
     ended = follow_job(client, job, ProgressRenderer(sys.stdout))
-    if ended.state != training_pb2.SUCCEEDED:
+    if ended.state != training_pb2.JOB_STATE_SUCCEEDED:
         raise DemoError(
             f"job {ended.job_id} ended {cli_output.state_name(ended.state)}: "
             f"{ended.failure_reason or 'no reason given'}"

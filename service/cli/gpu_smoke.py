@@ -45,6 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ntrain.client import QUICK_TIMEOUT
 from ntrain.client.channel import open_channel
+from ntrain.client.states import state_name
 from service.cli.demo import LocalServer
 from service.cli.specs import book_job_spec
 
@@ -208,7 +209,11 @@ def run_job(
     outcome.job_id = submitted.job_id
     deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
     ended = submitted
-    while ended.state not in (training_pb2.SUCCEEDED, training_pb2.FAILED, training_pb2.CANCELED):
+    while ended.state not in (
+        training_pb2.JOB_STATE_SUCCEEDED,
+        training_pb2.JOB_STATE_FAILED,
+        training_pb2.JOB_STATE_CANCELED,
+    ):
         if time.monotonic() > deadline:
             stub.CancelJob(training_pb2.CancelJobRequest(job_id=submitted.job_id), timeout=60)
             outcome.problems.append(f"did not end within {JOB_TIMEOUT_SECONDS:.0f} s")
@@ -217,8 +222,8 @@ def run_job(
         request = training_pb2.GetJobRequest(job_id=submitted.job_id)
         ended = stub.GetJob(request, timeout=QUICK_TIMEOUT)
     outcome.devices = tuple(ended.devices)
-    if ended.state != training_pb2.SUCCEEDED:
-        state = training_pb2.JobState.Name(ended.state)
+    if ended.state != training_pb2.JOB_STATE_SUCCEEDED:
+        state = state_name(ended.state)
         outcome.problems.append(f"ended {state}: {ended.failure_reason}")
         return outcome
     outcome.examples_per_second = ended.result.examples_per_second

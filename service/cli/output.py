@@ -15,12 +15,10 @@ from datetime import datetime
 from google.protobuf import json_format
 from ntrain.v1 import training_pb2
 
+from ntrain.client.states import state_name  # noqa: F401  (the CLI's name for it)
+
 # Dark to bright; a pixel in [0, 1] picks one.
 _ASCII_RAMP = " .:-=+*#%@"
-
-
-def state_name(state: int) -> str:
-    return training_pb2.JobState.Name(state)
 
 
 def format_time(timestamp) -> str:

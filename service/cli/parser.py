@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from ntrain.v1 import training_pb2
-
 from naive_model.config import INITIALIZERS, OPTIMIZERS, PRECISIONS, TrainConfig
 from ntrain.client import ADDRESS_ENV, DEFAULT_ADDRESS, MODEL_TIMEOUT, QUICK_TIMEOUT
 from ntrain.client.channel import (
@@ -16,6 +14,7 @@ from ntrain.client.channel import (
     TOKEN_ENV,
     TOKEN_FILE_ENV,
 )
+from ntrain.client.states import STATE_NAMES
 from service.cli import commands
 from service.cli.errors import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
@@ -23,7 +22,7 @@ from service.cli.serve_parser import add_serve_parser
 from service.cli.types import positive_int
 from service.protocol import SERVICE_STRATEGIES
 
-JOB_STATE_NAMES = [name for name in training_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
+JOB_STATE_NAMES = list(STATE_NAMES)
 
 
 class _OneLineParser(argparse.ArgumentParser):

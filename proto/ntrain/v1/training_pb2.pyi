@@ -13,21 +13,21 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
-    QUEUED: _ClassVar[JobState]
-    STARTING: _ClassVar[JobState]
-    RUNNING: _ClassVar[JobState]
-    CANCELLING: _ClassVar[JobState]
-    SUCCEEDED: _ClassVar[JobState]
-    FAILED: _ClassVar[JobState]
-    CANCELED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_STARTING: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_CANCELLING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELED: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
-QUEUED: JobState
-STARTING: JobState
-RUNNING: JobState
-CANCELLING: JobState
-SUCCEEDED: JobState
-FAILED: JobState
-CANCELED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_STARTING: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_CANCELLING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELED: JobState
 
 class LayerSpec(_message.Message):
     __slots__ = ("units", "activation")
