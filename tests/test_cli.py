@@ -216,6 +216,15 @@ def test_a_bad_request_is_one_line_naming_the_field(server, flags, expected):
     assert result.out == ""
 
 
+def test_cancel_of_a_finished_job_is_one_line_and_status_1(server, finished_job):
+    refused = run_cli("cancel", finished_job, "--address", server.address)
+    assert one_error_line(refused) == (
+        f"ntrain: not possible now: job {finished_job} already ended SUCCEEDED; "
+        "only a queued or running job can be canceled"
+    )
+    assert refused.out == ""
+
+
 def test_an_unknown_job_is_one_line(server):
     assert one_error_line(run_cli("eval", "no-such-job", "--address", server.address)).startswith(
         "ntrain: not found: "

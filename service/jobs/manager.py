@@ -29,6 +29,7 @@ from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_req
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     Unavailable,
 )
@@ -294,20 +295,25 @@ class JobManager(JobLifecycle):
     def cancel(
         self, job_id: str, wait: float = CANCEL_WAIT_SECONDS, *, principal: Principal = LOCAL
     ) -> JobRecord:
-        """Cancel a queued or running job; a finished job is returned unchanged.
+        """Cancel a queued or running job.
 
         A running job reports CANCELED only after its worker process is gone and
-        its devices are free; this waits up to `wait` seconds for that.
+        its devices are free; this waits up to `wait` seconds for that. A job
+        already CANCELLING is waited for again.
 
         Raises:
             NotFound: no such job.
             PermissionDenied: a trainer's job of another owner, or a viewer.
+            FailedPrecondition: the job has already ended (nothing to cancel).
         """
         with self._lock:
             record = self.get(job_id)
             authorize(principal, Action.CANCEL, record.owner)
             if record.finished:
-                return self._as_seen_by(principal, record)
+                raise FailedPrecondition(
+                    f"job {job_id} already ended {record.state}; only a queued or running "
+                    "job can be canceled"
+                )
             runner = self._runners.get(job_id)
             if runner is None:  # still queued
                 self.scheduler.remove(job_id)
