@@ -69,20 +69,6 @@ def test_train_flags_build_the_job_spec():
     assert spec.precision == "bfloat16"
 
 
-def test_train_defaults_are_the_books_network():
-    spec = commands.build_job_spec(parser.build_parser().parse_args(["train"]))
-    assert [(layer.units, layer.activation) for layer in spec.layers] == [
-        (512, "relu"),
-        (10, "softmax"),
-    ]
-    assert (spec.initializer, spec.optimizer.name, spec.optimizer.learning_rate) == (
-        "glorot",
-        "rmsprop",
-        1e-3,
-    )
-    assert (spec.batch_size, spec.dataset, spec.strategy.name) == (128, "mnist", "auto")
-
-
 def test_address_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("NTRAIN_ADDRESS", "example:1234")
     assert parser.build_parser().parse_args(["jobs"]).address == "example:1234"
