@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -154,6 +155,17 @@ def test_train_sends_the_job_file_with_the_flags_given_over_it(tmp_path):
     assert (spec.optimizer.name, spec.optimizer.learning_rate) == ("sgd", 0.1)
     assert dict(spec.labels) == {"team": "vision", "stage": "prod", "run": "7"}
     assert spec.name == "small" and not spec.layers  # the server's default layers
+
+
+def test_a_yaml_job_file_reads_as_its_json_twin(tmp_path, monkeypatch):
+    pytest.importorskip("yaml")  # a dev dependency; the client needs it for YAML only
+    path = tmp_path / "job.yaml"
+    path.write_text("dataset: synthetic\nepochs: 2\nlabels:\n  team: vision\n")
+    expected = pb.JobSpec(dataset="synthetic", epochs=2, labels={"team": "vision"})
+    assert client.job_spec(path) == expected
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as where PyYAML is not installed
+    with pytest.raises(client.InvalidArgument, match=r"needs PyYAML \(pip install pyyaml\)"):
+        client.job_spec(path)
 
 
 def test_train_without_flags_sends_only_the_data_set():
