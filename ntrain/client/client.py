@@ -26,7 +26,7 @@ from ntrain.client.channel import (
 )
 from ntrain.client.errors import DownloadError, InvalidArgument, from_rpc_error
 from ntrain.client.states import state_value
-from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, watch_events
+from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
 # Seconds for quick requests, and for Evaluate/Predict, which run a worker process.
@@ -216,17 +216,30 @@ class Client:
             self._stub.CancelJob, training_pb2.CancelJobRequest(job_id=job_id), self.timeout
         )
 
-    def logs(self, job_id: str, *, follow: bool = False, offset: int = 0) -> Iterator[str]:
+    def logs(
+        self,
+        job_id: str,
+        *,
+        follow: bool = False,
+        offset: int = 0,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+    ) -> Iterator[str]:
         """The lines of the job's training log (its worker's output), without line ends.
 
         follow: go on as lines are written, until the job has ended (as `tail -f`
-        would, but it stops by itself). offset: start at this byte of the log.
+        would, but it stops by itself); a dropped stream reconnects where it
+        stopped, as `watch` does. offset: start at this byte of the log.
         """
-        request = training_pb2.GetJobLogsRequest(job_id=job_id, follow=follow, offset=offset)
         timeout = None if follow else self.timeout
-        chunks = self._stub.GetJobLogs(request, timeout=timeout)
-        for chunk in self._stream(chunks, timeout):
-            yield from chunk.lines
+        lines = follow_log(
+            self._stub,
+            job_id,
+            offset=offset,
+            follow=follow,
+            timeout=timeout,
+            reconnect_seconds=reconnect_seconds,
+        )
+        return self._stream(lines, timeout)
 
     # -- models ----------------------------------------------------------------------------
 
