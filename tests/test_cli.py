@@ -140,7 +140,8 @@ def test_jobs_lists_the_job_and_filters_by_state(server, finished_job):
         run_cli("jobs", "--state", "succeeded", "--json", "--address", server.address).out
     )
     assert finished_job in [job["job_id"] for job in listed]
-    assert {job["state"] for job in listed} == {"SUCCEEDED"}
+    # --json is the proto3 JSON mapping: enum values by their full names.
+    assert {job["state"] for job in listed} == {"JOB_STATE_SUCCEEDED"}
     assert (
         len(json.loads(run_cli("jobs", "--limit", "1", "--json", "--address", server.address).out))
         == 1
