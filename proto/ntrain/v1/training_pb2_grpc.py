@@ -121,7 +121,8 @@ class TrainingServiceServicer:
 
     def CancelJob(self, request, context):
         """Stops a queued or running job. A running job's worker process is gone and
-        its devices are free before the job reports CANCELED.
+        its devices are free before the job reports CANCELED. A job that has
+        already ended is FAILED_PRECONDITION (and stays as it was).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
