@@ -55,8 +55,19 @@ def defined_sample_names() -> set[str]:
     return names
 
 
+# Ours, the gRPC exporters' names, and prometheus_client's standard collectors'.
+METRIC_PREFIXES = ("ntrain_", "grpc_server_", "process_", "python_")
+UNPREFIXED = METRIC_PREFIXES[1:]  # any exporter's too: a query picks ntrain's by job
+
+
 def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bntrain_[a-z0-9_]+", expr))
+    return set(re.findall(rf"\b(?:{'|'.join(METRIC_PREFIXES)})[a-z0-9_]+", expr))
+
+
+def selects_the_ntrain_job(expr: str) -> bool:
+    """Whether every unprefixed metric in `expr` is read with job="ntrain"."""
+    pattern = rf"\b(?:{'|'.join(UNPREFIXED)})[a-z0-9_]+(\{{[^}}]*\}})?"
+    return all('job="ntrain"' in (m.group(1) or "") for m in re.finditer(pattern, expr))
 
 
 def dashboard_targets(dashboard: dict | None = None) -> list[tuple[str, str]]:
@@ -173,6 +184,7 @@ def test_alerts_use_only_defined_metrics():
     defined = defined_sample_names()
     for name, rule in _alert_rules().items():
         assert metric_names_in(rule["expr"]) <= defined, name
+        assert selects_the_ntrain_job(rule["expr"]), f"{name} may read another server's series"
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert rule["annotations"]["summary"], name
 
@@ -443,19 +455,25 @@ def test_dashboard_uses_only_metrics_the_server_defines():
     used = set()
     for title, expr in dashboard_targets():
         names = metric_names_in(expr)
-        assert names, f"{title}: {expr} reads no ntrain metric"
+        assert names, f"{title}: {expr} reads no metric of the server"
         assert names <= defined, f"{title}: {names - defined} are not defined"
+        assert selects_the_ntrain_job(expr), f"{title}: {expr} may read another server's series"
         used |= names
     # The panels the issue asks for.
     for name in (
-        "ntrain_train_loss", "ntrain_train_accuracy", "ntrain_eval_loss",
-        "ntrain_train_examples_per_second", "ntrain_train_step_duration_seconds_bucket",
-        "ntrain_jobs", "ntrain_queue_length", "ntrain_grpc_server_handled_total",
-        "ntrain_grpc_server_handling_seconds_bucket", "ntrain_gpu_memory_in_use_bytes",
+        "ntrain_train_loss", "ntrain_train_accuracy_ratio", "ntrain_eval_loss",
+        "ntrain_eval_accuracy_ratio", "ntrain_train_examples_per_second",
+        "ntrain_train_step_duration_seconds_bucket", "ntrain_jobs", "ntrain_queue_length",
+        "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
+        "ntrain_gpu_memory_in_use_bytes", "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     ):  # fmt: skip
         assert name in used, f"no panel shows {name}"
     assert any("histogram_quantile" in e and "step_duration" in e for _, e in dashboard_targets())
     assert any('grpc_code!="OK"' in e for _, e in dashboard_targets())
+    # Latency is of unary calls, picked by the exporters' grpc_type, not by method names.
+    latency = [e for _, e in dashboard_targets() if "grpc_server_handling_seconds" in e]
+    assert latency and all('grpc_type="unary"' in e for e in latency), latency
 
 
 def test_dashboard_queries_parse(tmp_path):

@@ -95,7 +95,7 @@ def test_the_job_manager_reports_metrics(server, mnist_job):
     labels = {"job_id": job.job_id, "strategy": "cpu"}
     assert registry.get_sample_value("ntrain_train_batches_total", labels) == 468
     assert registry.get_sample_value("ntrain_train_examples_total", labels) == 468 * 128
-    assert registry.get_sample_value("ntrain_eval_accuracy", labels) >= 0.95
+    assert registry.get_sample_value("ntrain_eval_accuracy_ratio", labels) >= 0.95
     assert registry.get_sample_value("ntrain_checkpoint_save_duration_seconds_count", labels) == 1
     assert registry.get_sample_value("ntrain_submit_to_first_step_seconds_count") >= 1
     finished = {"outcome": "succeeded"}
