@@ -65,6 +65,8 @@ def test_every_tag_on_the_global_step_axis(tmp_path):
     with TensorBoardWriter(tmp_path, learning_rate=0.001) as writer:
         for event in events:
             writer(event)
+    # Written by one compiled function, traced once for training's tags and once for evaluation's.
+    assert writer._write.experimental_get_tracing_count() == 2
     scalars = tensorboard_scalars(tmp_path)
     assert set(scalars) == TAGS
     progress = [e for e in events if isinstance(e, Progress)]
