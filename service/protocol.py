@@ -63,7 +63,7 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class JobFiles:
-    """The layout of one job's directory: checkpoints, SavedModel, logs."""
+    """The layout of one job's directory: checkpoints, SavedModel, logs, TensorBoard events."""
 
     root: Path
 
@@ -87,6 +87,11 @@ class JobFiles:
     @property
     def train_log(self) -> Path:
         return self.root / "train.log"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of the training (`tensorboard --logdir <state-dir>/jobs`)."""
+        return self.root / "tensorboard"
 
     @property
     def task_log(self) -> Path:
