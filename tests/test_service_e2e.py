@@ -231,10 +231,15 @@ def test_cancel_running_job_leaves_no_worker(server):
     ]
     info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.running_jobs == 0 and not any(d.busy for d in info.devices)
-    again = server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
-    assert again.state == pb.JOB_STATE_CANCELED and len(again.transitions) == len(
-        canceled.transitions
+    # A job that has ended cannot be canceled again, and stays as it was.
+    with pytest.raises(grpc.RpcError) as again:
+        server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert again.value.details() == (
+        f"job {job.job_id} already ended CANCELED; only a queued or running job can be canceled"
     )
+    unchanged = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    assert unchanged.transitions == canceled.transitions
 
 
 def test_run_time_limit_and_worker_crash_fail_the_job(server):
