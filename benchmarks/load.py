@@ -249,6 +249,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def run(args) -> dict:
+    load_before = os.getloadavg()
     data_dir = SHARED_MNIST.parent if SHARED_MNIST.is_file() and not args.quick else None
     dataset = "mnist" if data_dir is not None else "synthetic"
     with tempfile.TemporaryDirectory(prefix="ntrain-load-") as state:
@@ -321,6 +322,9 @@ def run(args) -> dict:
         "closed_loop": most,
         "phases": [{k: v for k, v in p.items() if k != "latencies"} for p in phases],
         "targets": TARGETS,
+        # The host's load average (1, 5, 15 min) before and after: the two
+        # cores are shared, and every figure above carries that contention.
+        "load_average": {"before": load_before, "after": os.getloadavg()},
     }
     result["met"] = {
         "cpu_ms_per_rpc": result["server_cpu_ms_per_rpc"] <= TARGETS["cpu_ms_per_rpc"],
@@ -351,6 +355,9 @@ def table(result: dict) -> str:
             f"{result['client_cpu_share_of_host']:.1%} of the host's CPU",
             f"  closed loop, {most['clients']} clients, no training: {most['rps']:.0f} RPS, "
             f"{most['server_cpu_ms_per_rpc']:.2f} ms server CPU per RPC",
+            "  host load average before {:.1f} {:.1f} {:.1f}, after {:.1f} {:.1f} {:.1f}".format(
+                *result["load_average"]["before"], *result["load_average"]["after"]
+            ),
         ]
     )
 
