@@ -311,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, setup in setups.items():
         results[name] = {"samples_per_sec": max(rounds[name]), "rounds": rounds[name], **setup}
+    check_rounds = {
+        name.removeprefix("divergence_check "): samples
+        for name, samples in rounds.items()
+        if name.startswith("divergence_check ")
+    }
     check_cost = {
-        spe: paired_ratio(
-            rounds[f"divergence_check {spe},checked=False"],
-            rounds[f"divergence_check {spe},checked=True"],
-        )
+        spe: paired_ratio(check_rounds[f"{spe},checked=False"], check_rounds[f"{spe},checked=True"])
         for spe in ("spe=1,jit=False", "spe=epoch,jit=True")
     }
     del groups["divergence_check"]
@@ -350,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         # Paired median of unchecked/checked samples/s, minus one: what the
         # loss's NaN check costs the compiled loop (target: at most 1%).
         "divergence_check_cost": {spe: ratio - 1 for spe, ratio in check_cost.items()},
+        "divergence_check_rounds": check_rounds,
         "setup": {
             "side_by_side_rounds": args.rounds,
             "optimizer": args.optimizer,
