@@ -156,6 +156,8 @@ class Bench:
             )
         )
         self.server.start()
+        # The server starts the inference worker as it starts, the host being idle.
+        self.worker_started_with_server = self.models.worker.pid is not None
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)
         self.samples: dict[str, list[float]] = {}
@@ -411,6 +413,7 @@ def run(bench: Bench, data_dir: Path, rounds: int, single_calls: int, batch_call
             ),
             "models_loaded_in_cached_calls": bench.loads_in_cached_calls,
             "models_loaded_per_uncached_call": bench.loads_in_uncached_calls,
+            "inference_worker_started_with_server": bench.worker_started_with_server,
             "inference_workers_started": bench.models.worker.started,
         },
     }
