@@ -50,6 +50,7 @@ DESCRIBE_TIMEOUT_SECONDS = 60.0
 DEFAULT_MAX_TASKS = 8
 Answer = TypeVar("Answer", Evaluation, Predictions)
 
+# DEFAULT_MODEL_CACHE is named here for service.api, which imports no service.worker module.
 __all__ = ["DEFAULT_MAX_TASKS", "DEFAULT_MODEL_CACHE", "ModelTasks", "model_cache_bytes"]
 
 
