@@ -49,7 +49,10 @@ export DOCKER_HOST=unix://$RUN_DIR/docker.sock
 export DOCKER_CONFIG=$RUN_DIR/client-config  # not root's ~/.docker (proxies, credential helpers)
 export DOCKER_BUILDKIT=1
 export DEBIAN_FRONTEND=noninteractive
-unset COMPOSE_FILE COMPOSE_PROFILES COMPOSE_PROJECT_NAME
+# NTRAIN_VERSION unset: the compose file's default tag must be the one built here.
+unset COMPOSE_FILE COMPOSE_PROFILES COMPOSE_PROJECT_NAME NTRAIN_VERSION
+# The image's tag: the package's version, as deploy/docker-compose.yml names it.
+IMAGE=ntrain:$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 
 COMPOSE_CPU=(-f deploy/docker-compose.yml -f deploy/docker-compose.cpu.yml -f deploy/ci/docker-compose.ci.yml)
 COMPOSE_GPU=(-f deploy/docker-compose.yml -f deploy/ci/docker-compose.ci.yml)
@@ -335,11 +338,11 @@ ntrain_image() {
     mapfile -t proxy_args < <(proxy_build_args)
     # deploy/Dockerfile as it is; only its base is the stand-in.
     "$DOCKER" build --progress plain -f deploy/Dockerfile --build-arg TF_IMAGE="$TF_IMAGE" \
-        "${proxy_args[@]}" -t ntrain:latest . || return 1
+        "${proxy_args[@]}" -t "$IMAGE" . || return 1
     local user env
-    user=$("$DOCKER" image inspect -f '{{.Config.User}}' ntrain:latest)
-    env=$("$DOCKER" image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' ntrain:latest)
-    DETAIL="user $user"
+    user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")
+    env=$("$DOCKER" image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE")
+    DETAIL="$IMAGE, user $user"
     [ "$user" = 10001:10001 ] || { DETAIL+=", not 10001:10001"; return 1; }
     grep -qx CUDA_DEVICE_ORDER=PCI_BUS_ID <<<"$env" || { DETAIL+=", no CUDA_DEVICE_ORDER=PCI_BUS_ID"; return 1; }
     DETAIL+=", CUDA_DEVICE_ORDER=PCI_BUS_ID"
@@ -351,6 +354,18 @@ SECRETS=deploy/secrets
 secrets() {
     NTRAIN=.venv/bin/ntrain deploy/make-certs.sh "$REPO/$SECRETS" || return 1
     DETAIL="CA, server certificate, tokens and metrics password in $SECRETS"
+}
+
+# Compose v2 validates each way the stack is run (no daemon needed): the GPU
+# stack, with its dcgm profile, and the CPU override, which Compose 1.29 cannot read.
+compose_config() {
+    local files
+    for files in "-f deploy/docker-compose.yml" \
+        "-f deploy/docker-compose.yml -f deploy/docker-compose.cpu.yml"; do
+        # shellcheck disable=SC2086  # the file flags split on purpose
+        compose $files --profile dcgm config -q || { DETAIL="invalid: $files"; return 1; }
+    done
+    DETAIL="docker-compose.yml alone and with docker-compose.cpu.yml, profile dcgm: valid"
 }
 
 compose_up() {
@@ -479,7 +494,7 @@ stop_dockerd() {
     done
     # Containers kept in the data root would restart with the next run's daemon.
     "$DOCKER" ps -aq | xargs -r "$DOCKER" rm -f
-    "$DOCKER" image prune -f  # earlier builds of ntrain:latest
+    "$DOCKER" image prune -f  # earlier builds of $IMAGE
     kill -TERM "$dockerd_pid"
     local i
     for i in $(seq 30); do
@@ -555,6 +570,7 @@ run setup "tensorflow stand-in base image" tf_base_image
 run setup "prometheus image from Debian's package" await_prometheus
 run setup "build deploy/Dockerfile on the stand-in" ntrain_image
 run setup "secrets (deploy/make-certs.sh)" secrets
+run check "compose files valid (docker compose config -q)" compose_config
 run setup "compose up trainer prometheus (CPU override)" compose_up
 run check "trainer healthy" trainer_healthy
 run check "published ports on 127.0.0.1 only" ports_on_loopback

@@ -50,6 +50,7 @@ _EXPORTS = {
     "load_saved_model": "export",
     "predict_saved_model": "export",
     "evaluate_saved_model": "export",
+    "TensorBoardWriter": "tensorboard",
 }
 
 __all__ = sorted(_EXPORTS)

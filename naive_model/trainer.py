@@ -190,8 +190,9 @@ class Trainer:
         start = step_in_epoch * self.global_batch_size + tf.cast(
             replica * self.per_replica_batch_size, tf.int64
         )
-        # tf.slice, not `order[start:stop]`: XLA compiles the strided slice
-        # of a variable with dynamic bounds into a copy of the whole order.
+        # tf.slice, whose size is static, not `order[start:stop]`: XLA cannot
+        # prove that strided slice has n elements, so it pads the batch to the
+        # whole order and masks it (every step computed on all the data).
         indices = tf.slice(self._order, [start], [self.per_replica_batch_size])  # (per_replica,)
         images = tf.gather(self._images, indices)  # (per_replica, input_size)
         labels = tf.gather(self._labels, indices)  # (per_replica,)

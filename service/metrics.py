@@ -2,7 +2,9 @@
 
 The job manager calls the hooks of `ServiceMetrics`; nothing else writes the
 metrics. Every metric lives in the `registry` given to `ServiceMetrics`, so a
-test can use a fresh `CollectorRegistry` and read it with `get_sample_value`.
+test can use a fresh `CollectorRegistry` and read it with `get_sample_value`;
+beside them it holds prometheus_client's standard `process_*` and `python_*`
+collectors.
 
 Training series carry a `job_id` label. To keep the number of series bounded
 by recent jobs rather than by every job ever run, a job's series are removed
@@ -22,7 +24,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.metrics import MetricWrapperBase
@@ -102,6 +107,13 @@ class ServiceMetrics:
         self._jobs: dict[str, _JobSeries] = {}
         self.registry.register(_ExpireOnScrape(self))
         r = self.registry
+        # The standard series of every Python exporter, unprefixed as everywhere:
+        # process_* (CPU seconds, resident memory, open files, start time),
+        # python_info and python_gc_*. The server's own process only: workers
+        # are children, not counted here.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
         # Training, per job. Removed once the job's retention window passes.
         self.train_batches = Counter(
@@ -117,8 +129,8 @@ class ServiceMetrics:
             registry=r,
         )
         self.train_accuracy = Gauge(
-            "ntrain_train_accuracy",
-            "Training accuracy of the current epoch so far.",
+            "ntrain_train_accuracy_ratio",
+            "Training accuracy of the current epoch so far (0 to 1).",
             JOB_LABELS,
             registry=r,
         )
@@ -151,8 +163,8 @@ class ServiceMetrics:
             registry=r,
         )
         self.eval_accuracy = Gauge(
-            "ntrain_eval_accuracy",
-            "Test-split accuracy at the end of the last epoch.",
+            "ntrain_eval_accuracy_ratio",
+            "Test-split accuracy at the end of the last epoch (0 to 1).",
             JOB_LABELS,
             registry=r,
         )

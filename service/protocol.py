@@ -41,23 +41,29 @@ class JobSpec:
     checkpoint_every_epochs: int = 1  # 0: only at the end
     max_runtime_seconds: float = 0.0
     max_restarts: int = 2  # restarts from a checkpoint after the worker died
+    name: str = ""  # for people; not unique
+    # (key, value) pairs sorted by key: a tuple, so that the spec stays hashable.
+    labels: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the store."""
         data = asdict(self)
         data["train"]["layers"] = [asdict(layer) for layer in self.train.layers]
+        data["labels"] = dict(self.labels)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """The spec `to_dict` gave; specs stored before names and labels have neither."""
         train = dict(data["train"])
         train["layers"] = tuple(LayerSpec(**layer) for layer in train["layers"])
-        return cls(**{**data, "train": TrainConfig(**train)})
+        labels = tuple(sorted(data.get("labels", {}).items()))
+        return cls(**{**data, "train": TrainConfig(**train), "labels": labels})
 
 
 @dataclass(frozen=True)
 class JobFiles:
-    """The layout of one job's directory: checkpoints, SavedModel, logs."""
+    """The layout of one job's directory: checkpoints, SavedModel, logs, TensorBoard events."""
 
     root: Path
 
@@ -83,6 +89,11 @@ class JobFiles:
         return self.root / "train.log"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of the training (`tensorboard --logdir <state-dir>/jobs`)."""
+        return self.root / "tensorboard"
+
+    @property
     def task_log(self) -> Path:
         """Output of Evaluate and Predict tasks on the job's model."""
         return self.root / "tasks.log"
@@ -95,6 +106,36 @@ class JobFiles:
 class ModelInfo:
     input_size: int
     num_classes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDescription:
+    """What a job's model is and where it lives: `describe` shows it."""
+
+    input_size: int
+    num_classes: int
+    layers: tuple[LayerSpec, ...]
+    parameters: int  # weights and biases of every layer
+    exported: bool  # the SavedModel is there (the job SUCCEEDED)
+    path: Path  # the SavedModel's folder
+    signature: str = "serving_default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogLines:
+    """A piece of a job's log: whole lines, and the byte offset just past them."""
+
+    lines: tuple[str, ...]
+    next_offset: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFilePart:
+    """A piece of one file of a job's SavedModel; `path` is relative, "/"-separated."""
+
+    path: str
+    data: bytes
+    offset: int
 
 
 # -- tasks: what the server asks of a worker ----------------------------------------
@@ -261,7 +302,10 @@ __all__ = [
     "JobEventPayload",
     "JobFiles",
     "JobSpec",
+    "LogLines",
     "ModelCacheState",
+    "ModelDescription",
+    "ModelFilePart",
     "ModelInfo",
     "PredictTask",
     "Predictions",

@@ -1,8 +1,9 @@
 """Shared test fixtures.
 
-Tests that need a tool pip cannot install (prometheus, promtool,
-docker-compose) use `require_tool`: on a laptop without it they skip, but with
-CI=true they fail, because CI installs every such tool in .ci/run.
+Tests that need a tool (prometheus, promtool, docker-compose, which pip cannot
+install, and hadolint, which the dev extra does) use `require_tool`: on a
+laptop without it they skip, but with CI=true they fail, because CI installs
+every such tool in .ci/run.
 
 Tests that start worker processes, servers or whole trainings are marked
 `slow`; `make test-fast` runs the others (no TensorFlow in this process unless
@@ -58,10 +59,14 @@ def pytest_collection_finish(session):
 
 
 def require_tool(name: str) -> str:
-    """Return the path of executable `name`; skip without it, or fail in CI."""
-    path = shutil.which(name)
+    """Return the path of executable `name`; skip without it, or fail in CI.
+
+    It is looked for on PATH, then beside this Python: a tool a pip package of
+    the dev extra installs (hadolint) is in the venv's bin, which may not be on PATH.
+    """
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        message = f"{name} is not installed (.ci/run installs it)"
+        message = f"{name} is not installed (.ci/run or the dev extra installs it)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)

@@ -140,7 +140,8 @@ def test_jobs_lists_the_job_and_filters_by_state(server, finished_job):
         run_cli("jobs", "--state", "succeeded", "--json", "--address", server.address).out
     )
     assert finished_job in [job["job_id"] for job in listed]
-    assert {job["state"] for job in listed} == {"SUCCEEDED"}
+    # --json is the proto3 JSON mapping: enum values by their full names.
+    assert {job["state"] for job in listed} == {"JOB_STATE_SUCCEEDED"}
     assert (
         len(json.loads(run_cli("jobs", "--limit", "1", "--json", "--address", server.address).out))
         == 1
@@ -214,6 +215,15 @@ def test_a_bad_request_is_one_line_naming_the_field(server, flags, expected):
     line = one_error_line(result)
     assert line.startswith("ntrain: invalid request: ") and expected in line
     assert result.out == ""
+
+
+def test_cancel_of_a_finished_job_is_one_line_and_status_1(server, finished_job):
+    refused = run_cli("cancel", finished_job, "--address", server.address)
+    assert one_error_line(refused) == (
+        f"ntrain: not possible now: job {finished_job} already ended SUCCEEDED; "
+        "only a queued or running job can be canceled"
+    )
+    assert refused.out == ""
 
 
 def test_an_unknown_job_is_one_line(server):

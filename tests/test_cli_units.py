@@ -69,20 +69,6 @@ def test_train_flags_build_the_job_spec():
     assert spec.precision == "bfloat16"
 
 
-def test_train_defaults_are_the_books_network():
-    spec = commands.build_job_spec(parser.build_parser().parse_args(["train"]))
-    assert [(layer.units, layer.activation) for layer in spec.layers] == [
-        (512, "relu"),
-        (10, "softmax"),
-    ]
-    assert (spec.initializer, spec.optimizer.name, spec.optimizer.learning_rate) == (
-        "glorot",
-        "rmsprop",
-        1e-3,
-    )
-    assert (spec.batch_size, spec.dataset, spec.strategy.name) == (128, "mnist", "auto")
-
-
 def test_address_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("NTRAIN_ADDRESS", "example:1234")
     assert parser.build_parser().parse_args(["jobs"]).address == "example:1234"
@@ -290,6 +276,7 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
 
     def __init__(self):
         self.watch_requests: list[int] = []
+        self.log_requests: list[int] = []
         self.lock = threading.Lock()
 
     def WatchJob(self, request, context):
@@ -316,6 +303,17 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
             state=training_pb2.JOB_STATE_SUCCEEDED,
             spec=training_pb2.JobSpec(epochs=1),
         )
+
+    def GetJobLogs(self, request, context):
+        """Lines "line 0" .. "line 5", 7 bytes each; the first followed stream, and every
+        unfollowed one, drops after two lines."""
+        with self.lock:
+            self.log_requests.append(request.offset)
+            drops = len(self.log_requests) == 1 or not request.follow
+        for index in range(request.offset // 7, 6):
+            if drops and index == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server went away")
+            yield training_pb2.LogChunk(lines=[f"line {index}"], next_offset=7 * (index + 1))
 
     def SubmitJob(self, request, context):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be positive, got 0")
@@ -344,6 +342,16 @@ def test_watch_reconnects_from_the_last_sequence_without_gaps_or_repeats(fake_se
     assert sequences == [1, 2, 3, 4, 5, 6]
     assert service.watch_requests == [0, 3]
     assert reconnects == [3]
+
+
+def test_a_followed_log_reconnects_where_it_stopped(fake_server):
+    service, address = fake_server
+    with client.Client(address) as api:
+        lines = list(api.logs("job1", follow=True))
+        assert lines == [f"line {index}" for index in range(6)]
+        assert service.log_requests == [0, 14]
+        with pytest.raises(client.Unavailable):  # only a followed log reconnects
+            list(api.logs("job1"))
 
 
 def test_watch_command_follows_to_the_end_and_exits_0(fake_server, capsys):

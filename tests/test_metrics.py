@@ -46,7 +46,7 @@ def test_progress_increments_counters_and_sets_gauges(metrics):
     assert value("ntrain_train_examples_total", labels) == 1920
     assert value("ntrain_train_loss", labels) == 0.25
     assert value("ntrain_train_epoch", labels) == 2
-    assert value("ntrain_train_accuracy", labels) == 0.9
+    assert value("ntrain_train_accuracy_ratio", labels) == 0.9
     assert value("ntrain_train_examples_per_second", labels) == 5000
     assert value("ntrain_train_step_duration_seconds_count", labels) == 2
     assert value("ntrain_train_step_duration_seconds_bucket", {**labels, "le": "0.002"}) == 2
@@ -58,7 +58,7 @@ def test_epoch_checkpoint_and_gpu_memory_series(metrics):
     metrics.job_gpu_memory("job-a", "mirrored", "GPU:0", 1 << 30, 3 << 30)
     value = metrics.registry.get_sample_value
     labels = {"job_id": "job-a", "strategy": "mirrored"}
-    assert value("ntrain_eval_accuracy", labels) == 0.97
+    assert value("ntrain_eval_accuracy_ratio", labels) == 0.97
     assert value("ntrain_eval_loss", labels) == 0.1
     assert value("ntrain_checkpoint_save_duration_seconds_sum", labels) == pytest.approx(0.3)
     assert value("ntrain_gpu_memory_in_use_bytes", {**labels, "device": "GPU:0"}) == 1 << 30
@@ -100,7 +100,7 @@ def test_per_job_series_disappear_after_the_retention_window(metrics, clock):
     clock.now += 1
     # Collecting (a scrape) removes them too; the call is explicit here.
     assert metrics.remove_expired_job_series() == 1
-    for name in ("ntrain_train_batches_total", "ntrain_train_loss", "ntrain_eval_accuracy",
+    for name in ("ntrain_train_batches_total", "ntrain_train_loss", "ntrain_eval_accuracy_ratio",
                  "ntrain_train_step_duration_seconds_count"):  # fmt: skip
         assert value(name, old) is None, name
     assert value("ntrain_train_batches_total", {"job_id": "live", "strategy": "cpu"}) == 10
@@ -138,8 +138,11 @@ def test_names_follow_the_prometheus_conventions(metrics):
     assert len(families) >= 22
     for family in families:
         name = family.name
-        assert name.startswith("ntrain_"), name
+        # Ours carry one prefix; the gRPC exporters' and the standard collectors' keep theirs.
+        assert name.startswith(("ntrain_", "grpc_server_", "process_", "python_")), name
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
+        if "accuracy" in name:  # a fraction of 1, so its unit is a ratio
+            assert name.endswith("_ratio"), name
         if family.type == "counter":
             assert all(s.name == f"{name}_total" for s in family.samples), name
         else:
@@ -155,6 +158,19 @@ def test_names_follow_the_prometheus_conventions(metrics):
                 ("ntrain_train_", "ntrain_eval_", "ntrain_checkpoint_", "ntrain_gpu_")
             ), name
             assert labels >= {"job_id", "strategy"}, name
+
+
+def test_the_standard_process_and_python_collectors_are_in_the_registry(metrics):
+    value = metrics.registry.get_sample_value
+    assert value("process_resident_memory_bytes") > 0
+    assert value("process_cpu_seconds_total") >= 0
+    assert value("process_open_fds") > 0 and value("process_max_fds") > 0
+    assert value("python_gc_collections_total", {"generation": "0"}) >= 0
+    (info,) = [f for f in metrics.registry.collect() if f.name == "python_info"]
+    assert info.samples[0].labels["implementation"] == "CPython"
+    # A second server's registry (tests make many) has its own collectors.
+    other = ServiceMetrics(CollectorRegistry())
+    assert other.registry.get_sample_value("process_resident_memory_bytes") > 0
 
 
 def test_every_state_outcome_and_device_type_is_exposed_from_the_start(metrics):

@@ -309,7 +309,7 @@ def test_prometheus_scrapes_training_and_every_dashboard_query_returns_data(serv
         assert batches["metric"]["strategy"] == "cpu"
         values = [float(v) for _, v in batches["values"]]
         assert values == sorted(values) and values[-1] > values[0] > 0, values
-        for name in ("ntrain_train_loss", "ntrain_eval_loss", "ntrain_train_accuracy"):
+        for name in ("ntrain_train_loss", "ntrain_eval_loss", "ntrain_train_accuracy_ratio"):
             (series,) = prometheus.query_range(f"{name}{{{selector}}}", started, end)
             assert all(math.isfinite(float(v)) for _, v in series["values"]), (name, series)
         assert prometheus.value(f"ntrain_train_running{{{selector}}}") == 1

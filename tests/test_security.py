@@ -321,7 +321,7 @@ def test_metrics_only_at_metrics_over_tls_with_basic_auth_and_no_token_in_them(s
     for path in ("/", "/any/other/path", "/metrics/", "/favicon.ico"):
         assert fetch(f"{base}{path}", context=context, auth=right)[0] == 404, path
     status, body = fetch(f"{base}/metrics", context=context, auth=right)
-    assert status == 200 and "ntrain_grpc_server_handled_total" in body
+    assert status == 200 and "grpc_server_handled_total" in body
     assert 'grpc_code="UNAUTHENTICATED"' in body and 'grpc_code="PERMISSION_DENIED"' in body
     for secret in (*pki.token.values(), pki.metrics_password):
         assert secret not in body

@@ -95,12 +95,37 @@ def test_the_job_manager_reports_metrics(server, mnist_job):
     labels = {"job_id": job.job_id, "strategy": "cpu"}
     assert registry.get_sample_value("ntrain_train_batches_total", labels) == 468
     assert registry.get_sample_value("ntrain_train_examples_total", labels) == 468 * 128
-    assert registry.get_sample_value("ntrain_eval_accuracy", labels) >= 0.95
+    assert registry.get_sample_value("ntrain_eval_accuracy_ratio", labels) >= 0.95
     assert registry.get_sample_value("ntrain_checkpoint_save_duration_seconds_count", labels) == 1
     assert registry.get_sample_value("ntrain_submit_to_first_step_seconds_count") >= 1
     finished = {"outcome": "succeeded"}
     assert registry.get_sample_value("ntrain_jobs_finished_total", finished) >= 1
     assert registry.get_sample_value("ntrain_devices", {"type": "CPU"}) == 1
+
+
+def test_the_job_writes_tensorboard_events_of_its_progress(server, mnist_job):
+    """In its job directory, on the global step axis: `tensorboard --logdir <state>/jobs`."""
+    from test_naive_tensorboard import tensorboard_scalars
+
+    from service.protocol import JobFiles
+
+    job, events = mnist_job
+    files = JobFiles(server.config.state_dir / "jobs" / job.job_id)
+    scalars = tensorboard_scalars(files.tensorboard)
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [step for step, _ in scalars["train/loss"]] == [p.step for p in progress]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(
+        [p.loss for p in progress], rel=1e-6
+    )
+    assert [v for _, v in scalars["train/accuracy"]] == pytest.approx(
+        [p.accuracy for p in progress], rel=1e-6
+    )
+    assert [step for step, _ in scalars["train/examples_per_second"]] == [p.step for p in progress]
+    rates = [v for _, v in scalars["train/learning_rate"]]
+    assert len(rates) == len(progress) and all(v == pytest.approx(0.001) for v in rates)
+    (epoch_end,) = [e.epoch_end for e in events if e.HasField("epoch_end")]
+    assert scalars["eval/accuracy"] == [(468, pytest.approx(epoch_end.eval_accuracy, rel=1e-6))]
+    assert scalars["eval/loss"] == [(468, pytest.approx(epoch_end.eval_loss, rel=1e-6))]
 
 
 def test_evaluate_and_predict_agree(server, mnist_job):
@@ -206,10 +231,15 @@ def test_cancel_running_job_leaves_no_worker(server):
     ]
     info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.running_jobs == 0 and not any(d.busy for d in info.devices)
-    again = server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
-    assert again.state == pb.JOB_STATE_CANCELED and len(again.transitions) == len(
-        canceled.transitions
+    # A job that has ended cannot be canceled again, and stays as it was.
+    with pytest.raises(grpc.RpcError) as again:
+        server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert again.value.details() == (
+        f"job {job.job_id} already ended CANCELED; only a queued or running job can be canceled"
     )
+    unchanged = server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    assert unchanged.transitions == canceled.transitions
 
 
 def test_run_time_limit_and_worker_crash_fail_the_job(server):

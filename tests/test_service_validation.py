@@ -81,7 +81,6 @@ BAD_SPECS = {
         {"layers": layers((64, "relu"), (-10, "softmax"))},
         ("layers[1].units", "-10"),
     ),
-    "no layers": ({"layers": []}, ("layers",)),
     "zero batch": ({"batch_size": 0}, ("batch_size", "0")),
     "negative batch": ({"batch_size": -128}, ("batch_size", "-128")),
     "batch over the data": ({"batch_size": 4096}, ("batch_size", "4096")),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 
 import pytest
 
 from naive_model.config import TrainConfig
+from service.jobs.schema import SCHEMA_VERSION
 from service.jobs.store import JobRecord, Store
 from service.protocol import JobSpec, Progress, StateChange, TrainingResult
 
@@ -209,7 +211,7 @@ def test_a_version_1_database_opens_with_every_job_unowned(tmp_path):
     store.close()
 
     db = sqlite3.connect(tmp_path / "ntrain.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {row[1] for row in db.execute("PRAGMA index_list(jobs)")}
     assert {"jobs_by_state", "jobs_by_request_id"} <= indexes
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []  # every event has its job
@@ -217,6 +219,38 @@ def test_a_version_1_database_opens_with_every_job_unowned(tmp_path):
     reopened = Store(tmp_path)
     assert reopened.get_job("job-1").state == "CANCELED"  # and it opens again
     assert reopened.get_job("job-1").restarts == 0 and reopened.count_restart("job-1") == 1
+
+
+def test_a_version_3_database_opens_and_its_jobs_have_no_labels(tmp_path):
+    """Version 3 had no job_labels table, and specs stored without a name or labels."""
+    store = Store(tmp_path)
+    new_job(store, "job-old")
+    store.close()
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    old_spec = SPEC.to_dict()
+    del old_spec["name"], old_spec["labels"]  # as version 3 stored specs
+    db.execute("UPDATE jobs SET spec = ?", (json.dumps(old_spec, sort_keys=True),))
+    db.executescript("DROP TABLE job_labels; PRAGMA user_version=3;")
+    db.close()
+
+    store = Store(tmp_path)
+    old = store.get_job("job-old")
+    assert (old.spec.name, old.spec.labels) == ("", ()) and old.spec == SPEC
+    labelled = dataclasses.replace(SPEC, name="run 2", labels=(("team", "vision"), ("v", "2")))
+    store.create_job(
+        JobRecord(job_id="job-new", request_id="r", spec=labelled, state="QUEUED", create_time=2.0),
+        2.0,
+    )
+    assert [j.job_id for j in store.list_jobs()[0]] == ["job-new", "job-old"]
+    assert [j.job_id for j in store.list_jobs(labels=(("team", "vision"),))[0]] == ["job-new"]
+    both = (("team", "vision"), ("v", "2"))
+    assert [j.job_id for j in store.list_jobs(labels=both)[0]] == ["job-new"]
+    assert store.list_jobs(labels=(("team", "vision"), ("v", "3")))[0] == []
+    assert store.get_job("job-new").spec == labelled
+    store.close()
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
 
 
 def test_a_newer_database_is_refused_untouched(tmp_path):

@@ -80,7 +80,15 @@ def test_streams_past_the_limit_are_refused(tmp_path):
         with pytest.raises(grpc.RpcError) as refused:
             next(extra)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "3 WatchJob streams" in refused.value.details()
+        assert refused.value.details().startswith("WatchJob: 3 streams are open")
+        # Following a log holds a stream as long as a watch does: it counts too.
+        logs = server.stub.GetJobLogs(
+            pb.GetJobLogsRequest(job_id=running.job_id, follow=True), timeout=30
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            next(logs)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details().startswith("GetJobLogs: 3 streams are open")
         calls[0].cancel()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the freed place is taken again

@@ -18,6 +18,9 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY ca-certificates/ /usr/local/share/ca-certificates/
+# Debian's Python and CA certificates as bookworm has them, unpinned: the real
+# base (tensorflow/tensorflow) brings its own; the Python packages are pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         ca-certificates python3 python3-venv \

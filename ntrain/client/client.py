@@ -6,9 +6,10 @@ import builtins
 import dataclasses
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import grpc
@@ -23,9 +24,9 @@ from ntrain.client.channel import (
     normalize_address,
     open_channel,
 )
-from ntrain.client.errors import InvalidArgument, from_rpc_error
+from ntrain.client.errors import DownloadError, InvalidArgument, from_rpc_error
 from ntrain.client.states import state_value
-from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, watch_events
+from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
 # Seconds for quick requests, and for Evaluate/Predict, which run a worker process.
@@ -150,9 +151,14 @@ class Client:
         )
 
     def list(
-        self, *, states: Iterable[str | int] = (), limit: int | None = None
+        self,
+        *,
+        states: Iterable[str | int] = (),
+        labels: Mapping[str, str] | None = None,
+        limit: int | None = None,
     ) -> builtins.list[training_pb2.Job]:
-        """Jobs, newest first, in the given states (names like "RUNNING"; none: every state)."""
+        """Jobs, newest first, in the given states (names like "RUNNING"; none: every state)
+        carrying every one of `labels` ({"team": "vision"}: key and value match)."""
         wanted = [state_value(s) if isinstance(s, str) else s for s in states]
         jobs: builtins.list[training_pb2.Job] = []
         token = ""
@@ -162,6 +168,7 @@ class Client:
                 page_size=page,
                 page_token=token,
                 states=wanted,  # type: ignore[arg-type]  # JobState values are ints
+                labels=labels or {},
             )
             response = self._call(self._stub.ListJobs, request, self.timeout)
             jobs.extend(response.jobs)
@@ -213,7 +220,97 @@ class Client:
             self._stub.CancelJob, training_pb2.CancelJobRequest(job_id=job_id), self.timeout
         )
 
+    def logs(
+        self,
+        job_id: str,
+        *,
+        follow: bool = False,
+        offset: int = 0,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+    ) -> Iterator[str]:
+        """The lines of the job's training log (its worker's output), without line ends.
+
+        follow: go on as lines are written, until the job has ended (as `tail -f`
+        would, but it stops by itself); a dropped stream reconnects where it
+        stopped, as `watch` does. offset: start at this byte of the log.
+        """
+        timeout = None if follow else self.timeout
+        lines = follow_log(
+            self._stub,
+            job_id,
+            offset=offset,
+            follow=follow,
+            timeout=timeout,
+            reconnect_seconds=reconnect_seconds,
+        )
+        return self._stream(lines, timeout)
+
     # -- models ----------------------------------------------------------------------------
+
+    def download_model(
+        self, job_id: str, directory: str | os.PathLike[str], *, version: int = 1
+    ) -> Path:
+        """Download the job's SavedModel as TF Serving expects it: `directory/<version>/`.
+
+        The folder holds `saved_model.pb` and `variables/`; load it with
+        `tf.saved_model.load(path)` (signature `serving_default`: `inputs`
+        float32 [None, input_size] -> `probabilities`) or point TF Serving's
+        `--model_base_path` at `directory`. The files are written to a hidden
+        folder beside it first and renamed into place once complete.
+
+        Returns:
+            The version folder, `directory/<version>`.
+
+        Raises:
+            FailedPrecondition: the job has no trained model (it has not SUCCEEDED).
+            FileExistsError: `directory/<version>` exists already.
+            DownloadError: the server sent a path outside the folder, or no model.
+        """
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"version must be a positive integer, got {version!r}")
+        base = Path(directory)
+        target = base / str(version)
+        if target.exists():
+            raise FileExistsError(f"{target} exists already; choose another --version or folder")
+        base.mkdir(parents=True, exist_ok=True)
+        partial = base / f".{version}.partial-{uuid.uuid4().hex[:8]}"
+        partial.mkdir()
+        try:
+            self._write_model(job_id, partial)
+            if not (partial / "saved_model.pb").is_file():
+                raise DownloadError(f"the server sent no saved_model.pb for job {job_id}")
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return target
+
+    def _write_model(self, job_id: str, folder: Path) -> None:
+        request = training_pb2.DownloadModelRequest(job_id=job_id)
+        chunks = self._stub.DownloadModel(request, timeout=self.model_timeout)
+        file = None
+        path, written = "", 0
+        try:
+            for chunk in self._stream(chunks, self.model_timeout):
+                if chunk.path != path or file is None:
+                    if file is not None:
+                        file.close()
+                    destination = model_file_destination(folder, chunk.path)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    file = destination.open("xb")  # each file once: never overwrite
+                    path, written = chunk.path, 0
+                if chunk.offset != written:
+                    raise DownloadError(
+                        f"the server sent {chunk.path!r} out of order (byte {chunk.offset}, "
+                        f"expected {written})"
+                    )
+                file.write(chunk.data)
+                written += len(chunk.data)
+        finally:
+            if file is not None:
+                file.close()
+
+    # -- evaluate and predict (in the server's workers) -------------------------------------
 
     def evaluate(
         self, job_id: str, *, dataset: str | None = None, checkpoint: bool = False
@@ -272,6 +369,29 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+def model_file_destination(folder: Path, path: str) -> Path:
+    """Where a model file named `path` by the server goes inside `folder`.
+
+    Raises:
+        DownloadError: the path is empty, absolute, or climbs out (`..`), so that
+            a server can never make the client write outside the folder.
+    """
+    parts = PurePosixPath(path).parts
+    if (
+        not path
+        or "\\" in path
+        or "\0" in path
+        or path.startswith("/")
+        or any(part in ("", ".", "..") for part in parts)
+        or path != "/".join(parts)
+    ):
+        raise DownloadError(f"the server sent a model file path outside the folder: {path!r}")
+    destination = folder.joinpath(*parts)
+    if not destination.resolve().is_relative_to(folder.resolve()):
+        raise DownloadError(f"the server sent a model file path outside the folder: {path!r}")
+    return destination
+
+
 def job_spec(spec: JobSpecLike) -> training_pb2.JobSpec:
     """A JobSpec from a JobSpec, a dict in the proto3 JSON mapping, or a .json/.yaml file.
 
@@ -287,8 +407,13 @@ def job_spec(spec: JobSpecLike) -> training_pb2.JobSpec:
         try:
             text = path.read_text()
             if path.suffix in (".yaml", ".yml"):
-                import yaml  # only for YAML files: PyYAML is not one of the client's needs
-
+                try:
+                    import yaml  # only for YAML files: PyYAML is not one of the client's needs
+                except ImportError:
+                    raise InvalidArgument(
+                        f"reading {path} needs PyYAML (pip install pyyaml); "
+                        "or give the job spec as .json"
+                    ) from None
                 fields = yaml.safe_load(text)
             else:
                 fields = json.loads(text)

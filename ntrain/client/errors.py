@@ -7,12 +7,29 @@
 
 Every exception is an `NtrainError`; those from the server carry the status
 `code` and the server's `details`, and `str()` is a one-line message a person
-can act on (the command line prints exactly that).
+can act on (the command line prints exactly that). An `InvalidArgument` also
+lists the request's fields at fault in `field_violations`, from the status's
+`google.rpc.BadRequest` detail:
+
+    except ntrain.client.InvalidArgument as error:
+        error.field_violations   # (FieldViolation(field='spec.batch_size', description=...),)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """A field of the request the server refused: its path and why."""
+
+    field: str  # e.g. "spec.optimizer.learning_rate", "spec.layers[1].units"
+    description: str
 
 
 class NtrainError(Exception):
@@ -25,9 +42,16 @@ class NtrainError(Exception):
 
     code: grpc.StatusCode | None = None
 
-    def __init__(self, message: str, *, details: str = ""):
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: str = "",
+        field_violations: tuple[FieldViolation, ...] = (),
+    ):
         super().__init__(message)
         self.details = details
+        self.field_violations = field_violations
 
 
 class CredentialsError(NtrainError):
@@ -36,6 +60,10 @@ class CredentialsError(NtrainError):
 
 class AddressError(NtrainError):
     """An address the client cannot use (it carries a scheme, or no host)."""
+
+
+class DownloadError(NtrainError):
+    """A model download the client refused to write (a path outside its folder, no model)."""
 
 
 class RpcFailed(NtrainError):
@@ -151,12 +179,36 @@ def describe_rpc_error(error: grpc.RpcError, address: str, timeout: float | None
     return f"server error ({name}): {details or 'no details'}"
 
 
+def field_violations(error: grpc.RpcError) -> tuple[FieldViolation, ...]:
+    """The BadRequest field violations in a failed call's status details, if any."""
+    if not callable(getattr(error, "trailing_metadata", None)):
+        return ()
+    try:
+        status = rpc_status.from_call(error)  # a failed call is also a grpc.Call
+    except ValueError:  # details that disagree with the status: ignore them
+        return ()
+    found: list[FieldViolation] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            found.extend(
+                FieldViolation(violation.field, violation.description)
+                for violation in bad_request.field_violations
+            )
+    return tuple(found)
+
+
 def from_rpc_error(error: grpc.RpcError, address: str, timeout: float | None = None) -> RpcFailed:
     """The typed exception for a failed call, its message from `describe_rpc_error`."""
     code = error.code() if callable(getattr(error, "code", None)) else None
     details = str(error.details() or "") if callable(getattr(error, "details", None)) else ""
     cls = _BY_CODE.get(code, RpcFailed) if code is not None else RpcFailed
-    failed = cls(describe_rpc_error(error, address, timeout), details=details)
+    failed = cls(
+        describe_rpc_error(error, address, timeout),
+        details=details,
+        field_violations=field_violations(error),
+    )
     if cls is RpcFailed:
         failed.code = code
     return failed

@@ -1,4 +1,4 @@
-"""A job's events as a Python iterator that reconnects without gaps, and their typed form."""
+"""A job's events and log lines as Python iterators that reconnect without gaps."""
 
 from __future__ import annotations
 
@@ -92,4 +92,43 @@ def watch_events(
             elif now - failing_since > reconnect_seconds:
                 raise
             sleep(delay)  # back off between attempts; gRPC offers no event to wait for here
+            delay = min(delay * 2, 2.0)
+
+
+def follow_log(
+    stub: training_pb2_grpc.TrainingServiceStub,
+    job_id: str,
+    *,
+    offset: int = 0,
+    follow: bool = False,
+    timeout: float | None = None,
+    reconnect_seconds: float = RECONNECT_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[str]:
+    """The job's log lines from byte `offset`; with `follow`, until the job ends.
+
+    A followed log whose stream drops reconnects from the byte after the last
+    whole chunk received (each chunk names it), so no line is lost or
+    repeated; it gives up after `reconnect_seconds` without a connection.
+    """
+    failing_since: float | None = None
+    delay = 0.1
+    while True:
+        try:
+            request = training_pb2.GetJobLogsRequest(job_id=job_id, follow=follow, offset=offset)
+            for chunk in stub.GetJobLogs(request, timeout=timeout):
+                failing_since, delay = None, 0.1
+                offset = chunk.next_offset
+                yield from chunk.lines
+            return
+        except grpc.RpcError as error:
+            if not follow or error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            now = clock()
+            if failing_since is None:
+                failing_since = now
+            elif now - failing_since > reconnect_seconds:
+                raise
+            sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -63,6 +63,8 @@ METHOD_ACTIONS: dict[str, Action] = {
     f"/{SERVICE}/Evaluate": Action.USE_MODEL,
     f"/{SERVICE}/Predict": Action.USE_MODEL,
     f"/{SERVICE}/GetServerInfo": Action.READ,
+    f"/{SERVICE}/GetJobLogs": Action.READ,
+    f"/{SERVICE}/DownloadModel": Action.USE_MODEL,
     # Reflection describes the API: any authenticated principal may read it.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Action.READ,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Action.READ,

@@ -8,8 +8,9 @@ and the tests, not a client at run time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -20,11 +21,14 @@ from ntrain.client.states import state_name, state_value
 from service.jobs.errors import InvalidArgument
 from service.jobs.status import ServerStatus
 from service.jobs.store import Event, JobRecord
-from service.jobs.validation import MAX_STATE_FILTERS
+from service.jobs.validation import MAX_LABELS, MAX_STATE_FILTERS, check_labels
 from service.protocol import (
     EpochEnd,
     Evaluation,
     JobSpec,
+    LogLines,
+    ModelDescription,
+    ModelFilePart,
     Progress,
     StateChange,
     TrainingResult,
@@ -34,28 +38,41 @@ from service.protocol import (
 
 
 def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
-    """Convert a JobSpec message; empty names take the documented defaults.
+    """Convert a JobSpec message; unset fields take the documented defaults.
 
-    Numbers are taken as given (a zero batch size is an error, not a default),
-    so a client never trains with a value it did not mean.
+    The defaults are `TrainConfig()`'s and `JobSpec`'s (the book's network and
+    training). A number given is taken as given (an explicit zero batch size
+    is an error, not a default: the field has presence), so a client never
+    trains with a value it did not mean.
     """
     if len(message.layers) > MAX_LAYERS:  # before a dataclass is built for each
         raise InvalidArgument(
             f"layers must hold at most {MAX_LAYERS} layers, got {len(message.layers)}"
         )
+    if len(message.labels) > MAX_LABELS:  # before each is checked
+        raise InvalidArgument(
+            f"labels must hold at most {MAX_LABELS} labels, got {len(message.labels)}"
+        )
+    defaults = TrainConfig()
     optimizer = message.optimizer
+    layers = tuple(
+        LayerSpec(units=layer.units, activation=layer.activation) for layer in message.layers
+    )
     return JobSpec(
         train=TrainConfig(
-            layers=tuple(
-                LayerSpec(units=layer.units, activation=layer.activation)
-                for layer in message.layers
+            layers=layers or defaults.layers,
+            initializer=message.initializer or defaults.initializer,
+            optimizer=optimizer.name or defaults.optimizer,
+            learning_rate=(
+                optimizer.learning_rate
+                if optimizer.HasField("learning_rate")
+                else defaults.learning_rate
             ),
-            initializer=message.initializer or "glorot",
-            optimizer=optimizer.name or "rmsprop",
-            learning_rate=optimizer.learning_rate,
             momentum=optimizer.momentum,
-            batch_size=message.batch_size,
-            epochs=message.epochs,
+            batch_size=(
+                message.batch_size if message.HasField("batch_size") else defaults.batch_size
+            ),
+            epochs=message.epochs if message.HasField("epochs") else defaults.epochs,
             steps_per_execution=message.steps_per_execution,
             jit_compile=message.jit_compile,
             seed=message.seed,
@@ -73,7 +90,46 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         max_restarts=(
             message.max_restarts if message.HasField("max_restarts") else JobSpec.max_restarts
         ),
+        name=message.name,
+        labels=tuple(sorted(message.labels.items())),
     )
+
+
+# Fields the checks name by their TrainConfig or JobSpec name, where the message
+# nests them: `learning_rate` is JobSpec.optimizer.learning_rate.
+_NESTED_SPEC_FIELDS = {
+    "optimizer": "optimizer.name",
+    "learning_rate": "optimizer.learning_rate",
+    "momentum": "optimizer.momentum",
+    "strategy": "strategy.name",
+    "device_count": "strategy.device_count",
+}
+
+
+@contextlib.contextmanager
+def fields_under(message_field: str) -> Iterator[None]:
+    """Name the fields of InvalidArgument errors raised inside by their path in the request.
+
+    A check of a JobSpec names `batch_size`; in a SubmitJobRequest that field
+    is `spec.batch_size`, the path a client's BadRequest field violation gives.
+    """
+    try:
+        yield
+    except InvalidArgument as error:
+        if not error.field:
+            raise
+        head, dot, rest = error.field.partition(".")
+        field = _NESTED_SPEC_FIELDS.get(head, head) + dot + rest
+        raise InvalidArgument(error.message, field=f"{message_field}.{field}") from None
+
+
+def labels_from_proto(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The label filter of a ListJobs request, checked as a job's labels are."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"labels must hold at most {MAX_LABELS} labels, got {len(labels)}")
+    pairs = tuple(sorted(labels.items()))
+    check_labels(pairs)
+    return pairs
 
 
 def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
@@ -133,6 +189,8 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         checkpoint_every_epochs=spec.checkpoint_every_epochs,
         max_runtime_seconds=spec.max_runtime_seconds,
         max_restarts=spec.max_restarts,
+        name=spec.name,
+        labels=dict(spec.labels),
     )
 
 
@@ -182,7 +240,21 @@ def result_to_proto(result: TrainingResult) -> pb.JobResult:
     )
 
 
-def job_to_proto(record: JobRecord) -> pb.Job:
+def model_to_proto(model: ModelDescription) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        input_size=model.input_size,
+        num_classes=model.num_classes,
+        layers=[
+            pb.LayerSpec(units=layer.units, activation=layer.activation) for layer in model.layers
+        ],
+        parameters=model.parameters,
+        exported=model.exported,
+        path=str(model.path),
+        signature=model.signature,
+    )
+
+
+def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb.Job:
     job = pb.Job(
         job_id=record.job_id,
         request_id=record.request_id,
@@ -203,7 +275,17 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         job.progress.CopyFrom(progress_to_proto(record.progress))
     if record.result is not None:
         job.result.CopyFrom(result_to_proto(record.result))
+    if model is not None:
+        job.model.CopyFrom(model_to_proto(model))
     return job
+
+
+def log_lines_to_proto(lines: LogLines) -> pb.LogChunk:
+    return pb.LogChunk(lines=lines.lines, next_offset=lines.next_offset)
+
+
+def model_part_to_proto(part: ModelFilePart) -> pb.ModelChunk:
+    return pb.ModelChunk(path=part.path, data=part.data, offset=part.offset)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,6 +8,7 @@ caller before the handler runs, and the handler passes its principal on.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -26,7 +27,8 @@ from service.jobs.manager import JobManager
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Args:
-    max_streams: WatchJob streams open at once; past it, RESOURCE_EXHAUSTED.
+    max_streams: WatchJob, GetJobLogs and DownloadModel streams open at once;
+        past it, RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, manager: JobManager, *, max_streams: int = 512):
@@ -36,23 +38,30 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_request_id(request.request_id)
-        job_spec = convert.job_spec_from_proto(request.spec)
-        record = self.manager.submit(job_spec, request.request_id, principal=principal_of(context))
+        with convert.fields_under("spec"):
+            job_spec = convert.job_spec_from_proto(request.spec)
+            record = self.manager.submit(
+                job_spec, request.request_id, principal=principal_of(context)
+            )
         return convert.job_to_proto(record)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_job_id(request.job_id)
-        return convert.job_to_proto(
-            self.manager.get(request.job_id, principal=principal_of(context))
-        )
+        record = self.manager.get(request.job_id, principal=principal_of(context))
+        return convert.job_to_proto(record, self.manager.model(request.job_id))
 
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
         page_size, cursor = validation.check_page(request.page_size, request.page_token)
         states = convert.states_from_proto(request.states)
+        labels = convert.labels_from_proto(request.labels)
         records, next_cursor = self.manager.list(
-            states=states, page_size=page_size, cursor=cursor, principal=principal_of(context)
+            states=states,
+            labels=labels,
+            page_size=page_size,
+            cursor=cursor,
+            principal=principal_of(context),
         )
         return pb.ListJobsResponse(
             jobs=[convert.job_to_proto(record) for record in records],
@@ -66,13 +75,42 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         events = self.manager.watch(
             request.job_id, request.after_sequence, is_active=context.is_active
         )
-        if not self._streams.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"{self.max_streams} WatchJob streams are open, the server's limit; retry later"
-            )
-        try:
+        with self._stream_slot("WatchJob"):
             for event in events:
                 yield convert.event_to_proto(event)
+
+    def GetJobLogs(
+        self, request: pb.GetJobLogsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.LogChunk]:
+        validation.check_job_id(request.job_id)
+        pieces = self.manager.logs(
+            request.job_id, request.offset, follow=request.follow, is_active=context.is_active
+        )
+        with self._stream_slot("GetJobLogs"):
+            for lines in pieces:
+                yield convert.log_lines_to_proto(lines)
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        validation.check_job_id(request.job_id)
+        parts = self.manager.model_files(request.job_id, principal=principal_of(context))
+        with self._stream_slot("DownloadModel"):
+            for part in parts:
+                if not context.is_active():
+                    return  # the client went away: read no more of the model
+                yield convert.model_part_to_proto(part)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, method: str) -> Iterator[None]:
+        """One of the server's `max_streams` slots, held while a stream is open."""
+        if not self._streams.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{method}: {self.max_streams} streams are open (WatchJob, GetJobLogs and "
+                "DownloadModel together), the server's limit; retry later"
+            )
+        try:
+            yield
         finally:
             self._streams.release()
 

@@ -2,7 +2,10 @@
 
 `service.jobs.errors` holds plain exceptions; this table gives each its code,
 and `ExceptionToStatusInterceptor` answers every RPC that raised one with that
-code and the error's message. A request whose bytes are no valid message gets
+code and the error's message; an `InvalidArgument` that names its field also
+carries a `google.rpc.BadRequest` with that field violation in the status
+details (grpcio-status), for clients that read the standard rich error model.
+A request whose bytes are no valid message gets
 INVALID_ARGUMENT. Anything else that escapes a handler is a bug: it is logged
 with its traceback and the client gets INTERNAL with one line.
 """
@@ -14,6 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from service.api.wrapping import WrappingInterceptor
 from service.jobs import errors
@@ -53,7 +59,20 @@ def one_line(message: str) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARACTERS else text[:MAX_MESSAGE_CHARACTERS] + "..."
 
 
+def bad_request_status(error: errors.InvalidArgument) -> grpc.Status:
+    """INVALID_ARGUMENT with the message, and the field violation in a BadRequest detail."""
+    message = one_line(error.message)
+    violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    )
+
+
 def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None:
+    if isinstance(error, errors.InvalidArgument) and error.field:
+        context.abort_with_status(bad_request_status(error))
     if isinstance(error, errors.ServiceError):
         context.abort(status_code(error), one_line(error.message))
     # ServicerContext.code() exists since grpcio 1.38; the type stubs lag behind.

@@ -18,33 +18,52 @@ from pathlib import Path
 import numpy as np
 from ntrain.v1 import training_pb2
 
-from ntrain.client import Client
+from ntrain.client import Client, FailedPrecondition, job_spec
 from service.cli import output as cli_output
+from service.cli.describe import describe_job
 from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.inputs import format_layers, load_inputs, load_mnist_test
 from service.cli.progress import ProgressRenderer
 
 
 def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
-    """The JobSpec the `train` flags describe."""
-    return training_pb2.JobSpec(
-        layers=args.layers,
-        initializer=args.init,
-        optimizer=training_pb2.OptimizerSpec(
-            name=args.optimizer, learning_rate=args.lr, momentum=args.momentum
-        ),
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        dataset=args.dataset,
-        strategy=training_pb2.StrategySpec(name=args.strategy, device_count=args.devices),
-        steps_per_execution=args.steps_per_execution,
-        jit_compile=args.jit,
-        seed=args.seed,
-        precision=args.precision,
-        checkpoint_every_epochs=args.checkpoint_every,  # None leaves it to the server
-        max_runtime_seconds=args.max_runtime,
-        max_restarts=args.max_restarts,
-    )
+    """The JobSpec of `train`: the job file's (-f), with the flags given set over it.
+
+    A flag not given is not sent, so the file's value or else the server's
+    default holds (the book's network and training: see `ntrain train --help`).
+    Without a data set in either, the job trains on MNIST. Labels from flags
+    are added to the file's, replacing those with the same key.
+    """
+    spec = job_spec(args.file) if args.file else training_pb2.JobSpec()
+    if args.layers is not None:
+        del spec.layers[:]
+        spec.layers.extend(args.layers)
+    optimizer, strategy = spec.optimizer, spec.strategy
+    for message, field, value in (
+        (spec, "name", args.name),
+        (spec, "initializer", args.init),
+        (optimizer, "name", args.optimizer),
+        (optimizer, "learning_rate", args.lr),
+        (optimizer, "momentum", args.momentum),
+        (spec, "batch_size", args.batch_size),
+        (spec, "epochs", args.epochs),
+        (spec, "dataset", args.dataset),
+        (strategy, "name", args.strategy),
+        (strategy, "device_count", args.devices),
+        (spec, "steps_per_execution", args.steps_per_execution),
+        (spec, "jit_compile", args.jit),
+        (spec, "seed", args.seed),
+        (spec, "precision", args.precision),
+        (spec, "checkpoint_every_epochs", args.checkpoint_every),
+        (spec, "max_runtime_seconds", args.max_runtime),
+        (spec, "max_restarts", args.max_restarts),
+    ):
+        if value is not None:
+            setattr(message, field, value)
+    spec.labels.update(dict(args.label or ()))
+    if not spec.dataset:
+        spec.dataset = "mnist"
+    return spec
 
 
 def follow_job(
@@ -107,7 +126,7 @@ def cmd_train(args) -> int:
         return EXIT_OK
     print(
         f"job {job.job_id} submitted: {format_layers(job.spec.layers)} on {job.spec.dataset}, "
-        f"{job.spec.epochs} epochs, batch {job.spec.batch_size}, "
+        f"{cli_output.plural(job.spec.epochs, 'epoch')}, batch {job.spec.batch_size}, "
         f"{job.spec.optimizer.name} lr {job.spec.optimizer.learning_rate:g}",
         flush=True,
     )
@@ -119,13 +138,53 @@ def cmd_watch(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    jobs = args.client.list(states=args.state or (), limit=args.limit)
+    jobs = args.client.list(
+        states=args.state or (), labels=dict(args.label or ()), limit=args.limit
+    )
     if args.json:
         print(cli_output.to_json(jobs))
     elif jobs:
         print(cli_output.jobs_table(jobs))
     else:
         print("no jobs")
+    return EXIT_OK
+
+
+def cmd_describe(args) -> int:
+    job = args.client.get(args.job_id)
+    print(cli_output.to_json(job) if args.json else describe_job(job))
+    return EXIT_OK
+
+
+def cmd_logs(args) -> int:
+    for line in args.client.logs(args.job_id, follow=args.follow):
+        print(line, flush=args.follow)
+    return EXIT_OK
+
+
+def cmd_model(args) -> int:
+    try:
+        folder = args.client.download_model(args.job_id, args.output, version=args.version)
+    except OSError as error:
+        raise CliError(f"cannot write the model: {error}") from None
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    size = sum(path.stat().st_size for path in files)
+    print(
+        f"job {args.job_id}: SavedModel in {folder} ({cli_output.plural(len(files), 'file')}, "
+        f"{cli_output.format_bytes(size)}); serve it with "
+        f"--model_base_path={folder.parent.resolve()}"
+    )
+    return EXIT_OK
+
+
+def cmd_completion(args, parser: argparse.ArgumentParser) -> int:
+    try:
+        import shtab
+    except ImportError:
+        raise CliError(
+            "shell completion needs shtab: pip install 'ntrain[completion]' (or shtab)"
+        ) from None
+    print(shtab.complete(parser, shell=args.shell))
     return EXIT_OK
 
 
@@ -136,7 +195,17 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    response = args.client.evaluate(args.job_id, dataset=args.dataset, checkpoint=args.checkpoint)
+    try:
+        response = args.client.evaluate(
+            args.job_id, dataset=args.dataset, checkpoint=args.checkpoint
+        )
+    except FailedPrecondition as error:
+        if args.checkpoint:
+            raise
+        # No model (the job failed, was canceled or still runs): its checkpoint may do.
+        raise CliError(
+            f"{error}; ntrain eval {args.job_id} --checkpoint evaluates its latest checkpoint"
+        ) from None
     if args.json:
         print(cli_output.to_json(response))
     else:

@@ -2,7 +2,7 @@
 
     ntrain serve                        run a server (127.0.0.1:50051, metrics on :9101)
     ntrain train --epochs 2             submit a job and follow it with a progress bar
-    ntrain jobs | watch | cancel | eval | predict | info | health
+    ntrain jobs | describe | logs | model | watch | cancel | eval | predict | info | health
 
 Client commands talk to --address (default $NTRAIN_ADDRESS or 127.0.0.1:50051),
 with TLS when --tls-ca (or $NTRAIN_TLS_CA) names a CA, and a bearer token from

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import json_format
 from ntrain.v1 import training_pb2
@@ -22,14 +22,21 @@ _ASCII_RAMP = " .:-=+*#%@"
 
 
 def format_time(timestamp) -> str:
-    """A protobuf Timestamp in local time, or '-' when unset."""
+    """A protobuf Timestamp in local time with its zone ('2026-11-29 12:30:05 UTC'), or '-'."""
     if not timestamp.seconds and not timestamp.nanos:
         return "-"
-    return datetime.fromtimestamp(timestamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
+    local = datetime.fromtimestamp(timestamp.seconds, tz=UTC).astimezone()
+    return local.strftime("%Y-%m-%d %H:%M:%S %Z").rstrip()
 
 
 def format_percent(fraction: float) -> str:
+    """Accuracy and other fractions, everywhere the command line prints them: '92.42%'."""
     return f"{100 * fraction:.2f}%"
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -19,7 +19,7 @@ from service.cli import commands
 from service.cli.errors import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.cli.serve_parser import add_serve_parser
-from service.cli.types import positive_int
+from service.cli.types import label, positive_int
 from service.protocol import SERVICE_STRATEGIES
 
 JOB_STATE_NAMES = list(STATE_NAMES)
@@ -37,7 +37,11 @@ _EXAMPLES = """examples:
   ntrain train --epochs 2                   MNIST, 784 -> 512 relu -> 10 softmax
   JOB=$(ntrain train --detach --dataset synthetic)
   ntrain watch $JOB                         follow it (exit 0 when it SUCCEEDED)
-  ntrain jobs --state RUNNING
+  ntrain train -f job.json --label team=vision
+  ntrain jobs --state RUNNING --label team=vision
+  ntrain describe $JOB                      spec, states and why, result, model
+  ntrain logs -f $JOB                       the worker's log, as it is written
+  ntrain model $JOB -o models/mnist         models/mnist/1/saved_model.pb for TF Serving
   ntrain eval $JOB
   ntrain predict $JOB --mnist-test 5 --show
   ntrain cancel $JOB
@@ -138,88 +142,114 @@ def build_parser() -> argparse.ArgumentParser:
     hash_token.set_defaults(run=commands.cmd_token_hash)
 
     defaults = TrainConfig()
-    train = subcommands.add_parser("train", parents=[client], help="submit a job and follow it")
+    train = subcommands.add_parser(
+        "train",
+        parents=[client],
+        help="submit a job and follow it",
+        description="Submit a training job and follow it. Flags not given take the job "
+        "file's values (-f), else the server's defaults: the book's network and training "
+        "(shown below).",
+    )
+    train.add_argument(
+        "-f",
+        "--file",
+        metavar="PATH",
+        default=None,
+        help="a JobSpec in the proto3 JSON mapping (.json; .yaml/.yml with PyYAML "
+        "installed); flags given override its fields",
+    )
+    train.add_argument(
+        "--name", metavar="NAME", default=None, help="a name for people (not unique)"
+    )
+    train.add_argument(
+        "--label",
+        metavar="KEY=VALUE",
+        type=label,
+        action="append",
+        default=None,
+        help="a label to find the job by (repeatable; ntrain jobs --label)",
+    )
     train.add_argument(
         "--layers",
         metavar="SPEC",
         type=parse_layers,
-        default=parse_layers(format_layers(defaults.layers)),
+        default=None,
         help=f"UNITS:ACTIVATION,... (default {format_layers(defaults.layers)})",
     )
     train.add_argument(
         "--init",
         choices=INITIALIZERS,
-        default=defaults.initializer,
+        default=None,
         help=f"weight initialiser (default {defaults.initializer})",
     )
     train.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        default=defaults.optimizer,
+        default=None,
         help=f"(default {defaults.optimizer})",
     )
     train.add_argument(
         "--lr",
         metavar="RATE",
         type=float,
-        default=defaults.learning_rate,
+        default=None,
         help=f"learning rate (default {defaults.learning_rate:g})",
     )
     train.add_argument(
         "--momentum",
         metavar="M",
         type=float,
-        default=defaults.momentum,
+        default=None,
         help="for sgd and momentum (default 0: plain sgd, 0.9 for momentum)",
     )
     train.add_argument(
         "--batch-size",
         metavar="N",
         type=int,
-        default=defaults.batch_size,
+        default=None,
         help=f"global batch size (default {defaults.batch_size})",
     )
     train.add_argument(
         "--epochs",
         metavar="N",
         type=int,
-        default=defaults.epochs,
+        default=None,
         help=f"(default {defaults.epochs})",
     )
     train.add_argument(
         "--dataset",
         metavar="NAME",
-        default="mnist",
+        default=None,
         help="mnist, synthetic, or a file in the server's data dir (default mnist)",
     )
     train.add_argument(
         "--strategy",
         choices=SERVICE_STRATEGIES,
-        default="auto",
+        default=None,
         help="distribution strategy (default auto)",
     )
     train.add_argument(
         "--devices",
         metavar="N",
         type=int,
-        default=0,
+        default=None,
         help="GPUs the job asks for (default 0: the strategy's default)",
     )
     train.add_argument(
         "--steps-per-execution",
         metavar="N",
         type=int,
-        default=defaults.steps_per_execution,
+        default=None,
         help="steps per compiled call (default 0: a whole epoch)",
     )
-    train.add_argument("--jit", action="store_true", help="compile with XLA")
+    train.add_argument("--jit", action="store_true", default=None, help="compile with XLA")
     train.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default=defaults.precision,
+        default=None,
         help=f"compute dtype; weights stay float32 (default {defaults.precision})",
     )
-    train.add_argument("--seed", metavar="N", type=int, default=defaults.seed, help="(default 0)")
+    train.add_argument("--seed", metavar="N", type=int, default=None, help="(default 0)")
     train.add_argument(
         "--checkpoint-every",
         metavar="N",
@@ -238,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-runtime",
         metavar="SECONDS",
         type=float,
-        default=0.0,
+        default=None,
         help="seconds before the job fails (default 0: no limit)",
     )
     train.add_argument(
@@ -259,9 +289,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="only jobs in this state (repeatable)",
     )
     jobs.add_argument(
+        "--label",
+        metavar="KEY=VALUE",
+        type=label,
+        action="append",
+        help="only jobs with this label (repeatable: every one must match)",
+    )
+    jobs.add_argument(
         "--limit", metavar="N", type=positive_int, default=20, help="at most N jobs (default 20)"
     )
     jobs.set_defaults(run=commands.cmd_jobs)
+
+    describe = subcommands.add_parser(
+        "describe",
+        parents=[client, as_json],
+        help="one job in full: spec, states and why, progress, result, model",
+    )
+    describe.add_argument("job_id", metavar="JOB")
+    describe.set_defaults(run=commands.cmd_describe)
+
+    logs = subcommands.add_parser(
+        "logs", parents=[client], help="print a job's training log (its worker's output)"
+    )
+    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="go on printing lines as they are written, until the job ends",
+    )
+    logs.set_defaults(run=commands.cmd_logs)
+
+    model = subcommands.add_parser(
+        "model",
+        parents=[client],
+        help="download a job's SavedModel, laid out as TF Serving expects",
+        description="Writes DIR/VERSION/saved_model.pb and DIR/VERSION/variables/: point "
+        "TF Serving's --model_base_path at DIR, or tf.saved_model.load(DIR/VERSION).",
+    )
+    model.add_argument("job_id", metavar="JOB")
+    model.add_argument(
+        "-o", "--output", metavar="DIR", required=True, help="the model's base folder"
+    )
+    model.add_argument(
+        "--version",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="the version folder to write (default 1; it must not exist yet)",
+    )
+    model.set_defaults(run=commands.cmd_model, default_timeout=MODEL_TIMEOUT)
 
     watch = subcommands.add_parser("watch", parents=[client], help="follow a job until it ends")
     watch.add_argument("job_id", metavar="JOB")
@@ -329,4 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--service", metavar="NAME", default="", help="service name to check (default: the server)"
     )
     health.set_defaults(run=commands.cmd_health, default_timeout=5.0)
+
+    completion = subcommands.add_parser(
+        "completion",
+        help="print a shell completion script (needs shtab: pip install 'ntrain[completion]')",
+        description="bash: ntrain completion bash > ~/.local/share/bash-completion/completions/"
+        "ntrain; zsh: ntrain completion zsh > a folder of your $fpath, named _ntrain.",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(run=lambda args: commands.cmd_completion(args, parser))
     return parser

@@ -103,7 +103,7 @@ def format_plain_progress(progress: ProgressLike) -> str:
     epochs = f"/{progress.epochs}" if progress.epochs else ""
     return (
         f"epoch {progress.epoch}{epochs} step {progress.step_in_epoch}/{progress.steps_per_epoch}"
-        f" loss {progress.loss:.4f} accuracy {progress.accuracy:.4f}"
+        f" loss {progress.loss:.4f} accuracy {100 * progress.accuracy:.2f}%"
         f" {progress.examples_per_second:.0f} examples/s"
     )
 

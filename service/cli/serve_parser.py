@@ -104,7 +104,8 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         metavar="N",
         type=positive_int,
         default=None,
-        help="WatchJob streams open at once, each on a thread of its own (default 512)",
+        help="WatchJob, GetJobLogs and DownloadModel streams open at once, each on a thread "
+        "of its own (default 512)",
     )
     serve.add_argument(
         "--checkpoint-seconds",

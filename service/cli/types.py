@@ -24,3 +24,11 @@ def positive_seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
+
+
+def label(text: str) -> tuple[str, str]:
+    """KEY=VALUE (the value may be empty); the server checks the characters."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"must look like KEY=VALUE, got {text!r}")
+    return key, value

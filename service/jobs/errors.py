@@ -7,6 +7,8 @@ table, as kserve's `ExceptionToStatusInterceptor` does.
 
 from __future__ import annotations
 
+import re
+
 
 class ServiceError(Exception):
     """A request the service refuses; `message` is one line for the client."""
@@ -16,8 +18,27 @@ class ServiceError(Exception):
         self.message = message
 
 
+# A message that starts with a field's name: "layers[1].units must be ...".
+_NAMED_FIELD = re.compile(
+    r"([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*(?:\[\d+\])?)*)"
+    r" (?:must|holds|has) "
+)
+
+
 class InvalidArgument(ServiceError):
-    """A field of the request is invalid; the message names it and its value."""
+    """A field of the request is invalid; the message names it and its value.
+
+    `field` is that field's path ("batch_size", "layers[1].units"): given, or
+    read from the start of the message, where every check of this service
+    names it ("" when the message does not start with one).
+    """
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        if not field:
+            named = _NAMED_FIELD.match(message)
+            field = named.group(1) if named else ""
+        self.field = field
 
 
 class NotFound(ServiceError):

@@ -16,6 +16,7 @@ client that names its last sequence misses nothing and sees nothing twice.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import platform
 import threading
@@ -29,6 +30,7 @@ from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_req
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     Unavailable,
 )
@@ -40,6 +42,7 @@ from service.jobs.inference import (
     model_cache_bytes,
 )
 from service.jobs.lifecycle import JobLifecycle
+from service.jobs.outputs import describe_model, model_parts, read_log_lines
 from service.jobs.reporting import JobMetrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
 from service.jobs.scheduler import (
@@ -56,6 +59,10 @@ from service.protocol import (
     Evaluation,
     JobEventPayload,
     JobSpec,
+    LogLines,
+    ModelDescription,
+    ModelFilePart,
+    ModelInfo,
     Predictions,
     StateChange,
 )
@@ -66,6 +73,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
+# How often a followed log is read again for new lines (its job's events wake it too).
+LOG_POLL_SECONDS = 0.5
 
 
 class JobManager(JobLifecycle):
@@ -251,12 +260,18 @@ class JobManager(JobLifecycle):
         self,
         *,
         states: tuple[str, ...] = (),
+        labels: tuple[tuple[str, str], ...] = (),
         page_size: int = 50,
         cursor: int | None = None,
         principal: Principal = LOCAL,
     ) -> tuple[list[JobRecord], int | None]:
-        """Every owner's jobs, newest first, as `principal` may see them (see `get`)."""
-        records, next_cursor = self.store.list_jobs(states=states, limit=page_size, before=cursor)
+        """Every owner's jobs, newest first, as `principal` may see them (see `get`).
+
+        Only jobs in one of `states` (none: any), carrying every one of `labels`.
+        """
+        records, next_cursor = self.store.list_jobs(
+            states=states, labels=labels, limit=page_size, before=cursor
+        )
         return [self._as_seen_by(principal, record) for record in records], next_cursor
 
     @staticmethod
@@ -304,23 +319,96 @@ class JobManager(JobLifecycle):
             if not is_active():
                 return
 
+    def model(self, job_id: str) -> ModelDescription | None:
+        """The job's model (None before its training started), exported or not yet."""
+        record = self.get(job_id)
+        files = self.store.job_files(job_id)
+        try:
+            info = ModelInfo(**json.loads(files.model_info.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None  # not written yet (or being written as training starts)
+        return describe_model(info, record.spec.train, files.model)
+
+    def logs(
+        self,
+        job_id: str,
+        offset: int = 0,
+        *,
+        follow: bool = False,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[LogLines]:
+        """The job's training log from byte `offset`, as whole lines in bounded pieces.
+
+        With `follow` it goes on as the worker writes, until the job has
+        ended and its log was read to the end, the manager shuts down, or
+        `is_active()` turns false (the client went away).
+
+        Raises:
+            NotFound: no such job (raised here, before iterating).
+            InvalidArgument: a negative `offset`.
+        """
+        if offset < 0:
+            raise InvalidArgument(f"offset must be 0 or positive, got {offset}")
+        self.get(job_id)
+        return self._follow_log(job_id, offset, follow, is_active)
+
+    def _follow_log(
+        self, job_id: str, offset: int, follow: bool, is_active: Callable[[], bool]
+    ) -> Iterator[LogLines]:
+        path = self.store.job_files(job_id).train_log
+        while True:
+            # The state is read before the file: a job that has ended wrote its last line.
+            ended = self.get(job_id).finished or self._closed
+            lines = read_log_lines(path, offset, final=ended or not follow)
+            if lines is not None:
+                yield lines
+                offset = lines.next_offset
+                continue
+            if not follow or ended or not is_active():
+                return
+            with self._lock:
+                # Log lines wake nobody; a state change does, and the poll finds new lines.
+                self.feed.wait_for_change(job_id, LOG_POLL_SECONDS)
+
+    def model_files(self, job_id: str, *, principal: Principal = LOCAL) -> Iterator[ModelFilePart]:
+        """The files of the job's exported SavedModel, in bounded pieces.
+
+        Raises:
+            NotFound: no such job (raised here, before iterating).
+            PermissionDenied: a trainer's job of another owner, or a viewer.
+            FailedPrecondition: the job has no exported model.
+        """
+        record = self._model_job(job_id, principal)
+        files = self.store.job_files(job_id)
+        if not files.has_model():
+            raise FailedPrecondition(
+                f"job {job_id} has no trained model (state {record.state}); "
+                "a model exists once the job has SUCCEEDED"
+            )
+        return model_parts(files.model)
+
     def cancel(
         self, job_id: str, wait: float = CANCEL_WAIT_SECONDS, *, principal: Principal = LOCAL
     ) -> JobRecord:
-        """Cancel a queued or running job; a finished job is returned unchanged.
+        """Cancel a queued or running job.
 
         A running job reports CANCELED only after its worker process is gone and
-        its devices are free; this waits up to `wait` seconds for that.
+        its devices are free; this waits up to `wait` seconds for that. A job
+        already CANCELLING is waited for again.
 
         Raises:
             NotFound: no such job.
             PermissionDenied: a trainer's job of another owner, or a viewer.
+            FailedPrecondition: the job has already ended (nothing to cancel).
         """
         with self._lock:
             record = self.get(job_id)
             authorize(principal, Action.CANCEL, record.owner)
             if record.finished:
-                return self._as_seen_by(principal, record)
+                raise FailedPrecondition(
+                    f"job {job_id} already ended {record.state}; only a queued or running "
+                    "job can be canceled"
+                )
             runner = self._runners.get(job_id)
             if runner is None:  # still queued
                 self.scheduler.remove(job_id)

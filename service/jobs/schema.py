@@ -1,8 +1,14 @@
-"""The SQLite schema of the job store, and the migration from its first version."""
+"""The SQLite schema of the job store, and the migrations from its earlier versions.
+
+Version 4 added `job_labels`; a version 3 database gains the (empty) table when
+SCHEMA runs on it, since no job had labels before: nothing else changes.
+"""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# Versions a server of this schema opens (and migrates to SCHEMA_VERSION); 0 is a new file.
+OPENS_VERSIONS = (0, 1, 3, SCHEMA_VERSION)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
@@ -31,6 +37,14 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,                     -- JSON of the payload dataclass of `kind`
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
+-- A job's labels (also in its spec), one row each, for ListJobs' label filter.
+CREATE TABLE IF NOT EXISTS job_labels (
+    job_id TEXT NOT NULL REFERENCES jobs (job_id),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (job_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_labels_by_label ON job_labels (key, value);
 """
 # Version 1 had no owner, restarts or checkpoint, and request_id UNIQUE over
 # all jobs. SQLite cannot drop a column's UNIQUE constraint, so the table is

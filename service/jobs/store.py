@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.jobs.schema import MIGRATE_1, SCHEMA, SCHEMA_VERSION
+from service.jobs.schema import MIGRATE_1, OPENS_VERSIONS, SCHEMA, SCHEMA_VERSION
 from service.protocol import (
     JOB_STATES,
     TERMINAL_STATES,
@@ -121,7 +121,7 @@ class Store:
         with self._lock:
             # Refuse a database from a newer server before writing anything to it.
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in OPENS_VERSIONS:
                 self._db.close()
                 raise RuntimeError(
                     f"{self.path} has schema version {version}; this server knows {SCHEMA_VERSION}"
@@ -183,6 +183,10 @@ class Store:
                     record.state,
                     record.create_time,
                 ),
+            )
+            self._db.executemany(
+                "INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
+                [(record.job_id, key, value) for key, value in record.spec.labels],
             )
             self._insert_event(record.job_id, 1, time, payload)
         return Event(record.job_id, 1, time, payload)
@@ -274,9 +278,16 @@ class Store:
             return None if row is None else self._record(row)
 
     def list_jobs(
-        self, *, states: tuple[str, ...] = (), limit: int = 50, before: int | None = None
+        self,
+        *,
+        states: tuple[str, ...] = (),
+        labels: tuple[tuple[str, str], ...] = (),
+        limit: int = 50,
+        before: int | None = None,
     ) -> tuple[list[JobRecord], int | None]:
         """Jobs newest first, `limit` at most, created before cursor `before`.
+
+        Only jobs in one of `states` (when given) carrying every one of `labels`.
 
         Returns:
             The jobs and the cursor of the next page (None on the last page).
@@ -287,6 +298,9 @@ class Store:
             distinct = sorted(set(states))  # a long repeated list is a handful of states
             where.append(f"state IN ({', '.join('?' for _ in distinct)})")
             params.extend(distinct)
+        for key, value in labels:
+            where.append("job_id IN (SELECT job_id FROM job_labels WHERE key = ? AND value = ?)")
+            params.extend((key, value))
         if before is not None:
             where.append("seq < ?")
             params.append(before)

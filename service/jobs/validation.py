@@ -47,6 +47,13 @@ MAX_PAGE_SIZE = 1000
 # a client means, and every entry costs a query parameter.
 MAX_STATE_FILTERS = 64
 _JOB_ID = re.compile(r"^[a-z0-9-]{1,64}$")
+MAX_NAME_LENGTH = 128
+# Labels as Kubernetes has them: a name of 63 characters at most, alphanumeric at
+# both ends with - _ . inside; a key may have a DNS subdomain prefix and "/".
+MAX_LABELS = 32
+MAX_LABEL_PREFIX_LENGTH = 253
+_LABEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 
 
 def validate_job_spec(
@@ -75,6 +82,13 @@ def validate_job_spec(
     """
     if not spec.train.layers:
         raise InvalidArgument("layers must hold at least one layer, got none")
+    if not spec.dataset:
+        raise InvalidArgument(
+            "dataset must name a data set (mnist, synthetic, or a file in the server's data "
+            "directory), got none"
+        )
+    check_name(spec.name)
+    check_labels(spec.labels)
     info = lookup_dataset(spec.dataset, data_dir)
     demand = demand_for(
         spec.strategy, spec.device_count, host_gpus, batch_size=spec.train.batch_size
@@ -166,6 +180,40 @@ def _check_memory(
 
 def _gib(count: int) -> str:
     return f"{count / 1024**3:.1f} GiB"
+
+
+def check_name(name: str) -> None:
+    if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise InvalidArgument(
+            f"name must be at most {MAX_NAME_LENGTH} printable characters, got {shown(name)}"
+        )
+
+
+def check_labels(labels: Sequence[tuple[str, str]]) -> None:
+    """Keys and values as Kubernetes labels have them, and at most `MAX_LABELS` of them."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"labels must hold at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels:
+        prefix, slash, name = key.rpartition("/")
+        if not (
+            _LABEL_NAME.fullmatch(name)
+            and (
+                not slash
+                or (len(prefix) <= MAX_LABEL_PREFIX_LENGTH and _LABEL_PREFIX.fullmatch(prefix))
+            )
+        ):
+            raise InvalidArgument(
+                f"labels holds a key that is no label name (at most 63 letters, digits, "
+                f"'-', '_' or '.', alphanumeric at both ends, after an optional DNS prefix "
+                f"and '/'): {shown(key)}",
+                field=f"labels[{shown(key)}]",
+            )
+        if value and not _LABEL_NAME.fullmatch(value):
+            raise InvalidArgument(
+                f"labels[{shown(key)}] must be empty or at most 63 letters, digits, '-', '_' "
+                f"or '.', alphanumeric at both ends, got {shown(value)}",
+                field=f"labels[{shown(key)}]",
+            )
 
 
 def check_request_id(request_id: str) -> None:

@@ -1,9 +1,10 @@
 """The tasks a worker runs, each a thin adapter over naive_model.
 
 Training runs naive_model's outer loop (`run_training`) and forwards its
-typed events to the server unchanged; the adapter adds only what is the
-service's: which strategy the scheduler chose, the job directory's layout,
-and GPU memory readings. This module imports TensorFlow (through naive_model).
+typed events to the server unchanged, and to naive_model's TensorBoard writer
+in the job's directory; the adapter adds only what is the service's: which
+strategy the scheduler chose, the job directory's layout, and GPU memory
+readings. This module imports TensorFlow (through naive_model).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from naive_model.config import StrategyConfig
 from naive_model.data import Dataset, find_mnist, load_dataset
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import EpochEnd
+from naive_model.tensorboard import TensorBoardWriter
 from naive_model.trainer import TrainingDiverged, TrainingStopped
 from service.protocol import (
     DeviceMemory,
@@ -121,9 +123,12 @@ def train(
     info = ModelInfo(input_size=dataset.input_size, num_classes=dataset.num_classes)
     files.model_info.write_text(json.dumps(asdict(info)))
     send(Running(replicas=trainer.num_replicas))
+    # A restarted job writes into the same folder; the writer continues its steps.
+    tensorboard = TensorBoardWriter(files.tensorboard, learning_rate=spec.train.learning_rate)
 
     def on_event(event) -> None:
         send(event)
+        tensorboard(event)
         if isinstance(event, EpochEnd) and task.cuda_visible_devices:
             memory = _gpu_memory(task.gpu_names)
             if memory.bytes_in_use:
@@ -148,6 +153,8 @@ def train(
         send(Stopped(epoch=stopped.epoch, step=stopped.step))
     except TrainingDiverged as diverged:
         send(Failed(reason=str(diverged)))
+    finally:
+        tensorboard.close()
 
 
 def _gpu_memory(gpu_names: tuple[str, ...]) -> DeviceMemory:

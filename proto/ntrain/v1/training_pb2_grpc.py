@@ -74,6 +74,16 @@ class TrainingServiceStub:
                 request_serializer=ntrain_dot_v1_dot_training__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=ntrain_dot_v1_dot_training__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetJobLogs = channel.unary_stream(
+                '/ntrain.v1.TrainingService/GetJobLogs',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.GetJobLogsRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.DownloadModel = channel.unary_stream(
+                '/ntrain.v1.TrainingService/DownloadModel',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.ModelChunk.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -111,7 +121,8 @@ class TrainingServiceServicer:
 
     def CancelJob(self, request, context):
         """Stops a queued or running job. A running job's worker process is gone and
-        its devices are free before the job reports CANCELED.
+        its devices are free before the job reports CANCELED. A job that has
+        already ended is FAILED_PRECONDITION (and stays as it was).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +142,24 @@ class TrainingServiceServicer:
 
     def GetServerInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobLogs(self, request, context):
+        """The job's training log (its worker's output, `train.log`) as whole lines,
+        from a byte offset; with `follow`, goes on as lines are written until the
+        job has ended. Counts against the server's --max-streams with WatchJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadModel(self, request, context):
+        """The job's exported SavedModel, file by file in chunks of at most 1 MiB,
+        for a client to lay out as TF Serving expects (`DIR/<version>/...`).
+        FAILED_PRECONDITION until the job has SUCCEEDED with a model.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -177,6 +206,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=ntrain_dot_v1_dot_training__pb2.GetServerInfoRequest.FromString,
                     response_serializer=ntrain_dot_v1_dot_training__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetJobLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobLogs,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.GetJobLogsRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.LogChunk.SerializeToString,
+            ),
+            'DownloadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadModel,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.DownloadModelRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.ModelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +434,60 @@ class TrainingService:
             '/ntrain.v1.TrainingService/GetServerInfo',
             ntrain_dot_v1_dot_training__pb2.GetServerInfoRequest.SerializeToString,
             ntrain_dot_v1_dot_training__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/GetJobLogs',
+            ntrain_dot_v1_dot_training__pb2.GetJobLogsRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/DownloadModel',
+            ntrain_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,199 @@
+"""describe, logs, model download, names and labels, server defaults: against a real server.
+
+One server and one job trained from a spec that names only its data set (so
+the server's defaults are what trained it); the client and the command line
+are the real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from ntrain.v1 import training_pb2 as pb
+
+import ntrain.client as client
+from naive_model.config import TrainConfig
+from naive_model.data import synthetic_dataset
+from service.cli.main import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+LABELS = {"suite": "commands", "team.example.com/owner": "ada"}
+TINY = [{"units": 10, "activation": "softmax"}]  # one layer: a job that trains in a moment
+
+
+def run_cli(*argv: str) -> SimpleNamespace:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli_main(list(argv))
+    return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from service_harness import RunningServer
+
+    running = RunningServer(tmp_path_factory.mktemp("state"), warm_worker=False)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with client.Client(f"127.0.0.1:{server.server.port}") as connected:
+        yield connected
+
+
+@pytest.fixture(scope="module")
+def finished(api) -> pb.Job:
+    """A job whose spec names only its data set (plus a name and labels), trained to the end."""
+    job = api.submit({"dataset": "synthetic", "name": "defaults", "labels": LABELS})
+    ended = api.wait(job.job_id)
+    assert ended.state == pb.JOB_STATE_SUCCEEDED, ended.failure_reason
+    return ended
+
+
+def test_a_spec_with_only_a_data_set_trains_with_the_books_defaults(finished):
+    book = TrainConfig()
+    spec = finished.spec
+    assert [(layer.units, layer.activation) for layer in spec.layers] == [
+        (layer.units, layer.activation) for layer in book.layers
+    ]
+    assert (spec.initializer, spec.optimizer.name, spec.optimizer.learning_rate) == (
+        book.initializer,
+        book.optimizer,
+        book.learning_rate,
+    )
+    assert (spec.batch_size, spec.epochs, spec.strategy.name) == (book.batch_size, 5, "auto")
+    assert (spec.checkpoint_every_epochs, spec.max_restarts) == (1, 2)
+    assert finished.result.steps == 5 * (2048 // 128)  # 5 epochs of the synthetic set
+    assert (spec.name, dict(spec.labels)) == ("defaults", LABELS)
+
+
+def test_labels_find_jobs_and_bad_fields_come_back_as_field_violations(api, finished):
+    assert [job.job_id for job in api.list(labels={"suite": "commands"})] == [finished.job_id]
+    assert [job.job_id for job in api.list(labels=LABELS, states=["SUCCEEDED"])] == [
+        finished.job_id
+    ]
+    assert api.list(labels={"suite": "commands", "team.example.com/owner": "bob"}) == []
+    with pytest.raises(client.InvalidArgument) as refused:
+        api.list(labels={"-bad": "x"})
+    assert refused.value.field_violations[0].field.startswith("labels[")
+
+    for spec, field in [
+        ({"dataset": "synthetic", "batchSize": 0}, "spec.batch_size"),
+        (
+            {"dataset": "synthetic", "optimizer": {"learningRate": -1}},
+            "spec.optimizer.learning_rate",
+        ),
+        (
+            {
+                "dataset": "synthetic",
+                "layers": [
+                    {"units": 64, "activation": "relu"},
+                    {"units": 7, "activation": "softmax"},
+                ],
+            },
+            "spec.layers[1].units",
+        ),
+        ({"dataset": "synthetic", "labels": {"a": "no spaces"}}, "spec.labels['a']"),
+        ({"dataset": "synthetic", "name": "x" * 129}, "spec.name"),
+    ]:
+        with pytest.raises(client.InvalidArgument) as refused:
+            api.submit(spec)
+        (violation,) = refused.value.field_violations
+        assert violation.field == field, (spec, refused.value)
+        assert violation.description == refused.value.details  # the one-line message
+
+
+def test_describe_shows_the_spec_states_result_and_model(server, finished):
+    address = f"127.0.0.1:{server.server.port}"
+    described = run_cli("describe", finished.job_id, "--address", address)
+    assert described.status == 0, described.err
+    text = described.out
+    for expected in (
+        f"job          {finished.job_id}",
+        "name         defaults",
+        "labels       suite=commands, team.example.com/owner=ada",
+        "state        SUCCEEDED",
+        "layers       512:relu,10:softmax (glorot initialiser)",
+        "training     5 epochs, batch 128, a whole epoch per compiled call",
+        "result:      test accuracy ",
+        "model:       784 inputs -> 512:relu,10:softmax, 10 classes, 407,050 parameters",
+        f"ntrain model {finished.job_id} -o DIR downloads it",
+    ):
+        assert expected in text, (expected, text)
+    transitions = text.split("transitions:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    states = [line.split()[3] for line in transitions[1:]]  # date, time, zone, state
+    assert states == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"], transitions
+    as_json = json.loads(run_cli("describe", finished.job_id, "--json", "--address", address).out)
+    assert as_json["model"]["exported"] is True and as_json["model"]["input_size"] == 784
+
+
+def test_logs_are_the_workers_and_follow_ends_with_the_job(server, api, finished):
+    lines = list(api.logs(finished.job_id))
+    assert any(line.endswith(" worker: strategy: OneDeviceStrategy over CPU:0") for line in lines)
+    printed = run_cli("logs", finished.job_id, "--address", f"127.0.0.1:{server.server.port}")
+    assert printed.status == 0 and printed.out.splitlines() == lines
+
+    job = api.submit({"dataset": "synthetic", "layers": TINY, "epochs": 2})
+    followed = list(api.logs(job.job_id, follow=True))  # returns once the job has ended
+    assert api.get(job.job_id).state == pb.JOB_STATE_SUCCEEDED
+    assert followed == list(api.logs(job.job_id)) and len(followed) >= 3
+
+
+def test_the_downloaded_model_predicts_as_the_server_does(server, api, finished, tmp_path):
+    folder = api.download_model(finished.job_id, tmp_path / "models")
+    assert folder == tmp_path / "models" / "1"
+    assert (folder / "saved_model.pb").is_file() and (folder / "variables").is_dir()
+    assert [path.name for path in (tmp_path / "models").iterdir()] == ["1"]  # no leftovers
+    with pytest.raises(FileExistsError):
+        api.download_model(finished.job_id, tmp_path / "models")
+    written = run_cli(
+        "model", finished.job_id, "-o", str(tmp_path / "models"), "--version", "2",
+        "--address", f"127.0.0.1:{server.server.port}",
+    )  # fmt: skip
+    assert written.status == 0, written.err
+    assert f"SavedModel in {tmp_path / 'models' / '2'}" in written.out
+
+    inputs = synthetic_dataset().x_test[:16]  # (16, 784)
+    np.save(tmp_path / "inputs.npy", inputs)
+    expected = api.predict(finished.job_id, inputs)
+    load = textwrap.dedent(
+        f"""
+        import numpy as np, tensorflow as tf
+        serve = tf.saved_model.load({str(folder)!r}).signatures["serving_default"]
+        inputs = tf.constant(np.load({str(tmp_path / "inputs.npy")!r}))
+        np.save({str(tmp_path / "loaded.npy")!r}, serve(inputs=inputs)["probabilities"].numpy())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", load], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "loaded.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_job_without_a_model_cannot_be_downloaded_and_eval_points_to_checkpoint(
+    server, api, tmp_path
+):
+    job = api.submit({"dataset": "synthetic", "epochs": 100_000, "layers": TINY})
+    assert api.cancel(job.job_id).state == pb.JOB_STATE_CANCELED
+    with pytest.raises(client.FailedPrecondition, match="already ended CANCELED"):
+        api.cancel(job.job_id)
+    with pytest.raises(client.FailedPrecondition, match="has no trained model"):
+        api.download_model(job.job_id, tmp_path / "models")
+    assert list((tmp_path / "models").iterdir()) == []  # the partial folder is gone
+    evaluated = run_cli("eval", job.job_id, "--address", f"127.0.0.1:{server.server.port}")
+    assert evaluated.status == 1 and evaluated.err.count("\n") == 1
+    assert evaluated.err.rstrip().endswith(
+        f"ntrain eval {job.job_id} --checkpoint evaluates its latest checkpoint"
+    )
