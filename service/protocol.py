@@ -179,8 +179,14 @@ class StopTraining:
     """Server to a training worker: checkpoint at the next compiled-call boundary, then end."""
 
 
-# What the server sends a worker: its one task, and for training perhaps a stop.
-ServerMessage = TrainTask | EvaluateTask | PredictTask | StopTraining
+@dataclass(frozen=True)
+class DescribeCache:
+    """Server to the inference worker: which models it holds (it answers `ModelCacheState`)."""
+
+
+# What the server sends a worker: its one task, and for training perhaps a stop;
+# the inference worker takes Evaluate and Predict tasks, and DescribeCache, one after another.
+ServerMessage = TrainTask | EvaluateTask | PredictTask | StopTraining | DescribeCache
 
 
 # -- events: what a worker tells the server ------------------------------------------
@@ -244,6 +250,16 @@ class Predictions:
     probabilities: Any  # (examples, classes) float32 numpy array
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelCacheState:
+    """What the inference worker holds loaded, and how often it loaded a model."""
+
+    models: tuple[Path, ...]  # the job directories whose models it holds, least recent first
+    model_bytes: int  # their weights
+    data_bytes: int  # the test splits it keeps for Evaluate
+    loads: int  # models loaded from disk since the worker started (misses and reloads)
+
+
 WorkerEvent = (
     Ready
     | Running
@@ -257,6 +273,7 @@ WorkerEvent = (
     | Failed
     | Evaluation
     | Predictions
+    | ModelCacheState
 )
 
 
@@ -275,6 +292,7 @@ JobEventPayload = StateChange | Progress | EpochEnd | TrainingResult
 
 __all__ = [
     "CheckpointSaved",
+    "DescribeCache",
     "DeviceMemory",
     "EpochEnd",
     "Evaluation",
@@ -285,6 +303,7 @@ __all__ = [
     "JobFiles",
     "JobSpec",
     "LogLines",
+    "ModelCacheState",
     "ModelDescription",
     "ModelFilePart",
     "ModelInfo",

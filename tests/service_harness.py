@@ -98,9 +98,23 @@ class RunningServer:
 
 
 def child_worker_pids() -> set[int]:
-    """PIDs of this process's children that are ntrain worker processes."""
+    """PIDs of this process's children that are job or warm worker processes.
+
+    The inference worker, which stays up between Evaluate and Predict
+    requests, is not among them: see `inference_worker_pids`.
+    """
+    return {pid for pid, command in _child_workers() if b"--model-cache" not in command}
+
+
+def inference_worker_pids() -> set[int]:
+    """PIDs of this process's children that are inference workers (service.worker.serving)."""
+    return {pid for pid, command in _child_workers() if b"--model-cache" in command}
+
+
+def _child_workers() -> list[tuple[int, bytes]]:
+    """(pid, command line) of this process's children that run service.worker.main."""
     me = os.getpid()
-    found = set()
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -111,7 +125,7 @@ def child_worker_pids() -> set[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == me and b"service.worker.main" in cmdline:
-            found.add(int(entry.name))
+            found.append((int(entry.name), cmdline))
     return found
 
 

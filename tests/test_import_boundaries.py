@@ -152,7 +152,7 @@ def test_the_library_imports_no_service_code():
 def test_the_worker_imports_no_grpc_nor_generated_protobuf_code():
     modules = _modules_after(
         "import sys; sys.argv = ['worker']\n"
-        "import service.worker.main, service.worker.tasks\n"
+        "import service.worker.main, service.worker.tasks, service.worker.serving\n"
         "service.worker.tasks.import_tensorflow()"
     )
     assert _loaded(modules, "tensorflow")

@@ -158,21 +158,11 @@ def test_model_tasks_past_the_bound_are_refused_at_once():
     answered = []
 
     class BlockedWorker:
-        def send(self, task):
-            pass
-
-        def receive(self, timeout):
+        def run(self, task, timeout):
             release.wait(30)
             return Predictions(probabilities=[[1.0]])
 
-        def wait(self, timeout):
-            return 0
-
-    class Pool:
-        def take(self):
-            return BlockedWorker()
-
-    tasks = ModelTasks(None, Pool(), data_dir=None, on_worker_returned=lambda: None, max_tasks=2)
+    tasks = ModelTasks(None, BlockedWorker(), data_dir=None, max_tasks=2)
     task = PredictTask(job_dir=Path("/nonexistent"), inputs=[[0.0]])
     running = [
         threading.Thread(target=lambda: answered.append(tasks._run_task(task, Predictions)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
-from service.jobs.inference import DEFAULT_MAX_TASKS
+from service.jobs.inference import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 
 
@@ -39,6 +39,7 @@ class ServerConfig:
     max_queue: int = 64
     max_cpu_jobs: int = 1
     max_model_tasks: int = DEFAULT_MAX_TASKS
+    model_cache: int = DEFAULT_MODEL_CACHE  # models the inference worker keeps loaded
     jobs_per_gpu: int = 1
     backfill_seconds: float = BACKFILL_SECONDS
     auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS

@@ -12,6 +12,7 @@ import contextlib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
@@ -149,8 +150,13 @@ def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))  # each state once: one query parameter each
 
 
-def predict_rows(request: pb.PredictRequest) -> list[list[float]]:
-    return [list(example.values) for example in request.inputs]
+def predict_rows(request: pb.PredictRequest) -> list[np.ndarray]:
+    """Each example's values as a float32 array, (values,), as the proto holds them.
+
+    numpy copies the repeated field in C: a list of Python floats per example,
+    checked value by value, took 5-10x as long for 1,024 MNIST-sized examples.
+    """
+    return [np.asarray(example.values, dtype=np.float32) for example in request.inputs]
 
 
 # -- protocol -> responses ---------------------------------------------------------

@@ -131,6 +131,7 @@ class TrainingServer:
             max_queue=config.max_queue,
             max_cpu_jobs=config.max_cpu_jobs,
             max_model_tasks=config.max_model_tasks,
+            model_cache=config.model_cache,
             jobs_per_gpu=config.jobs_per_gpu,
             backfill_seconds=config.backfill_seconds,
             auto_gpu_wait_seconds=config.auto_gpu_wait_seconds,

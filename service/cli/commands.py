@@ -327,6 +327,7 @@ def cmd_serve(args) -> int:
         "max_queue": args.max_queue,
         "max_cpu_jobs": args.max_cpu_jobs,
         "max_model_tasks": args.max_model_tasks,
+        "model_cache": args.model_cache,
         "jobs_per_gpu": args.jobs_per_gpu,
         "backfill_seconds": args.backfill_seconds,
         "auto_gpu_wait_seconds": args.auto_gpu_wait,

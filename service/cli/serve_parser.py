@@ -53,8 +53,16 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         metavar="N",
         type=positive_int,
         default=None,
-        help="Evaluate and Predict requests running at once, each in a worker process; "
-        "more are refused (default 2)",
+        help="Evaluate and Predict requests running or waiting for the inference worker at "
+        "once; more are refused (default 8)",
+    )
+    serve.add_argument(
+        "--model-cache",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="trained models the inference worker keeps loaded for Evaluate and Predict, "
+        "least recently used dropped first (default 4)",
     )
     serve.add_argument(
         "--jobs-per-gpu",

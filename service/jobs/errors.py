@@ -66,7 +66,7 @@ class ResourceExhausted(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """The server is shutting down."""
+    """The server is shutting down, or a worker process it needs ended: retry."""
 
 
 class WorkerError(ServiceError):

@@ -1,74 +1,119 @@
-"""Evaluate and Predict on a job's model: checked here, run in a worker process.
+"""Evaluate and Predict on a job's model: checked here, answered by the inference worker.
 
-A task borrows a worker from the pool (the warm one when it is there), sends
-it an `EvaluateTask` or `PredictTask`, and waits for the answer; the worker
-runs on the CPU and ends after answering.
+Every task goes to one long-lived worker process (service.worker.serving) that
+keeps recently used models and test splits loaded, on the CPU; tasks wait
+their turn for it, and past `max_tasks` running or waiting a request is
+refused at once. When that process dies during a task, the task is sent once
+more, to a new process; when that one dies too, or a process hangs, the
+request is answered UNAVAILABLE, and the next one starts a new process.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from naive_model.config import shown
+from naive_model.config import RUNTIME_BYTES, shown
+from naive_model.npz import host_memory_bytes
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
     WorkerError,
 )
-from service.jobs.runner import STOP_AFTER_ANSWER_SECONDS
 from service.jobs.store import JobRecord, Store
+from service.jobs.validation import HOST_MEMORY_SHARE
 from service.protocol import (
+    DescribeCache,
     EvaluateTask,
     Evaluation,
     Failed,
+    ModelCacheState,
     ModelInfo,
     Predictions,
     PredictTask,
-    Task,
     WorkerEvent,
 )
-from service.worker.pool import WorkerPool
+from service.worker.inference import DEFAULT_MODEL_CACHE, InferenceWorker, WorkerGone
+
+log = logging.getLogger(__name__)
 
 TASK_TIMEOUT_SECONDS = 600.0
-# Each task is a TensorFlow process with the model and perhaps a data set
-# loaded (about 0.6 GiB and up): past this many at once, requests are refused.
-DEFAULT_MAX_TASKS = 2
+DESCRIBE_TIMEOUT_SECONDS = 60.0
+# Tasks share the one inference worker and wait their turn for it: past this
+# many running or waiting, requests are refused rather than queued on server threads.
+DEFAULT_MAX_TASKS = 8
 Answer = TypeVar("Answer", Evaluation, Predictions)
+
+# DEFAULT_MODEL_CACHE is named here for service.api, which imports no service.worker module.
+__all__ = ["DEFAULT_MAX_TASKS", "DEFAULT_MODEL_CACHE", "ModelTasks", "model_cache_bytes"]
+
+
+def model_cache_bytes(host_bytes: int | None = None) -> int:
+    """What the inference worker's kept models and test splits may take.
+
+    A job's share of the host (as validation allows a training job) less
+    TensorFlow's own footprint: the worker is counted as one more job. 0 when
+    the host's memory is unknown (no bound but the model count).
+    """
+    host = host_memory_bytes() if host_bytes is None else host_bytes
+    if not host:
+        return 0
+    return max(1, int(HOST_MEMORY_SHARE * host) - RUNTIME_BYTES)
 
 
 class ModelTasks:
     """Runs Evaluate and Predict tasks on jobs' models.
 
     Args:
-        on_worker_returned: called after each task's worker ended (the job
-            manager refills the warm pool then, when the host is idle).
-        max_tasks: tasks running at once; one more is refused with
-            `ResourceExhausted` at once rather than queued on a server thread.
+        worker: the inference worker that answers the tasks, one at a time.
+        max_tasks: tasks running or waiting for the worker at once; one more
+            is refused with `ResourceExhausted` at once rather than queued on
+            a server thread.
     """
 
     def __init__(
         self,
         store: Store,
-        pool: WorkerPool,
+        worker: InferenceWorker,
         *,
         data_dir: Path | None,
-        on_worker_returned: Callable[[], None],
         max_tasks: int = DEFAULT_MAX_TASKS,
     ):
         if max_tasks < 1:
             raise ValueError(f"max_tasks must be at least 1, got {max_tasks}")
         self.store = store
-        self.pool = pool
+        self.worker = worker
         self.data_dir = data_dir
         self.max_tasks = max_tasks
         self._slots = threading.BoundedSemaphore(max_tasks)
-        self._on_worker_returned = on_worker_returned
+
+    def warm_up(self) -> None:
+        """Start the inference worker ahead of the first task (when the host is idle)."""
+        self.worker.warm_up()
+
+    def close(self) -> None:
+        """Stop the inference worker; a task in flight is answered UNAVAILABLE."""
+        self.worker.close()
+
+    def cache_state(self) -> ModelCacheState:
+        """What the inference worker holds (starting it if it is not running).
+
+        Raises:
+            Unavailable: the worker ended before it answered.
+        """
+        try:
+            event = self.worker.run(DescribeCache(), DESCRIBE_TIMEOUT_SECONDS)
+        except WorkerGone as gone:
+            raise Unavailable(str(gone)) from None
+        if not isinstance(event, ModelCacheState):
+            raise WorkerError(f"the inference worker answered {type(event).__name__}")
+        return event
 
     def evaluate(self, record: JobRecord, dataset: str, use_checkpoint: bool) -> Evaluation:
         """Loss and accuracy of the job's model (or latest checkpoint) on a test split."""
@@ -130,20 +175,18 @@ class ModelTasks:
             )
         return info
 
-    def _run_task(self, task: Task, answer_type: type[Answer]) -> Answer:
-        """Run an Evaluate or Predict task in a worker process (on the CPU)."""
+    def _run_task(self, task: EvaluateTask | PredictTask, answer_type: type[Answer]) -> Answer:
+        """Run an Evaluate or Predict task on the inference worker (on the CPU)."""
         name = type(task).__name__.removesuffix("Task").lower()
         if not self._slots.acquire(blocking=False):
             raise ResourceExhausted(
-                f"{name}: {self.max_tasks} Evaluate or Predict task(s) are running, the most "
-                "this server runs at once (ntrain serve --max-model-tasks); retry later"
+                f"{name}: {self.max_tasks} Evaluate or Predict task(s) are running or waiting, "
+                "the most this server takes at once (ntrain serve --max-model-tasks); retry later"
             )
         try:
-            event = self._answer(task)
+            event = self._answer(name, task)
         finally:
             self._slots.release()
-        if event is None:
-            raise WorkerError(f"the worker did not answer in {TASK_TIMEOUT_SECONDS:.0f} s")
         if isinstance(event, Failed) and (event.data_missing or event.data_unusable):
             raise FailedPrecondition(f"{name}: {event.reason}")
         if not isinstance(event, answer_type):
@@ -151,16 +194,19 @@ class ModelTasks:
             raise WorkerError(f"{name} failed in its worker: {reason}")
         return event
 
-    def _answer(self, task: Task) -> WorkerEvent | None:
-        """The event a worker answers `task` with; None when it did not answer in time."""
-        worker = self.pool.take()
-        event: WorkerEvent | None
+    def _answer(self, name: str, task: EvaluateTask | PredictTask) -> WorkerEvent:
+        """The worker's answer; a task whose worker died goes once more, to a new one.
+
+        Raises:
+            Unavailable: no worker answered (both died, one hung, or the server is closing).
+        """
         try:
-            worker.send(task)
-            event = worker.receive(TASK_TIMEOUT_SECONDS)
-        except (EOFError, OSError):
-            event = Failed(reason=f"the worker exited with code {worker.stop()}")
-        finally:
-            worker.wait(STOP_AFTER_ANSWER_SECONDS)
-            self._on_worker_returned()
-        return event
+            return self.worker.run(task, TASK_TIMEOUT_SECONDS)
+        except WorkerGone as gone:
+            if not gone.may_retry:
+                raise Unavailable(f"{name}: {gone}; retry later") from None
+            log.warning("%s: %s; sending the task to a new inference worker", name, gone)
+        try:
+            return self.worker.run(task, TASK_TIMEOUT_SECONDS)
+        except WorkerGone as gone:
+            raise Unavailable(f"{name}: {gone}, twice; retry later") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from service.devices import DeviceInventory
 from service.jobs.feed import JobFeed
+from service.jobs.inference import ModelTasks
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import JobRunner, RunOutcome
 from service.jobs.scheduler import Assignment, Demand, Scheduler
@@ -48,6 +49,7 @@ class JobLifecycle:
     data_dir: Path | None
     checkpoint_seconds: float | None
     pool: WorkerPool
+    models: ModelTasks
     scheduler: Scheduler
     feed: JobFeed
     _lock: threading.RLock
@@ -185,6 +187,8 @@ class JobLifecycle:
             idle = not self._runners and not self.scheduler.queue_length and not self._closed
         if idle:
             self.pool.refill()
+            if self.pool.warm_enabled:  # the inference worker, too, imports ahead when idle
+                self.models.warm_up()
         self.metrics.set_warm_workers(self.pool.warm_ready)
 
     def _mark_running(self, job_id: str, replicas: int) -> None:

@@ -35,7 +35,12 @@ from service.jobs.errors import (
     Unavailable,
 )
 from service.jobs.feed import JobFeed
-from service.jobs.inference import DEFAULT_MAX_TASKS, ModelTasks
+from service.jobs.inference import (
+    DEFAULT_MAX_TASKS,
+    DEFAULT_MODEL_CACHE,
+    ModelTasks,
+    model_cache_bytes,
+)
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.outputs import describe_model, model_parts, read_log_lines
 from service.jobs.reporting import JobMetrics
@@ -61,6 +66,7 @@ from service.protocol import (
     Predictions,
     StateChange,
 )
+from service.worker.inference import InferenceWorker
 from service.worker.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,7 @@ class JobManager(JobLifecycle):
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
+        model_cache: int = DEFAULT_MODEL_CACHE,
         worker_held_fds: tuple[int, ...] = (),
         clock: Callable[[], float] = time.time,
     ):
@@ -126,9 +133,14 @@ class JobManager(JobLifecycle):
         self._closed = False
         self.models = ModelTasks(
             store,
-            self.pool,
+            InferenceWorker(
+                model_cache=model_cache,
+                cache_bytes=model_cache_bytes(),
+                log_path=store.state_dir / "inference.log",
+                dataset=("mnist", data_dir),  # the default data set's test split, for Evaluate
+                held_fds=worker_held_fds,
+            ),
             data_dir=data_dir,
-            on_worker_returned=self._refill_when_idle,
             max_tasks=max_model_tasks,
         )
 
@@ -185,6 +197,7 @@ class JobManager(JobLifecycle):
         for runner in runners:
             runner.join(STOP_AFTER_ANSWER_SECONDS + 5.0)
         self.pool.close()
+        self.models.close()
         self.feed.wake_all()
 
     # -- requests -------------------------------------------------------------

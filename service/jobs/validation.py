@@ -18,6 +18,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from naive_model import data
 from naive_model.config import shown
 from naive_model.data import DatasetInfo
@@ -294,7 +296,7 @@ def check_predict_count(count: int) -> None:
         )
 
 
-def check_predict_inputs(rows: Sequence[Sequence[float]], input_size: int) -> None:
+def check_predict_inputs(rows: Sequence[Sequence[float] | np.ndarray], input_size: int) -> None:
     """The inputs of a Predict request, checked against the model's input size."""
     check_predict_count(len(rows))
     for index, values in enumerate(rows):
@@ -302,5 +304,5 @@ def check_predict_inputs(rows: Sequence[Sequence[float]], input_size: int) -> No
             raise InvalidArgument(
                 f"inputs[{index}] must hold the model's {input_size} values, got {len(values)}"
             )
-        if not all(math.isfinite(value) for value in values):
+        if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
             raise InvalidArgument(f"inputs[{index}] holds a non-finite value")

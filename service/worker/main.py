@@ -1,8 +1,12 @@
-"""The worker process's entry point: one task, then the process ends.
+"""The worker process's entry point: one task, then the process ends; or the inference worker.
 
     python -m service.worker.main --fd N [--preload] [--log PATH] [--dataset NAME]
+    python -m service.worker.main --fd N --preload --model-cache N --cache-bytes B ...
 
-The server starts one per job (and per Evaluate or Predict). A warm worker
+The server starts one per job. With `--model-cache` the process is the
+inference worker instead (service.worker.serving): it answers Evaluate and
+Predict tasks one after another, keeping models loaded, until the server
+closes its socket. A warm worker
 (`--preload`) imports TensorFlow first, says `Ready`, and waits; TensorFlow is
 imported but not initialised, so the task can still choose its GPUs
 (CUDA_VISIBLE_DEVICES) and split the CPU into logical devices. This module
@@ -40,12 +44,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", default=None, help="output file until the task names one")
     parser.add_argument("--dataset", default=None, help="a data set to load while waiting")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--model-cache", type=int, default=0, help="serve models, keeping this many loaded"
+    )
+    parser.add_argument(
+        "--cache-bytes", type=int, default=0, help="what kept models and test splits may take"
+    )
     args = parser.parse_args(argv)
     conn = Connection(args.fd)
     _exit_with_parent()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.log is not None:
         _redirect_output(Path(args.log))
+    if args.model_cache:
+        _serve_models(conn, args)
+        return
     if args.preload:
         from service.worker import tasks  # imports TensorFlow: the point of a warm worker
 
@@ -58,6 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     except EOFError:
         return  # the server let this warm worker go
     run_task(conn, task)
+
+
+def _serve_models(conn: Connection, args: argparse.Namespace) -> None:
+    """The inference worker: on the CPU, warmed up, then answering until the server lets go."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Evaluate and Predict run on the CPU
+    from service.worker import serving  # imports TensorFlow
+
+    server = serving.ModelServer(max_models=args.model_cache, cache_bytes=args.cache_bytes)
+    server.warm_up(args.dataset, Path(args.data_dir) if args.data_dir else None)
+    conn.send(Ready())
+    serving.serve(conn, server)
 
 
 def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> None:

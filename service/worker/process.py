@@ -101,6 +101,8 @@ def spawn_worker(
     log_path: Path | None = None,
     dataset: tuple[str, Path | None] | None = None,
     held_fds: tuple[int, ...] = (),
+    model_cache: int = 0,
+    cache_bytes: int = 0,
 ) -> WorkerProcess:
     """Start a worker process; with `preload` it imports TensorFlow right away.
 
@@ -109,6 +111,9 @@ def spawn_worker(
         dataset: (name, data_dir) of a data set a warm worker loads while it waits.
         held_fds: descriptors the worker inherits and keeps open until it ends
             (the state directory's lock).
+        model_cache: when positive, the process is the inference worker and
+            keeps this many models loaded (service.worker.serving), and their
+            weights and its test splits within `cache_bytes`.
     """
     server_end, worker_end = socket.socketpair()
     command = [sys.executable, "-m", "service.worker.main", "--fd", str(worker_end.fileno())]
@@ -121,6 +126,8 @@ def spawn_worker(
         command += ["--dataset", name]
         if data_dir is not None:
             command += ["--data-dir", str(data_dir)]
+    if model_cache:
+        command += ["--model-cache", str(model_cache), "--cache-bytes", str(cache_bytes)]
     # The worker finds this package as the server does, installed or not.
     path = [_source_root(), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(part for part in path if part))
