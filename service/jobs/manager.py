@@ -37,7 +37,7 @@ from service.jobs.errors import (
 from service.jobs.feed import JobFeed
 from service.jobs.inference import DEFAULT_MAX_TASKS, ModelTasks
 from service.jobs.lifecycle import JobLifecycle
-from service.jobs.outputs import describe_model, model_parts, read_log_lines
+from service.jobs.outputs import describe_model, log_size, model_parts, read_log_lines
 from service.jobs.reporting import JobMetrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
 from service.jobs.scheduler import (
@@ -332,11 +332,17 @@ class JobManager(JobLifecycle):
 
         Raises:
             NotFound: no such job (raised here, before iterating).
-            InvalidArgument: a negative `offset`.
+            InvalidArgument: a negative `offset`, or one past the log's end.
+            FailedPrecondition: train.log is a symbolic link or no regular file.
         """
         if offset < 0:
             raise InvalidArgument(f"offset must be 0 or positive, got {offset}")
         self.get(job_id)
+        size = log_size(self.store.job_files(job_id).train_log)
+        if offset > size:  # a resumed stream names an offset it was given: never past the end
+            raise InvalidArgument(
+                f"offset must be at most the log's size ({size} bytes), got {offset}"
+            )
         return self._follow_log(job_id, offset, follow, is_active)
 
     def _follow_log(
@@ -367,7 +373,9 @@ class JobManager(JobLifecycle):
         """
         record = self._model_job(job_id, principal)
         files = self.store.job_files(job_id)
-        if not files.has_model():
+        # The model is exported before the job reports its result: until then a
+        # worker restarted from its checkpoint may export it again, replacing it.
+        if record.state != "SUCCEEDED" or not files.has_model():
             raise FailedPrecondition(
                 f"job {job_id} has no trained model (state {record.state}); "
                 "a model exists once the job has SUCCEEDED"
