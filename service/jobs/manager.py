@@ -22,6 +22,7 @@ import platform
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
+# Jobs whose model GetJob keeps in memory (each kept until its job changes).
+MODEL_CACHE_SIZE = 1024
 # How often a followed log is read again for new lines (its job's events wake it too).
 LOG_POLL_SECONDS = 0.5
 
@@ -122,6 +125,9 @@ class JobManager(JobLifecycle):
         # that job's watchers when it changes.
         self._lock = threading.RLock()
         self.feed = JobFeed(store, self._lock)
+        # GetJob's model per job: (the job's last_sequence when read, the model).
+        self._models: OrderedDict[str, tuple[int, ModelDescription | None]] = OrderedDict()
+        self._models_lock = threading.Lock()
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
         self.models = ModelTasks(
@@ -307,12 +313,32 @@ class JobManager(JobLifecycle):
                 return
 
     def model(self, job_id: str) -> ModelDescription | None:
-        """The job's model (None before its training started), exported or not yet."""
+        """The job's model (None before its training started), exported or not yet.
+
+        GetJob asks at every call, so the answer is kept per job until the job
+        next changes (its `last_sequence`): the worker writes model.json before
+        it reports RUNNING and exports the model before it reports the result,
+        so every change of the model comes with a new event.
+        """
         record = self.get(job_id)
-        files = self.store.job_files(job_id)
+        with self._models_lock:
+            cached = self._models.get(job_id)
+            if cached is not None and cached[0] == record.last_sequence:
+                self._models.move_to_end(job_id)
+                return cached[1]
+        model = self._read_model(record)
+        with self._models_lock:
+            self._models[job_id] = (record.last_sequence, model)
+            self._models.move_to_end(job_id)
+            if len(self._models) > MODEL_CACHE_SIZE:
+                self._models.popitem(last=False)
+        return model
+
+    def _read_model(self, record: JobRecord) -> ModelDescription | None:
+        files = self.store.job_files(record.job_id)
         try:
             info = ModelInfo(**json.loads(files.model_info.read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError):
             return None  # not written yet (or being written as training starts)
         return describe_model(info, record.spec.train, files.model)
 
