@@ -173,6 +173,20 @@ def test_logs_of_a_finished_job_show_its_training(server, finished):
     assert training[-1].endswith("; model exported")
 
 
+def test_logs_of_a_diverged_job_end_with_why_it_failed(api):
+    spec = {
+        "dataset": "synthetic",
+        "layers": [{"units": 64, "activation": "relu"}, *TINY],
+        "optimizer": {"name": "sgd", "learningRate": 1e20},
+        "epochs": 1,
+    }
+    job = api.wait(api.submit(spec).job_id)
+    assert job.state == pb.JOB_STATE_FAILED
+    lines = list(api.logs(job.job_id))
+    assert lines[-1].endswith(f" worker: training failed: {job.failure_reason}"), lines[-3:]
+    assert any(" worker: epoch 1/1 step " in line for line in lines)
+
+
 def test_log_offsets_past_the_end_and_a_linked_log_are_refused(server, api, finished, caplog):
     caplog.set_level(logging.INFO)
     size = sum(len(line.encode()) + 1 for line in api.logs(finished.job_id))

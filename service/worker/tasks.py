@@ -152,8 +152,10 @@ def train(
     try:
         run_training(trainer, options, on_event=on_event, should_stop=should_stop)
     except TrainingStopped as stopped:
+        _log(f"{stopped} as asked, after saving a checkpoint")
         send(Stopped(epoch=stopped.epoch, step=stopped.step))
     except TrainingDiverged as diverged:
+        _log(f"training failed: {diverged}")
         send(Failed(reason=str(diverged)))
     finally:
         tensorboard.close()
