@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import subprocess
 import sys
 import textwrap
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
 from ntrain.v1 import training_pb2 as pb
@@ -148,6 +150,89 @@ def test_logs_are_the_workers_and_follow_ends_with_the_job(server, api, finished
     followed = list(api.logs(job.job_id, follow=True))  # returns once the job has ended
     assert api.get(job.job_id).state == pb.JOB_STATE_SUCCEEDED
     assert followed == list(api.logs(job.job_id)) and len(followed) >= 3
+
+
+def test_logs_of_a_finished_job_show_its_training(server, finished):
+    printed = run_cli("logs", finished.job_id, "--address", f"127.0.0.1:{server.server.port}")
+    assert printed.status == 0, printed.err
+    training = [
+        line.split(" worker: ", 1)[1] for line in printed.out.splitlines() if " worker: " in line
+    ]
+    progress = [line for line in training if line.startswith("epoch ") and " step " in line]
+    # One line per compiled call: a first call of one step, then whole epochs of 16.
+    assert progress[0].startswith("epoch 1/5 step 1/16 (global 1): loss ")
+    assert progress[-1].startswith("epoch 5/5 step 16/16 (global 80): loss ")
+    assert all(" accuracy " in line and line.endswith(" examples/s") for line in progress)
+    for epoch in range(1, 6):
+        (ended,) = [line for line in training if line.startswith(f"epoch {epoch} ended after ")]
+        assert "; evaluation loss " in ended, ended
+        assert any(line.startswith(f"checkpoint saved at epoch {epoch} ") for line in training)
+    accuracy = f"{finished.result.test_accuracy:.2%}"
+    assert training[-1].startswith("training finished: test loss ")
+    assert f" accuracy {accuracy}; 80 steps in " in training[-1]
+    assert training[-1].endswith("; model exported")
+
+
+def test_logs_of_a_diverged_job_end_with_why_it_failed(api):
+    spec = {
+        "dataset": "synthetic",
+        "layers": [{"units": 64, "activation": "relu"}, *TINY],
+        "optimizer": {"name": "sgd", "learningRate": 1e20},
+        "epochs": 1,
+    }
+    job = api.wait(api.submit(spec).job_id)
+    assert job.state == pb.JOB_STATE_FAILED
+    lines = list(api.logs(job.job_id))
+    assert lines[-1].endswith(f" worker: training failed: {job.failure_reason}"), lines[-3:]
+    assert any(" worker: epoch 1/1 step " in line for line in lines)
+
+
+def test_log_offsets_past_the_end_and_a_linked_log_are_refused(server, api, finished, caplog):
+    caplog.set_level(logging.INFO)
+    size = sum(len(line.encode()) + 1 for line in api.logs(finished.job_id))
+    for offset, follow in [(size + 1, False), (2**62, True), (2**63 - 1, False)]:
+        request = pb.GetJobLogsRequest(job_id=finished.job_id, offset=offset, follow=follow)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(server.stub.GetJobLogs(request, timeout=30))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == (
+            f"offset must be at most the log's size ({size} bytes), got {offset}"
+        )
+    assert list(api.logs(finished.job_id, offset=size)) == []
+
+    job = api.submit({"dataset": "synthetic", "layers": TINY, "epochs": 1})
+    assert api.wait(job.job_id).state == pb.JOB_STATE_SUCCEEDED
+    files = server.manager.store.job_files(job.job_id)
+    secret = files.root.parent.parent / "secret.txt"
+    secret.write_text("SECRET\n")
+    files.train_log.unlink()
+    files.train_log.symlink_to(secret)
+    with pytest.raises(client.FailedPrecondition, match="train.log is not a regular file"):
+        list(api.logs(job.job_id))
+    model = files.model.rename(files.root / "model.real")
+    files.model.symlink_to(model)
+    with pytest.raises(client.FailedPrecondition, match="is a symbolic link"):
+        api.download_model(job.job_id, files.root.parent.parent / "downloads")
+    assert "Traceback" not in caplog.text
+
+
+def test_get_job_reads_a_jobs_model_once_until_the_job_changes(server, api, finished):
+    first = api.get(finished.job_id)
+    assert first.model.exported and first.model.input_size == 784
+    info = server.manager.store.job_files(finished.job_id).model_info
+    saved = info.read_text()
+    info.unlink()  # GetJob no longer reads it: the job has not changed since
+    try:
+        assert api.get(finished.job_id).model == first.model
+    finally:
+        info.write_text(saved)
+
+    job = api.submit({"dataset": "synthetic", "layers": TINY, "epochs": 1})
+    seen = [api.get(job.job_id)]  # queued or just starting: no model, and that is kept too
+    assert not seen[0].model.exported
+    api.wait(job.job_id)
+    ended = api.get(job.job_id)  # the job changed: its model is read again
+    assert ended.model.exported and ended.model.num_classes == 10
 
 
 def test_the_downloaded_model_predicts_as_the_server_does(server, api, finished, tmp_path):

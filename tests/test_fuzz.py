@@ -5,8 +5,10 @@ least 500 requests) holds raw bytes that are no protobuf message, huge and
 negative numbers, overflowing integers, NaN and infinities, Unicode and long
 strings, path traversal, a symbolic link out of the data directory, an .npz
 whose header declares (10^11, 784), and a data set with NaN values for
-Evaluate. Every request but that last one is refused before any worker
-starts; one tiny job is trained first so that Evaluate and Predict have a
+Evaluate; GetJobLogs and DownloadModel with bad ids and offsets; names and
+labels (10^5 entries, megabyte keys and values, Unicode, invalid keys) on
+SubmitJob and ListJobs. Every request but the NaN data set is refused before
+any worker starts; one tiny job is trained first so that Evaluate and Predict have a
 model to be refused against. Afterwards the server must answer Health.Check
 SERVING and GetServerInfo, must have stored no job of the corpus, and its log
 must hold no traceback. The counts per status code are printed (`-s`).
@@ -35,7 +37,12 @@ pytestmark = pytest.mark.slow
 
 SERVICE = "/ntrain.v1.TrainingService/"
 UNARY = ("SubmitJob", "GetJob", "ListJobs", "CancelJob", "Evaluate", "Predict", "GetServerInfo")
-STREAMS = (SERVICE + "WatchJob", "/grpc.health.v1.Health/Watch")
+STREAMS = (
+    SERVICE + "WatchJob",
+    SERVICE + "GetJobLogs",
+    SERVICE + "DownloadModel",
+    "/grpc.health.v1.Health/Watch",
+)
 CORPUS_SECONDS = 600  # the whole corpus; each call has its own deadline too
 CALL_TIMEOUT = 60
 
@@ -150,6 +157,34 @@ BAD_JOB_IDS = [
 ]
 
 
+BAD_NAMES = ("n" * 129, "n" * 1_000_000, "line\nbreak", "\x00", "\u200b" * 10, "\U0001f600" * 200)
+
+
+def bad_labels() -> list[dict[str, str]]:
+    """Label maps no job may carry: too many, too long, not label names, Unicode."""
+    return [
+        {f"k{index}": "v" for index in range(100_000)},
+        {f"k{index}": "v" for index in range(33)},
+        {"k": "v" * 1_000_000},
+        {"k" * 1_000_000: "v"},
+        {"k" * 64: "v"},
+        {"k": "v" * 64},
+        {"": "v"},
+        {"-k": "v"},
+        {"k-": "v"},
+        {"../k": "v"},
+        {"/k": "v"},
+        {"Example.COM/k": "v"},
+        {"a" * 254 + "/k": "v"},
+        {"k": "has space"},
+        {"k": "\x00"},
+        {"\u043a\u043b\u044e\u0447": "v"},
+        {"k": "\u00e9" * 1000},
+        {"k\n": "v"},
+        {"\U0001f600": "\U0001f600"},
+    ]
+
+
 def submit_cases(rng: random.Random) -> list[pb.SubmitJobRequest]:
     """Each mutation alone makes the spec invalid; a case applies one to three of them."""
     big_model_host = host_memory_bytes()
@@ -233,6 +268,8 @@ def submit_cases(rng: random.Random) -> list[pb.SubmitJobRequest]:
             for value in (-1.0, math.nan, math.inf, -math.inf, 1e9, 1.8e308)
         ),
         *({"max_restarts": value} for value in (-1, 101, 2**31 - 1, -(2**31))),
+        *({"name": value} for value in BAD_NAMES),
+        *({"labels": value} for value in bad_labels()),
     ]
     # A model only the memory check refuses, while this host cannot hold it.
     wide = job_spec(
@@ -291,7 +328,16 @@ def corpus(job_id: str, rng: random.Random) -> list[tuple[str, object]]:
             (SERVICE + "WatchJob", pb.WatchJobRequest(job_id=bad)),
             (SERVICE + "Evaluate", pb.EvaluateRequest(job_id=bad, use_checkpoint=True)),
             (SERVICE + "Predict", pb.PredictRequest(job_id=bad, inputs=[pb.Example(values=[0])])),
+            (SERVICE + "GetJobLogs", pb.GetJobLogsRequest(job_id=bad)),
+            (SERVICE + "GetJobLogs", pb.GetJobLogsRequest(job_id=bad, follow=True)),
+            (SERVICE + "DownloadModel", pb.DownloadModelRequest(job_id=bad)),
         ]
+    for offset in (-1, -(2**63), 2**31, 2**62, 2**63 - 1):
+        for follow in (False, True):
+            request = pb.GetJobLogsRequest(job_id=job_id, offset=offset, follow=follow)
+            cases.append((SERVICE + "GetJobLogs", request))
+    for labels in bad_labels():
+        cases.append((SERVICE + "ListJobs", pb.ListJobsRequest(labels=labels)))
     for after in (-1, -(2**63), -(2**31)):
         cases.append(
             (SERVICE + "WatchJob", pb.WatchJobRequest(job_id=job_id, after_sequence=after))

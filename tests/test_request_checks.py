@@ -180,3 +180,29 @@ def test_model_tasks_past_the_bound_are_refused_at_once():
         thread.join(10)
     assert len(answered) == 2
     assert isinstance(tasks._run_task(task, Predictions), Predictions)  # slots came back
+
+
+def test_a_field_violation_cuts_a_huge_field_and_message():
+    from google.rpc import error_details_pb2, status_pb2
+
+    from service.api.status import bad_request_status
+
+    status = bad_request_status(InvalidArgument("m" * 1_000_000, field="labels[" + "k" * 10**6))
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    assert len(details) < 4096  # far under gRPC's 8 KiB default metadata limit
+    decoded = status_pb2.Status.FromString(details)
+    (violation,) = error_details_pb2.BadRequest.FromString(
+        decoded.details[0].value
+    ).field_violations
+    assert len(violation.field) <= 303 and violation.field.startswith("labels[kkk")
+    assert len(violation.description) <= 1003 and violation.description == status.details
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [{"k": "v" * 1_000_000}, {"k" * 1_000_000: "v"}, {"\u043a" * 10_000: "\u00e9" * 10_000}],
+)
+def test_a_label_echoed_in_an_error_is_cut(labels):
+    with pytest.raises(InvalidArgument) as refused:
+        convert.labels_from_proto(labels)
+    assert len(refused.value.message) < 500 and len(refused.value.field) < 150

@@ -106,3 +106,33 @@ def test_streams_past_the_limit_are_refused(tmp_path):
             channel.close()
     finally:
         server.stop()
+
+
+def test_cancelled_log_follows_give_back_every_place(tmp_path):
+    """Clients that follow a log and go away mid-stream, again and again, leak no place."""
+    server = RunningServer(tmp_path, warm_worker=False, max_streams=2, max_cpu_jobs=1)
+    try:
+        running = server.submit(job_spec(epochs=100_000))
+        queued = server.submit(job_spec(epochs=1, seed=9))  # waits behind it: never ends here
+        server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
+        request = pb.GetJobLogsRequest(job_id=queued.job_id, follow=True)
+        for _ in range(3):  # each round takes both places, then gives them back
+            deadline = time.monotonic() + 10
+            calls = []
+            while len(calls) < 2:
+                assert time.monotonic() < deadline, "cancelled follows did not free their places"
+                call = server.stub.GetJobLogs(request, timeout=30)
+                time.sleep(0.3)  # a refusal comes at once; an open follow sends nothing yet
+                if call.done():
+                    assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    continue
+                calls.append(call)
+            refused = server.stub.GetJobLogs(request, timeout=30)
+            with pytest.raises(grpc.RpcError) as error:
+                next(refused)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls:
+                call.cancel()
+        server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
+    finally:
+        server.stop()

@@ -27,6 +27,8 @@ from service.jobs import errors
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARACTERS = 1000
+# A field violation's path; the checks cut the client's part of it (a label key) already.
+MAX_FIELD_CHARACTERS = 300
 
 STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,7 +64,10 @@ def one_line(message: str) -> str:
 def bad_request_status(error: errors.InvalidArgument) -> grpc.Status:
     """INVALID_ARGUMENT with the message, and the field violation in a BadRequest detail."""
     message = one_line(error.message)
-    violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=message)
+    field = error.field
+    if len(field) > MAX_FIELD_CHARACTERS:  # the net under the checks, as for the message
+        field = field[:MAX_FIELD_CHARACTERS] + "..."
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return rpc_status.to_status(

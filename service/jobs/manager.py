@@ -22,6 +22,7 @@ import platform
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from service.jobs.inference import (
     model_cache_bytes,
 )
 from service.jobs.lifecycle import JobLifecycle
-from service.jobs.outputs import describe_model, model_parts, read_log_lines
+from service.jobs.outputs import describe_model, log_size, model_parts, read_log_lines
 from service.jobs.reporting import JobMetrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
 from service.jobs.scheduler import (
@@ -73,6 +74,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 30.0
 WATCH_POLL_SECONDS = 1.0
+# Jobs whose model GetJob keeps in memory (each kept until its job changes).
+MODEL_CACHE_SIZE = 1024
 # How often a followed log is read again for new lines (its job's events wake it too).
 LOG_POLL_SECONDS = 0.5
 
@@ -129,6 +132,9 @@ class JobManager(JobLifecycle):
         # that job's watchers when it changes.
         self._lock = threading.RLock()
         self.feed = JobFeed(store, self._lock)
+        # GetJob's model per job: (the job's last_sequence when read, the model).
+        self._models: OrderedDict[str, tuple[int, ModelDescription | None]] = OrderedDict()
+        self._models_lock = threading.Lock()
         self._runners: dict[str, JobRunner] = {}
         self._closed = False
         self.models = ModelTasks(
@@ -320,12 +326,32 @@ class JobManager(JobLifecycle):
                 return
 
     def model(self, job_id: str) -> ModelDescription | None:
-        """The job's model (None before its training started), exported or not yet."""
+        """The job's model (None before its training started), exported or not yet.
+
+        GetJob asks at every call, so the answer is kept per job until the job
+        next changes (its `last_sequence`): the worker writes model.json before
+        it reports RUNNING and exports the model before it reports the result,
+        so every change of the model comes with a new event.
+        """
         record = self.get(job_id)
-        files = self.store.job_files(job_id)
+        with self._models_lock:
+            cached = self._models.get(job_id)
+            if cached is not None and cached[0] == record.last_sequence:
+                self._models.move_to_end(job_id)
+                return cached[1]
+        model = self._read_model(record)
+        with self._models_lock:
+            self._models[job_id] = (record.last_sequence, model)
+            self._models.move_to_end(job_id)
+            if len(self._models) > MODEL_CACHE_SIZE:
+                self._models.popitem(last=False)
+        return model
+
+    def _read_model(self, record: JobRecord) -> ModelDescription | None:
+        files = self.store.job_files(record.job_id)
         try:
             info = ModelInfo(**json.loads(files.model_info.read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError):
             return None  # not written yet (or being written as training starts)
         return describe_model(info, record.spec.train, files.model)
 
@@ -345,11 +371,17 @@ class JobManager(JobLifecycle):
 
         Raises:
             NotFound: no such job (raised here, before iterating).
-            InvalidArgument: a negative `offset`.
+            InvalidArgument: a negative `offset`, or one past the log's end.
+            FailedPrecondition: train.log is a symbolic link or no regular file.
         """
         if offset < 0:
             raise InvalidArgument(f"offset must be 0 or positive, got {offset}")
         self.get(job_id)
+        size = log_size(self.store.job_files(job_id).train_log)
+        if offset > size:  # a resumed stream names an offset it was given: never past the end
+            raise InvalidArgument(
+                f"offset must be at most the log's size ({size} bytes), got {offset}"
+            )
         return self._follow_log(job_id, offset, follow, is_active)
 
     def _follow_log(
@@ -380,7 +412,9 @@ class JobManager(JobLifecycle):
         """
         record = self._model_job(job_id, principal)
         files = self.store.job_files(job_id)
-        if not files.has_model():
+        # The model is exported before the job reports its result: until then a
+        # worker restarted from its checkpoint may export it again, replacing it.
+        if record.state != "SUCCEEDED" or not files.has_model():
             raise FailedPrecondition(
                 f"job {job_id} has no trained model (state {record.state}); "
                 "a model exists once the job has SUCCEEDED"

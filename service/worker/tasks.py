@@ -37,6 +37,7 @@ from service.protocol import (
     TrainTask,
     WorkerEvent,
 )
+from service.worker.training_log import describe_event
 
 # The first compiled call of a job runs this many steps, so that the first
 # progress arrives right after tracing; later calls use the job's own size.
@@ -129,6 +130,7 @@ def train(
     def on_event(event) -> None:
         send(event)
         tensorboard(event)
+        _log(describe_event(event))  # train.log, for `ntrain logs -f`
         if isinstance(event, EpochEnd) and task.cuda_visible_devices:
             memory = _gpu_memory(task.gpu_names)
             if memory.bytes_in_use:
@@ -150,8 +152,10 @@ def train(
     try:
         run_training(trainer, options, on_event=on_event, should_stop=should_stop)
     except TrainingStopped as stopped:
+        _log(f"{stopped} as asked, after saving a checkpoint")
         send(Stopped(epoch=stopped.epoch, step=stopped.step))
     except TrainingDiverged as diverged:
+        _log(f"training failed: {diverged}")
         send(Failed(reason=str(diverged)))
     finally:
         tensorboard.close()

@@ -158,7 +158,8 @@ class TrainingServiceServicer:
     def DownloadModel(self, request, context):
         """The job's exported SavedModel, file by file in chunks of at most 1 MiB,
         for a client to lay out as TF Serving expects (`DIR/<version>/...`).
-        FAILED_PRECONDITION until the job has SUCCEEDED with a model.
+        FAILED_PRECONDITION until the job has SUCCEEDED with a model; UNAVAILABLE
+        when the model's files change while they are sent (download it again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
