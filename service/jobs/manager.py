@@ -35,6 +35,8 @@ from service.jobs.errors import (
 from service.jobs.feed import JobFeed
 from service.jobs.inference import DEFAULT_MAX_TASKS, ModelTasks
 from service.jobs.lifecycle import JobLifecycle
+from service.jobs.ray_jobs import RayJobsClient
+from service.jobs.ray_runner import RayRunner
 from service.jobs.reporting import JobMetrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
 from service.jobs.scheduler import (
@@ -81,9 +83,11 @@ class JobManager(JobLifecycle):
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
         worker_held_fds: tuple[int, ...] = (),
+        ray: RayJobsClient | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
+        self.ray = ray  # multi_worker jobs go to this Ray cluster; None refuses them
         self.inventory = inventory
         self.metrics = metrics
         self.data_dir = data_dir
@@ -113,7 +117,7 @@ class JobManager(JobLifecycle):
         # that job's watchers when it changes.
         self._lock = threading.RLock()
         self.feed = JobFeed(store, self._lock)
-        self._runners: dict[str, JobRunner] = {}
+        self._runners: dict[str, JobRunner | RayRunner] = {}
         self._closed = False
         self.models = ModelTasks(
             store,
@@ -149,6 +153,7 @@ class JobManager(JobLifecycle):
             data_dir=self.data_dir,
             host_gpus=len(self.inventory.gpus),
             gpu_memory_bytes=self.gpu_memory_bytes,
+            ray_enabled=self.ray is not None,
         )
         return demand
 
@@ -358,7 +363,7 @@ class JobManager(JobLifecycle):
             queue_length = self.scheduler.queue_length
         strategies = tuple(
             name for name in SERVICE_STRATEGIES if name != "gpu" or self.inventory.gpus
-        )
+        ) + (("multi_worker",) if self.ray is not None else ())
         return ServerStatus(
             version=package_version("ntrain"),
             tensorflow_version=package_version("tensorflow"),
