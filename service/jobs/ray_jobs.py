@@ -33,6 +33,9 @@ DRIVER_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "PYTHONUNBUFFERED": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train gives up on a worker group not started within 60 s and retries,
+    # counted as a failure; a busy node (or one pulling a large runtime) needs longer.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 
 
