@@ -98,6 +98,12 @@ def test_a_ray_job_reports_like_a_local_one(server, ray):
     assert final.strategy == "multi_worker"
     assert final.result.test_accuracy == pytest.approx(RESULT.test_accuracy)
     assert "on Ray at" in final.transitions[1].reason
+    # The same series as a local job's, labelled with its strategy.
+    registry = server.server.metrics.registry
+    labels = {"job_id": job.job_id, "strategy": "multi_worker"}
+    assert registry.get_sample_value("ntrain_train_batches_total", labels) == 2
+    assert registry.get_sample_value("ntrain_train_epoch", labels) == 2
+    assert registry.get_sample_value("ntrain_jobs_finished_total", {"outcome": "succeeded"}) == 1
 
 
 def test_cancel_stops_the_ray_job(server, ray):
