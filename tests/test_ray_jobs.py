@@ -368,3 +368,13 @@ def test_server_shutdown_leaves_the_ray_job_running(ray):
     assert followed.outcome.state == INTERRUPTED
     assert ray.jobs[TASK.job_id].status == "RUNNING"
     assert ray.jobs[TASK.job_id].stop_requests == 0
+
+
+def test_a_ray_job_gone_from_the_cluster_fails(ray):
+    followed = Followed()
+    followed.runner(ray).start()
+    _wait_until(lambda: TASK.job_id in ray.jobs)
+    with ray.lock:
+        del ray.jobs[TASK.job_id]  # the cluster was replaced, say
+    assert followed.done.wait(10)
+    assert followed.outcome.state == "FAILED" and "gone" in followed.outcome.reason

@@ -143,6 +143,8 @@ class RayRunner:
                     return self._outcome(status.status, status.message, reason)
                 last_contact = time.monotonic()
             except RayJobNotFound:
+                if reason == CANCELED:  # nothing left to stop
+                    return RunOutcome("CANCELED", CANCELED)
                 return RunOutcome("FAILED", f"the Ray job {self.job_id} is gone from the cluster")
             except RayJobsError as error:
                 if time.monotonic() - last_contact > UNREACHABLE_SECONDS:
