@@ -225,6 +225,8 @@ def killed_job(client: Client, ray_address: str, work: Path) -> dict:
         "killed": killed,
         "resumed_lines": [line for line in logs.splitlines() if '"type": "Resumed"' in line],
         "driver_log": logs.splitlines()[-80:],
+        # The nodes share this machine's /tmp: the killed worker's scratch must be gone too.
+        "scratch_left": [p.name for p in Path("/tmp").glob(f"ntrain-{job.job_id}-*")],
         "digests": digests(logs),
     }
 

@@ -98,6 +98,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_if_never_killed
     assert job["killed"], "no Ray worker was found to kill"
     assert job["state"] == "JOB_STATE_SUCCEEDED", job["failure_reason"]
     assert job["resumed_lines"], "the restarted workers did not resume from a checkpoint"
+    assert job["scratch_left"] == []
     assert len(set(job["digests"].values())) == 1
     # Bitwise the weights of the uninterrupted reference job (same spec, same seed).
     assert set(job["digests"].values()) == set(report["reference"]["digests"].values())

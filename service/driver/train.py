@@ -56,7 +56,11 @@ def _train(task, strategy, chief: bool, events, start: float) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     files = JobFiles(task.job_dir)
-    scratch = Path(tempfile.mkdtemp(prefix=f"ntrain-{task.job_id}-{rank}-"))
+    prefix = f"ntrain-{task.job_id}-{rank}-"
+    # What this rank's worker of an earlier attempt left, when it was killed.
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
     checkpoints = scratch / "checkpoints"
     try:
         restored = ray.train.get_checkpoint()
