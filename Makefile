@@ -2,6 +2,8 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Ray (about 2.5 minutes more to install) only for the tests of multi_worker jobs.
+RAY_STAMP := $(VENV)/.ray-installed-stamp
 
 .PHONY: demo test test-fast lint proto bench certs gpu-smoke clean
 
@@ -11,10 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[server,dev]'
 	touch $@
 
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[server,dev,ray]'
+	touch $@
+
 demo: $(STAMP)
 	$(PY) -m service.cli.demo
 
-test: $(STAMP) lint
+test: $(RAY_STAMP) lint
 	$(PY) -m pytest -q
 
 # The quick loop while editing: no worker processes, servers or trainings.

@@ -9,6 +9,7 @@ messages are converted to and from these in one place, `service.api.convert`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from naive_model.results import (
 
 JOB_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELED")
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
-# The service runs a job on one host; naive_model's multi_worker is for library users.
+# The strategies of jobs on the server's own host; multi_worker jobs run on a
+# Ray cluster instead (the server's --ray-address).
 SERVICE_STRATEGIES = tuple(name for name in STRATEGIES if name != "multi_worker")
 
 
@@ -38,6 +40,8 @@ class JobSpec:
     dataset: str
     strategy: str = "auto"
     device_count: int = 0
+    hosts: int = 0  # multi_worker: Ray workers, one per host
+    gpus_per_host: int = 0  # multi_worker: GPUs of each (0: its CPU)
     checkpoint_every_epochs: int = 1  # 0: only at the end
     max_runtime_seconds: float = 0.0
     max_restarts: int = 2  # restarts from a checkpoint after the worker died
@@ -290,6 +294,96 @@ class StateChange:
 JobEventPayload = StateChange | Progress | EpochEnd | TrainingResult
 
 
+# -- a multi_worker job on Ray: its task, and its events as lines of the driver's log ---
+
+RAY_TASK_ENV = "NTRAIN_RAY_TASK"  # the driver's environment variable holding its task
+EVENT_MARKER = "NTRAIN-EVENT"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayTrainTask:
+    """What the Ray driver (`python -m service.driver`) is asked to run.
+
+    job_dir and data_dir are paths on the Ray nodes: the server's state
+    directory (and data directory) must be shared with them at the same path.
+    storage_path: where Ray Train keeps its checkpoints (shared too).
+    """
+
+    job_id: str
+    job_dir: Path
+    spec: JobSpec
+    hosts: int
+    gpus_per_host: int
+    data_dir: Path | None
+    storage_path: Path
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "job_id": self.job_id,
+                "job_dir": str(self.job_dir),
+                "spec": self.spec.to_dict(),
+                "hosts": self.hosts,
+                "gpus_per_host": self.gpus_per_host,
+                "data_dir": None if self.data_dir is None else str(self.data_dir),
+                "storage_path": str(self.storage_path),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RayTrainTask:
+        data = json.loads(text)
+        return cls(
+            job_id=data["job_id"],
+            job_dir=Path(data["job_dir"]),
+            spec=JobSpec.from_dict(data["spec"]),
+            hosts=data["hosts"],
+            gpus_per_host=data["gpus_per_host"],
+            data_dir=None if data["data_dir"] is None else Path(data["data_dir"]),
+            storage_path=Path(data["storage_path"]),
+        )
+
+
+# The events the driver prints, each once, under the name of its type.
+RayEvent = Running | Progress | EpochEnd | CheckpointSaved | Resumed | TrainingResult | Failed
+_RAY_EVENT_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (Running, Progress, EpochEnd, CheckpointSaved, Resumed, TrainingResult, Failed)
+}
+
+
+def event_line(sequence: int, event: RayEvent) -> str:
+    """One line of the driver's output: the marker, the event's number (from 1), its JSON.
+
+    The numbers let a reader that starts over (a restarted server) skip what
+    it had already taken.
+    """
+    body = {"type": type(event).__name__, "fields": asdict(event)}
+    return f"{EVENT_MARKER} {sequence} {json.dumps(body, allow_nan=True)}"
+
+
+def parse_event_lines(text: str) -> list[tuple[int, RayEvent]]:
+    """Every event line in `text` (a driver's log) with its number, in order.
+
+    Other lines (Ray's own, TensorFlow's) are passed over, and so is a last
+    line without its newline yet: it may be cut.
+    """
+    found = []
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        start = line.find(EVENT_MARKER + " ")
+        if start < 0:
+            continue
+        try:
+            number, body = line[start + len(EVENT_MARKER) + 1 :].split(" ", 1)
+            data = json.loads(body)
+            found.append((int(number), _RAY_EVENT_TYPES[data["type"]](**data["fields"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of ours after all
+    return found
+
+
 __all__ = [
     "CheckpointSaved",
     "DescribeCache",
@@ -314,6 +408,10 @@ __all__ = [
     "Resumed",
     "Running",
     "SERVICE_STRATEGIES",
+    "EVENT_MARKER",
+    "RAY_TASK_ENV",
+    "RayEvent",
+    "RayTrainTask",
     "ServerMessage",
     "StateChange",
     "StopTraining",
@@ -323,4 +421,6 @@ __all__ = [
     "TrainTask",
     "TrainingResult",
     "WorkerEvent",
+    "event_line",
+    "parse_event_lines",
 ]

@@ -26,6 +26,8 @@ ALLOWED = {
     "naive_model": set(),
     "service.protocol": {"naive_model.config", "naive_model.results"},
     "service.worker": {"service.protocol", "naive_model"},
+    # The Ray job of a multi_worker job: runs on the cluster, imports ray and TensorFlow.
+    "service.driver": {"service.protocol", "naive_model"},
     "service.jobs": {"service.protocol", "service.worker", "service.devices", "naive_model"},
     "service.metrics": {"service.protocol"},
     "service.devices": set(),
@@ -55,7 +57,10 @@ THIRD_PARTY_BANNED = {
     "naive_model": {"grpc", "prometheus_client", "google.protobuf"},
     "service.protocol": {"grpc", "google.protobuf", "tensorflow", "numpy"},
     "service.worker": {"grpc", "google.protobuf", "prometheus_client"},
-    "service.jobs": {"grpc", "google.protobuf", "tensorflow", "prometheus_client"},
+    "service.driver": {"grpc", "google.protobuf", "prometheus_client"},
+    # The server talks to Ray Jobs over plain HTTP.
+    "service.jobs": {"grpc", "google.protobuf", "tensorflow", "prometheus_client", "ray"},
+    "service.api": {"tensorflow", "ray"},
 }
 
 

@@ -143,9 +143,13 @@ BAD_SPECS = {
         ("dataset", "escape.npz", "outside the data directory"),
     ),
     "unknown strategy": ({"strategy": pb.StrategySpec(name="tpu")}, ("strategy.name", "tpu")),
-    "multi_worker strategy": (
+    "multi_worker strategy without hosts": (
         {"strategy": pb.StrategySpec(name="multi_worker")},
-        ("strategy.name", "multi_worker"),
+        ("strategy.hosts", "multi_worker"),
+    ),
+    "hosts for a one-host strategy": (
+        {"strategy": pb.StrategySpec(name="cpu", hosts=2)},
+        ("strategy.hosts", "multi_worker only"),
     ),
     "negative device count": (
         {"strategy": pb.StrategySpec(name="mirrored", device_count=-2)},

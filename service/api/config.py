@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class ServerConfig:
         (None: every caller is the anonymous local admin).
     metrics_tls, metrics_basic_auth: the same for the metrics endpoint.
     insecure: serve on an address other than loopback without all of those.
+    ray_address: Ray Jobs' address (http://HOST:8265) for multi_worker jobs;
+        None refuses them. ray_token_file: the token of Ray's token auth mode.
     """
 
     bind_address: str = "127.0.0.1"
@@ -55,6 +58,8 @@ class ServerConfig:
     checkpoint_seconds: float = 300.0
     shutdown_grace_seconds: float = 30.0
     max_streams: int = 512
+    ray_address: str | None = None
+    ray_token_file: Path | None = None
 
 
 def is_loopback(address: str) -> bool:
@@ -114,6 +119,14 @@ def check_config(config: ServerConfig) -> None:
     for name, port in ports.items():
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be in 0..65535, got {port}")
+    if config.ray_address is not None:
+        parsed = urllib.parse.urlsplit(config.ray_address)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(
+                f"ray address must be http://HOST:PORT (Ray Jobs), got {config.ray_address!r}"
+            )
+    if config.ray_token_file is not None and not config.ray_token_file.is_file():
+        raise ValueError(f"ray token file {config.ray_token_file} is not a file")
     if config.data_dir is not None and not config.data_dir.is_dir():
         problem = "is not a directory" if config.data_dir.exists() else "does not exist"
         raise ValueError(f"data directory {config.data_dir} {problem}")

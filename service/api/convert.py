@@ -81,6 +81,8 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         dataset=message.dataset,
         strategy=message.strategy.name or "auto",
         device_count=message.strategy.device_count,
+        hosts=message.strategy.hosts,
+        gpus_per_host=message.strategy.gpus_per_host,
         checkpoint_every_epochs=(
             message.checkpoint_every_epochs
             if message.HasField("checkpoint_every_epochs")
@@ -181,7 +183,12 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         batch_size=train.batch_size,
         epochs=train.epochs,
         dataset=spec.dataset,
-        strategy=pb.StrategySpec(name=spec.strategy, device_count=spec.device_count),
+        strategy=pb.StrategySpec(
+            name=spec.strategy,
+            device_count=spec.device_count,
+            hosts=spec.hosts,
+            gpus_per_host=spec.gpus_per_host,
+        ),
         steps_per_execution=train.steps_per_execution,
         jit_compile=train.jit_compile,
         seed=train.seed,

@@ -43,6 +43,7 @@ from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
 from service.devices import DeviceInventory, cpu_description, probe_devices
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
+from service.jobs.ray_jobs import RayJobsClient
 from service.jobs.status import package_version
 from service.jobs.store import Store
 from service.metrics import ServiceMetrics
@@ -139,6 +140,11 @@ class TrainingServer:
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.
             worker_held_fds=(self._lock.fd,) if self._lock.fd is not None else (),
+            ray=(
+                RayJobsClient.from_token_file(config.ray_address, config.ray_token_file)
+                if config.ray_address
+                else None
+            ),
         )
 
         server = grpc.server(

@@ -342,6 +342,8 @@ def cmd_serve(args) -> int:
         "metrics_tls": metrics_tls,
         "metrics_basic_auth": Path(args.metrics_basic_auth) if args.metrics_basic_auth else None,
         "insecure": args.insecure or None,
+        "ray_address": args.ray_address,
+        "ray_token_file": Path(args.ray_token_file) if args.ray_token_file else None,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})
     if args.no_metrics:

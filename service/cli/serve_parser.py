@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from service.cli import commands
 from service.cli.types import port, positive_int, positive_seconds
@@ -127,6 +128,24 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="write the bound gRPC port to this file once serving",
+    )
+    ray = serve.add_argument_group(
+        "ray",
+        "multi_worker jobs run on a Ray cluster; the state directory must be shared "
+        "with its nodes at the same path",
+    )
+    ray.add_argument(
+        "--ray-address",
+        metavar="URL",
+        default=os.environ.get("NTRAIN_RAY_ADDRESS") or None,
+        help="Ray Jobs on the cluster's head, http://HOST:8265 (default $NTRAIN_RAY_ADDRESS; "
+        "without it multi_worker jobs are refused)",
+    )
+    ray.add_argument(
+        "--ray-token-file",
+        metavar="FILE",
+        default=None,
+        help="the token of Ray's token authentication mode",
     )
     security = serve.add_argument_group(
         "security",

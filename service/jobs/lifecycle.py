@@ -19,6 +19,8 @@ from pathlib import Path
 from service.devices import DeviceInventory
 from service.jobs.feed import JobFeed
 from service.jobs.inference import ModelTasks
+from service.jobs.ray_jobs import RayJobsClient, RayJobsError
+from service.jobs.ray_runner import STORED_EVENTS, RayRunner
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import JobRunner, RunOutcome
 from service.jobs.scheduler import Assignment, Demand, Scheduler
@@ -29,6 +31,7 @@ from service.protocol import (
     JobEventPayload,
     JobSpec,
     Progress,
+    RayTrainTask,
     Running,
     TrainingResult,
     TrainTask,
@@ -52,8 +55,9 @@ class JobLifecycle:
     models: ModelTasks
     scheduler: Scheduler
     feed: JobFeed
+    ray: RayJobsClient | None
     _lock: threading.RLock
-    _runners: dict[str, JobRunner]
+    _runners: dict[str, JobRunner | RayRunner]
     _closed: bool
     _clock: Callable[[], float]
     _wakeup: threading.Timer | None
@@ -84,8 +88,16 @@ class JobLifecycle:
 
     def _recover(self, record: JobRecord) -> None:
         if record.state == "CANCELLING":
+            if record.spec.strategy == "multi_worker" and self.ray is not None:
+                try:  # the server may have stopped before it asked Ray
+                    self.ray.stop(record.job_id)
+                except RayJobsError as error:
+                    log.warning("could not stop the Ray job %s: %s", record.job_id, error)
             self._transition(record.job_id, "CANCELED", "the server stopped while cancelling")
         elif record.state == "QUEUED":
+            self._enqueue(record)
+        elif record.spec.strategy == "multi_worker":
+            # Its Ray job ran on without the server: follow it again by its submission id.
             self._enqueue(record)
         else:  # STARTING or RUNNING when the server ended (SIGTERM, kill -9, power loss)
             where = _resume_point(record)
@@ -107,6 +119,22 @@ class JobLifecycle:
         if self._closed:
             return
         for assignment in self.scheduler.next_runnable():
+            record = self.get(assignment.job_id)
+            if assignment.strategy == "multi_worker":
+                if record.state == "QUEUED":  # else reattaching after a server restart
+                    self._transition(
+                        assignment.job_id,
+                        "STARTING",
+                        f"on Ray at {self.ray.address if self.ray else '?'}, "
+                        f"{record.spec.hosts} host(s), "
+                        f"{record.spec.gpus_per_host} GPU(s) each",
+                        strategy=assignment.strategy,
+                        devices=(),
+                    )
+                runner: JobRunner | RayRunner = self._ray_runner(record)
+                self._runners[assignment.job_id] = runner
+                runner.start()
+                continue
             devices = self.inventory.device_names(assignment.gpus)
             shared = ""
             if assignment.memory_limit_bytes:
@@ -142,12 +170,12 @@ class JobLifecycle:
             self._report_counts()
 
     def _runner(self, record: JobRecord, assignment: Assignment) -> JobRunner:
-        job_id, strategy = record.job_id, assignment.strategy
+        job_id = record.job_id
         task = TrainTask(
             job_id=job_id,
             job_dir=self.store.job_dir(job_id),
             spec=record.spec,
-            strategy=strategy,
+            strategy=assignment.strategy,
             replicas=assignment.replicas,
             cuda_visible_devices=self.inventory.cuda_visible_devices(assignment.gpus),
             gpu_names=self.inventory.device_names(assignment.gpus) if assignment.gpus else (),
@@ -155,6 +183,57 @@ class JobLifecycle:
             checkpoint_seconds=self.checkpoint_seconds,
             gpu_memory_limit_mb=assignment.memory_limit_bytes // 1024**2,
         )
+
+        def on_finish(outcome: RunOutcome) -> None:
+            self._finish(runner, outcome)
+
+        runner = JobRunner(
+            task,
+            take_worker=self.pool.take,
+            on_event=self._event_handler(record, assignment.strategy),
+            on_finish=on_finish,
+            max_runtime_seconds=record.spec.max_runtime_seconds,
+        )
+        return runner
+
+    def _ray_runner(self, record: JobRecord) -> RayRunner:
+        """A runner that submits the job to Ray, or follows its Ray job again."""
+        assert self.ray is not None  # validation refuses multi_worker jobs without Ray
+        job_dir = self.store.job_dir(record.job_id).resolve()
+        task = RayTrainTask(
+            job_id=record.job_id,
+            job_dir=job_dir,
+            spec=record.spec,
+            hosts=record.spec.hosts,
+            gpus_per_host=record.spec.gpus_per_host,
+            data_dir=None if self.data_dir is None else self.data_dir.resolve(),
+            storage_path=job_dir / "ray",
+        )
+
+        def on_finish(outcome: RunOutcome) -> None:
+            self._finish(runner, outcome)
+
+        runner = RayRunner(
+            task,
+            client=self.ray,
+            on_event=self._event_handler(record, "multi_worker"),
+            on_finish=on_finish,
+            max_runtime_seconds=record.spec.max_runtime_seconds,
+            stored_events=self._stored_events(record.job_id),
+        )
+        return runner
+
+    def _stored_events(self, job_id: str) -> int:
+        """How many of the job's events a runner forwarded into the store so far."""
+        count, last = 0, 0
+        while events := self.store.events_after(job_id, last):
+            count += sum(1 for event in events if isinstance(event.payload, STORED_EVENTS))
+            last = events[-1].sequence
+        return count
+
+    def _event_handler(self, record: JobRecord, strategy: str) -> Callable[[WorkerEvent], None]:
+        """What becomes of each event of the job's worker (or Ray driver): store, metrics."""
+        job_id = record.job_id
         first_progress = threading.Event()
 
         def on_event(event: WorkerEvent) -> None:
@@ -170,17 +249,7 @@ class JobLifecycle:
                 self.feed.changed(job_id)
             report_metrics(self.metrics, job_id, strategy, event)
 
-        def on_finish(outcome: RunOutcome) -> None:
-            self._finish(runner, outcome)
-
-        runner = JobRunner(
-            task,
-            take_worker=self.pool.take,
-            on_event=on_event,
-            on_finish=on_finish,
-            max_runtime_seconds=record.spec.max_runtime_seconds,
-        )
-        return runner
+        return on_event
 
     def _refill_when_idle(self) -> None:
         with self._lock:
@@ -197,7 +266,7 @@ class JobLifecycle:
                 self._transition(job_id, "RUNNING", f"{replicas} replica(s)")
                 self._report_counts()
 
-    def _finish(self, runner: JobRunner, outcome: RunOutcome) -> None:
+    def _finish(self, runner: JobRunner | RayRunner, outcome: RunOutcome) -> None:
         """A runner's worker is gone: release devices, then record the end or restart."""
         job_id = runner.job_id
         with self._lock:

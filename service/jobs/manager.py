@@ -44,6 +44,8 @@ from service.jobs.inference import (
 )
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.outputs import describe_model, log_size, model_parts, read_log_lines
+from service.jobs.ray_jobs import RayJobsClient
+from service.jobs.ray_runner import RayRunner
 from service.jobs.reporting import JobMetrics
 from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
 from service.jobs.scheduler import (
@@ -100,9 +102,11 @@ class JobManager(JobLifecycle):
         max_model_tasks: int = DEFAULT_MAX_TASKS,
         model_cache: int = DEFAULT_MODEL_CACHE,
         worker_held_fds: tuple[int, ...] = (),
+        ray: RayJobsClient | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
+        self.ray = ray  # multi_worker jobs go to this Ray cluster; None refuses them
         self.inventory = inventory
         self.metrics = metrics
         self.data_dir = data_dir
@@ -135,7 +139,7 @@ class JobManager(JobLifecycle):
         # GetJob's model per job: (the job's last_sequence when read, the model).
         self._models: OrderedDict[str, tuple[int, ModelDescription | None]] = OrderedDict()
         self._models_lock = threading.Lock()
-        self._runners: dict[str, JobRunner] = {}
+        self._runners: dict[str, JobRunner | RayRunner] = {}
         self._closed = False
         self.models = ModelTasks(
             store,
@@ -176,6 +180,7 @@ class JobManager(JobLifecycle):
             data_dir=self.data_dir,
             host_gpus=len(self.inventory.gpus),
             gpu_memory_bytes=self.gpu_memory_bytes,
+            ray_enabled=self.ray is not None,
         )
         return demand
 
@@ -493,7 +498,7 @@ class JobManager(JobLifecycle):
             queue_length = self.scheduler.queue_length
         strategies = tuple(
             name for name in SERVICE_STRATEGIES if name != "gpu" or self.inventory.gpus
-        )
+        ) + (("multi_worker",) if self.ray is not None else ())
         return ServerStatus(
             version=package_version("ntrain"),
             tensorflow_version=package_version("tensorflow"),

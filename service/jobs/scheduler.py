@@ -24,6 +24,8 @@ Policy:
   (`share_bytes`) are packed, up to that many on one GPU, fullest GPU first;
   each runs under a TensorFlow memory limit of one share. Mirrored jobs and
   jobs too large for a share hold whole GPUs.
+- `multi_worker` jobs run on a Ray cluster, not on this host: they hold no GPU
+  or CPU slot here and start as soon as they are next in the queue's scan.
 - Past `max_queue` waiting jobs, a submission is refused (RESOURCE_EXHAUSTED);
   a request for more GPUs than the host has can never run (FAILED_PRECONDITION).
 """
@@ -51,6 +53,10 @@ MIN_EXAMPLES_PER_GPU = 64
 BACKFILL_SECONDS = 600.0
 # How long an `auto` job waits for a GPU before it takes a CPU slot.
 AUTO_GPU_WAIT_SECONDS = 300.0
+# GPUs a multi_worker job may ask of each of its hosts.
+MAX_GPUS_PER_HOST = 16
+# Hosts (Ray workers) a multi_worker job may ask for.
+MAX_HOSTS = 1024
 # Memory each process on a GPU uses outside TensorFlow's allocator (the CUDA
 # context, cuBLAS and cuDNN handles), kept out of the packed jobs' shares.
 CUDA_CONTEXT_BYTES = 512 * 1024**2
@@ -67,6 +73,7 @@ class Demand:
     replicas: replicas the global batch is split over.
     memory_bytes: estimated device memory per GPU (model, activations, data);
     0 when unknown, which never shares a GPU.
+    remote: it runs on the Ray cluster (multi_worker), holding nothing here.
     """
 
     strategy: str
@@ -74,6 +81,7 @@ class Demand:
     replicas: int = 1
     flexible: bool = False
     memory_bytes: int = 0
+    remote: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,26 +100,36 @@ class Assignment:
 
 
 def demand_for(
-    strategy: str, device_count: int, host_gpus: int, *, batch_size: int | None = None
+    strategy: str,
+    device_count: int,
+    host_gpus: int,
+    *,
+    batch_size: int | None = None,
+    hosts: int = 0,
+    gpus_per_host: int = 0,
 ) -> Demand:
     """Resolve a job's strategy and device count against the host's GPU count.
 
     Args:
         batch_size: the job's global batch, which a `mirrored` job without a
             count is split by; None takes every GPU of the host.
+        hosts, gpus_per_host: a multi_worker job's Ray workers and their GPUs.
 
     Raises:
         InvalidArgument: an unknown strategy or a device count it cannot take.
         FailedPrecondition: more GPUs than the host has.
     """
     if strategy == "multi_worker":
+        return _multi_worker_demand(device_count, hosts, gpus_per_host)
+    if hosts or gpus_per_host:
         raise InvalidArgument(
-            "strategy.name 'multi_worker' is for library users; the service runs each job "
-            "on one host: use auto, cpu, gpu or mirrored"
+            f"strategy.hosts and strategy.gpus_per_host are for multi_worker only, got "
+            f"{hosts} and {gpus_per_host} for {shown(strategy)}"
         )
     if strategy not in SERVICE_STRATEGIES:
         raise InvalidArgument(
-            f"strategy.name must be one of {', '.join(SERVICE_STRATEGIES)}, got {shown(strategy)}"
+            f"strategy.name must be one of {', '.join((*SERVICE_STRATEGIES, 'multi_worker'))}, "
+            f"got {shown(strategy)}"
         )
     if device_count < 0:
         raise InvalidArgument(
@@ -146,6 +164,25 @@ def demand_for(
     count = device_count or default_gpu_count(batch_size, host_gpus)
     _check_gpus(count, host_gpus)
     return Demand(strategy="mirrored", gpus=count, replicas=count)
+
+
+def _multi_worker_demand(device_count: int, hosts: int, gpus_per_host: int) -> Demand:
+    """One replica per GPU of every host, or one per host when they run on their CPUs."""
+    if device_count:
+        raise InvalidArgument(
+            "strategy.device_count must be 0 for multi_worker (it takes hosts and "
+            f"gpus_per_host), got {device_count}"
+        )
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise InvalidArgument(
+            f"strategy.hosts must be in 1..{MAX_HOSTS} for multi_worker, got {hosts}"
+        )
+    if not 0 <= gpus_per_host <= MAX_GPUS_PER_HOST:
+        raise InvalidArgument(
+            f"strategy.gpus_per_host must be in 0..{MAX_GPUS_PER_HOST} (0: each host's CPU), "
+            f"got {gpus_per_host}"
+        )
+    return Demand(strategy="multi_worker", replicas=hosts * max(1, gpus_per_host), remote=True)
 
 
 def default_gpu_count(batch_size: int | None, host_gpus: int) -> int:
@@ -292,7 +329,11 @@ class Scheduler:
         for job_id, waiting in list(self._queue.items()):
             demand, waited = waiting.demand, now - waiting.since
             assignment = None
-            if demand.gpus and not reserved:
+            if demand.remote:  # on the Ray cluster: nothing of this host to wait for
+                assignment = Assignment(
+                    job_id=job_id, strategy=demand.strategy, gpus=(), replicas=demand.replicas
+                )
+            elif demand.gpus and not reserved:
                 assignment = self._place_on_gpus(job_id, demand)
             if assignment is None and self._cpu_jobs() < self._max_cpu_jobs:
                 if not demand.gpus or (demand.flexible and waited >= self._auto_gpu_wait_seconds):
@@ -365,4 +406,8 @@ class Scheduler:
         return 1 if assignment.memory_limit_bytes else self._jobs_per_gpu
 
     def _cpu_jobs(self) -> int:
-        return sum(1 for assignment in self._running.values() if not assignment.gpus)
+        return sum(
+            1
+            for assignment in self._running.values()
+            if not assignment.gpus and assignment.strategy != "multi_worker"
+        )

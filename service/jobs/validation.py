@@ -63,6 +63,7 @@ def validate_job_spec(
     host_gpus: int,
     gpu_memory_bytes: int = 0,
     host_memory_bytes: int | None = None,
+    ray_enabled: bool = False,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
@@ -71,6 +72,7 @@ def validate_job_spec(
         gpu_memory_bytes: memory of the smallest GPU, 0 when unknown.
         host_memory_bytes: the host's physical memory; None reads it, 0 skips
             the check.
+        ray_enabled: the server submits multi_worker jobs to a Ray cluster.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
@@ -78,7 +80,8 @@ def validate_job_spec(
     Raises:
         InvalidArgument: a field is invalid; the message names it and its value.
         FailedPrecondition: more GPUs than the host has, or more memory than a
-            job may take of the host's or a GPU's (`naive_model.config.MemoryEstimate`).
+            job may take of the host's or a GPU's (`naive_model.config.MemoryEstimate`),
+            or a multi_worker job on a server without a Ray cluster.
     """
     if not spec.train.layers:
         raise InvalidArgument("layers must hold at least one layer, got none")
@@ -91,7 +94,12 @@ def validate_job_spec(
     check_labels(spec.labels)
     info = lookup_dataset(spec.dataset, data_dir)
     demand = demand_for(
-        spec.strategy, spec.device_count, host_gpus, batch_size=spec.train.batch_size
+        spec.strategy,
+        spec.device_count,
+        host_gpus,
+        batch_size=spec.train.batch_size,
+        hosts=spec.hosts,
+        gpus_per_host=spec.gpus_per_host,
     )
     try:
         spec.train.validate(
@@ -138,6 +146,14 @@ def validate_job_spec(
         )
     if not 0 <= spec.max_restarts <= MAX_RESTARTS:
         raise InvalidArgument(f"max_restarts must be in 0..{MAX_RESTARTS}, got {spec.max_restarts}")
+    if demand.remote:
+        # The Ray nodes' memory is theirs to check: this host holds nothing of the job.
+        if not ray_enabled:
+            raise FailedPrecondition(
+                "strategy multi_worker runs on a Ray cluster, and this server has none: "
+                "start it with ntrain serve --ray-address http://HOST:8265"
+            )
+        return demand, info
     _check_memory(spec, info, demand, gpu_memory_bytes, host_memory_bytes)
     return demand, info
 

@@ -48,12 +48,16 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ...) -> None: ...
 
 class StrategySpec(_message.Message):
-    __slots__ = ("name", "device_count")
+    __slots__ = ("name", "device_count", "hosts", "gpus_per_host")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_HOST_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_count: int
-    def __init__(self, name: _Optional[str] = ..., device_count: _Optional[int] = ...) -> None: ...
+    hosts: int
+    gpus_per_host: int
+    def __init__(self, name: _Optional[str] = ..., device_count: _Optional[int] = ..., hosts: _Optional[int] = ..., gpus_per_host: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels")

@@ -1,0 +1,7 @@
+"""`python -m service.driver`: the Ray job of a multi_worker ntrain job."""
+
+import sys
+
+from service.driver.main import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""A real two-node Ray cluster in a network namespace of its own, for tests/test_ray_cluster.py.
+
+The namespace holds only a loopback interface; the head node listens on
+127.0.0.2 and the worker node on 127.0.0.3, so the two "hosts" have two
+addresses (TensorFlow's collective server binds 0.0.0.0: one address could
+not hold two) and nothing reaches or collides with the machine's own ports.
+
+Each node is a `ray start --block` process: ending it ends its node. The
+teardown ends those, then every process still in the namespace (all started
+here: a namespace has only what was started in it), then the namespace.
+`ray stop` is not used: it ends every Ray process of the machine, other
+people's clusters too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HEAD_IP = "127.0.0.2"
+WORKER_IP = "127.0.0.3"
+RAY_ADDRESS = f"http://{HEAD_IP}:8265"
+STOP_SECONDS = 20.0
+
+
+class NetnsRayCluster:
+    """Start with `start()`; always `stop()` (a finally, or a fixture's teardown)."""
+
+    def __init__(self, work_dir: Path):
+        self.namespace = f"ntrain-ray-{os.getpid()}"
+        self.work_dir = work_dir
+        self.nodes: list[subprocess.Popen] = []
+        self._created = False
+        bin_dir = str(Path(sys.executable).parent)
+        # The cluster's interpreter is this venv's: Ray Jobs runs `python -m service.driver`.
+        self.env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "CUDA_VISIBLE_DEVICES": "",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        self.ray = str(Path(bin_dir) / "ray")
+
+    def in_namespace(self, *command: str) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace, *command]
+
+    def start(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.namespace], check=True)
+        self._created = True
+        subprocess.run(self.in_namespace("ip", "link", "set", "lo", "up"), check=True)
+        common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--block"]
+        self._node(
+            "head",
+            "--head",
+            f"--node-ip-address={HEAD_IP}",
+            "--port=6379",
+            f"--dashboard-host={HEAD_IP}",
+            "--dashboard-port=8265",
+            f"--temp-dir={self.work_dir / 'ray'}",
+            *common,
+        )
+        self._node(
+            "worker",
+            f"--address={HEAD_IP}:6379",
+            f"--node-ip-address={WORKER_IP}",
+            # The head's defaults are taken in this namespace: the worker node needs others.
+            "--dashboard-agent-listen-port=52366",
+            "--dashboard-agent-grpc-port=52367",
+            "--metrics-export-port=52368",
+            "--runtime-env-agent-port=52369",
+            *common,
+        )
+
+    def _node(self, name: str, *arguments: str) -> None:
+        log = open(self.work_dir / f"ray-{name}.log", "wb")  # noqa: SIM115 (kept by the node)
+        self.nodes.append(
+            subprocess.Popen(
+                self.in_namespace(self.ray, "start", *arguments),
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        if name == "head":  # the worker node joins a head that answers
+            time.sleep(0.5)
+
+    def pids(self) -> list[int]:
+        """Every process in the namespace."""
+        if not self._created:
+            return []
+        found = subprocess.run(
+            ["ip", "netns", "pids", self.namespace], capture_output=True, text=True
+        )
+        return [int(pid) for pid in found.stdout.split()]
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        for node in self.nodes:
+            try:
+                node.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait(5)
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.pids():  # what the nodes left: only this namespace's own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._created:
+            subprocess.run(["ip", "netns", "delete", self.namespace], check=False)
+            self._created = False

@@ -1,0 +1,104 @@
+"""Multi_worker jobs through `ntrain serve` on a real two-node Ray cluster (tests/ray_cluster.py).
+
+One scenario (tests/ray_scenario_main.py) runs inside the cluster's network
+namespace with its own server, and reports what it saw; the tests below read
+its report. Needs root (`ip netns`), as CI has; Ray comes with the `ray` extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import IN_CI, require_tool
+from ray_cluster import RAY_ADDRESS, NetnsRayCluster
+
+from naive_model.data import synthetic_dataset
+
+# The cluster's start (about 30 s), three jobs and the teardown: some 5 minutes
+# on a quiet 2-core machine, more on a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+SCENARIO = Path(__file__).with_name("ray_scenario_main.py")
+SCENARIO_SECONDS = 1200
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    require_tool("ip")
+    if importlib.util.find_spec("ray") is None:
+        message = "ray is not installed (the ray extra: make installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    work = tmp_path_factory.mktemp("ray")
+    (work / "data").mkdir()
+    blobs = synthetic_dataset(num_train=8192, num_test=512, input_size=64, seed=5)
+    np.savez(
+        work / "data" / "blobs.npz",
+        x_train=blobs.x_train,
+        y_train=blobs.y_train,
+        x_test=blobs.x_test,
+        y_test=blobs.y_test,
+    )
+    cluster = NetnsRayCluster(work)
+    out = work / "report.json"
+    try:
+        cluster.start()
+        done = subprocess.run(
+            cluster.in_namespace(sys.executable, str(SCENARIO), RAY_ADDRESS, str(work), str(out)),
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=SCENARIO_SECONDS,
+        )
+    finally:
+        cluster.stop()
+    assert not cluster.pids()
+    print(out.read_text() if out.exists() else "no report")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:] + _tail(work / "server.log")
+    return json.loads(out.read_text())
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def test_a_job_trains_on_two_hosts_end_to_end(report):
+    job = report["reference"]
+    assert "multi_worker" in report["info_strategies"]
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["failure_reason"]
+    assert job["strategy"] == "multi_worker"
+    assert job["states"][:3] == ["JOB_STATE_QUEUED", "JOB_STATE_STARTING", "JOB_STATE_RUNNING"]
+    assert job["epochs"] == [1, 2, 3]
+    assert job["progress"] >= 3 * 8192 // 64 // 8  # one per compiled call of 8 steps
+    # Both workers, in lock step, ended with the very same weights.
+    assert len(job["digests"]) == 2 and len(set(job["digests"].values())) == 1
+    assert job["ray_checkpoints"] and job["has_checkpoint"]
+    assert job["test_accuracy"] > 0.5
+    assert job["evaluate_accuracy"] == pytest.approx(job["test_accuracy"], abs=1e-6)
+    assert job["evaluate_checkpoint_accuracy"] == pytest.approx(job["test_accuracy"], abs=1e-6)
+
+
+def test_cancel_stops_the_ray_job_and_its_workers(report):
+    job = report["cancel"]
+    assert job["state"] == "JOB_STATE_CANCELED"
+    assert job["ray_status"] == "STOPPED"
+    assert job["workers_before"] == 2 and job["workers_left"] == 0
+    assert job["workers_gone_s"] < 10
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_if_never_killed(report):
+    job = report["kill"]
+    assert job["killed"], "no Ray worker was found to kill"
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["failure_reason"]
+    assert job["resumed_lines"], "the restarted workers did not resume from a checkpoint"
+    assert job["scratch_left"] == []
+    assert len(set(job["digests"].values())) == 1
+    # Bitwise the weights of the uninterrupted reference job (same spec, same seed).
+    assert set(job["digests"].values()) == set(report["reference"]["digests"].values())
