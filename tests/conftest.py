@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
@@ -82,3 +83,14 @@ def mnist_path() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_MNIST
+
+
+def compose_without_project_name(compose: dict, tmp_path: Path) -> Path:
+    """The compose file less its top-level `name`, which docker-compose 1.29's schema predates.
+
+    Compose v2 validates the file whole in CI (.ci/containers.sh, "compose files valid").
+    """
+    assert compose.pop("name") == "ntrain"
+    path = tmp_path / "docker-compose.unnamed.yml"
+    path.write_text(yaml.safe_dump(compose))
+    return path

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 
 import yaml
-from conftest import REPO_ROOT, require_tool
+from conftest import REPO_ROOT, compose_without_project_name, require_tool
 from prometheus_client import CollectorRegistry
 from tls_harness import run_make_certs
 
@@ -281,21 +281,10 @@ def test_make_certs_makes_every_secret_compose_mounts_and_renews_in_place(tmp_pa
 # --- docker compose --------------------------------------------------------------------------
 
 
-def _without_project_name(compose: dict, tmp_path: Path) -> Path:
-    """The compose file less its top-level `name`, which docker-compose 1.29's schema predates.
-
-    Compose v2 validates the file whole in CI (.ci/containers.sh, "compose files valid").
-    """
-    assert compose.pop("name") == "ntrain"
-    path = tmp_path / "docker-compose.unnamed.yml"
-    path.write_text(yaml.safe_dump(compose))
-    return path
-
-
 def test_docker_compose_config_validates(tmp_path):
     """docker-compose 1.29 validates against the compose-spec schema, GPU devices included."""
     compose = require_tool("docker-compose")
-    unnamed = _without_project_name(_compose(), tmp_path)
+    unnamed = compose_without_project_name(_compose(), tmp_path)
     for extra in ([], ["--profile", "dcgm"]):
         command = [compose, "-f", str(unnamed), "--project-directory", str(DEPLOY), *extra]
         output = _run([*command, "config"]).stdout
@@ -363,7 +352,7 @@ def test_the_cpu_override_drops_the_gpu_reservation_and_still_validates(tmp_path
     merged = _merge(_compose(), override)
     assert _gpu_devices(merged["services"]["trainer"]) == []
     assert merged["services"]["trainer"]["command"] == _compose()["services"]["trainer"]["command"]
-    merged_file = _without_project_name(merged, tmp_path)
+    merged_file = compose_without_project_name(merged, tmp_path)
     _run([compose, "-f", str(merged_file), "--project-directory", str(DEPLOY), "config"])
 
 

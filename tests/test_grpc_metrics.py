@@ -137,7 +137,9 @@ def test_every_family_has_the_exporters_labels(served):
     stub.Check(health_pb2.HealthCheckRequest(service="ok"), timeout=5)
     families = [f for f in registry.collect() if f.name.startswith("grpc_server_")]
     assert {f.name for f in families} == {
-        "grpc_server_started", "grpc_server_handled", "grpc_server_handling_seconds"
+        "grpc_server_started",
+        "grpc_server_handled",
+        "grpc_server_handling_seconds",
     }
     for family in families:
         assert family.samples, family.name
@@ -148,6 +150,7 @@ def test_every_family_has_the_exporters_labels(served):
 
 def test_a_full_method_name_splits_into_service_and_method():
     assert split_method("/ntrain.v1.TrainingService/SubmitJob") == (
-        "ntrain.v1.TrainingService", "SubmitJob"
+        "ntrain.v1.TrainingService",
+        "SubmitJob",
     )
     assert split_method("/grpc.health.v1.Health/Check") == ("grpc.health.v1.Health", "Check")

@@ -28,8 +28,10 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     )
     accumulator.Reload()
     return {
-        tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-              for e in accumulator.Tensors(tag)]  # fmt: skip
+        tag: [
+            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+            for e in accumulator.Tensors(tag)
+        ]  # fmt: skip
         for tag in accumulator.Tags()["tensors"]
     }
 

@@ -13,7 +13,7 @@ import subprocess
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO_ROOT, require_tool
+from conftest import REPO_ROOT, compose_without_project_name, require_tool
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 COMPOSE = REPO_ROOT / "deploy" / "docker-compose.yml"
@@ -86,11 +86,25 @@ def test_every_pod_shares_the_servers_state_directory_and_ray_address():
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
-def test_the_compose_ray_profile_validates_and_shares_the_state_volume():
+def test_the_compose_ray_profile_validates_and_shares_the_state_volume(tmp_path):
     compose = require_tool("docker-compose")
     override = REPO_ROOT / "deploy" / "docker-compose.ray.yml"
+    # docker-compose 1.29 predates the top-level `name`; Compose v2 checks the file
+    # whole in CI (.ci/containers.sh).
+    unnamed = compose_without_project_name(yaml.safe_load(COMPOSE.read_text()), tmp_path)
     done = subprocess.run(
-        [compose, "-f", str(COMPOSE), "-f", str(override), "--profile", "ray", "config"],
+        [
+            compose,
+            "-f",
+            str(unnamed),
+            "-f",
+            str(override),
+            "--project-directory",
+            str(COMPOSE.parent),
+            "--profile",
+            "ray",
+            "config",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=60,
