@@ -31,6 +31,7 @@ import importlib
 import os
 import sys
 import time
+import timeit
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -144,6 +145,13 @@ def divergence_check_timers(args, dataset, strategy) -> dict[str, Callable[[], f
                 trainer.train_epoch().examples_per_second
             )
     return timers
+
+
+def time_divergence_check(trainer: Trainer) -> float:
+    """Seconds one divergence check takes (the best of five timeit repeats)."""
+    loops = 100_000
+    calls = timeit.repeat(lambda: trainer._check_finite(0.25, 1, 1), number=loops, repeat=5)
+    return min(calls) / loops
 
 
 def bench_mirrored(args, dataset, best_compiled: str) -> dict:
@@ -333,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     results["roofline"]["matmul_gflops_per_sec"] = (
         results["roofline"]["samples_per_sec"] * results["roofline"]["flops_per_sample"] / 1e9
     )
+    check_seconds = time_divergence_check(Trainer(_config(args), dataset, single))
+    # One check per compiled call: at one step per call, one per step.
+    step_seconds_at_spe_1 = BATCH / max(check_rounds["spe=1,jit=False,checked=True"])
     results["mirrored_2"] = bench_mirrored(args, dataset, results["compiled"]["best"])
     rate = {name: entry["samples_per_sec"] for name, entry in results.items()}
     others = ["keras_fit_best", "roofline", "seed_eager", *peer_setups]
@@ -353,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         # loss's NaN check costs the compiled loop (target: at most 1%).
         "divergence_check_cost": {spe: ratio - 1 for spe, ratio in check_cost.items()},
         "divergence_check_rounds": check_rounds,
+        # The check timed alone, and its share of the fastest one-step-per-call
+        # epoch (468 checks): what the side-by-side rounds cannot resolve.
+        "divergence_check_seconds_per_call": check_seconds,
+        "divergence_check_share_at_spe_1": check_seconds / step_seconds_at_spe_1,
         "setup": {
             "side_by_side_rounds": args.rounds,
             "optimizer": args.optimizer,

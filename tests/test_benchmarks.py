@@ -127,6 +127,15 @@ def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_n
         assert report["ratios_paired_median"][f"compiled/{other}"] == pytest.approx(
             statistics.median(per_round)
         )
+    # The divergence check: with and without it in the same rounds, and timed alone.
+    checks = report["divergence_check_rounds"]
+    for setting, cost in report["divergence_check_cost"].items():
+        with_check, without = checks[f"{setting},checked=True"], checks[f"{setting},checked=False"]
+        assert len(with_check) == len(without) == 3
+        paired = statistics.median(b / a for a, b in zip(with_check, without, strict=True))
+        assert cost == pytest.approx(paired - 1)
+    assert 0 < report["divergence_check_seconds_per_call"] < 1e-3
+    assert 0 < report["divergence_check_share_at_spe_1"] < 1
     assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
 
 
