@@ -133,3 +133,9 @@ def test_a_restarted_server_reattaches_with_no_event_lost_or_repeated(server, ra
     assert server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).state == pb.JOB_STATE_SUCCEEDED
     posts = [r for r in ray.requests if r.method == "POST" and r.path == "/api/jobs/"]
     assert len(posts) == 1  # reattached, not submitted again
+    # The driver's log, copied into the job's train.log once, across the restart too:
+    # `ntrain logs` reads a Ray job as it reads a local one.
+    logs = server.stub.GetJobLogs(pb.GetJobLogsRequest(job_id=job.job_id), timeout=10)
+    lines = [line for chunk in logs for line in chunk.lines]
+    assert lines == ray.jobs[job.job_id].logs.splitlines()
+    assert sum("NTRAIN-EVENT" in line for line in lines) == 8

@@ -220,6 +220,7 @@ class JobLifecycle:
             on_finish=on_finish,
             max_runtime_seconds=record.spec.max_runtime_seconds,
             stored_events=self._stored_events(record.job_id),
+            log_path=self.store.job_files(record.job_id).train_log,
         )
         return runner
 

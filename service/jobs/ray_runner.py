@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from service.jobs.ray_jobs import RayJobNotFound, RayJobsClient, RayJobsError
 from service.jobs.runner import CANCELED, INTERRUPTED, RunOutcome
@@ -46,6 +47,8 @@ class RayRunner:
         stored_events: how many `STORED_EVENTS` of this job the store holds
             already (a server restart reattaching): that many are skipped,
             with every event before the last of them.
+        log_path: the job's train.log, where the driver's log is copied as it
+            grows, so `ntrain logs` reads a Ray job as it reads a local one.
         on_event: called on the runner's thread with each event but the end.
         on_finish: called once, after the Ray job ended, with the outcome.
     """
@@ -59,6 +62,7 @@ class RayRunner:
         on_finish: Callable[[RunOutcome], None],
         max_runtime_seconds: float = 0.0,
         stored_events: int = 0,
+        log_path: Path | None = None,
         poll_seconds: float = POLL_SECONDS,
     ):
         self.task = task
@@ -75,6 +79,10 @@ class RayRunner:
         self._wake = threading.Event()
         self._started = time.monotonic()
         self._seen = 0  # the number of the last event line taken
+        self._log_path = log_path
+        # Ray Jobs gives the whole log each time; what the file holds already
+        # (from before a server restart, too) is not written again.
+        self._log_copied = log_path.stat().st_size if log_path and log_path.exists() else 0
         self._failed: Failed | None = None
         self._result = False
         self._thread = threading.Thread(target=self._run, name=f"ray-{self.job_id}", daemon=True)
@@ -175,7 +183,18 @@ class RayRunner:
             self._wake.wait(self._poll * 4)
             self._wake.clear()
 
+    def _copy_log(self, logs: str) -> None:
+        if self._log_path is None:
+            return
+        text = logs.encode()
+        if len(text) > self._log_copied:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._log_path, "ab") as copy:
+                copy.write(text[self._log_copied :])
+            self._log_copied = len(text)
+
     def _take_events(self, logs: str) -> None:
+        self._copy_log(logs)
         for sequence, event in parse_event_lines(logs):
             if sequence <= self._seen:
                 continue
