@@ -112,7 +112,7 @@ def inference_worker_pids() -> set[int]:
 
 
 def _child_workers() -> list[tuple[int, bytes]]:
-    """(pid, command line) of this process's children that run service.worker.main."""
+    """(pid, command line) of this process's children that run service.worker.entry."""
     me = os.getpid()
     found = []
     for entry in Path("/proc").iterdir():
@@ -124,7 +124,7 @@ def _child_workers() -> list[tuple[int, bytes]]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me and b"service.worker.main" in cmdline:
+        if ppid == me and b"service.worker.entry" in cmdline:
             found.append((int(entry.name), cmdline))
     return found
 

@@ -25,8 +25,8 @@ from service.api.auth import (
 )
 from service.api.server import ServerConfig, exposure_problem, is_loopback
 from service.api.tls import TlsFiles
-from service.cli import errors as cli_errors
-from service.cli.main import main as cli_main
+from service.cli import exit_status as cli_errors
+from service.cli.app import main as cli_main
 from service.jobs.access import Principal
 from service.jobs.errors import Unauthenticated
 

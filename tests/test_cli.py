@@ -1,7 +1,7 @@
 """The ntrain command line against a real server.
 
 The server is `ntrain serve --port 0` in a child process (so `serve` itself is
-tested too); client commands run in this process through `service.cli.main.main`, on the
+tested too); client commands run in this process through `service.cli.app.main`, on the
 synthetic data set. Each failure must be one line on stderr with status 1.
 """
 
@@ -25,8 +25,8 @@ import pytest
 from conftest import REPO_ROOT, SHARED_MNIST
 
 from naive_model.data import synthetic_dataset
-from service.cli import errors as cli_errors
-from service.cli.main import main as cli_main
+from service.cli import exit_status as cli_errors
+from service.cli.app import main as cli_main
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,10 @@ from ntrain.v1 import training_pb2, training_pb2_grpc
 
 from ntrain import client
 from service.cli import commands, parser
-from service.cli import errors as cli_errors
+from service.cli import exit_status as cli_errors
 from service.cli import inputs as cli_inputs
 from service.cli import output as cli_output
-from service.cli.main import main as cli_main
+from service.cli.app import main as cli_main
 from service.cli.progress import ProgressRenderer, bar, format_progress_line
 
 # --- parsing and spec building -------------------------------------------------------------

@@ -80,16 +80,16 @@ def test_each_status_code_becomes_its_own_exception_with_a_one_line_message():
         grpc.StatusCode.RESOURCE_EXHAUSTED: client.ResourceExhausted,
     }
     for code, cls in cases.items():
-        error = client.errors.from_rpc_error(FakeRpcError(code, "it\nbroke"), "h:1")
+        error = client.exceptions.from_rpc_error(FakeRpcError(code, "it\nbroke"), "h:1")
         assert type(error) is cls and error.code == code and error.details == "it\nbroke"
         assert isinstance(error, client.NtrainError) and "\n" not in str(error)
-    other = client.errors.from_rpc_error(FakeRpcError(grpc.StatusCode.DATA_LOSS, "x"), "h:1")
+    other = client.exceptions.from_rpc_error(FakeRpcError(grpc.StatusCode.DATA_LOSS, "x"), "h:1")
     assert type(other) is client.RpcFailed and other.code == grpc.StatusCode.DATA_LOSS
 
 
 def test_the_client_and_the_command_line_import_no_tensorflow():
     code = (
-        "import sys, ntrain.client, service.cli.main, service.cli.parser\n"
+        "import sys, ntrain.client, service.cli.app, service.cli.parser\n"
         "service.cli.parser.build_parser()\n"
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras', 'prometheus_client'))))\n"

@@ -24,7 +24,7 @@ from ntrain.v1 import training_pb2 as pb
 import ntrain.client as client
 from naive_model.config import TrainConfig
 from naive_model.data import synthetic_dataset
-from service.cli.main import main as cli_main
+from service.cli.app import main as cli_main
 
 pytestmark = pytest.mark.slow
 

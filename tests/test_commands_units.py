@@ -13,7 +13,7 @@ from ntrain.v1 import training_pb2 as pb
 import ntrain.client as client
 from naive_model.config import TrainConfig
 from service.api import convert
-from service.api.status import bad_request_status
+from service.api.status_codes import bad_request_status
 from service.cli import commands, output, parser
 from service.cli.describe import describe_job
 from service.jobs import validation
@@ -201,7 +201,7 @@ def test_describe_says_when_there_is_no_model_yet():
 
 def test_completion_scripts_come_from_shtab(capsys):
     pytest.importorskip("shtab")
-    from service.cli.main import main
+    from service.cli.app import main
 
     assert main(["completion", "bash"]) == 0
     script = capsys.readouterr().out
@@ -209,7 +209,7 @@ def test_completion_scripts_come_from_shtab(capsys):
 
 
 def test_an_address_with_a_scheme_is_one_line_with_status_2(capsys):
-    from service.cli.main import main
+    from service.cli.app import main
 
     assert main(["jobs", "--address", "http://127.0.0.1:50551"]) == 2
     error = capsys.readouterr().err

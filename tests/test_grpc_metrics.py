@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from prometheus_client import CollectorRegistry
 
 from service.api.grpc_metrics import LABELS, MetricsServerInterceptor, split_method
-from service.api.status import ExceptionToStatusInterceptor
+from service.api.status_codes import ExceptionToStatusInterceptor
 from service.jobs.errors import NotFound
 
 HEALTH = "grpc.health.v1.Health"

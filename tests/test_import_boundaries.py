@@ -1,6 +1,8 @@
 """Each stage imports only what is below it, and each process only what it needs.
 
-    client (service.cli) -> service.api -> service.jobs -> service.worker -> naive_model
+    client (service.cli) -> service.api -> service.jobs -> service.processes
+        | (a socket pair)
+    service.worker (inside a worker process) -> naive_model
 
 The static part reads every module's imports (function-level ones too); the
 process part imports the real entry points in fresh interpreters, and looks
@@ -26,9 +28,11 @@ ALLOWED = {
     "naive_model": set(),
     "service.protocol": {"naive_model.config", "naive_model.results"},
     "service.worker": {"service.protocol", "naive_model"},
+    # The server's side of worker processes: starts, feeds and reaps them.
+    "service.processes": {"service.protocol"},
     # The Ray job of a multi_worker job: runs on the cluster, imports ray and TensorFlow.
     "service.driver": {"service.protocol", "naive_model"},
-    "service.jobs": {"service.protocol", "service.worker", "service.devices", "naive_model"},
+    "service.jobs": {"service.protocol", "service.processes", "service.devices", "naive_model"},
     "service.metrics": {"service.protocol"},
     "service.devices": set(),
     "service.metrics_http": set(),
@@ -57,6 +61,7 @@ THIRD_PARTY_BANNED = {
     "naive_model": {"grpc", "prometheus_client", "google.protobuf"},
     "service.protocol": {"grpc", "google.protobuf", "tensorflow", "numpy"},
     "service.worker": {"grpc", "google.protobuf", "prometheus_client"},
+    "service.processes": {"grpc", "google.protobuf", "prometheus_client", "tensorflow", "numpy"},
     "service.driver": {"grpc", "google.protobuf", "prometheus_client"},
     # The server talks to Ray Jobs over plain HTTP.
     "service.jobs": {"grpc", "google.protobuf", "tensorflow", "prometheus_client", "ray"},
@@ -132,7 +137,7 @@ def test_the_server_process_imports_no_tensorflow():
     modules = _modules_after(
         "from pathlib import Path; import tempfile\n"
         "from service.api.server import ServerConfig, TrainingServer\n"
-        "import service.cli.main\n"
+        "import service.cli.app\n"
         "server = TrainingServer(ServerConfig(port=0, metrics_port=0, warm_worker=False,"
         " gpu_inventory=(), state_dir=Path(tempfile.mkdtemp())))\n"
         "server.start(); server.stop(grace=0)"
@@ -157,7 +162,7 @@ def test_the_library_imports_no_service_code():
 def test_the_worker_imports_no_grpc_nor_generated_protobuf_code():
     modules = _modules_after(
         "import sys; sys.argv = ['worker']\n"
-        "import service.worker.main, service.worker.tasks, service.worker.serving\n"
+        "import service.worker.entry, service.worker.tasks, service.worker.serving\n"
         "service.worker.tasks.import_tensorflow()"
     )
     assert _loaded(modules, "tensorflow")
@@ -187,3 +192,14 @@ def test_a_live_worker_has_no_grpc_library_mapped(tmp_path):
         server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
     finally:
         server.stop()
+
+
+def test_no_two_modules_share_a_name():
+    """A module's name says which one it is, wherever it is imported from."""
+    packages = ("naive_model", "service", "ntrain")
+    seen: dict[str, list[str]] = {}
+    for package in packages:
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            if path.stem not in ("__init__", "__main__"):
+                seen.setdefault(path.stem, []).append(str(path.relative_to(REPO_ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

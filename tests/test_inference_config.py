@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from naive_model.config import RUNTIME_BYTES
-from service.cli.main import main as cli_main
-from service.jobs.inference import model_cache_bytes
+from service.cli.app import main as cli_main
+from service.jobs.model_tasks import model_cache_bytes
 from service.jobs.validation import HOST_MEMORY_SHARE
-from service.worker.inference import InferenceWorker
+from service.processes.inference_process import InferenceWorker
 
 
 def test_serve_hands_model_cache_and_the_task_bound_to_the_server(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import shown
 from service.api import convert
-from service.api.status import one_line
+from service.api.status_codes import one_line
 from service.jobs import validation
 from service.jobs.errors import InvalidArgument
 
@@ -154,7 +154,7 @@ def test_model_tasks_past_the_bound_are_refused_at_once():
     from pathlib import Path
 
     from service.jobs.errors import ResourceExhausted
-    from service.jobs.inference import ModelTasks
+    from service.jobs.model_tasks import ModelTasks
     from service.protocol import Predictions, PredictTask
 
     release = threading.Event()
@@ -188,7 +188,7 @@ def test_model_tasks_past_the_bound_are_refused_at_once():
 def test_a_field_violation_cuts_a_huge_field_and_message():
     from google.rpc import error_details_pb2, status_pb2
 
-    from service.api.status import bad_request_status
+    from service.api.status_codes import bad_request_status
 
     status = bad_request_status(InvalidArgument("m" * 1_000_000, field="labels[" + "k" * 10**6))
     details = dict(status.trailing_metadata)["grpc-status-details-bin"]

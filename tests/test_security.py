@@ -38,8 +38,8 @@ from tls_harness import make_pki
 from ntrain.client import Credentials, open_channel
 from service.api.server import ServerConfig, TrainingServer
 from service.api.tls import TlsFiles
-from service.cli import errors as cli_errors
-from service.cli.main import main as cli_main
+from service.cli import exit_status as cli_errors
+from service.cli.app import main as cli_main
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from ntrain.client.client import (
     job_spec,
     model_file_destination,
 )
-from ntrain.client.errors import (
+from ntrain.client.exceptions import (
     AddressError,
     AlreadyExists,
     Cancelled,

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from ntrain.client.errors import AddressError, CredentialsError
+from ntrain.client.exceptions import AddressError, CredentialsError
 
 DEFAULT_PORT = 50051
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"

@@ -24,7 +24,7 @@ from ntrain.client.channel import (
     normalize_address,
     open_channel,
 )
-from ntrain.client.errors import DownloadError, InvalidArgument, from_rpc_error
+from ntrain.client.exceptions import DownloadError, InvalidArgument, from_rpc_error
 from ntrain.client.states import state_value
 from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
 from ntrain.v1 import training_pb2, training_pb2_grpc

@@ -19,7 +19,7 @@ from ntrain.v1 import training_pb2 as pb
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
 from ntrain.client.states import state_name, state_value
 from service.jobs.errors import InvalidArgument
-from service.jobs.status import ServerStatus
+from service.jobs.server_status import ServerStatus
 from service.jobs.store import Event, JobRecord
 from service.jobs.validation import MAX_LABELS, MAX_STATE_FILTERS, check_labels
 from service.protocol import (

@@ -29,22 +29,22 @@ from grpc_reflection.v1alpha import reflection
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
 from service.api.auth import AuthInterceptor, PasswordTable, TokenTable
-from service.api.config import (  # noqa: F401 - ServerConfig is this module's API too
+from service.api.grpc_metrics import MetricsServerInterceptor
+from service.api.server_config import (  # noqa: F401 - ServerConfig is this module's API too
     ServerConfig,
     check_config,
     exposure_problem,
     host_port,
     is_loopback,
 )
-from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.servicer import TrainingServicer
-from service.api.status import ExceptionToStatusInterceptor
+from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
 from service.devices import DeviceInventory, cpu_description, probe_devices
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
-from service.jobs.status import package_version
+from service.jobs.server_status import package_version
 from service.jobs.store import Store
 from service.metrics import ServiceMetrics
 from service.metrics_http import MetricsHttpServer, start_metrics_server

@@ -1,7 +1,7 @@
 """The TrainingService RPCs: convert the request, call the job manager, convert back.
 
 No training logic and no error handling here: domain errors raised below are
-mapped to status codes by `service.api.status.ExceptionToStatusInterceptor`.
+mapped to status codes by `service.api.status_codes.ExceptionToStatusInterceptor`.
 No metadata either: `service.api.auth.AuthInterceptor` authenticated the
 caller before the handler runs, and the handler passes its principal on.
 """

@@ -1,5 +1,5 @@
-"""The ntrain command line: `service.cli.main.main` is the `ntrain` entry point."""
+"""The ntrain command line: `service.cli.app.main` is the `ntrain` entry point."""
 
-from service.cli.main import main
+from service.cli.app import main
 
 __all__ = ["main"]

@@ -3,7 +3,7 @@
 Every command takes the parsed arguments (`args.client`, an
 `ntrain.client.Client`, is open for client commands) and returns the exit
 status; failures raise `CliError` or let an `ntrain.client.NtrainError`
-through, which `service.cli.main` turns into one line.
+through, which `service.cli.app` turns into one line.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ntrain.v1 import training_pb2
 from ntrain.client import Client, FailedPrecondition, job_spec
 from service.cli import output as cli_output
 from service.cli.describe import describe_job
-from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
+from service.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.inputs import format_layers, load_inputs, load_mnist_test
 from service.cli.progress import ProgressRenderer
 

@@ -34,7 +34,7 @@ from naive_model.data import mnist_candidates, synthetic_dataset
 from ntrain.client import TERMINAL_STATES, Client, NtrainError
 from service.cli import output as cli_output
 from service.cli.commands import follow_job
-from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+from service.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from service.cli.inputs import read_test_images
 from service.cli.progress import ProgressRenderer
 from service.cli.specs import book_job_spec

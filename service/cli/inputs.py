@@ -13,7 +13,7 @@ import numpy as np
 from ntrain.v1 import training_pb2
 
 from naive_model.data import find_mnist, mnist_candidates, to_features
-from service.cli.errors import CliError
+from service.cli.exit_status import CliError
 
 
 def parse_layers(text: str) -> list[training_pb2.LayerSpec]:

@@ -16,7 +16,7 @@ from ntrain.client.channel import (
 )
 from ntrain.client.states import STATE_NAMES
 from service.cli import commands
-from service.cli.errors import EXIT_USAGE
+from service.cli.exit_status import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.cli.serve_parser import add_serve_parser
 from service.cli.types import label, positive_int

@@ -2,6 +2,6 @@
 
 import sys
 
-from service.driver.main import main
+from service.driver.ray_driver import main
 
 sys.exit(main())

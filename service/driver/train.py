@@ -51,7 +51,7 @@ def _train(task, strategy, chief: bool, events, start: float) -> None:
     from naive_model.data import load_dataset
     from naive_model.loop import LoopOptions, run_training
     from naive_model.trainer import Trainer, TrainingDiverged
-    from service.driver.main import WeightsDigest
+    from service.driver.ray_driver import WeightsDigest
     from service.protocol import CheckpointSaved, Failed, JobFiles, ModelInfo, Running
 
     rank = ray.train.get_context().get_world_rank()

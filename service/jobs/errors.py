@@ -1,7 +1,7 @@
 """The service's domain errors: plain exceptions that name what was wrong.
 
 The job manager, validation and the scheduler raise these; they know nothing
-of gRPC. The API's `service.api.status` maps each class to a status code in one
+of gRPC. The API's `service.api.status_codes` maps each class to a status code in one
 table, as kserve's `ExceptionToStatusInterceptor` does.
 """
 

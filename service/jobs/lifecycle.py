@@ -18,13 +18,14 @@ from pathlib import Path
 
 from service.devices import DeviceInventory
 from service.jobs.feed import JobFeed
-from service.jobs.inference import ModelTasks
+from service.jobs.model_tasks import ModelTasks
 from service.jobs.ray_jobs import RayJobsClient, RayJobsError
 from service.jobs.ray_runner import STORED_EVENTS, RayRunner
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import JobRunner, RunOutcome
 from service.jobs.scheduler import Assignment, Demand, Scheduler
 from service.jobs.store import Event, JobRecord, Store
+from service.processes.warm_pool import WorkerPool
 from service.protocol import (
     CheckpointSaved,
     EpochEnd,
@@ -37,7 +38,6 @@ from service.protocol import (
     TrainTask,
     WorkerEvent,
 )
-from service.worker.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ from service.jobs.errors import (
     Unavailable,
 )
 from service.jobs.feed import JobFeed
-from service.jobs.inference import (
+from service.jobs.lifecycle import JobLifecycle
+from service.jobs.model_tasks import (
     DEFAULT_MAX_TASKS,
     DEFAULT_MODEL_CACHE,
     ModelTasks,
     model_cache_bytes,
 )
-from service.jobs.lifecycle import JobLifecycle
 from service.jobs.outputs import describe_model, log_size, model_parts, read_log_lines
 from service.jobs.ray_jobs import RayJobsClient
 from service.jobs.ray_runner import RayRunner
@@ -54,9 +54,11 @@ from service.jobs.scheduler import (
     Demand,
     Scheduler,
 )
-from service.jobs.status import ServerStatus, package_version
+from service.jobs.server_status import ServerStatus, package_version
 from service.jobs.store import Event, JobRecord, Store
 from service.jobs.validation import validate_job_spec
+from service.processes.inference_process import InferenceWorker
+from service.processes.warm_pool import WorkerPool
 from service.protocol import (
     SERVICE_STRATEGIES,
     Evaluation,
@@ -69,8 +71,6 @@ from service.protocol import (
     Predictions,
     StateChange,
 )
-from service.worker.inference import InferenceWorker
-from service.worker.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service.processes.worker_process import WorkerProcess
 from service.protocol import (
     Failed,
     JobFiles,
@@ -25,7 +26,6 @@ from service.protocol import (
     TrainTask,
     WorkerEvent,
 )
-from service.worker.process import WorkerProcess
 
 log = logging.getLogger(__name__)
 

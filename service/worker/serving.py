@@ -1,6 +1,6 @@
 """The inference worker: Evaluate and Predict tasks one after another, models kept loaded.
 
-    python -m service.worker.main --fd N --preload --model-cache 4 --cache-bytes B
+    python -m service.worker.entry --fd N --preload --model-cache 4 --cache-bytes B
 
 One long-lived process answers every Evaluate and Predict of the server; the
 server sends one task at a time and waits for its answer. The process keeps

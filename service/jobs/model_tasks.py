@@ -28,6 +28,7 @@ from service.jobs.errors import (
 )
 from service.jobs.store import JobRecord, Store
 from service.jobs.validation import HOST_MEMORY_SHARE
+from service.processes.inference_process import DEFAULT_MODEL_CACHE, InferenceWorker, WorkerGone
 from service.protocol import (
     DescribeCache,
     EvaluateTask,
@@ -39,7 +40,6 @@ from service.protocol import (
     PredictTask,
     WorkerEvent,
 )
-from service.worker.inference import DEFAULT_MODEL_CACHE, InferenceWorker, WorkerGone
 
 log = logging.getLogger(__name__)
 

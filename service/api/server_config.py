@@ -16,7 +16,7 @@ from pathlib import Path
 
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
-from service.jobs.inference import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
+from service.jobs.model_tasks import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 
 

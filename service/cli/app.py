@@ -25,7 +25,7 @@ from ntrain.client import (
     NtrainError,
     load_credentials,
 )
-from service.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
+from service.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from service.cli.parser import build_parser
 
 DEBUG_ENV = "NTRAIN_DEBUG"

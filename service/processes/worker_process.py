@@ -1,6 +1,6 @@
 """A worker process seen from the server: start it, talk to it, end it.
 
-A worker is a fresh interpreter, `python -m service.worker.main`, never a
+A worker is a fresh interpreter, `python -m service.worker.entry`, never a
 fork (the server has threads, and a forked TensorFlow is not safe), and not
 multiprocessing's "spawn" either: that re-imports the parent's main module in
 the child, which would bring the CLI, and with it gRPC, into every worker.
@@ -116,7 +116,7 @@ def spawn_worker(
             weights and its test splits within `cache_bytes`.
     """
     server_end, worker_end = socket.socketpair()
-    command = [sys.executable, "-m", "service.worker.main", "--fd", str(worker_end.fileno())]
+    command = [sys.executable, "-m", "service.worker.entry", "--fd", str(worker_end.fileno())]
     if preload:
         command.append("--preload")
     if log_path is not None:

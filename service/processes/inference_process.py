@@ -16,8 +16,8 @@ import signal
 import threading
 from pathlib import Path
 
+from service.processes.worker_process import WorkerProcess, spawn_worker
 from service.protocol import DescribeCache, EvaluateTask, PredictTask, WorkerEvent
-from service.worker.process import WorkerProcess, spawn_worker
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The worker process's entry point: one task, then the process ends; or the inference worker.
 
-    python -m service.worker.main --fd N [--preload] [--log PATH] [--dataset NAME]
-    python -m service.worker.main --fd N --preload --model-cache N --cache-bytes B ...
+    python -m service.worker.entry --fd N [--preload] [--log PATH] [--dataset NAME]
+    python -m service.worker.entry --fd N --preload --model-cache N --cache-bytes B ...
 
 The server starts one per job. With `--model-cache` the process is the
 inference worker instead (service.worker.serving): it answers Evaluate and
@@ -38,7 +38,7 @@ from service.protocol import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m service.worker.main")
+    parser = argparse.ArgumentParser(prog="python -m service.worker.entry")
     parser.add_argument("--fd", type=int, required=True, help="the socket to the server")
     parser.add_argument("--preload", action="store_true", help="import TensorFlow now")
     parser.add_argument("--log", default=None, help="output file until the task names one")

@@ -10,7 +10,7 @@ import logging
 import threading
 from pathlib import Path
 
-from service.worker.process import WorkerProcess, spawn_worker
+from service.processes.worker_process import WorkerProcess, spawn_worker
 
 log = logging.getLogger(__name__)
 
