@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from service.protocol import JOB_STATES
+from service.protocol import JobState
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,8 @@ class ServiceMetrics:
             registry=r,
         )
         # Series that exist from the start, so rates and alerts see the first change.
-        for state in JOB_STATES:
-            self.jobs.labels(state).set(0)
+        for state in JobState:
+            self.jobs.labels(state.name).set(0)
         for outcome in OUTCOMES:
             self.jobs_finished.labels(outcome)
         for kind in DEVICE_TYPES:
@@ -253,10 +253,10 @@ class ServiceMetrics:
     def set_queue_length(self, length: int) -> None:
         self.queue_length.set(length)
 
-    def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
-        """Jobs by JobState name; every state is exposed, states not given read 0."""
-        for state in set(JOB_STATES) | set(counts):
-            self.jobs.labels(state).set(counts.get(state, 0))
+    def set_jobs_by_state(self, counts: Mapping[JobState, int]) -> None:
+        """Jobs by state, labelled by its name; every state is exposed, states not given read 0."""
+        for state in JobState:
+            self.jobs.labels(state.name).set(counts.get(state, 0))
 
     # -- jobs ----------------------------------------------------------------------
 

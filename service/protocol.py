@@ -9,6 +9,7 @@ messages are converted to and from these in one place, `service.api.convert`.
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +26,31 @@ from naive_model.results import (
 
 # -- job states and strategies ---------------------------------------------------
 
-JOB_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELED")
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
+
+class JobState(enum.Enum):
+    """Where a job is in its life; each value is the contract's `JobState` number.
+
+    QUEUED -> STARTING -> RUNNING -> SUCCEEDED | FAILED; CANCELLING -> CANCELED
+    from STARTING or RUNNING (a QUEUED job is CANCELED at once); a job whose
+    worker died, or that was stopped to make room, goes back to QUEUED. A test
+    holds the names and numbers equal to the proto's (without its prefix).
+    """
+
+    QUEUED = 1
+    STARTING = 2
+    RUNNING = 3
+    CANCELLING = 4
+    SUCCEEDED = 5
+    FAILED = 6
+    CANCELED = 7
+
+    @property
+    def finished(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
 # The strategies of jobs on the server's own host; multi_worker jobs run on a
 # Ray cluster instead (the server's --ray-address).
 SERVICE_STRATEGIES = tuple(name for name in STRATEGIES if name != "multi_worker")
@@ -286,7 +310,7 @@ WorkerEvent = (
 
 @dataclass(frozen=True, kw_only=True)
 class StateChange:
-    state: str
+    state: JobState
     reason: str = ""
 
 
@@ -392,7 +416,7 @@ __all__ = [
     "Evaluation",
     "EvaluateTask",
     "Failed",
-    "JOB_STATES",
+    "JobState",
     "JobEventPayload",
     "JobFiles",
     "JobSpec",

@@ -8,8 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.api.grpc_metrics import MetricsServerInterceptor
-from service.metrics import JOB_STATES, ServiceMetrics
+from service.metrics import ServiceMetrics
 from service.metrics_http import start_metrics_server
+from service.protocol import JobState
 
 
 class FakeClock:
@@ -66,7 +67,7 @@ def test_epoch_checkpoint_and_gpu_memory_series(metrics):
 
 
 def test_service_series(metrics):
-    metrics.set_jobs_by_state({"RUNNING": 2, "QUEUED": 1})
+    metrics.set_jobs_by_state({JobState.RUNNING: 2, JobState.QUEUED: 1})
     metrics.set_queue_length(1)
     metrics.set_warm_workers(1)
     metrics.set_devices({"GPU": 4, "CPU": 1})
@@ -75,7 +76,7 @@ def test_service_series(metrics):
     metrics.job_finished("job-a", "succeeded", 42.0)
     value = metrics.registry.get_sample_value
     assert value("ntrain_jobs", {"state": "RUNNING"}) == 2
-    assert all(value("ntrain_jobs", {"state": s}) is not None for s in JOB_STATES)
+    assert all(value("ntrain_jobs", {"state": s}) is not None for s in JobState.__members__)
     assert value("ntrain_jobs", {"state": "FAILED"}) == 0
     assert value("ntrain_queue_length") == 1 and value("ntrain_warm_workers") == 1
     assert value("ntrain_devices", {"type": "GPU"}) == 4
@@ -175,13 +176,12 @@ def test_the_standard_process_and_python_collectors_are_in_the_registry(metrics)
 
 def test_every_state_outcome_and_device_type_is_exposed_from_the_start(metrics):
     value = metrics.registry.get_sample_value
-    assert [value("ntrain_jobs", {"state": s}) for s in JOB_STATES] == [0] * len(JOB_STATES)
-    assert set(JOB_STATES) >= {"QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED"}
+    assert [value("ntrain_jobs", {"state": s}) for s in JobState.__members__] == [0] * len(JobState)
     for outcome in ("succeeded", "failed", "canceled"):
         assert value("ntrain_jobs_finished_total", {"outcome": outcome}) == 0
     assert value("ntrain_devices", {"type": "GPU"}) == 0
-    metrics.set_jobs_by_state({"RUNNING": 1})
-    metrics.set_jobs_by_state({"QUEUED": 2})
+    metrics.set_jobs_by_state({JobState.RUNNING: 1})
+    metrics.set_jobs_by_state({JobState.QUEUED: 2})
     assert value("ntrain_jobs", {"state": "RUNNING"}) == 0
     assert value("ntrain_jobs", {"state": "QUEUED"}) == 2
 

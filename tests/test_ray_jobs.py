@@ -26,7 +26,7 @@ from service.jobs.ray_jobs import (
     submission_request,
 )
 from service.jobs.ray_runner import RayRunner
-from service.jobs.runner import CANCELED, INTERRUPTED
+from service.jobs.runner import CANCEL, RunEnd, Stop
 from service.jobs.scheduler import Demand, Scheduler, demand_for
 from service.jobs.validation import validate_job_spec
 from service.protocol import (
@@ -246,7 +246,7 @@ class Followed:
         self.outcome = None
         self.done = threading.Event()
 
-    def on_finish(self, outcome):
+    def on_end(self, outcome):
         self.outcome = outcome
         self.done.set()
 
@@ -255,7 +255,7 @@ class Followed:
             TASK,
             client=RayJobsClient(ray.address),
             on_event=self.events.append,
-            on_finish=self.on_finish,
+            on_end=self.on_end,
             poll_seconds=0.02,
             **options,
         )
@@ -278,7 +278,7 @@ def test_runner_submits_forwards_events_in_order_and_succeeds(ray):
     ray.emit(TASK.job_id, epoch_end(1), progress(2, 33), epoch_end(2), RESULT)
     ray.finish(TASK.job_id, "SUCCEEDED")
     assert followed.done.wait(10)
-    assert followed.outcome.state == "SUCCEEDED"
+    assert followed.outcome.end is RunEnd.SUCCEEDED
     assert followed.events == [
         Running(replicas=2),
         progress(1, 1),
@@ -308,7 +308,7 @@ def test_runner_reattaches_without_repeating_stored_events(ray):
     ray.emit(TASK.job_id, epoch_end(2), RESULT)
     ray.finish(TASK.job_id, "SUCCEEDED")
     assert followed.done.wait(10)
-    assert followed.outcome.state == "SUCCEEDED"
+    assert followed.outcome.end is RunEnd.SUCCEEDED
     assert followed.events == [
         CheckpointSaved(path="/c", epoch=1, step=32, seconds=0.1),
         progress(2, 33),
@@ -323,17 +323,21 @@ def test_cancel_stops_the_ray_job(ray):
     runner = followed.runner(ray)
     runner.start()
     _wait_until(lambda: TASK.job_id in ray.jobs)
-    runner.stop(CANCELED)
+    runner.stop(CANCEL)
     assert followed.done.wait(10)
-    assert followed.outcome.state == "CANCELED"
+    assert followed.outcome.end is RunEnd.CANCELED
     assert ray.jobs[TASK.job_id].stop_requests == 1
 
 
-def test_max_runtime_stops_the_ray_job_and_fails_it(ray):
+def test_a_stop_for_a_reason_stops_the_ray_job_and_fails_it(ray):
     followed = Followed()
-    followed.runner(ray, max_runtime_seconds=0.2).start()
+    runner = followed.runner(ray)
+    runner.start()
+    _wait_until(lambda: TASK.job_id in ray.jobs)
+    # The control loop's stop at a job's max_runtime_seconds (tests/test_controller.py).
+    runner.stop(Stop(RunEnd.FAILED, "the job ran past its max_runtime_seconds of 0.2"))
     assert followed.done.wait(10)
-    assert followed.outcome.state == "FAILED"
+    assert followed.outcome.end is RunEnd.FAILED
     assert "max_runtime_seconds of 0.2" in followed.outcome.reason
     assert ray.jobs[TASK.job_id].stop_requests == 1
 
@@ -345,7 +349,7 @@ def test_a_failed_ray_job_fails_with_the_drivers_reason(ray):
     ray.emit(TASK.job_id, Failed(reason="the loss became nan in epoch 1"))
     ray.finish(TASK.job_id, "FAILED", "Job entrypoint command failed with exit code 1")
     assert followed.done.wait(10)
-    assert followed.outcome.state == "FAILED"
+    assert followed.outcome.end is RunEnd.FAILED
     assert followed.outcome.reason == "the loss became nan in epoch 1"
 
 
@@ -365,7 +369,7 @@ def test_server_shutdown_leaves_the_ray_job_running(ray):
     _wait_until(lambda: TASK.job_id in ray.jobs)
     runner.request_stop()
     assert followed.done.wait(10)
-    assert followed.outcome.state == INTERRUPTED
+    assert followed.outcome.end is RunEnd.STOPPED
     assert ray.jobs[TASK.job_id].status == "RUNNING"
     assert ray.jobs[TASK.job_id].stop_requests == 0
 
@@ -377,4 +381,4 @@ def test_a_ray_job_gone_from_the_cluster_fails(ray):
     with ray.lock:
         del ray.jobs[TASK.job_id]  # the cluster was replaced, say
     assert followed.done.wait(10)
-    assert followed.outcome.state == "FAILED" and "gone" in followed.outcome.reason
+    assert followed.outcome.end is RunEnd.FAILED and "gone" in followed.outcome.reason

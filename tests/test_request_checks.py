@@ -10,6 +10,7 @@ from service.api import convert
 from service.api.status_codes import one_line
 from service.jobs import validation
 from service.jobs.errors import InvalidArgument
+from service.protocol import JobState
 
 
 @pytest.mark.parametrize("cursor", [1, 12345, 2**63 - 1])
@@ -48,7 +49,7 @@ def test_repeated_fields_are_bounded_before_any_work():
         convert.states_from_proto([pb.JOB_STATE_RUNNING] * 250_000)
     assert convert.states_from_proto(
         [pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING]
-    ) == ("RUNNING", "QUEUED")
+    ) == (JobState.RUNNING, JobState.QUEUED)
     layers = [pb.LayerSpec(units=1, activation="relu")] * 100_000
     with pytest.raises(InvalidArgument, match="at most 64 layers, got 100000"):
         convert.job_spec_from_proto(pb.JobSpec(layers=layers))

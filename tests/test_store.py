@@ -11,7 +11,7 @@ import pytest
 from naive_model.config import TrainConfig
 from service.jobs.schema import SCHEMA_VERSION
 from service.jobs.store import JobRecord, Store
-from service.protocol import JobSpec, Progress, StateChange, TrainingResult
+from service.protocol import JobSpec, JobState, Progress, StateChange, TrainingResult
 
 SPEC = JobSpec(train=TrainConfig(epochs=2), dataset="synthetic")
 PROGRESS = Progress(
@@ -39,7 +39,11 @@ RESULT = TrainingResult(
 
 def new_job(store: Store, job_id: str, time: float = 1.0) -> None:
     record = JobRecord(
-        job_id=job_id, request_id=f"req-{job_id}", spec=SPEC, state="QUEUED", create_time=time
+        job_id=job_id,
+        request_id=f"req-{job_id}",
+        spec=SPEC,
+        state=JobState.QUEUED,
+        create_time=time,
     )
     store.create_job(record, time)
 
@@ -47,10 +51,10 @@ def new_job(store: Store, job_id: str, time: float = 1.0) -> None:
 def test_events_are_numbered_from_1_without_gaps_and_update_the_job(tmp_path):
     store = Store(tmp_path)
     new_job(store, "job-a")
-    store.append_event("job-a", StateChange(state="STARTING"), 2.0, devices=("GPU:1",))
+    store.append_event("job-a", StateChange(state=JobState.STARTING), 2.0, devices=("GPU:1",))
     store.append_event("job-a", PROGRESS, 3.0)
     store.append_event(
-        "job-a", StateChange(state="FAILED", reason="boom"), 4.0, failure_reason="boom"
+        "job-a", StateChange(state=JobState.FAILED, reason="boom"), 4.0, failure_reason="boom"
     )
 
     events = store.events_after("job-a", 0)
@@ -60,13 +64,13 @@ def test_events_are_numbered_from_1_without_gaps_and_update_the_job(tmp_path):
     assert [e.sequence for e in store.events_after("job-a", 2)] == [3, 4]
 
     job = store.get_job("job-a")
-    assert job.state == "FAILED" and job.finished and job.failure_reason == "boom"
+    assert job.state is JobState.FAILED and job.finished and job.failure_reason == "boom"
     assert job.devices == ("GPU:1",) and job.progress == PROGRESS and job.spec == SPEC
     assert job.last_sequence == 4
     assert [(t.state, t.time) for t in job.transitions] == [
-        ("QUEUED", 1.0),
-        ("STARTING", 2.0),
-        ("FAILED", 4.0),
+        (JobState.QUEUED, 1.0),
+        (JobState.STARTING, 2.0),
+        (JobState.FAILED, 4.0),
     ]
 
 
@@ -74,7 +78,7 @@ def test_list_is_newest_first_filtered_and_paged(tmp_path):
     store = Store(tmp_path)
     for index in range(5):
         new_job(store, f"job-{index}", time=float(index))
-    store.append_event("job-3", StateChange(state="CANCELED"), 9.0)
+    store.append_event("job-3", StateChange(state=JobState.CANCELED), 9.0)
 
     page, cursor = store.list_jobs(limit=2)
     assert [j.job_id for j in page] == ["job-4", "job-3"]
@@ -83,9 +87,9 @@ def test_list_is_newest_first_filtered_and_paged(tmp_path):
     page, cursor = store.list_jobs(limit=2, before=cursor)
     assert [j.job_id for j in page] == ["job-0"] and cursor is None
 
-    canceled, _ = store.list_jobs(states=("CANCELED",))
+    canceled, _ = store.list_jobs(states=(JobState.CANCELED,))
     assert [j.job_id for j in canceled] == ["job-3"]
-    assert store.count_by_state()["QUEUED"] == 4
+    assert store.count_by_state()[JobState.QUEUED] == 4
     assert [j.job_id for j in store.unfinished_jobs()] == ["job-0", "job-1", "job-2", "job-4"]
 
 
@@ -94,7 +98,7 @@ def test_request_ids_are_unique_per_owner(tmp_path):
     new_job(store, "job-a")
     assert store.find_by_request_id("", "req-job-a").job_id == "job-a"
     record = JobRecord(
-        job_id="job-b", request_id="req-job-a", spec=SPEC, state="QUEUED", create_time=2.0
+        job_id="job-b", request_id="req-job-a", spec=SPEC, state=JobState.QUEUED, create_time=2.0
     )
     with pytest.raises(sqlite3.IntegrityError):
         store.create_job(record, 2.0)
@@ -205,7 +209,7 @@ def test_a_version_1_database_opens_with_every_job_unowned(tmp_path):
     ]  # fmt: skip
     assert [e.sequence for e in store.events_after("job-1", 0)] == [1]
     assert store.find_by_request_id("", "req-1").job_id == "job-1"
-    store.append_event("job-1", StateChange(state="CANCELED"), 5.0)
+    store.append_event("job-1", StateChange(state=JobState.CANCELED), 5.0)
     new_job(store, "job-3", time=3.0)  # a new job comes after the migrated ones
     assert store.list_jobs(limit=1)[0][0].job_id == "job-3"
     store.close()
@@ -217,7 +221,7 @@ def test_a_version_1_database_opens_with_every_job_unowned(tmp_path):
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []  # every event has its job
     db.close()
     reopened = Store(tmp_path)
-    assert reopened.get_job("job-1").state == "CANCELED"  # and it opens again
+    assert reopened.get_job("job-1").state is JobState.CANCELED  # and it opens again
     assert reopened.get_job("job-1").restarts == 0 and reopened.count_restart("job-1") == 1
 
 
@@ -238,7 +242,9 @@ def test_a_version_3_database_opens_and_its_jobs_have_no_labels(tmp_path):
     assert (old.spec.name, old.spec.labels) == ("", ()) and old.spec == SPEC
     labelled = dataclasses.replace(SPEC, name="run 2", labels=(("team", "vision"), ("v", "2")))
     store.create_job(
-        JobRecord(job_id="job-new", request_id="r", spec=labelled, state="QUEUED", create_time=2.0),
+        JobRecord(
+            job_id="job-new", request_id="r", spec=labelled, state=JobState.QUEUED, create_time=2.0
+        ),
         2.0,
     )
     assert [j.job_id for j in store.list_jobs()[0]] == ["job-new", "job-old"]

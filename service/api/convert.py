@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
-from ntrain.client.states import state_name, state_value
 from service.jobs.errors import InvalidArgument
 from service.jobs.server_status import ServerStatus
 from service.jobs.store import Event, JobRecord
@@ -26,6 +26,7 @@ from service.protocol import (
     EpochEnd,
     Evaluation,
     JobSpec,
+    JobState,
     LogLines,
     ModelDescription,
     ModelFilePart,
@@ -134,8 +135,8 @@ def labels_from_proto(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
-def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
-    """Job state names of a ListJobs filter.
+def states_from_proto(values: Sequence[int]) -> tuple[JobState, ...]:
+    """The job states of a ListJobs filter.
 
     Raises:
         InvalidArgument: an unspecified or unknown state, or too many of them.
@@ -144,12 +145,12 @@ def states_from_proto(values: Sequence[int]) -> tuple[str, ...]:
         raise InvalidArgument(
             f"states must hold at most {MAX_STATE_FILTERS} job states, got {len(values)}"
         )
-    names = []
+    states = []
     for value in values:
         if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
             raise InvalidArgument(f"states holds an unknown job state {value}")
-        names.append(state_name(value))
-    return tuple(dict.fromkeys(names))  # each state once: one query parameter each
+        states.append(JobState(value))
+    return tuple(dict.fromkeys(states))  # each state once: one query parameter each
 
 
 def predict_rows(request: pb.PredictRequest) -> list[np.ndarray]:
@@ -201,9 +202,15 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
     )
 
 
+def job_state_to_proto(state: JobState) -> pb.JobState:
+    """The contract's value of a state (its number, too: a test holds both enums equal)."""
+    # The stubs type the enum as an int subclass, Value() as a plain int.
+    return cast(pb.JobState, pb.JobState.Value(f"JOB_STATE_{state.name}"))
+
+
 def state_change_to_proto(change: StateChange, time: float) -> pb.StateTransition:
     return pb.StateTransition(
-        state=state_value(change.state), time=timestamp(time), reason=change.reason
+        state=job_state_to_proto(change.state), time=timestamp(time), reason=change.reason
     )
 
 
@@ -266,7 +273,7 @@ def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb
         job_id=record.job_id,
         request_id=record.request_id,
         spec=job_spec_to_proto(record.spec),
-        state=state_value(record.state),
+        state=job_state_to_proto(record.state),
         transitions=[
             state_change_to_proto(StateChange(state=t.state, reason=t.reason), t.time)
             for t in record.transitions

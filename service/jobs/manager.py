@@ -1,16 +1,16 @@
-"""The job manager: the life of every job, from submit to its last event.
+"""The jobs' service: what the API asks of jobs, answered from snapshots and the control loop.
 
-States: QUEUED -> STARTING -> RUNNING -> SUCCEEDED | FAILED, and CANCELLING ->
-CANCELED from STARTING or RUNNING (a QUEUED job is CANCELED at once). Each
-change is an event in the store, with its time and, for FAILED, the reason.
+`JobManager` is what the servicer calls. Requests that change a job (submit,
+cancel) are validated here and decided by the control loop
+(`service.jobs.controller`), which alone writes job state; everything else
+(get, list, watch, logs, models, Evaluate and Predict, status) reads: the
+store through `JobFeed`, which answers from memory until a job changes, and
+the loop's `LoopSnapshot`. Watchers read the store by sequence number and
+sleep until their job's next event, so a reconnecting client that names its
+last sequence misses nothing and sees nothing twice.
 
-Each started job gets a `JobRunner` thread that owns its worker process: it
-sends the task, hands the worker's typed events back (the manager stores
-them and updates the metrics), enforces the run-time limit, and ends the
-process (really: reaped, devices released) before the job reports a terminal
-state. Watchers read the store by sequence
-number and sleep on a condition that every new event wakes, so a reconnecting
-client that names its last sequence misses nothing and sees nothing twice.
+Each started job gets a runner (`service.jobs.runner`) from `Launcher`: a
+worker process on this host, or a Ray job for multi_worker.
 """
 
 from __future__ import annotations
@@ -21,22 +21,17 @@ import logging
 import platform
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from service.devices import DeviceInventory
 from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_request_id
+from service.jobs.controller import CancelJob, Clock, JobController, SubmitJob, SystemClock
 from service.jobs.datasets import lookup_dataset
-from service.jobs.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    Unavailable,
-)
+from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.feed import JobFeed
-from service.jobs.lifecycle import JobLifecycle
+from service.jobs.launcher import Launcher
 from service.jobs.model_tasks import (
     DEFAULT_MAX_TASKS,
     DEFAULT_MODEL_CACHE,
@@ -45,9 +40,7 @@ from service.jobs.model_tasks import (
 )
 from service.jobs.outputs import describe_model, log_size, model_parts, read_log_lines
 from service.jobs.ray_jobs import RayJobsClient
-from service.jobs.ray_runner import RayRunner
 from service.jobs.reporting import JobMetrics
-from service.jobs.runner import CANCELED, STOP_AFTER_ANSWER_SECONDS, JobRunner
 from service.jobs.scheduler import (
     AUTO_GPU_WAIT_SECONDS,
     BACKFILL_SECONDS,
@@ -62,14 +55,13 @@ from service.processes.warm_pool import WorkerPool
 from service.protocol import (
     SERVICE_STRATEGIES,
     Evaluation,
-    JobEventPayload,
     JobSpec,
+    JobState,
     LogLines,
     ModelDescription,
     ModelFilePart,
     ModelInfo,
     Predictions,
-    StateChange,
 )
 
 log = logging.getLogger(__name__)
@@ -82,7 +74,7 @@ MODEL_CACHE_SIZE = 1024
 LOG_POLL_SECONDS = 0.5
 
 
-class JobManager(JobLifecycle):
+class JobManager:
     """Accepts, queues, runs, cancels and reports jobs. Thread-safe."""
 
     def __init__(
@@ -103,14 +95,14 @@ class JobManager(JobLifecycle):
         model_cache: int = DEFAULT_MODEL_CACHE,
         worker_held_fds: tuple[int, ...] = (),
         ray: RayJobsClient | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ):
+        clock = clock or SystemClock()
         self.store = store
         self.ray = ray  # multi_worker jobs go to this Ray cluster; None refuses them
         self.inventory = inventory
         self.metrics = metrics
         self.data_dir = data_dir
-        self.checkpoint_seconds = checkpoint_seconds
         self.pool = WorkerPool(
             warm=warm_worker,
             log_path=store.state_dir / "workers.log",
@@ -127,20 +119,29 @@ class JobManager(JobLifecycle):
             gpu_memory_bytes=self.gpu_memory_bytes,
             backfill_seconds=backfill_seconds,
             auto_gpu_wait_seconds=auto_gpu_wait_seconds,
+            clock=clock.monotonic,
         )
-        # Dispatches again when waiting alone lets a job start (Scheduler.next_wakeup).
-        self._wakeup: threading.Timer | None = None
-        self._clock = clock
-        # One lock for the scheduler, the runners, event appends and the
-        # record cache; a condition per watched job, on the same lock, wakes
-        # that job's watchers when it changes.
-        self._lock = threading.RLock()
-        self.feed = JobFeed(store, self._lock)
+        self.feed = JobFeed(store)
         # GetJob's model per job: (the job's last_sequence when read, the model).
         self._models: OrderedDict[str, tuple[int, ModelDescription | None]] = OrderedDict()
         self._models_lock = threading.Lock()
-        self._runners: dict[str, JobRunner | RayRunner] = {}
-        self._closed = False
+        self.controller = JobController(
+            store,
+            scheduler=self.scheduler,
+            runners=Launcher(
+                store,
+                inventory=inventory,
+                pool=self.pool,
+                data_dir=data_dir,
+                checkpoint_seconds=checkpoint_seconds,
+                ray=ray,
+            ),
+            feed=self.feed,
+            metrics=metrics,
+            demand_of=self._demand,
+            clock=clock,
+            on_idle=self._warm_up,
+        )
         self.models = ModelTasks(
             store,
             InferenceWorker(
@@ -158,11 +159,7 @@ class JobManager(JobLifecycle):
 
     def start(self) -> None:
         """Recover jobs an earlier server left unfinished, then start what can run."""
-        with self._lock:
-            for record in self.store.unfinished_jobs():
-                self._recover(record)
-            self._dispatch()
-            self._report_counts()
+        self.controller.start()
         # Validating a job reads its data set's labels once; do it for the
         # default set now, so that the first submission does not wait for it.
         threading.Thread(target=self._look_up_default_dataset, daemon=True).start()
@@ -192,24 +189,15 @@ class JobManager(JobLifecycle):
         are killed (they resume from their last checkpoint). Their jobs stay
         RUNNING in the store, and queued jobs stay queued.
         """
-        with self._lock:
-            self._closed = True
-            runners = list(self._runners.values())
-            if self._wakeup is not None:
-                self._wakeup.cancel()
-        for runner in runners:
-            runner.request_stop()
-        deadline = time.monotonic() + grace
-        for runner in runners:
-            runner.join(max(0.0, deadline - time.monotonic()))
-        for runner in runners:
-            if runner.is_alive():
-                runner.stop("the server shut down")
-        for runner in runners:
-            runner.join(STOP_AFTER_ANSWER_SECONDS + 5.0)
+        self.controller.shutdown(grace)
         self.pool.close()
         self.models.close()
-        self.feed.wake_all()
+
+    def _warm_up(self) -> None:
+        """Nothing runs or waits: import TensorFlow ahead of the next job and Evaluate."""
+        self.pool.refill()
+        if self.pool.warm_enabled:  # the inference worker, too, imports ahead when idle
+            self.models.warm_up()
 
     # -- requests -------------------------------------------------------------
 
@@ -231,34 +219,10 @@ class JobManager(JobLifecycle):
         """
         authorize(principal, Action.SUBMIT)
         demand = self._demand(spec)
-        with self._lock:
-            if request_id:
-                existing = self.store.find_by_request_id(principal.name, request_id)
-                if existing is not None:
-                    if existing.spec != spec:
-                        raise AlreadyExists(
-                            f"request_id {request_id!r} was used for job {existing.job_id} "
-                            "with a different spec"
-                        )
-                    return self._as_seen_by(principal, existing)
-            if self._closed:
-                raise Unavailable("the server is shutting down")
-            self.scheduler.check_admission(demand)
-            now = self._clock()
-            job_id = f"job-{uuid.uuid4().hex[:12]}"
-            record = JobRecord(
-                job_id=job_id,
-                request_id=request_id or f"auto-{job_id}",
-                spec=spec,
-                state="QUEUED",
-                create_time=now,
-                owner=principal.name,
-            )
-            self.feed.stored(self.store.create_job(record, now))
-            self.scheduler.enqueue(job_id, demand)
-            self._dispatch()
-            self._report_counts()
-            return self.get(job_id, principal=principal)
+        record = self.controller.call(
+            SubmitJob(spec=spec, demand=demand, owner=principal.name, request_id=request_id)
+        )
+        return self._as_seen_by(principal, record)
 
     def get(self, job_id: str, *, principal: Principal = LOCAL) -> JobRecord:
         """The job as `principal` may see it (another owner's request_id is hidden).
@@ -270,7 +234,7 @@ class JobManager(JobLifecycle):
     def list(
         self,
         *,
-        states: tuple[str, ...] = (),
+        states: tuple[JobState, ...] = (),
         labels: tuple[tuple[str, str], ...] = (),
         page_size: int = 50,
         cursor: int | None = None,
@@ -318,15 +282,15 @@ class JobManager(JobLifecycle):
                 last = event.sequence
             if events:
                 continue
-            with self._lock:
-                record = self.get(job_id)  # from memory: an idle watcher costs no query
-                if record.last_sequence > last:
-                    continue
-                # After shutdown a job no runner holds (queued) has nothing more to say.
-                if record.finished or (self._closed and job_id not in self._runners):
-                    return
-                # Woken by this job's next event only, not by every job's.
-                self.feed.wait_for_change(job_id, WATCH_POLL_SECONDS)
+            record = self.get(job_id)  # from memory: an idle watcher costs no query
+            if record.last_sequence > last:
+                continue
+            # After shutdown a job no runner holds (queued) has nothing more to say.
+            loop = self.controller.snapshot
+            if record.finished or (loop.closed and job_id not in loop.running):
+                return
+            # Woken by this job's next event only, not by every job's.
+            self.feed.wait_for_change(job_id, last, WATCH_POLL_SECONDS)
             if not is_active():
                 return
 
@@ -395,7 +359,7 @@ class JobManager(JobLifecycle):
         path = self.store.job_files(job_id).train_log
         while True:
             # The state is read before the file: a job that has ended wrote its last line.
-            ended = self.get(job_id).finished or self._closed
+            ended = self.get(job_id).finished or self.controller.snapshot.closed
             lines = read_log_lines(path, offset, final=ended or not follow)
             if lines is not None:
                 yield lines
@@ -403,9 +367,8 @@ class JobManager(JobLifecycle):
                 continue
             if not follow or ended or not is_active():
                 return
-            with self._lock:
-                # Log lines wake nobody; a state change does, and the poll finds new lines.
-                self.feed.wait_for_change(job_id, LOG_POLL_SECONDS)
+            # Log lines wake nobody; a state change does, and the poll finds new lines.
+            self.feed.wait_for_change(job_id, self.get(job_id).last_sequence, LOG_POLL_SECONDS)
 
     def model_files(self, job_id: str, *, principal: Principal = LOCAL) -> Iterator[ModelFilePart]:
         """The files of the job's exported SavedModel, in bounded pieces.
@@ -419,9 +382,9 @@ class JobManager(JobLifecycle):
         files = self.store.job_files(job_id)
         # The model is exported before the job reports its result: until then a
         # worker restarted from its checkpoint may export it again, replacing it.
-        if record.state != "SUCCEEDED" or not files.has_model():
+        if record.state is not JobState.SUCCEEDED or not files.has_model():
             raise FailedPrecondition(
-                f"job {job_id} has no trained model (state {record.state}); "
+                f"job {job_id} has no trained model (state {record.state.name}); "
                 "a model exists once the job has SUCCEEDED"
             )
         return model_parts(files.model)
@@ -440,27 +403,13 @@ class JobManager(JobLifecycle):
             PermissionDenied: a trainer's job of another owner, or a viewer.
             FailedPrecondition: the job has already ended (nothing to cancel).
         """
-        with self._lock:
+        authorize(principal, Action.CANCEL, self.get(job_id).owner)
+        record = self.controller.call(CancelJob(job_id))
+        deadline = time.monotonic() + wait
+        while not record.finished and (left := deadline - time.monotonic()) > 0:
+            self.feed.wait_for_change(job_id, record.last_sequence, left)
             record = self.get(job_id)
-            authorize(principal, Action.CANCEL, record.owner)
-            if record.finished:
-                raise FailedPrecondition(
-                    f"job {job_id} already ended {record.state}; only a queued or running "
-                    "job can be canceled"
-                )
-            runner = self._runners.get(job_id)
-            if runner is None:  # still queued
-                self.scheduler.remove(job_id)
-                self._transition(job_id, "CANCELED", "canceled while queued")
-                self.metrics.job_finished(job_id, "canceled", 0.0)
-                self._report_counts()
-                return self.get(job_id, principal=principal)
-            if record.state != "CANCELLING":
-                self._transition(job_id, "CANCELLING", "cancel requested")
-                self._report_counts()
-            runner.stop(CANCELED)
-        runner.join(wait)
-        return self.get(job_id, principal=principal)
+        return self._as_seen_by(principal, record)
 
     def evaluate(
         self,
@@ -492,10 +441,10 @@ class JobManager(JobLifecycle):
         return record
 
     def status(self) -> ServerStatus:
-        with self._lock:
-            running = self.scheduler.running
-            busy = tuple(sorted(index for a in running.values() for index in a.gpus))
-            queue_length = self.scheduler.queue_length
+        loop = self.controller.snapshot
+        running = loop.running
+        busy = tuple(sorted(index for a in running.values() for index in a.gpus))
+        queue_length = loop.queue_length
         strategies = tuple(
             name for name in SERVICE_STRATEGIES if name != "gpu" or self.inventory.gpus
         ) + (("multi_worker",) if self.ray is not None else ())
@@ -511,37 +460,3 @@ class JobManager(JobLifecycle):
             cpu_jobs=sum(1 for assignment in running.values() if not assignment.gpus),
             warm_workers=self.pool.warm_ready,
         )
-
-    # -- inside the lock ------------------------------------------------------
-
-    def _transition(
-        self,
-        job_id: str,
-        state: str,
-        reason: str = "",
-        *,
-        strategy: str | None = None,
-        devices: tuple[str, ...] | None = None,
-    ) -> Event:
-        with self._lock:
-            event = self.store.append_event(
-                job_id,
-                StateChange(state=state, reason=reason),
-                self._clock(),
-                strategy=strategy,
-                devices=devices,
-                failure_reason=reason if state == "FAILED" else None,
-            )
-            self.feed.stored(event)
-            return event
-
-    def append(self, job_id: str, payload: JobEventPayload) -> Event:
-        """Store the job's next event and wake its watchers."""
-        with self._lock:
-            event = self.store.append_event(job_id, payload, self._clock())
-            self.feed.stored(event)
-            return event
-
-    def _report_counts(self) -> None:
-        self.metrics.set_jobs_by_state(self.store.count_by_state())
-        self.metrics.set_queue_length(self.scheduler.queue_length)

@@ -1,12 +1,10 @@
-"""The thread that follows one multi_worker job on a Ray cluster, beside `JobRunner`.
+"""Follows one multi_worker job on a Ray cluster: the Ray `Runner`.
 
-It has `JobRunner`'s shape (start, stop, request_stop, join, the same
-callbacks and `RunOutcome`), so the job manager treats both alike. Instead of
-a worker process it has a Ray job, submitted through Ray Jobs' REST API under
+Instead of a worker process it has a Ray job, submitted through Ray Jobs' REST API under
 the ntrain job id (or found there again after a server restart). It polls the
 job's status and its driver's log, turns the event lines of the log
 (`service.protocol.event_line`) back into the typed events a local worker
-sends, and stops the Ray job on cancel or past the run-time limit.
+sends, and stops the Ray job when the control loop stops the run.
 """
 
 from __future__ import annotations
@@ -14,18 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from service.jobs.ray_jobs import RayJobNotFound, RayJobsClient, RayJobsError
-from service.jobs.runner import CANCELED, INTERRUPTED, RunOutcome
+from service.jobs.runner import OnEnd, OnEvent, RunEnd, RunnerThread, RunOutcome
 from service.protocol import (
     EpochEnd,
     Failed,
     Progress,
     RayTrainTask,
     TrainingResult,
-    WorkerEvent,
     parse_event_lines,
 )
 
@@ -40,8 +36,8 @@ STOP_WAIT_SECONDS = 60.0
 STORED_EVENTS = (Progress, EpochEnd, TrainingResult)
 
 
-class RayRunner:
-    """Runs `task` as a Ray job and follows it on a thread of its own.
+class RayRunner(RunnerThread):
+    """Runs `task` as a Ray job and follows it.
 
     Args:
         stored_events: how many `STORED_EVENTS` of this job the store holds
@@ -49,8 +45,9 @@ class RayRunner:
             with every event before the last of them.
         log_path: the job's train.log, where the driver's log is copied as it
             grows, so `ntrain logs` reads a Ray job as it reads a local one.
-        on_event: called on the runner's thread with each event but the end.
-        on_finish: called once, after the Ray job ended, with the outcome.
+
+    `request_stop` (the server is shutting down) leaves the Ray job running and
+    stops following it; the next server start finds it again by its submission id.
     """
 
     def __init__(
@@ -58,26 +55,18 @@ class RayRunner:
         task: RayTrainTask,
         *,
         client: RayJobsClient,
-        on_event: Callable[[WorkerEvent], None],
-        on_finish: Callable[[RunOutcome], None],
-        max_runtime_seconds: float = 0.0,
+        on_event: OnEvent,
+        on_end: OnEnd,
         stored_events: int = 0,
         log_path: Path | None = None,
         poll_seconds: float = POLL_SECONDS,
     ):
+        super().__init__(task.job_id, on_event=on_event, on_end=on_end, kind="ray")
         self.task = task
-        self.job_id = task.job_id
         self._client = client
-        self._on_event = on_event
-        self._on_finish = on_finish
-        self._max_runtime = max_runtime_seconds
         self._to_skip = stored_events
         self._poll = poll_seconds
-        self._lock = threading.Lock()
-        self._stop_reason: str | None = None
-        self._detach = False
         self._wake = threading.Event()
-        self._started = time.monotonic()
         self._seen = 0  # the number of the last event line taken
         self._log_path = log_path
         # Ray Jobs gives the whole log each time; what the file holds already
@@ -85,81 +74,44 @@ class RayRunner:
         self._log_copied = log_path.stat().st_size if log_path and log_path.exists() else 0
         self._failed: Failed | None = None
         self._result = False
-        self._thread = threading.Thread(target=self._run, name=f"ray-{self.job_id}", daemon=True)
 
-    @property
-    def run_seconds(self) -> float:
-        return time.monotonic() - self._started
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, reason: str) -> None:
-        """Stop the Ray job (`CANCELED` as the reason cancels it)."""
-        with self._lock:
-            if self._stop_reason is None:
-                self._stop_reason = reason
+    def _end_now(self) -> None:
         self._wake.set()
 
-    def request_stop(self) -> None:
-        """The server is shutting down: leave the Ray job running and stop following it.
-
-        The next server start finds it again by its submission id.
-        """
-        with self._lock:
-            self._detach = True
+    def _ask_to_stop(self) -> None:
         self._wake.set()
-
-    def _run(self) -> None:
-        outcome = RunOutcome("FAILED", "the Ray job runner stopped unexpectedly")
-        try:
-            outcome = self._follow()
-        except Exception as error:  # a bug here must still end the job
-            log.exception("Ray job runner for %s failed", self.job_id)
-            outcome = RunOutcome("FAILED", f"internal error: {error}")
-        finally:
-            self._on_finish(outcome)
 
     def _follow(self) -> RunOutcome:
         if not self._attach():
-            return RunOutcome(INTERRUPTED, "the server stopped before the Ray job was submitted")
-        deadline = self._started + self._max_runtime if self._max_runtime else None
+            return RunOutcome(RunEnd.STOPPED, "the server stopped before the Ray job was submitted")
         last_contact = time.monotonic()
         stop_sent: float | None = None
         while True:
-            with self._lock:
-                detach, reason = self._detach, self._stop_reason
-            if detach:
-                return RunOutcome(INTERRUPTED, "the server stopped following the Ray job")
-            if reason is None and deadline is not None and time.monotonic() >= deadline:
-                self.stop(f"the job ran past its max_runtime_seconds of {self._max_runtime:g}")
-                continue
+            if self.stop_requested:
+                return RunOutcome(RunEnd.STOPPED, "the server stopped following the Ray job")
+            stop = self.stopping
             try:
-                if reason is not None and stop_sent is None:
+                if stop is not None and stop_sent is None:
                     self._client.stop(self.job_id)
                     stop_sent = time.monotonic()
                 self._take_events(self._client.logs(self.job_id))
                 status = self._client.status(self.job_id)
                 if status.finished:  # its log is whole now: take its last lines
                     self._take_events(self._client.logs(self.job_id))
-                    return self._outcome(status.status, status.message, reason)
+                    return self._outcome(status.status, status.message)
                 last_contact = time.monotonic()
             except RayJobNotFound:
-                if reason == CANCELED:  # nothing left to stop
-                    return RunOutcome("CANCELED", CANCELED)
-                return RunOutcome("FAILED", f"the Ray job {self.job_id} is gone from the cluster")
+                if stop is not None:  # nothing left to stop: the stop stands as the outcome
+                    return RunOutcome(stop.end, stop.reason)
+                return RunOutcome(
+                    RunEnd.FAILED, f"the Ray job {self.job_id} is gone from the cluster"
+                )
             except RayJobsError as error:
                 if time.monotonic() - last_contact > UNREACHABLE_SECONDS:
-                    return RunOutcome("FAILED", f"lost the Ray job: {error}")
+                    return RunOutcome(RunEnd.FAILED, f"lost the Ray job: {error}")
                 log.warning("Ray job %s: %s; trying again", self.job_id, error)
             if stop_sent is not None and time.monotonic() - stop_sent > STOP_WAIT_SECONDS:
-                return self._outcome("STOPPED", "Ray did not confirm the stop in time", reason)
+                return self._outcome("STOPPED", "Ray did not confirm the stop in time")
             self._wake.wait(self._poll)
             self._wake.clear()
 
@@ -177,9 +129,8 @@ class RayRunner:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("Ray job %s: %s; trying again", self.job_id, error)
-            with self._lock:
-                if self._detach or self._stop_reason is not None:
-                    return not self._detach
+            if self.stop_requested or self.stopping is not None:
+                return not self.stop_requested
             self._wake.wait(self._poll * 4)
             self._wake.clear()
 
@@ -210,20 +161,17 @@ class RayRunner:
                 self._result = True
             self._on_event(event)
 
-    def _outcome(self, status: str, message: str, stop_reason: str | None) -> RunOutcome:
+    def _outcome(self, status: str, message: str) -> RunOutcome:
+        """The run's end from Ray's status; a stop asked for is applied by `RunnerThread`."""
         if status == "SUCCEEDED" and self._result:
-            return RunOutcome("SUCCEEDED")
-        if stop_reason == CANCELED:
-            return RunOutcome("CANCELED", CANCELED)
-        if stop_reason is not None:
-            return RunOutcome("FAILED", stop_reason)
+            return RunOutcome(RunEnd.SUCCEEDED)
         if self._failed is not None:
-            return RunOutcome("FAILED", self._failed.reason)
+            return RunOutcome(RunEnd.FAILED, self._failed.reason)
         if status == "STOPPED":
-            return RunOutcome("FAILED", "the Ray job was stopped outside ntrain")
+            return RunOutcome(RunEnd.FAILED, "the Ray job was stopped outside ntrain")
         if status == "SUCCEEDED":
-            return RunOutcome("FAILED", "the Ray job ended without a training result")
-        return RunOutcome("FAILED", f"the Ray job failed: {_last_line(message)}")
+            return RunOutcome(RunEnd.FAILED, "the Ray job ended without a training result")
+        return RunOutcome(RunEnd.FAILED, f"the Ray job failed: {_last_line(message)}")
 
 
 def _last_line(message: str) -> str:

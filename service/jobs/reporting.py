@@ -1,6 +1,6 @@
 """What a job's worker events mean for Prometheus: the one event-to-metrics mapping.
 
-The job manager calls `report_metrics` for every event a worker sends; the
+The control loop calls `report_metrics` for every event a worker sends; the
 metrics-overhead benchmark calls the very same function, so what it measures
 is what the server does.
 """
@@ -13,17 +13,18 @@ from service.protocol import (
     CheckpointSaved,
     DeviceMemory,
     EpochEnd,
+    JobState,
     Progress,
     WorkerEvent,
 )
 
 
 class JobMetrics(Protocol):
-    """The hooks of `service.metrics.ServiceMetrics` that the job manager calls."""
+    """The hooks of `service.metrics.ServiceMetrics` that the control loop calls."""
 
     def set_warm_workers(self, ready: int) -> None: ...
     def set_queue_length(self, length: int) -> None: ...
-    def set_jobs_by_state(self, counts: dict[str, int]) -> None: ...
+    def set_jobs_by_state(self, counts: dict[JobState, int]) -> None: ...
     def job_first_step(self, job_id: str, seconds_since_submit: float) -> None: ...
     def job_progress(
         self,

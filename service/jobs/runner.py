@@ -1,89 +1,101 @@
-"""The thread that runs one job in one worker process.
+"""The runner contract: what the control loop asks of whatever runs a job's training.
 
-A runner knows nothing of the manager: it is given the task, a way to get a
-worker, a callback for each worker event and one for the end. It sends the
-task, forwards the worker's typed events, enforces the run-time limit, and
-ends the process (really: reaped, devices released) before it reports the
-job's terminal state.
+A runner runs one job somewhere (a local worker process, a Ray job) on a
+thread of its own and reports back through two callbacks: each worker event
+as it comes, then exactly one typed `RunOutcome`. It makes no decision about
+the job: the control loop tells it to stop (`stop`: end now; `request_stop`:
+checkpoint at the next compiled-call boundary and end) and decides what the
+outcome means (a restart, a failure, a job left to resume on the next start).
+
+`RunnerThread` holds what every runner would repeat: the thread, the stop
+latch, turning a stop into the outcome, and the one call of `on_end`, even
+when the runner itself fails. An implementation says only how it starts,
+follows and stops its work (`_follow`, `_end_now`, `_ask_to_stop`).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-import signal
 import threading
-import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from service.processes.worker_process import WorkerProcess
-from service.protocol import (
-    Failed,
-    JobFiles,
-    Stopped,
-    StopTraining,
-    TrainingResult,
-    TrainTask,
-    WorkerEvent,
-)
+from service.protocol import WorkerEvent
 
 log = logging.getLogger(__name__)
 
-STOP_AFTER_ANSWER_SECONDS = 10.0
-CANCELED = "canceled"  # the stop reason of a cancel request
+
+class RunEnd(enum.Enum):
+    """How a run ended, before the control loop decides what that means for the job."""
+
+    SUCCEEDED = "succeeded"  # the training result came in
+    FAILED = "failed"  # the task failed, or the runner was stopped for a reason
+    CANCELED = "canceled"  # stopped by a cancel
+    STOPPED = "stopped"  # checkpointed and ended on request: the job resumes later
+    WORKER_DIED = "worker died"  # ended without a word (killed, out of memory)
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a run ended.
+    """How a run ended, and why in one line."""
 
-    state: SUCCEEDED, FAILED or CANCELED; INTERRUPTED when the worker stopped
-        on request (the server is shutting down) and the job resumes later.
-    worker_died: the worker ended without a word (killed, out of memory):
-        restarting it from its checkpoint may well succeed.
-    """
-
-    state: str
+    end: RunEnd
     reason: str = ""
-    worker_died: bool = False
 
 
-INTERRUPTED = "INTERRUPTED"
+@dataclass(frozen=True)
+class Stop:
+    """Why the control loop ends a run now: what it reports, unless it had finished first."""
+
+    end: RunEnd  # CANCELED or FAILED
+    reason: str
 
 
-class JobRunner:
-    """Runs `task` in a worker from `take_worker` on a thread of its own.
+CANCEL = Stop(RunEnd.CANCELED, "canceled")
+
+
+class Runner(Protocol):
+    """What the control loop holds of a running job."""
+
+    job_id: str
+
+    def start(self) -> None: ...
+
+    def stop(self, stop: Stop) -> None:
+        """End the run now; it reports `stop` as its outcome unless it had finished."""
+
+    def request_stop(self) -> None:
+        """Ask the run to checkpoint at its next compiled-call boundary and end (STOPPED)."""
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+# What the control loop gives a runner to report with.
+OnEvent = Callable[[WorkerEvent], None]
+OnEnd = Callable[[RunOutcome], None]
+
+
+class RunnerThread(ABC):
+    """A runner on a thread of its own: the plumbing every implementation shares.
 
     Args:
         on_event: called on the runner's thread with every event but the end.
-        on_finish: called once, after the worker is gone, with the outcome.
+        on_end: called once, last, with the outcome.
     """
 
-    def __init__(
-        self,
-        task: TrainTask,
-        *,
-        take_worker: Callable[[], WorkerProcess],
-        on_event: Callable[[WorkerEvent], None],
-        on_finish: Callable[[RunOutcome], None],
-        max_runtime_seconds: float = 0.0,
-    ):
-        self.task = task
-        self.job_id = task.job_id
-        self._take_worker = take_worker
+    def __init__(self, job_id: str, *, on_event: OnEvent, on_end: OnEnd, kind: str):
+        self.job_id = job_id
         self._on_event = on_event
-        self._on_finish = on_finish
-        self._max_runtime = max_runtime_seconds
+        self._on_end = on_end
         self._lock = threading.Lock()
-        self._worker: WorkerProcess | None = None
-        self._stop_reason: str | None = None
+        self._stop: Stop | None = None
         self._stop_requested = False
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"runner-{self.job_id}", daemon=True)
-
-    @property
-    def run_seconds(self) -> float:
-        return time.monotonic() - self._started
+        self._thread = threading.Thread(target=self._run, name=f"{kind}-{job_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -94,92 +106,50 @@ class JobRunner:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self, reason: str) -> None:
-        """End the job now (`CANCELED` as the reason cancels it): kill its worker."""
+    def stop(self, stop: Stop) -> None:
         with self._lock:
-            if self._stop_reason is None:
-                self._stop_reason = reason
-            worker = self._worker
-        if worker is not None:
-            worker.kill()  # the runner thread sees EOF, reaps it and reports
+            if self._stop is None:
+                self._stop = stop
+        self._end_now()
 
     def request_stop(self) -> None:
-        """Ask the worker to checkpoint at its next compiled-call boundary and end."""
         with self._lock:
             self._stop_requested = True
-            worker = self._worker
-        if worker is not None:
-            try:
-                worker.send(StopTraining())
-            except OSError:
-                pass  # it is gone already; the runner thread reports that
+        self._ask_to_stop()
+
+    @property
+    def stopping(self) -> Stop | None:
+        """The stop asked for, if any."""
+        with self._lock:
+            return self._stop
+
+    @property
+    def stop_requested(self) -> bool:
+        with self._lock:
+            return self._stop_requested
 
     def _run(self) -> None:
-        outcome = RunOutcome("FAILED", "the job runner stopped unexpectedly")
-        worker = None
+        outcome = RunOutcome(RunEnd.FAILED, "the job runner stopped unexpectedly")
         try:
-            self.task.job_dir.mkdir(parents=True, exist_ok=True)
-            worker = self._take_worker()
-            with self._lock:
-                self._worker = worker
-                stopping = self._stop_reason is not None
-                stop_requested = self._stop_requested
-            if stopping:
-                worker.kill()
-            outcome = self._follow(worker, stop_requested)
+            outcome = self._follow()
         except Exception as error:  # a bug here must still end the job and free its devices
-            log.exception("job runner for %s failed", self.job_id)
-            outcome = RunOutcome("FAILED", f"internal error: {error}")
+            log.exception("runner for %s failed", self.job_id)
+            outcome = RunOutcome(RunEnd.FAILED, f"internal error: {error}")
         finally:
-            if worker is not None:
-                code = worker.wait(STOP_AFTER_ANSWER_SECONDS)
-                if outcome.worker_died:
-                    reason = worker_exit_reason(code, JobFiles(self.task.job_dir))
-                    outcome = RunOutcome("FAILED", reason, worker_died=True)
-            with self._lock:
-                if outcome.state in ("SUCCEEDED", INTERRUPTED):
-                    pass  # the result (or the requested checkpoint) was in before any stop
-                elif self._stop_reason == CANCELED:
-                    outcome = RunOutcome("CANCELED", CANCELED)
-                elif self._stop_reason is not None:
-                    outcome = RunOutcome("FAILED", self._stop_reason)
-            self._on_finish(outcome)
+            stop = self.stopping
+            # A result (or a requested checkpoint) that came in before the stop stands.
+            if stop is not None and outcome.end not in (RunEnd.SUCCEEDED, RunEnd.STOPPED):
+                outcome = RunOutcome(stop.end, stop.reason)
+            self._on_end(outcome)
 
-    def _follow(self, worker: WorkerProcess, stop_requested: bool) -> RunOutcome:
-        """Send the task and forward the worker's events until it ends."""
-        deadline = self._started + self._max_runtime if self._max_runtime else None
-        try:
-            worker.send(self.task)
-            if stop_requested:  # asked before the worker was there
-                worker.send(StopTraining())
-            while True:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                event = worker.receive(timeout)
-                if event is None:
-                    self.stop(f"the job ran past its max_runtime_seconds of {self._max_runtime:g}")
-                    continue
-                if isinstance(event, Failed):
-                    return RunOutcome("FAILED", event.reason)
-                if isinstance(event, Stopped):
-                    return RunOutcome(INTERRUPTED, f"stopped in epoch {event.epoch}")
-                self._on_event(event)
-                if isinstance(event, TrainingResult):
-                    return RunOutcome("SUCCEEDED")
-        except (EOFError, OSError):
-            return RunOutcome("FAILED", "the worker exited", worker_died=True)
+    @abstractmethod
+    def _follow(self) -> RunOutcome:
+        """Start the work, forward its events, and return once it has ended for good."""
 
+    @abstractmethod
+    def _end_now(self) -> None:
+        """Make `_follow` return soon: the stop latch is set."""
 
-def worker_exit_reason(code: int | None, files: JobFiles) -> str:
-    """Why a worker ended without a result, with the last line of its log."""
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name
-        hint = " (out of memory?)" if name == "SIGKILL" else ""
-        reason = f"the worker process was killed by {name}{hint}"
-    else:
-        reason = f"the worker process exited with code {code}"
-    if files.train_log.is_file():
-        lines = files.train_log.read_text(errors="replace").splitlines()
-        tail = [line for line in lines if line.strip()]
-        if tail:
-            reason += f"; its log ends: {tail[-1][:300]}"
-    return reason
+    @abstractmethod
+    def _ask_to_stop(self) -> None:
+        """Ask the work to checkpoint and end (`stop_requested` is set)."""

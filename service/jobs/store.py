@@ -26,13 +26,13 @@ from typing import Any
 
 from service.jobs.schema import MIGRATE_1, OPENS_VERSIONS, SCHEMA, SCHEMA_VERSION
 from service.protocol import (
-    JOB_STATES,
     TERMINAL_STATES,
     CheckpointSaved,
     EpochEnd,
     JobEventPayload,
     JobFiles,
     JobSpec,
+    JobState,
     Progress,
     StateChange,
     TrainingResult,
@@ -55,11 +55,17 @@ def encode_payload(payload: JobEventPayload) -> tuple[str, str]:
         raise TypeError(
             f"a job event payload must be one of {list(_PAYLOAD_TYPES)}, got {payload!r}"
         )
-    return kind, json.dumps(dataclasses.asdict(payload))
+    fields = dataclasses.asdict(payload)
+    if isinstance(payload, StateChange):
+        fields["state"] = payload.state.name  # stored by name, as the jobs table's column
+    return kind, json.dumps(fields)
 
 
 def decode_payload(kind: str, data: str) -> JobEventPayload:
-    return _PAYLOAD_TYPES[kind](**json.loads(data))
+    fields = json.loads(data)
+    if kind == "state":
+        fields["state"] = JobState[fields["state"]]
+    return _PAYLOAD_TYPES[kind](**fields)
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class Event:
 
 @dataclass(frozen=True)
 class Transition:
-    state: str
+    state: JobState
     time: float
     reason: str = ""
 
@@ -84,7 +90,7 @@ class JobRecord:
     job_id: str
     request_id: str  # the owner's idempotency key
     spec: JobSpec
-    state: str
+    state: JobState
     create_time: float
     strategy: str = ""
     devices: tuple[str, ...] = ()
@@ -99,13 +105,17 @@ class JobRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state in TERMINAL_STATES
+        return self.state.finished
 
 
 class Store:
-    """SQLite storage for jobs and events, safe to use from many threads."""
+    """SQLite storage for jobs and events, safe to use from many threads.
 
-    def __init__(self, state_dir: str | Path):
+    `in_memory` keeps the database in memory (job folders stay under
+    `state_dir`): the control loop's tests run on it in milliseconds.
+    """
+
+    def __init__(self, state_dir: str | Path, *, in_memory: bool = False):
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
         # Jobs' models, logs and request_ids are their owners' business: the
@@ -116,7 +126,9 @@ class Store:
                 directory.chmod(0o700)
         self.path = self.state_dir / "ntrain.db"
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            ":memory:" if in_memory else self.path, check_same_thread=False, isolation_level=None
+        )
         self._db.row_factory = sqlite3.Row
         with self._lock:
             # Refuse a database from a newer server before writing anything to it.
@@ -180,7 +192,7 @@ class Store:
                     record.owner,
                     record.request_id,
                     json.dumps(record.spec.to_dict(), sort_keys=True),
-                    record.state,
+                    record.state.name,
                     record.create_time,
                 ),
             )
@@ -209,7 +221,7 @@ class Store:
         """
         updates: dict[str, Any] = {}
         if isinstance(payload, StateChange):
-            updates["state"] = payload.state
+            updates["state"] = payload.state.name
         elif isinstance(payload, Progress):
             updates["progress"] = encode_payload(payload)[1]
         elif isinstance(payload, TrainingResult):
@@ -280,7 +292,7 @@ class Store:
     def list_jobs(
         self,
         *,
-        states: tuple[str, ...] = (),
+        states: tuple[JobState, ...] = (),
         labels: tuple[tuple[str, str], ...] = (),
         limit: int = 50,
         before: int | None = None,
@@ -295,7 +307,8 @@ class Store:
         where: list[str] = []
         params: list[Any] = []
         if states:
-            distinct = sorted(set(states))  # a long repeated list is a handful of states
+            # A long repeated list is a handful of states.
+            distinct = sorted({state.name for state in states})
             where.append(f"state IN ({', '.join('?' for _ in distinct)})")
             params.extend(distinct)
         for key, value in labels:
@@ -330,14 +343,14 @@ class Store:
             for row in rows
         ]
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_state(self) -> dict[JobState, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {state: 0 for state in JOB_STATES} | {row[0]: row[1] for row in rows}
+        return {state: 0 for state in JobState} | {JobState[row[0]]: row[1] for row in rows}
 
     def unfinished_jobs(self) -> list[JobRecord]:
         """Jobs not in a terminal state, oldest first."""
-        terminal = tuple(TERMINAL_STATES)
+        terminal = tuple(state.name for state in TERMINAL_STATES)
         with self._lock:
             rows = self._db.execute(
                 f"SELECT * FROM jobs WHERE state NOT IN ({', '.join('?' for _ in terminal)})"
@@ -361,14 +374,14 @@ class Store:
             ):
                 data = json.loads(event["data"])
                 transitions[event["job_id"]].append(
-                    Transition(data["state"], event["time"], data.get("reason", ""))
+                    Transition(JobState[data["state"]], event["time"], data.get("reason", ""))
                 )
         return [
             JobRecord(
                 job_id=row["job_id"],
                 request_id=row["request_id"],
                 spec=JobSpec.from_dict(json.loads(row["spec"])),
-                state=row["state"],
+                state=JobState[row["state"]],
                 create_time=row["create_time"],
                 strategy=row["strategy"],
                 devices=tuple(json.loads(row["devices"])),

@@ -1,0 +1,574 @@
+"""The control loop: the one owner of job state.
+
+Every decision about a job is made here, one message at a time: admit a
+submission, dispatch what the scheduler can place, recover what an earlier
+server left unfinished, retry after a worker died, cancel, end a run past its
+time limit, and leave running jobs to resume when the server shuts down. RPC
+handlers and runners post messages (`post`; `call` waits for the answer) and
+read immutable snapshots: job records through `JobFeed`, the loop's own view
+(`LoopSnapshot`) through `snapshot`. Nothing else writes a job's record, and
+no lock of this module is taken by another (Kubernetes controllers and
+Kueue's scheduler work this way: one queue of events, one reconcile loop).
+
+Runners report on their own threads by posting `WorkerReported` and, last,
+`RunEnded`; a runner's events are handled in the order it sent them. The
+loop wakes by itself when time alone changes an answer: an `auto` job's wait
+for a GPU ends, or a run reaches its max_runtime_seconds.
+
+Tests drive the loop by hand, without its thread: `call` handles the inbox
+at once when the loop does not run, `process_pending` handles what runners
+posted, and `FakeClock` moves time (tests/test_controller.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from service.jobs.errors import AlreadyExists, FailedPrecondition, Unavailable
+from service.jobs.feed import JobFeed
+from service.jobs.reporting import JobMetrics, report_metrics
+from service.jobs.runner import CANCEL, OnEnd, OnEvent, RunEnd, Runner, RunOutcome, Stop
+from service.jobs.scheduler import Assignment, Demand, Scheduler
+from service.jobs.store import JobRecord, Store
+from service.protocol import (
+    CheckpointSaved,
+    EpochEnd,
+    JobEventPayload,
+    JobSpec,
+    JobState,
+    Progress,
+    Running,
+    StateChange,
+    TrainingResult,
+    WorkerEvent,
+)
+
+log = logging.getLogger(__name__)
+
+# A run stopped for the shutdown (killed after the grace): the job resumes on the next start.
+SHUTDOWN = Stop(RunEnd.STOPPED, "the server shut down")
+# How long runners stopped at shutdown get to report, past the grace.
+STOPPED_RUNNER_SECONDS = 15.0
+
+
+class Clock(Protocol):
+    """Wall time for the records, monotonic time for deadlines."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a placed job runs, as its STARTING transition says."""
+
+    reason: str
+    devices: tuple[str, ...]
+
+
+class RunnerFactory(Protocol):
+    """Makes the runner of a placed job (a local worker, a Ray job)."""
+
+    def placement(self, record: JobRecord, assignment: Assignment) -> Placement: ...
+
+    def runner(
+        self, record: JobRecord, assignment: Assignment, on_event: OnEvent, on_end: OnEnd
+    ) -> Runner: ...
+
+    def abandon(self, record: JobRecord) -> None:
+        """Make sure nothing runs on for a job that ends without a runner (best effort)."""
+
+
+# -- messages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubmitJob:
+    """Queue a job, or answer with the one `owner` submitted under `request_id`."""
+
+    spec: JobSpec
+    demand: Demand  # what validating the spec found it needs of this host
+    owner: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class WorkerReported:
+    job_id: str
+    event: WorkerEvent
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    job_id: str
+    outcome: RunOutcome
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: enforce deadlines and dispatch what waiting alone lets start."""
+
+
+@dataclass(frozen=True)
+class StopAdmitting:
+    """The server is shutting down: admit and dispatch nothing more; runs checkpoint and end."""
+
+
+@dataclass(frozen=True)
+class StopRuns:
+    """The shutdown's grace is over: end the runs still going (they resume on the next start)."""
+
+
+Message = SubmitJob | CancelJob | WorkerReported | RunEnded | Tick | StopAdmitting | StopRuns
+
+
+@dataclass(frozen=True)
+class LoopSnapshot:
+    """The loop's own state as readers may see it, replaced whole after every message."""
+
+    closed: bool = False
+    running: Mapping[str, Assignment] = field(default_factory=lambda: MappingProxyType({}))
+    queue_length: int = 0
+
+
+@dataclass
+class _Run:
+    """A job the loop started, and what it keeps of its run."""
+
+    runner: Runner
+    strategy: str
+    started: float  # monotonic
+    deadline: float | None  # monotonic: max_runtime_seconds ends the run here
+    progressed: bool = False  # the first Progress came in
+    stopped: bool = False  # the loop asked it to end
+
+
+_QUIT = object()
+
+
+class JobController:
+    """Owns job state: handles messages one at a time, on its thread or in a test's hands.
+
+    Args:
+        demand_of: what a job needs of this host (validation); called when a
+            job is queued again after a restart, since the host may have changed.
+        on_idle: called when nothing runs or waits (fill the warm pool).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        scheduler: Scheduler,
+        runners: RunnerFactory,
+        feed: JobFeed,
+        metrics: JobMetrics,
+        demand_of: Callable[[JobSpec], Demand],
+        clock: Clock | None = None,
+        on_idle: Callable[[], None] = lambda: None,
+    ):
+        self.store = store
+        self.scheduler = scheduler
+        self.feed = feed
+        self.metrics = metrics
+        self._runner_factory = runners
+        self._demand_of = demand_of
+        self._clock = clock or SystemClock()
+        self._on_idle = on_idle
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._runs: dict[str, _Run] = {}
+        self._closed = False
+        self._counts_changed = True
+        self._thread: threading.Thread | None = None
+        self.snapshot = LoopSnapshot()
+
+    # -- for everyone else: post, call, read ---------------------------------------
+
+    def post(self, message: Message) -> Future:
+        """Hand the loop a message; the future holds its answer once handled."""
+        future: Future = Future()
+        self._inbox.put((message, future))
+        return future
+
+    def call(self, message: Message, timeout: float | None = None) -> Any:
+        """Post a message and wait for its answer (or its exception).
+
+        When the loop's thread does not run (tests), the inbox is handled here, now.
+        """
+        future = self.post(message)
+        if self._thread is None:
+            self.process_pending()
+        return future.result(timeout)
+
+    def process_pending(self) -> int:
+        """Handle every message in the inbox now; returns how many (the test seam)."""
+        handled = 0
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return handled
+            if item is not _QUIT:
+                self._handle(*item)
+                handled += 1
+
+    def tick(self) -> None:
+        """Time passed (a test moved its clock): enforce deadlines, dispatch."""
+        self.call(Tick())
+
+    # -- start and stop --------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Take over the jobs an earlier server left unfinished, then start what can run."""
+        for record in self.store.unfinished_jobs():
+            self._recover(record)
+        self._dispatch()
+        self._publish()
+
+    def start(self) -> None:
+        """Recover, then handle messages on a thread of the loop's own until `shutdown`."""
+        self.recover()
+        self._thread = threading.Thread(target=self._serve, name="job-controller", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, grace: float) -> None:
+        """Stop admitting; runs checkpoint at their next compiled-call boundary and end.
+
+        Runs not ended within `grace` seconds are killed: they resume from their
+        last checkpoint on the next start, as the ones that ended in time do.
+        Their jobs keep their state in the store; queued jobs stay queued.
+        """
+        runners = self.call(StopAdmitting())
+        deadline = time.monotonic() + grace
+        for runner in runners:
+            runner.join(max(0.0, deadline - time.monotonic()))
+        self.call(StopRuns())
+        for runner in runners:
+            runner.join(STOPPED_RUNNER_SECONDS)
+        if self._thread is not None:
+            self._inbox.put(_QUIT)
+            self._thread.join(STOPPED_RUNNER_SECONDS)
+        # Nothing runs for this server any more: every watcher may end.
+        self.snapshot = LoopSnapshot(closed=True, queue_length=self.scheduler.queue_length)
+        self.feed.wake_all()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=self._seconds_to_next_deadline())
+            except queue.Empty:
+                item = (Tick(), None)
+            if item is _QUIT:
+                return
+            self._handle(*item)
+
+    def _seconds_to_next_deadline(self) -> float | None:
+        deadlines = [
+            run.deadline for run in self._runs.values() if run.deadline and not run.stopped
+        ]
+        wakeup = self.scheduler.next_wakeup()
+        if wakeup is not None:
+            deadlines.append(wakeup)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self._clock.monotonic())
+
+    # -- one message ---------------------------------------------------------------------
+
+    def _handle(self, message: Message, future: Future | None) -> None:
+        try:
+            result = self._decide(message)
+        except Exception as error:
+            if future is None or isinstance(message, WorkerReported | RunEnded | Tick):
+                # Runners and timers wait for no answer: a failure here is a bug to see.
+                log.exception("the job controller failed on %s", type(message).__name__)
+            if future is not None:
+                future.set_exception(error)
+        else:
+            if future is not None:
+                future.set_result(result)
+        finally:
+            self._publish()
+
+    def _decide(self, message: Message) -> Any:
+        if isinstance(message, WorkerReported):
+            return self._worker_reported(message.job_id, message.event)
+        if isinstance(message, RunEnded):
+            return self._run_ended(message.job_id, message.outcome)
+        if isinstance(message, SubmitJob):
+            return self._submit(message)
+        if isinstance(message, CancelJob):
+            return self._cancel(message.job_id)
+        if isinstance(message, Tick):
+            return self._enforce_deadlines()
+        if isinstance(message, StopAdmitting):
+            return self._stop_admitting()
+        if isinstance(message, StopRuns):
+            return self._stop_runs()
+        raise TypeError(f"the job controller takes no {message!r}")
+
+    def _publish(self) -> None:
+        """Replace the snapshot readers see, and the job counts when states changed."""
+        running = self.scheduler.running
+        self.snapshot = LoopSnapshot(
+            closed=self._closed,
+            running=MappingProxyType(running),
+            queue_length=self.scheduler.queue_length,
+        )
+        if self._counts_changed:
+            self._counts_changed = False
+            self.metrics.set_jobs_by_state(self.store.count_by_state())
+            self.metrics.set_queue_length(self.scheduler.queue_length)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _submit(self, message: SubmitJob) -> JobRecord:
+        if message.request_id:
+            existing = self.store.find_by_request_id(message.owner, message.request_id)
+            if existing is not None:
+                if existing.spec != message.spec:
+                    raise AlreadyExists(
+                        f"request_id {message.request_id!r} was used for job "
+                        f"{existing.job_id} with a different spec"
+                    )
+                return existing
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+        self.scheduler.check_admission(message.demand)
+        now = self._clock.time()
+        job_id = f"job-{uuid.uuid4().hex[:12]}"
+        record = JobRecord(
+            job_id=job_id,
+            request_id=message.request_id or f"auto-{job_id}",
+            spec=message.spec,
+            state=JobState.QUEUED,
+            create_time=now,
+            owner=message.owner,
+        )
+        self.feed.stored(self.store.create_job(record, now))
+        self._counts_changed = True
+        self.scheduler.enqueue(job_id, message.demand)
+        self._dispatch()
+        return self.feed.record(job_id)
+
+    def _cancel(self, job_id: str) -> JobRecord:
+        record = self.feed.record(job_id)
+        if record.finished:
+            raise FailedPrecondition(
+                f"job {job_id} already ended {record.state.name}; only a queued or running "
+                "job can be canceled"
+            )
+        run = self._runs.get(job_id)
+        if run is None:  # still queued
+            self.scheduler.remove(job_id)
+            self._transition(job_id, JobState.CANCELED, "canceled while queued")
+            self.metrics.job_finished(job_id, "canceled", 0.0)
+            self._dispatch()
+        else:
+            if record.state is not JobState.CANCELLING:
+                self._transition(job_id, JobState.CANCELLING, "cancel requested")
+            run.stopped = True
+            run.runner.stop(CANCEL)
+        return self.feed.record(job_id)
+
+    def _recover(self, record: JobRecord) -> None:
+        if record.state is JobState.CANCELLING:
+            self._runner_factory.abandon(record)  # the server may have stopped before it did
+            self._transition(
+                record.job_id, JobState.CANCELED, "the server stopped while cancelling"
+            )
+        elif record.state is JobState.QUEUED or record.spec.strategy == "multi_worker":
+            # A multi_worker job's Ray job ran on without the server: it is followed again.
+            self._enqueue(record)
+        else:  # STARTING or RUNNING when the server ended (SIGTERM, kill -9, power loss)
+            self._requeue(record, f"resumed {resume_point(record)} after a server restart")
+
+    def _requeue(self, record: JobRecord, reason: str) -> None:
+        """Queue a job again; its worker resumes from its newest checkpoint."""
+        self._transition(record.job_id, JobState.QUEUED, reason)
+        self._enqueue(record)
+
+    def _enqueue(self, record: JobRecord) -> None:
+        try:
+            self.scheduler.enqueue(record.job_id, self._demand_of(record.spec))
+        except Exception as error:  # the host changed under a queued job
+            self._transition(record.job_id, JobState.FAILED, f"cannot run on this host: {error}")
+
+    def _dispatch(self) -> None:
+        """Start every queued job the scheduler can place now."""
+        if self._closed:
+            return
+        for assignment in self.scheduler.next_runnable():
+            job_id = assignment.job_id
+            record = self.feed.record(job_id)
+            if record.state is JobState.QUEUED:  # else a Ray job followed again after a restart
+                placement = self._runner_factory.placement(record, assignment)
+                self._transition(
+                    job_id,
+                    JobState.STARTING,
+                    placement.reason,
+                    strategy=assignment.strategy,
+                    devices=placement.devices,
+                )
+                record = self.feed.record(job_id)
+            runner = self._runner_factory.runner(
+                record, assignment, *self._reports_of(job_id)
+            )
+            started = self._clock.monotonic()
+            limit = record.spec.max_runtime_seconds
+            self._runs[job_id] = _Run(
+                runner=runner,
+                strategy=assignment.strategy,
+                started=started,
+                deadline=started + limit if limit else None,
+            )
+            runner.start()
+        if not self._runs and not self.scheduler.queue_length:
+            self._on_idle()
+
+    def _reports_of(self, job_id: str) -> tuple[OnEvent, OnEnd]:
+        """The callbacks a job's runner reports with: each posts a message to the loop."""
+
+        def on_event(event: WorkerEvent) -> None:
+            self.post(WorkerReported(job_id, event))
+
+        def on_end(outcome: RunOutcome) -> None:
+            self.post(RunEnded(job_id, outcome))
+
+        return on_event, on_end
+
+    def _enforce_deadlines(self) -> None:
+        now = self._clock.monotonic()
+        for job_id, run in self._runs.items():
+            if run.deadline is not None and now >= run.deadline and not run.stopped:
+                run.stopped = True
+                limit = self.feed.record(job_id).spec.max_runtime_seconds
+                run.runner.stop(
+                    Stop(RunEnd.FAILED, f"the job ran past its max_runtime_seconds of {limit:g}")
+                )
+        self._dispatch()
+
+    def _worker_reported(self, job_id: str, event: WorkerEvent) -> None:
+        run = self._runs.get(job_id)
+        if run is None:
+            log.warning("an event of job %s, which has no run: %r", job_id, event)
+            return
+        if isinstance(event, Running):
+            if self.feed.record(job_id).state is JobState.STARTING:  # not when a cancel came first
+                self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s)")
+        elif isinstance(event, Progress) and not run.progressed:
+            run.progressed = True
+            since_submit = self._clock.time() - self.feed.record(job_id).create_time
+            self.metrics.job_first_step(job_id, since_submit)
+        if isinstance(event, Progress | EpochEnd | TrainingResult):
+            self._append(job_id, event)
+        elif isinstance(event, CheckpointSaved):
+            self.store.record_checkpoint(job_id, event)
+            self.feed.changed(job_id)
+        report_metrics(self.metrics, job_id, run.strategy, event)
+
+    def _run_ended(self, job_id: str, outcome: RunOutcome) -> None:
+        """A run is over: free its devices, then record the job's end, or queue it again."""
+        run = self._runs.pop(job_id, None)
+        self.scheduler.release(job_id)
+        record = self.feed.record(job_id)
+        run_seconds = self._clock.monotonic() - run.started if run else 0.0
+        if record.finished:
+            log.warning("job %s ended %s, and its run again: %s", job_id, record.state, outcome)
+        elif outcome.end is RunEnd.SUCCEEDED:
+            self._finish(record, JobState.SUCCEEDED, "", run_seconds)
+        elif outcome.end is RunEnd.CANCELED:
+            self._finish(record, JobState.CANCELED, outcome.reason, run_seconds)
+        elif self._closed and outcome.end in (RunEnd.STOPPED, RunEnd.WORKER_DIED):
+            # Stopped for the shutdown (on request, or killed after the grace), or
+            # its worker died as the server stopped: it resumes on the next start.
+            pass
+        elif outcome.end is RunEnd.STOPPED:
+            self._requeue(record, f"{outcome.reason}; resumes {resume_point(record)}")
+        elif outcome.end is RunEnd.WORKER_DIED and record.restarts < record.spec.max_restarts:
+            restarts = self.store.count_restart(job_id)
+            self._requeue(
+                record,
+                f"{outcome.reason}; restart {restarts} of {record.spec.max_restarts}, "
+                f"{resume_point(record)}",
+            )
+        else:  # FAILED, or a worker that died with no restart left
+            reason = outcome.reason
+            if record.restarts:
+                reason = f"{reason} (after {record.restarts} restarts)"
+            self._finish(record, JobState.FAILED, reason, run_seconds)
+        self._dispatch()
+
+    def _stop_admitting(self) -> list[Runner]:
+        self._closed = True
+        for run in self._runs.values():
+            run.runner.request_stop()
+        return [run.runner for run in self._runs.values()]
+
+    def _stop_runs(self) -> None:
+        for run in self._runs.values():
+            if run.runner.is_alive():
+                run.stopped = True
+                run.runner.stop(SHUTDOWN)
+
+    # -- writing a job's record ------------------------------------------------------------
+
+    def _finish(self, record: JobRecord, state: JobState, reason: str, run_seconds: float) -> None:
+        self._transition(record.job_id, state, reason)
+        self.metrics.job_finished(record.job_id, state.name.lower(), run_seconds)
+
+    def _transition(
+        self,
+        job_id: str,
+        state: JobState,
+        reason: str = "",
+        *,
+        strategy: str | None = None,
+        devices: tuple[str, ...] | None = None,
+    ) -> None:
+        event = self.store.append_event(
+            job_id,
+            StateChange(state=state, reason=reason),
+            self._clock.time(),
+            strategy=strategy,
+            devices=devices,
+            failure_reason=reason if state is JobState.FAILED else None,
+        )
+        self.feed.stored(event)
+        self._counts_changed = True
+
+    def _append(self, job_id: str, payload: JobEventPayload) -> None:
+        self.feed.stored(self.store.append_event(job_id, payload, self._clock.time()))
+
+
+def resume_point(record: JobRecord) -> str:
+    """Where the job's newest checkpoint lets it go on from, in words."""
+    checkpoint = record.checkpoint
+    if checkpoint is None:
+        return "from the start (no checkpoint yet)"
+    if checkpoint.step_in_epoch:
+        return f"from epoch {checkpoint.epoch + 1}, step {checkpoint.step_in_epoch} of it"
+    return f"from epoch {checkpoint.epoch}"
