@@ -121,11 +121,6 @@ class JobFiles:
         """TensorBoard event files of the training (`tensorboard --logdir <state-dir>/jobs`)."""
         return self.root / "tensorboard"
 
-    @property
-    def task_log(self) -> Path:
-        """Output of Evaluate and Predict tasks on the job's model."""
-        return self.root / "tasks.log"
-
     def has_checkpoint(self) -> bool:
         return (self.checkpoints / "checkpoint").is_file()
 
@@ -197,9 +192,6 @@ class EvaluateTask:
 class PredictTask:
     job_dir: Path
     inputs: Any  # (examples, input_size) float32 numpy array
-
-
-Task = TrainTask | EvaluateTask | PredictTask
 
 
 @dataclass(frozen=True)
@@ -441,7 +433,6 @@ __all__ = [
     "StopTraining",
     "Stopped",
     "TERMINAL_STATES",
-    "Task",
     "TrainTask",
     "TrainingResult",
     "WorkerEvent",

@@ -1,4 +1,4 @@
-"""The worker process's entry point: one task, then the process ends; or the inference worker.
+"""The worker process's entry point: one training, then the process ends; or the inference worker.
 
     python -m service.worker.entry --fd N [--preload] [--log PATH] [--dataset NAME]
     python -m service.worker.entry --fd N --preload --model-cache N --cache-bytes B ...
@@ -26,15 +26,7 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from service.protocol import (
-    EvaluateTask,
-    Failed,
-    JobFiles,
-    PredictTask,
-    Ready,
-    StopTraining,
-    TrainTask,
-)
+from service.protocol import Failed, JobFiles, Ready, StopTraining, TrainTask
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         task = conn.recv()
     except EOFError:
         return  # the server let this warm worker go
-    run_task(conn, task)
+    train(conn, task)
 
 
 def _serve_models(conn: Connection, args: argparse.Namespace) -> None:
@@ -84,31 +76,19 @@ def _serve_models(conn: Connection, args: argparse.Namespace) -> None:
     serving.serve(conn, server)
 
 
-def run_task(conn: Connection, task: TrainTask | EvaluateTask | PredictTask) -> None:
-    """Run one task, sending its events to `conn`; a failure is sent as `Failed`."""
-    if isinstance(task, TrainTask):
-        # Before TensorFlow touches a device: which GPUs this process may see,
-        # named as the server's device probe named them (service.devices): in
-        # PCI bus order, nvidia-smi's, unless the server's environment set one.
-        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
-        log = JobFiles(task.job_dir).train_log
-    else:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Evaluate and Predict run on the CPU
-        log = JobFiles(task.job_dir).task_log
-    _redirect_output(log)
+def train(conn: Connection, task: TrainTask) -> None:
+    """Run one training, sending its events to `conn`; a failure is sent as `Failed`."""
+    # Before TensorFlow touches a device: which GPUs this process may see,
+    # named as the server's device probe named them (service.devices): in
+    # PCI bus order, nvidia-smi's, unless the server's environment set one.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
+    _redirect_output(JobFiles(task.job_dir).train_log)
     from naive_model.data import DatasetError
     from service.worker import tasks
 
     try:
-        if isinstance(task, TrainTask):
-            tasks.train(task, conn.send, _listen_for_stop(conn).is_set)
-        elif isinstance(task, EvaluateTask):
-            conn.send(tasks.evaluate(task))
-        elif isinstance(task, PredictTask):
-            conn.send(tasks.predict(task))
-        else:
-            raise TypeError(f"unknown task {type(task).__name__}")
+        tasks.train(task, conn.send, _listen_for_stop(conn).is_set)
     except FileNotFoundError as error:  # a data set that is not there: the request's fault
         traceback.print_exc()
         conn.send(Failed(reason=str(error), data_missing=True))

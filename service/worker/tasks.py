@@ -30,8 +30,6 @@ from service.protocol import (
     Failed,
     JobFiles,
     ModelInfo,
-    Predictions,
-    PredictTask,
     Running,
     Stopped,
     TrainTask,
@@ -208,12 +206,3 @@ def evaluate(task: EvaluateTask) -> Evaluation:
         dataset=task.dataset,
         source=str(source),
     )
-
-
-def predict(task: PredictTask) -> Predictions:
-    import numpy as np
-
-    from naive_model.export import predict_saved_model
-
-    inputs = np.asarray(task.inputs, dtype=np.float32)  # (examples, input_size)
-    return Predictions(probabilities=predict_saved_model(JobFiles(task.job_dir).model, inputs))
