@@ -3,7 +3,7 @@
     sudo .venv/bin/python -m benchmarks.ray_scaling --json benchmarks/results/ray_scaling.json
 
 Run from a checkout, as root (it starts the two-node cluster of the tests,
-tests/ray_cluster.py, in a network namespace), with the ray extra installed.
+benchmarks/ray_cluster.py, in a network namespace), with the ray extra installed.
 Inside the namespace it starts `ntrain serve --ray-address`, then runs the
 same 3-epoch job (8192 synthetic examples of 64 features, 64-32-10, global
 batch 64, 8 steps per call) on 2 hosts, 1 host, and 2 hosts again, and
@@ -20,39 +20,29 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.ray_cluster import RAY_ADDRESS, NetnsRayCluster, follow, ray_logs, spec
+from ntrain.client import Client
+from service.cli.local_server import LocalServer
+
 REPO = Path(__file__).resolve().parent.parent
 HOSTS = (2, 1, 2)
 
 
 def measure_inside(ray_address: str, work: Path) -> dict:
     """In the namespace: a server and one job per entry of HOSTS."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from ray_scenario_main import follow, ray_logs, spec
-
-    from ntrain.client import Client
-
-    port_file = work / "port"
-    server = subprocess.Popen(
+    server = LocalServer(
+        work / "state",
         [
-            str(Path(sys.executable).parent / "ntrain"),
-            "serve",
-            "--port=0",
-            f"--port-file={port_file}",
-            f"--state-dir={work / 'state'}",
             f"--data-dir={work / 'data'}",
             f"--ray-address={ray_address}",
             "--no-metrics",
             "--no-warm-worker",
         ],
-        stdout=open(work / "server.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
+        log_path=work / "server.log",
     )
     runs = []
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        client = Client(f"127.0.0.1:{port_file.read_text().strip()}", timeout=30)
+        client = Client(server.address, timeout=30)
         for hosts in HOSTS:
             job_spec = spec(epochs=3)
             job_spec["strategy"]["hosts"] = hosts
@@ -75,8 +65,7 @@ def measure_inside(ray_address: str, work: Path) -> dict:
                 }
             )
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
     return {"runs": runs}
 
 
@@ -93,9 +82,6 @@ def main() -> None:
     import tempfile
 
     import numpy as np
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from ray_cluster import RAY_ADDRESS, NetnsRayCluster
 
     from naive_model.data import synthetic_dataset
 

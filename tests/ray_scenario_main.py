@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -24,30 +23,11 @@ from pathlib import Path
 
 from ntrain.v1 import training_pb2 as pb
 
+from benchmarks.ray_cluster import follow, ray_logs, spec
 from ntrain.client import Client
+from service.cli.local_server import LocalServer
 
-SERVER_START_SECONDS = 120.0
 JOB_SECONDS = 420.0
-
-
-def spec(epochs: int) -> dict:
-    return {
-        "layers": [{"units": 32, "activation": "relu"}, {"units": 10, "activation": "softmax"}],
-        "initializer": "glorot",
-        "optimizer": {"name": "adam", "learningRate": 0.01},
-        "batchSize": 64,
-        "epochs": epochs,
-        "stepsPerExecution": 8,
-        "dataset": "blobs.npz",
-        "strategy": {"name": "multi_worker", "hosts": 2},
-        "seed": 3,
-        "maxRestarts": 1,
-    }
-
-
-def ray_logs(ray_address: str, job_id: str) -> str:
-    with urllib.request.urlopen(f"{ray_address}/api/jobs/{job_id}/logs", timeout=10) as answer:
-        return json.loads(answer.read())["logs"]
 
 
 def ray_status(ray_address: str, job_id: str) -> str:
@@ -74,58 +54,21 @@ def train_workers() -> list[int]:
     return sorted(found)
 
 
-def follow(client: Client, job_id: str, submitted: float, on_event=None) -> dict:
-    """Watch the job to its end; what came, and when."""
-    seen: dict = {
-        "progress": 0,
-        "epochs": [],
-        "epoch_seconds": [],
-        "states": [],
-        "first_progress_s": None,
-    }
-    for event in client.watch(job_id):
-        payload = event.payload
-        if isinstance(payload, pb.Progress):
-            seen["progress"] += 1
-            if seen["first_progress_s"] is None:
-                seen["first_progress_s"] = time.monotonic() - submitted
-        elif isinstance(payload, pb.EpochSummary):
-            seen["epochs"].append(payload.epoch)
-            seen["epoch_seconds"].append(round(payload.seconds, 3))
-        elif isinstance(payload, pb.StateTransition):
-            seen["states"].append(pb.JobState.Name(payload.state))
-        if on_event is not None:
-            on_event(payload)
-    seen["end_s"] = time.monotonic() - submitted
-    return seen
-
-
 def main() -> None:
     ray_address, work, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    port_file = work / "port"
-    server = subprocess.Popen(
+    server = LocalServer(
+        work / "state",
         [
-            str(Path(sys.executable).parent / "ntrain"),
-            "serve",
-            "--port=0",
-            f"--port-file={port_file}",
-            f"--state-dir={work / 'state'}",
             f"--data-dir={work / 'data'}",
             f"--ray-address={ray_address}",
             "--no-metrics",
             "--no-warm-worker",
         ],
-        stdout=open(work / "server.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
+        log_path=work / "server.log",
     )
     report: dict = {}
     try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while not port_file.exists():
-            assert server.poll() is None, "ntrain serve exited"
-            assert time.monotonic() < deadline, "ntrain serve did not start"
-            time.sleep(0.2)
-        client = Client(f"127.0.0.1:{port_file.read_text().strip()}", timeout=30)
+        client = Client(server.address, timeout=30)
         report["info_strategies"] = list(client.info().strategies)
         report["reference"] = reference_job(client, ray_address, work)
         out.write_text(json.dumps(report, indent=1))  # what came so far, should a later part hang
@@ -134,12 +77,7 @@ def main() -> None:
         report["kill"] = killed_job(client, ray_address, work)
     finally:
         out.write_text(json.dumps(report, indent=1))
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        server.stop()
 
 
 def reference_job(client: Client, ray_address: str, work: Path) -> dict:

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +26,7 @@ from conftest import REPO_ROOT, SHARED_MNIST
 from naive_model.data import synthetic_dataset
 from service.cli import exit_status as cli_errors
 from service.cli.app import main as cli_main
+from service.cli.local_server import LocalServer
 
 pytestmark = pytest.mark.slow
 
@@ -49,33 +49,8 @@ def one_error_line(result: SimpleNamespace) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("state")
-    port_file = state_dir / "port"
-    log_path = state_dir / "serve.log"
-    command = [
-        sys.executable, "-m", "service.cli", "serve", "--port", "0", "--no-metrics",
-        "--state-dir", str(state_dir), "--port-file", str(port_file),
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():  # the only sign of readiness a child process gives
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "the server did not start in 120 s"
-            time.sleep(0.05)
-        port = int(port_file.read_text())
-        yield SimpleNamespace(
-            address=f"127.0.0.1:{port}", process=process, log_path=log_path, port=port
-        )
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with LocalServer(tmp_path_factory.mktemp("state"), ["--no-metrics"]) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Multi_worker jobs through `ntrain serve` on a real two-node Ray cluster (tests/ray_cluster.py).
+"""Multi_worker jobs through `ntrain serve` on a real two-node Ray cluster.
 
 One scenario (tests/ray_scenario_main.py) runs inside the cluster's network
 namespace with its own server, and reports what it saw; the tests below read
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import IN_CI, require_tool
-from ray_cluster import RAY_ADDRESS, NetnsRayCluster
 
+from benchmarks.ray_cluster import RAY_ADDRESS, NetnsRayCluster
 from naive_model.data import synthetic_dataset
 
 # The cluster's start (about 30 s), three jobs and the teardown: some 5 minutes

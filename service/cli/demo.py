@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,10 +35,10 @@ from service.cli import output as cli_output
 from service.cli.commands import follow_job
 from service.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from service.cli.inputs import read_test_images
+from service.cli.local_server import LocalServer, ServerStartError
 from service.cli.progress import ProgressRenderer
 from service.cli.specs import book_job_spec
 
-SERVER_START_SECONDS = 120.0
 SERVER_STOP_SECONDS = 30.0
 DOWNLOAD_SECONDS = 300.0
 DEMO_STEPS_PER_EXECUTION = 50
@@ -100,68 +99,6 @@ def load_test_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndar
     return read_test_images(path, count)
 
 
-class LocalServer:
-    """`ntrain serve` in a child process on a free port; stopped with SIGTERM."""
-
-    def __init__(
-        self,
-        state_dir: Path,
-        data_dir: Path | None,
-        env: dict[str, str],
-        extra_args: Sequence[str] = (),
-    ):
-        self.state_dir = state_dir
-        self.log_path = state_dir / "server.log"
-        port_file = state_dir / "server.port"
-        # An earlier server on this state directory left its port here.
-        port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable, "-m", "service.cli", "serve",
-            "--port", "0", "--metrics-port", "0",
-            "--state-dir", str(state_dir), "--port-file", str(port_file),
-        ]  # fmt: skip
-        if data_dir is not None:
-            command += ["--data-dir", str(data_dir)]
-        command += extra_args  # later flags win: they may override the ones above
-        with open(self.log_path, "wb") as log:
-            # A session of its own: Ctrl-C reaches the demo, which stops the server in order.
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        try:
-            self.port = self._wait_for_port(port_file)
-        except DemoError as error:
-            self.stop()
-            raise DemoError(f"{error}; the end of its log:\n{self.log_tail()}") from None
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _wait_for_port(self, port_file: Path) -> int:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise DemoError(f"the server exited with status {self.process.returncode}")
-            if port_file.exists():
-                return int(port_file.read_text())
-            time.sleep(0.05)  # the port file is the only sign a child process gives
-        raise DemoError(f"the server did not start within {SERVER_START_SECONDS:.0f} s")
-
-    def stop(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(SERVER_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
 def run(args: argparse.Namespace, stack: ExitStack) -> float:
     """The demo itself; returns the final test accuracy."""
     data_dir = Path(args.data_dir) if args.data_dir else None
@@ -182,7 +119,15 @@ def run(args: argparse.Namespace, stack: ExitStack) -> float:
     if mnist_path is not None:
         env.setdefault("NTRAIN_MNIST_PATH", str(mnist_path))
     print("starting a server on a free local port ...", flush=True)
-    server = LocalServer(state_dir, data_dir, env)
+    try:
+        server = LocalServer(
+            state_dir,
+            [] if data_dir is None else ["--data-dir", str(data_dir)],
+            env=env,
+            own_session=True,  # Ctrl-C reaches the demo, which stops the server in order
+        )
+    except ServerStartError as error:
+        raise DemoError(str(error)) from None
     stack.callback(_stop_server, server)
     args.address = server.address
     client = stack.enter_context(Client(server.address))
@@ -256,7 +201,7 @@ def _cancel_if_running(client: Client, job_id: str) -> None:
 
 def _stop_server(server: LocalServer) -> None:
     _say("stopping the server ...")
-    status = server.stop()
+    status = server.stop(SERVER_STOP_SECONDS)
     if status not in (0, -signal.SIGTERM):
         _say(f"the server exited with status {status}; its log:\n{server.log_tail()}")
 

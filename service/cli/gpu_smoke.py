@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ntrain.client import QUICK_TIMEOUT
 from ntrain.client.channel import open_channel
 from ntrain.client.states import state_name
-from service.cli.demo import LocalServer
+from service.cli.local_server import LocalServer
 from service.cli.specs import book_job_spec
 
 BATCH_PER_GPU = 128
@@ -279,7 +279,8 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     metrics_port = _free_port()
     data_dir = Path(args.data_dir) if args.data_dir else None
     print(f"starting ntrain serve (state in {state_dir}) ...", flush=True)
-    server = LocalServer(state_dir, data_dir, env, ["--metrics-port", str(metrics_port)])
+    data_args = [] if data_dir is None else ["--data-dir", str(data_dir)]
+    server = LocalServer(state_dir, [*data_args, "--metrics-port", str(metrics_port)], env=env)
     stack.callback(server.stop)
     channel = stack.enter_context(open_channel(server.address))
     stub = training_pb2_grpc.TrainingServiceStub(channel)

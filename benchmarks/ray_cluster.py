@@ -1,4 +1,7 @@
-"""A real two-node Ray cluster in a network namespace of its own, for tests/test_ray_cluster.py.
+"""A real two-node Ray cluster in a network namespace of its own, and what follows jobs on it.
+
+Used by tests/test_ray_cluster.py (with tests/ray_scenario_main.py inside the
+namespace) and by benchmarks/ray_scaling.py.
 
 The namespace holds only a loopback interface; the head node listens on
 127.0.0.2 and the worker node on 127.0.0.3, so the two "hosts" have two
@@ -14,12 +17,18 @@ people's clusters too.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+from ntrain.v1 import training_pb2 as pb
+
+from ntrain.client import Client
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
@@ -120,3 +129,53 @@ class NetnsRayCluster:
         if self._created:
             subprocess.run(["ip", "netns", "delete", self.namespace], check=False)
             self._created = False
+
+
+# -- following multi_worker jobs on the cluster ----------------------------------------
+
+
+def spec(epochs: int) -> dict:
+    """A small multi_worker job over both hosts, as JSON for `Client.submit`."""
+    return {
+        "layers": [{"units": 32, "activation": "relu"}, {"units": 10, "activation": "softmax"}],
+        "initializer": "glorot",
+        "optimizer": {"name": "adam", "learningRate": 0.01},
+        "batchSize": 64,
+        "epochs": epochs,
+        "stepsPerExecution": 8,
+        "dataset": "blobs.npz",
+        "strategy": {"name": "multi_worker", "hosts": 2},
+        "seed": 3,
+        "maxRestarts": 1,
+    }
+
+
+def ray_logs(ray_address: str, job_id: str) -> str:
+    with urllib.request.urlopen(f"{ray_address}/api/jobs/{job_id}/logs", timeout=10) as answer:
+        return json.loads(answer.read())["logs"]
+
+
+def follow(client: Client, job_id: str, submitted: float, on_event=None) -> dict:
+    """Watch the job to its end; what came, and when."""
+    seen: dict = {
+        "progress": 0,
+        "epochs": [],
+        "epoch_seconds": [],
+        "states": [],
+        "first_progress_s": None,
+    }
+    for event in client.watch(job_id):
+        payload = event.payload
+        if isinstance(payload, pb.Progress):
+            seen["progress"] += 1
+            if seen["first_progress_s"] is None:
+                seen["first_progress_s"] = time.monotonic() - submitted
+        elif isinstance(payload, pb.EpochSummary):
+            seen["epochs"].append(payload.epoch)
+            seen["epoch_seconds"].append(round(payload.seconds, 3))
+        elif isinstance(payload, pb.StateTransition):
+            seen["states"].append(pb.JobState.Name(payload.state))
+        if on_event is not None:
+            on_event(payload)
+    seen["end_s"] = time.monotonic() - submitted
+    return seen
