@@ -158,7 +158,9 @@ class FakeRunners:
 class Harness:
     """A controller over an in-memory store, as a server would build it, with fakes."""
 
-    def __init__(self, tmp_path, *, gpus: int = 0, store: Store | None = None, **scheduling):
+    def __init__(
+        self, tmp_path, *, gpus: int = 0, store: Store | None = None, observers=(), **scheduling
+    ):
         self.clock = FakeClock()
         self.store = store or Store(tmp_path, in_memory=True)
         self.gpus = gpus
@@ -176,6 +178,7 @@ class Harness:
             demand_of=self.demand_of,
             clock=self.clock,
             on_idle=self._idle,
+            observers=observers,
         )
 
     def _idle(self) -> None:
@@ -635,6 +638,39 @@ def test_recovery_fails_a_job_the_host_can_no_longer_run(tmp_path):
     record = after.record(waiting.job_id)
     assert record.state is FAILED
     assert record.failure_reason.startswith("cannot run on this host: ")
+
+
+# -- observers ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, fail: bool = False):
+        self.seen: list[tuple[str, JobState, type]] = []
+        self.fail = fail
+
+    def job_event(self, record, event) -> None:
+        self.seen.append((record.job_id, record.state, type(event.payload)))
+        if self.fail:
+            raise RuntimeError("an observer's bug")
+
+
+def test_observers_see_every_stored_event_in_order_with_the_record_after_it(tmp_path):
+    recorder, failing = Recorder(), Recorder(fail=True)
+    loop = Harness(tmp_path, observers=(failing, recorder))
+    job = loop.submit()
+    loop.running(job.job_id, progress(1), epoch_end(1), RESULT)
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert [(state, kind) for _, state, kind in recorder.seen] == [
+        (QUEUED, StateChange),
+        (STARTING, StateChange),
+        (RUNNING, StateChange),
+        (RUNNING, Progress),
+        (RUNNING, EpochEnd),
+        (RUNNING, TrainingResult),
+        (SUCCEEDED, StateChange),
+    ]
+    assert failing.seen == recorder.seen  # its failures stopped nothing
 
 
 # -- the loop on its own thread, and the shared runner plumbing --------------------------------

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,7 +38,7 @@ from service.jobs.feed import JobFeed
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCEL, OnEnd, OnEvent, RunEnd, Runner, RunOutcome, Stop
 from service.jobs.scheduler import Assignment, Demand, Scheduler
-from service.jobs.store import JobRecord, Store
+from service.jobs.store import Event, JobRecord, Store
 from service.protocol import (
     CheckpointSaved,
     EpochEnd,
@@ -95,6 +95,17 @@ class RunnerFactory(Protocol):
 
     def abandon(self, record: JobRecord) -> None:
         """Make sure nothing runs on for a job that ends without a runner (best effort)."""
+
+
+class JobObserver(Protocol):
+    """Told of every event of every job once it is stored (its first, QUEUED, too).
+
+    Called on the loop's thread, in the order of the events: it must return
+    quickly (hand slow work to a thread of its own) and may post messages to
+    the loop, but never wait for their answer there.
+    """
+
+    def job_event(self, record: JobRecord, event: Event) -> None: ...
 
 
 # -- messages -------------------------------------------------------------------------
@@ -176,6 +187,7 @@ class JobController:
         demand_of: what a job needs of this host (validation); called when a
             job is queued again after a restart, since the host may have changed.
         on_idle: called when nothing runs or waits (fill the warm pool).
+        observers: told of each job's events as they are stored (tracking, experiments).
     """
 
     def __init__(
@@ -189,6 +201,7 @@ class JobController:
         demand_of: Callable[[JobSpec], Demand],
         clock: Clock | None = None,
         on_idle: Callable[[], None] = lambda: None,
+        observers: Sequence[JobObserver] = (),
     ):
         self.store = store
         self.scheduler = scheduler
@@ -198,6 +211,7 @@ class JobController:
         self._demand_of = demand_of
         self._clock = clock or SystemClock()
         self._on_idle = on_idle
+        self._observers = tuple(observers)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._runs: dict[str, _Run] = {}
         self._closed = False
@@ -368,7 +382,7 @@ class JobController:
             create_time=now,
             owner=message.owner,
         )
-        self.feed.stored(self.store.create_job(record, now))
+        self._stored(self.store.create_job(record, now))
         self._counts_changed = True
         self.scheduler.enqueue(job_id, message.demand)
         self._dispatch()
@@ -557,11 +571,23 @@ class JobController:
             devices=devices,
             failure_reason=reason if state is JobState.FAILED else None,
         )
-        self.feed.stored(event)
+        self._stored(event)
         self._counts_changed = True
 
     def _append(self, job_id: str, payload: JobEventPayload) -> None:
-        self.feed.stored(self.store.append_event(job_id, payload, self._clock.time()))
+        self._stored(self.store.append_event(job_id, payload, self._clock.time()))
+
+    def _stored(self, event: Event) -> None:
+        """An event is in the store: wake its watchers, tell the observers."""
+        self.feed.stored(event)
+        if not self._observers:
+            return
+        record = self.feed.record(event.job_id)
+        for observer in self._observers:
+            try:
+                observer.job_event(record, event)
+            except Exception:  # an observer's bug must not stop the loop
+                log.exception("%s failed on an event of job %s", observer, event.job_id)
 
 
 def resume_point(record: JobRecord) -> str:

@@ -22,12 +22,19 @@ import platform
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from service.devices import DeviceInventory
 from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_request_id
-from service.jobs.controller import CancelJob, Clock, JobController, SubmitJob, SystemClock
+from service.jobs.controller import (
+    CancelJob,
+    Clock,
+    JobController,
+    JobObserver,
+    SubmitJob,
+    SystemClock,
+)
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.feed import JobFeed
@@ -96,6 +103,7 @@ class JobManager:
         worker_held_fds: tuple[int, ...] = (),
         ray: RayJobsClient | None = None,
         clock: Clock | None = None,
+        observers: Sequence[JobObserver] = (),
     ):
         clock = clock or SystemClock()
         self.store = store
@@ -141,6 +149,7 @@ class JobManager:
             demand_of=self._demand,
             clock=clock,
             on_idle=self._warm_up,
+            observers=observers,
         )
         self.models = ModelTasks(
             store,
