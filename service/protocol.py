@@ -51,6 +51,10 @@ class JobState(enum.Enum):
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
+# How urgent a job is: larger runs first and may preempt smaller.
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100}
+
 # The strategies of jobs on the server's own host; multi_worker jobs run on a
 # Ray cluster instead (the server's --ray-address).
 SERVICE_STRATEGIES = tuple(name for name in STRATEGIES if name != "multi_worker")
@@ -72,6 +76,7 @@ class JobSpec:
     name: str = ""  # for people; not unique
     # (key, value) pairs sorted by key: a tuple, so that the spec stays hashable.
     labels: tuple[tuple[str, str], ...] = ()
+    priority: int = 0  # larger is more urgent (PRIORITY_CLASSES)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the store."""
@@ -409,6 +414,9 @@ __all__ = [
     "EvaluateTask",
     "Failed",
     "JobState",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
+    "PRIORITY_CLASSES",
     "JobEventPayload",
     "JobFiles",
     "JobSpec",

@@ -95,6 +95,7 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         ),
         name=message.name,
         labels=tuple(sorted(message.labels.items())),
+        priority=message.priority,
     )
 
 
@@ -199,6 +200,7 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         max_restarts=spec.max_restarts,
         name=spec.name,
         labels=dict(spec.labels),
+        priority=spec.priority,
     )
 
 
@@ -283,6 +285,7 @@ def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb
         devices=list(record.devices),
         strategy=record.strategy,
         restarts=record.restarts,
+        preemptions=record.preemptions,
         owner=record.owner,
     )
     if record.progress is not None:

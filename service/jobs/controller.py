@@ -37,7 +37,7 @@ from service.jobs.errors import AlreadyExists, FailedPrecondition, Unavailable
 from service.jobs.feed import JobFeed
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCEL, OnEnd, OnEvent, RunEnd, Runner, RunOutcome, Stop
-from service.jobs.scheduler import Assignment, Demand, Scheduler
+from service.jobs.scheduler import Assignment, Candidate, Demand, Scheduler
 from service.jobs.store import Event, JobRecord, Store
 from service.protocol import (
     CheckpointSaved,
@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN = Stop(RunEnd.STOPPED, "the server shut down")
 # How long runners stopped at shutdown get to report, past the grace.
 STOPPED_RUNNER_SECONDS = 15.0
+# How long a preempted run may take to checkpoint at its next compiled-call boundary.
+PREEMPTION_GRACE_SECONDS = 60.0
+# A job resumed after a preemption runs at least this long before another.
+MIN_RUN_SECONDS = 120.0
 
 
 class Clock(Protocol):
@@ -171,10 +175,17 @@ class _Run:
 
     runner: Runner
     strategy: str
+    priority: int
     started: float  # monotonic
     deadline: float | None  # monotonic: max_runtime_seconds ends the run here
+    # Preempted before: not preempted again until it ran min_run_seconds.
+    resumed_after_preemption: bool = False
+    step: int = 0  # the global step it reached
+    checkpoint_step: int = 0  # the global step of its newest checkpoint
     progressed: bool = False  # the first Progress came in
-    stopped: bool = False  # the loop asked it to end
+    stopped: bool = False  # the loop asked it to end now
+    preempted_by: str | None = None  # asked to checkpoint and stop for this job
+    stop_deadline: float | None = None  # monotonic: killed here if still running
 
 
 _QUIT = object()
@@ -188,6 +199,11 @@ class JobController:
             job is queued again after a restart, since the host may have changed.
         on_idle: called when nothing runs or waits (fill the warm pool).
         observers: told of each job's events as they are stored (tracking, experiments).
+        preemption_grace_seconds: how long a preempted run may take to reach its next
+            compiled-call boundary and checkpoint before it is killed (it then
+            resumes from its last checkpoint).
+        min_run_seconds: a job resumed after a preemption is not preempted again
+            before its run is this old (no thrash).
     """
 
     def __init__(
@@ -202,6 +218,8 @@ class JobController:
         clock: Clock | None = None,
         on_idle: Callable[[], None] = lambda: None,
         observers: Sequence[JobObserver] = (),
+        preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
+        min_run_seconds: float = MIN_RUN_SECONDS,
     ):
         self.store = store
         self.scheduler = scheduler
@@ -212,6 +230,8 @@ class JobController:
         self._clock = clock or SystemClock()
         self._on_idle = on_idle
         self._observers = tuple(observers)
+        self._preemption_grace = preemption_grace_seconds
+        self._min_run = min_run_seconds
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._runs: dict[str, _Run] = {}
         self._closed = False
@@ -300,15 +320,26 @@ class JobController:
             self._handle(*item)
 
     def _seconds_to_next_deadline(self) -> float | None:
-        deadlines = [
-            run.deadline for run in self._runs.values() if run.deadline and not run.stopped
-        ]
+        """Until the loop must act though no message came (None: not before one comes)."""
+        now = self._clock.monotonic()
+        deadlines = []
+        for run in self._runs.values():
+            if run.stopped:
+                continue
+            if run.deadline is not None:
+                deadlines.append(run.deadline)
+            if run.stop_deadline is not None:
+                deadlines.append(run.stop_deadline)
+            preemptible_again = run.started + self._min_run
+            if run.resumed_after_preemption and self.scheduler.queue_length:
+                if preemptible_again > now:  # a waiting job may preempt it then
+                    deadlines.append(preemptible_again)
         wakeup = self.scheduler.next_wakeup()
         if wakeup is not None:
             deadlines.append(wakeup)
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - self._clock.monotonic())
+        return max(0.0, min(deadlines) - now)
 
     # -- one message ---------------------------------------------------------------------
 
@@ -384,7 +415,7 @@ class JobController:
         )
         self._stored(self.store.create_job(record, now))
         self._counts_changed = True
-        self.scheduler.enqueue(job_id, message.demand)
+        self.scheduler.enqueue(job_id, message.demand, priority=message.spec.priority)
         self._dispatch()
         return self.feed.record(job_id)
 
@@ -420,14 +451,19 @@ class JobController:
         else:  # STARTING or RUNNING when the server ended (SIGTERM, kill -9, power loss)
             self._requeue(record, f"resumed {resume_point(record)} after a server restart")
 
-    def _requeue(self, record: JobRecord, reason: str) -> None:
+    def _requeue(self, record: JobRecord, reason: str, *, front: bool = False) -> None:
         """Queue a job again; its worker resumes from its newest checkpoint."""
         self._transition(record.job_id, JobState.QUEUED, reason)
-        self._enqueue(record)
+        self._enqueue(record, front=front)
 
-    def _enqueue(self, record: JobRecord) -> None:
+    def _enqueue(self, record: JobRecord, *, front: bool = False) -> None:
         try:
-            self.scheduler.enqueue(record.job_id, self._demand_of(record.spec))
+            self.scheduler.enqueue(
+                record.job_id,
+                self._demand_of(record.spec),
+                priority=record.spec.priority,
+                front=front,
+            )
         except Exception as error:  # the host changed under a queued job
             self._transition(record.job_id, JobState.FAILED, f"cannot run on this host: {error}")
 
@@ -453,15 +489,54 @@ class JobController:
             )
             started = self._clock.monotonic()
             limit = record.spec.max_runtime_seconds
+            checkpoint_step = record.checkpoint.step if record.checkpoint else 0
             self._runs[job_id] = _Run(
                 runner=runner,
                 strategy=assignment.strategy,
+                priority=record.spec.priority,
                 started=started,
                 deadline=started + limit if limit else None,
+                resumed_after_preemption=record.preemptions > 0,
+                step=checkpoint_step,
+                checkpoint_step=checkpoint_step,
             )
             runner.start()
+        self._preempt_for_waiting()
         if not self._runs and not self.scheduler.queue_length:
             self._on_idle()
+
+    def _preempt_for_waiting(self) -> None:
+        """Ask lower-priority runs to checkpoint and stop, for waiting jobs that cannot start.
+
+        The most urgent waiting job first; a job whose victims are stopping
+        already waits for them (and holds its reservation) without more.
+        """
+        waiting_for = {run.preempted_by for run in self._runs.values() if run.preempted_by}
+        now = self._clock.monotonic()
+        for job_id in self.scheduler.waiting:
+            if job_id in waiting_for:
+                continue
+            candidates = [
+                Candidate(
+                    job_id=other,
+                    priority=run.priority,
+                    lost_steps=max(0, run.step - run.checkpoint_step),
+                    started=run.started,
+                )
+                for other, run in self._runs.items()
+                if not (run.stopped or run.preempted_by)
+                and not (run.resumed_after_preemption and now - run.started < self._min_run)
+            ]
+            victims = self.scheduler.preemption_victims(job_id, candidates)
+            if not victims:
+                continue
+            self.scheduler.reserve(job_id)
+            for victim in victims:
+                run = self._runs[victim]
+                run.preempted_by = job_id
+                run.stop_deadline = now + self._preemption_grace
+                run.runner.request_stop()
+            log.info("job %s preempts %s", job_id, ", ".join(victims))
 
     def _reports_of(self, job_id: str) -> tuple[OnEvent, OnEnd]:
         """The callbacks a job's runner reports with: each posts a message to the loop."""
@@ -477,6 +552,15 @@ class JobController:
     def _enforce_deadlines(self) -> None:
         now = self._clock.monotonic()
         for job_id, run in self._runs.items():
+            if run.stop_deadline is not None and now >= run.stop_deadline and not run.stopped:
+                run.stopped = True
+                run.runner.stop(
+                    Stop(
+                        RunEnd.STOPPED,
+                        f"it did not stop within the preemption grace of "
+                        f"{self._preemption_grace:g} s and was killed",
+                    )
+                )
             if run.deadline is not None and now >= run.deadline and not run.stopped:
                 run.stopped = True
                 limit = self.feed.record(job_id).spec.max_runtime_seconds
@@ -493,13 +577,16 @@ class JobController:
         if isinstance(event, Running):
             if self.feed.record(job_id).state is JobState.STARTING:  # not when a cancel came first
                 self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s)")
-        elif isinstance(event, Progress) and not run.progressed:
-            run.progressed = True
-            since_submit = self._clock.time() - self.feed.record(job_id).create_time
-            self.metrics.job_first_step(job_id, since_submit)
+        elif isinstance(event, Progress):
+            run.step = event.step
+            if not run.progressed:
+                run.progressed = True
+                since_submit = self._clock.time() - self.feed.record(job_id).create_time
+                self.metrics.job_first_step(job_id, since_submit)
         if isinstance(event, Progress | EpochEnd | TrainingResult):
             self._append(job_id, event)
         elif isinstance(event, CheckpointSaved):
+            run.checkpoint_step = event.step
             self.store.record_checkpoint(job_id, event)
             self.feed.changed(job_id)
         report_metrics(self.metrics, job_id, run.strategy, event)
@@ -520,6 +607,15 @@ class JobController:
             # Stopped for the shutdown (on request, or killed after the grace), or
             # its worker died as the server stopped: it resumes on the next start.
             pass
+        elif outcome.end is RunEnd.STOPPED and run is not None and run.preempted_by:
+            count = self.store.count_preemption(job_id)
+            self.metrics.job_preempted(job_id, run.strategy)
+            self._requeue(
+                record,
+                f"preempted by {run.preempted_by} (preemption {count}); {outcome.reason}; "
+                f"resumes {resume_point(record)}",
+                front=True,
+            )
         elif outcome.end is RunEnd.STOPPED:
             self._requeue(record, f"{outcome.reason}; resumes {resume_point(record)}")
         elif outcome.end is RunEnd.WORKER_DIED and record.restarts < record.spec.max_restarts:

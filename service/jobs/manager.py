@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from service.devices import DeviceInventory
-from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_request_id
+from service.jobs.access import (
+    LOCAL,
+    Action,
+    Principal,
+    authorize,
+    authorize_priority,
+    may_see_request_id,
+)
 from service.jobs.controller import (
     CancelJob,
     Clock,
@@ -220,13 +227,14 @@ class JobManager:
         a server without authentication; the API always passes the caller.)
 
         Raises:
-            PermissionDenied: the principal's role may not submit.
+            PermissionDenied: the principal's role may not submit, or not at this priority.
             InvalidArgument: a field of `spec` is invalid.
             AlreadyExists: `request_id` names a job of this owner with another spec.
             FailedPrecondition: more GPUs than the host has.
             ResourceExhausted: the queue is full.
         """
         authorize(principal, Action.SUBMIT)
+        authorize_priority(principal, spec.priority)
         demand = self._demand(spec)
         record = self.controller.call(
             SubmitJob(spec=spec, demand=demand, owner=principal.name, request_id=request_id)

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.jobs.schema import MIGRATE_1, OPENS_VERSIONS, SCHEMA, SCHEMA_VERSION
+from service.jobs.schema import (
+    ADD_PREEMPTIONS,
+    MIGRATE_1,
+    OPENS_VERSIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 from service.protocol import (
     TERMINAL_STATES,
     CheckpointSaved,
@@ -102,6 +108,7 @@ class JobRecord:
     restarts: int = 0
     checkpoint: CheckpointSaved | None = None  # the latest one
     owner: str = ""  # the principal that submitted it; "" anonymous
+    preemptions: int = 0  # stops to make room for a job of higher priority
 
     @property
     def finished(self) -> bool:
@@ -145,6 +152,9 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             if version == 1:
                 self._migrate_from_1()
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if columns and "preemptions" not in columns:  # versions 1 to 4
+                self._db.execute(ADD_PREEMPTIONS)
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -255,11 +265,20 @@ class Store:
                 (json.dumps(dataclasses.asdict(checkpoint)), job_id),
             )
 
+    def count_preemption(self, job_id: str) -> int:
+        """Add one to the job's preemptions; returns the new count."""
+        return self._count(job_id, "preemptions")
+
     def count_restart(self, job_id: str) -> int:
         """Add one to the job's restarts; returns the new count."""
+        return self._count(job_id, "restarts")
+
+    def _count(self, job_id: str, column: str) -> int:
         with self._lock, self._transaction():
-            self._db.execute("UPDATE jobs SET restarts = restarts + 1 WHERE job_id = ?", (job_id,))
-            row = self._db.execute("SELECT restarts FROM jobs WHERE job_id = ?", (job_id,))
+            self._db.execute(
+                f"UPDATE jobs SET {column} = {column} + 1 WHERE job_id = ?", (job_id,)
+            )
+            row = self._db.execute(f"SELECT {column} FROM jobs WHERE job_id = ?", (job_id,))
             return row.fetchone()[0]
 
     def _insert_event(
@@ -395,6 +414,7 @@ class Store:
                     CheckpointSaved(**json.loads(row["checkpoint"])) if row["checkpoint"] else None
                 ),
                 owner=row["owner"],
+                preemptions=row["preemptions"],
             )
             for row in rows
         ]
