@@ -136,6 +136,8 @@ class TrainingServer:
             jobs_per_gpu=config.jobs_per_gpu,
             backfill_seconds=config.backfill_seconds,
             auto_gpu_wait_seconds=config.auto_gpu_wait_seconds,
+            preemption_grace_seconds=config.preemption_grace_seconds,
+            min_run_seconds=config.min_run_seconds,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.

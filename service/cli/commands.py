@@ -57,6 +57,7 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         (spec, "checkpoint_every_epochs", args.checkpoint_every),
         (spec, "max_runtime_seconds", args.max_runtime),
         (spec, "max_restarts", args.max_restarts),
+        (spec, "priority", args.priority),
     ):
         if value is not None:
             setattr(message, field, value)
@@ -331,6 +332,8 @@ def cmd_serve(args) -> int:
         "jobs_per_gpu": args.jobs_per_gpu,
         "backfill_seconds": args.backfill_seconds,
         "auto_gpu_wait_seconds": args.auto_gpu_wait,
+        "preemption_grace_seconds": args.preemption_grace,
+        "min_run_seconds": args.min_run,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from service.cli import commands
-from service.cli.types import port, positive_int, positive_seconds
+from service.cli.types import port, positive_int, positive_seconds, seconds
 
 
 def add_serve_parser(subcommands) -> argparse.ArgumentParser:
@@ -80,6 +80,23 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         default=None,
         help="how long a waiting GPU job lets younger jobs that fit pass before it "
         "reserves GPUs (default 600)",
+    )
+    serve.add_argument(
+        "--preemption-grace",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="how long a job preempted by a more urgent one may take to checkpoint at its "
+        "next compiled call's end before it is killed; it resumes from its last checkpoint "
+        "(default 60)",
+    )
+    serve.add_argument(
+        "--min-run",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="a job resumed after a preemption runs at least this long before another "
+        "(default 120)",
     )
     serve.add_argument(
         "--auto-gpu-wait",

@@ -35,6 +35,8 @@ from service.jobs.access import (
     may_see_request_id,
 )
 from service.jobs.controller import (
+    MIN_RUN_SECONDS,
+    PREEMPTION_GRACE_SECONDS,
     CancelJob,
     Clock,
     JobController,
@@ -103,6 +105,8 @@ class JobManager:
         jobs_per_gpu: int = 1,
         backfill_seconds: float = BACKFILL_SECONDS,
         auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS,
+        preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
+        min_run_seconds: float = MIN_RUN_SECONDS,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
@@ -157,6 +161,8 @@ class JobManager:
             clock=clock,
             on_idle=self._warm_up,
             observers=observers,
+            preemption_grace_seconds=preemption_grace_seconds,
+            min_run_seconds=min_run_seconds,
         )
         self.models = ModelTasks(
             store,
