@@ -182,6 +182,8 @@ class TrainTask:
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
     # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
     gpu_memory_limit_mb: int = 0
+    # How often the worker says it is alive, whatever its compiled calls are doing (0: never).
+    heartbeat_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +222,11 @@ ServerMessage = TrainTask | EvaluateTask | PredictTask | StopTraining | Describe
 @dataclass(frozen=True)
 class Ready:
     """A warm worker has TensorFlow imported and waits for its task."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A training worker is alive (sent from a thread of its own, between and during calls)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +294,7 @@ class ModelCacheState:
 
 WorkerEvent = (
     Ready
+    | Heartbeat
     | Running
     | Progress
     | EpochEnd
@@ -413,6 +421,7 @@ __all__ = [
     "Evaluation",
     "EvaluateTask",
     "Failed",
+    "Heartbeat",
     "JobState",
     "MAX_PRIORITY",
     "MIN_PRIORITY",

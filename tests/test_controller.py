@@ -18,6 +18,7 @@ from naive_model.config import TrainConfig
 from naive_model.results import CheckpointSaved, EpochEnd, Progress, TrainingResult
 from service.jobs.controller import (
     SHUTDOWN,
+    STARTUP_SECONDS,
     CancelJob,
     JobController,
     Placement,
@@ -38,7 +39,7 @@ from service.jobs.runner import CANCEL, RunEnd, RunnerThread, RunOutcome, Stop
 from service.jobs.scheduler import Demand, Scheduler, demand_for
 from service.jobs.store import JobRecord, Store
 from service.metrics import ServiceMetrics
-from service.protocol import TERMINAL_STATES, JobSpec, JobState, Running, StateChange
+from service.protocol import TERMINAL_STATES, Heartbeat, JobSpec, JobState, Running, StateChange
 
 QUEUED, STARTING, RUNNING = JobState.QUEUED, JobState.STARTING, JobState.RUNNING
 CANCELLING, SUCCEEDED = JobState.CANCELLING, JobState.SUCCEEDED
@@ -950,3 +951,109 @@ def test_a_server_killed_mid_preemption_resumes_every_job_once_urgent_first(loop
     after.settle()
     assert after.record(low.job_id).state is STARTING
     assert [len(runs) for runs in after.runners.made.values()] == [1, 1]
+
+
+# -- a hung worker -------------------------------------------------------------------------------
+
+
+def test_a_worker_that_sends_nothing_past_the_limit_is_killed_and_restarted(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._hang = 30.0
+    job = loop.submit()
+    runner = loop.running(job.job_id, CheckpointSaved(path="/c", epoch=1, step=5, seconds=0.1))
+    for _ in range(5):  # heartbeats keep a long compiled call alive
+        loop.clock.advance(20.0)
+        loop.running(job.job_id, Heartbeat())
+        loop.controller.tick()
+    assert runner.stops == []
+    assert loop.controller._seconds_to_next_deadline() == 30.0
+    loop.clock.advance(30.0)
+    loop.controller.tick()
+    (stop,) = runner.stops
+    assert stop.end is RunEnd.WORKER_DIED and "sent nothing for 30 s: it hung" in stop.reason
+    runner.end(stop.end, stop.reason)
+    loop.settle()
+    record = loop.record(job.job_id)
+    assert record.restarts == 1 and record.state is STARTING
+    assert record.transitions[-2].reason == (
+        "the worker sent nothing for 30 s: it hung, and was killed; restart 1 of 2, "
+        "from epoch 1"
+    )
+
+
+def test_a_ray_job_is_not_taken_for_hung(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._hang = 30.0
+    job = loop.submit(spec("multi_worker", hosts=2))
+    loop.clock.advance(300.0)
+    loop.controller.tick()
+    assert loop.runner(job.job_id).stops == []
+
+
+def test_a_worker_gets_longer_for_its_first_word(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._hang = 30.0
+    job = loop.submit()
+    loop.clock.advance(STARTUP_SECONDS - 1)
+    loop.controller.tick()
+    assert loop.runner(job.job_id).stops == []
+    loop.clock.advance(1)
+    loop.controller.tick()
+    assert [stop.end for stop in loop.runner(job.job_id).stops] == [RunEnd.WORKER_DIED]
+
+
+# -- bookkeeping that fails ------------------------------------------------------------------
+
+
+def failing_appends(store: Store, count: int) -> None:
+    """The store's next `count` appends fail as a full disk makes them fail."""
+    real = store.append_event
+    left = [count]
+
+    def append_event(*args, **kwargs):
+        if left[0]:
+            left[0] -= 1
+            raise ResourceExhausted("the state directory /s is full: database or disk is full")
+        return real(*args, **kwargs)
+
+    store.append_event = append_event  # type: ignore[method-assign]
+
+
+def test_an_end_that_cannot_be_recorded_is_retried_and_the_job_fails_with_why(loop):
+    job = loop.submit()
+    loop.running(job.job_id)
+    failing_appends(loop.store, 2)  # SUCCEEDED, then the first FAILED
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert loop.record(job.job_id).state is RUNNING
+    assert loop.controller.snapshot.running == {}  # its devices are free
+    assert loop.controller._seconds_to_next_deadline() == 5.0
+    loop.clock.advance(5.0)
+    loop.controller.tick()
+    record = loop.record(job.job_id)
+    assert record.state is FAILED
+    assert record.failure_reason == (
+        "the server could not record the job: "
+        "the state directory /s is full: database or disk is full"
+    )
+
+
+def test_progress_that_cannot_be_recorded_stops_the_run(loop):
+    job = loop.submit()
+    runner = loop.running(job.job_id)
+    failing_appends(loop.store, 1)
+    runner.report(progress(1))
+    loop.settle()
+    (stop,) = runner.stops
+    assert stop.end is RunEnd.FAILED and "state directory /s is full" in stop.reason
+    runner.end(stop.end, stop.reason)
+    loop.settle()
+    assert loop.record(job.job_id).failure_reason == stop.reason
+
+
+def test_a_job_that_cannot_be_started_fails_and_the_submission_still_answers(loop):
+    failing_appends(loop.store, 1)  # its STARTING transition
+    job = loop.submit()
+    assert job.state is FAILED
+    assert job.failure_reason.startswith("the server could not start the job: ")
+    assert loop.controller.snapshot.running == {}

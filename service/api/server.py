@@ -138,6 +138,7 @@ class TrainingServer:
             auto_gpu_wait_seconds=config.auto_gpu_wait_seconds,
             preemption_grace_seconds=config.preemption_grace_seconds,
             min_run_seconds=config.min_run_seconds,
+            hang_seconds=config.hang_seconds,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.

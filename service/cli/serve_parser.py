@@ -99,6 +99,15 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "(default 120)",
     )
     serve.add_argument(
+        "--hang-seconds",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="a job's worker that sends nothing this long (it says it is alive every few "
+        "seconds, whatever its compiled calls do) is killed and restarted from its checkpoint "
+        "(default 120; 0: never)",
+    )
+    serve.add_argument(
         "--auto-gpu-wait",
         metavar="SECONDS",
         type=float,

@@ -35,6 +35,7 @@ from service.jobs.access import (
     may_see_request_id,
 )
 from service.jobs.controller import (
+    HANG_SECONDS,
     MIN_RUN_SECONDS,
     PREEMPTION_GRACE_SECONDS,
     CancelJob,
@@ -107,6 +108,7 @@ class JobManager:
         auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS,
         preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
         min_run_seconds: float = MIN_RUN_SECONDS,
+        hang_seconds: float = HANG_SECONDS,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
@@ -154,6 +156,8 @@ class JobManager:
                 data_dir=data_dir,
                 checkpoint_seconds=checkpoint_seconds,
                 ray=ray,
+                # Several beats to a hang limit, at most one every 5 s (0: no limit, no beats).
+                heartbeat_seconds=min(5.0, hang_seconds / 4),
             ),
             feed=self.feed,
             metrics=metrics,
@@ -163,6 +167,7 @@ class JobManager:
             observers=observers,
             preemption_grace_seconds=preemption_grace_seconds,
             min_run_seconds=min_run_seconds,
+            hang_seconds=hang_seconds,
         )
         self.models = ModelTasks(
             store,

@@ -15,15 +15,18 @@ kind. Proto conversion happens in `service.api.convert`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.jobs.errors import ResourceExhausted, Unavailable
 from service.jobs.schema import (
     ADD_PREEMPTIONS,
     MIGRATE_1,
@@ -193,7 +196,7 @@ class Store:
     def create_job(self, record: JobRecord, time: float) -> Event:
         """Insert a new job with its first event, the change to `record.state`."""
         payload = StateChange(state=record.state)
-        with self._lock, self._transaction():
+        with self._lock, self._writing(), self._transaction():
             self._db.execute(
                 "INSERT INTO jobs (job_id, owner, request_id, spec, state, create_time,"
                 " last_sequence) VALUES (?, ?, ?, ?, ?, ?, 1)",
@@ -242,7 +245,7 @@ class Store:
             updates["devices"] = json.dumps(list(devices))
         if failure_reason is not None:
             updates["failure_reason"] = failure_reason
-        with self._lock, self._transaction():
+        with self._lock, self._writing(), self._transaction():
             row = self._db.execute(
                 "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
             ).fetchone()
@@ -259,7 +262,7 @@ class Store:
 
     def record_checkpoint(self, job_id: str, checkpoint: CheckpointSaved) -> None:
         """Remember the job's latest checkpoint (not an event: watchers are not told)."""
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute(
                 "UPDATE jobs SET checkpoint = ? WHERE job_id = ?",
                 (json.dumps(dataclasses.asdict(checkpoint)), job_id),
@@ -274,7 +277,7 @@ class Store:
         return self._count(job_id, "restarts")
 
     def _count(self, job_id: str, column: str) -> int:
-        with self._lock, self._transaction():
+        with self._lock, self._writing(), self._transaction():
             self._db.execute(
                 f"UPDATE jobs SET {column} = {column} + 1 WHERE job_id = ?", (job_id,)
             )
@@ -292,6 +295,18 @@ class Store:
 
     def _transaction(self):
         return _Transaction(self._db)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """SQLite's write errors as the service's: one line naming the file."""
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            if "full" in str(error):
+                raise ResourceExhausted(
+                    f"the state directory {self.state_dir} is full: {error}"
+                ) from error
+            raise Unavailable(f"cannot write the job store {self.path}: {error}") from error
 
     # -- reads ----------------------------------------------------------------
 
