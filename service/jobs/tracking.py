@@ -177,15 +177,15 @@ class MlflowTracker:
 
     def job_started(self, record: JobRecord) -> None:
         """The job starts, or starts again (a retry, or a resume after a server restart)."""
-        self._put(record.job_id, _Started(record), "the run's start")
+        self._put(_Started(record))
 
     def epoch_end(self, job_id: str, epoch: EpochEnd) -> None:
         """An epoch's training and evaluation figures, at step `epoch.epoch`."""
-        self._put(job_id, _Epoch(job_id, epoch, _now_ms()), f"epoch {epoch.epoch}")
+        self._put(_Epoch(job_id, epoch, _now_ms()))
 
     def job_ended(self, record: JobRecord, model_dir: Path | None) -> None:
         """The job reached a final state; `model_dir` is its exported model, if any."""
-        self._put(record.job_id, _Ended(record, model_dir, _now_ms()), "the run's end")
+        self._put(_Ended(record, model_dir, _now_ms()))
 
     def close(self, timeout: float = 10.0) -> bool:
         """Take no more calls and send what is queued, for `timeout` seconds at most.
@@ -207,7 +207,7 @@ class MlflowTracker:
             return False
         return True
 
-    def _put(self, job_id: str, event: _Event, what: str) -> None:
+    def _put(self, event: _Event) -> None:
         with self._lock:
             if self._closed:
                 problem = "the tracker is closed"
@@ -217,7 +217,7 @@ class MlflowTracker:
                     return
                 except queue.Full:
                     problem = f"{self._queue.maxsize} events are waiting already"
-        self._report(job_id, f"MLflow: {what} not logged: {problem}")
+        self._report(event_job_id(event), f"MLflow: {describe(event)} not logged: {problem}")
 
     # -- the tracker's thread --------------------------------------------------
 
@@ -228,7 +228,7 @@ class MlflowTracker:
                 return
             try:
                 self._handle(event)
-            except Exception as error:  # noqa: BLE001 - reported, never raised into a job
+            except Exception as error:  # reported, never raised into a job
                 self._report(
                     event_job_id(event), f"MLflow: {describe(event)} failed: {_one_line(error)}"
                 )
@@ -303,7 +303,7 @@ class MlflowTracker:
         if model_dir is not None and model_dir.is_dir():
             try:
                 self._client.log_artifacts(run_id, str(model_dir), artifact_path="model")
-            except Exception as error:  # noqa: BLE001 - the status is still set below
+            except Exception as error:  # reported; the status is still set below
                 self._report(record.job_id, f"MLflow: the model not logged: {_one_line(error)}")
         self._client.set_terminated(
             run_id, status=RUN_STATUS.get(record.state, "FAILED"), end_time=time_ms
