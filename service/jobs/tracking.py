@@ -245,7 +245,10 @@ class MlflowTracker:
             case _Epoch(job_id, epoch, time_ms):
                 if job_id in self._skipped:
                     return
-                self._log_metrics(self._run_of(job_id), epoch_metrics(epoch), time_ms, epoch.epoch)
+                run_id = self._run_of(job_id)
+                if run_id is None:
+                    raise LookupError(f"no MLflow run for {job_id}: its start was not logged")
+                self._log_metrics(run_id, epoch_metrics(epoch), time_ms, epoch.epoch)
             case _Ended(record, model_dir, time_ms):
                 job_id = record.job_id
                 if job_id in self._skipped or opted_out(record):
@@ -287,6 +290,8 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         run_id = self._run_of(record.job_id)
+        if run_id is None:  # it never started (canceled while queued): it has no run
+            return
         step = record.progress.epoch if record.progress is not None else 0
         if record.result is not None:
             result = record.result
@@ -315,8 +320,11 @@ class MlflowTracker:
         metrics = [Metric(key, float(value), time_ms, step) for key, value in values.items()]
         self._client.log_batch(run_id, metrics=metrics)
 
-    def _run_of(self, job_id: str) -> str:
-        """The job's run: known, found again, or opened now from its start's record."""
+    def _run_of(self, job_id: str) -> str | None:
+        """The job's run: known, found again, or opened now from its start's record.
+
+        None when the tracker never saw the job start and no run of it exists.
+        """
         if job_id in self._runs:
             return self._runs[job_id]
         record = self._records.get(job_id)
@@ -324,9 +332,8 @@ class MlflowTracker:
             self._start_run(record)
             return self._runs[job_id]
         run_id = self._find_run(job_id)
-        if run_id is None:
-            raise LookupError(f"no MLflow run for {job_id}: its start was not logged")
-        self._runs[job_id] = run_id
+        if run_id is not None:
+            self._runs[job_id] = run_id
         return run_id
 
     def _find_run(self, job_id: str) -> str | None:
