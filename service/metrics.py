@@ -235,6 +235,12 @@ class ServiceMetrics:
             ("version", "tensorflow_version", "python_version"),
             registry=r,
         )
+        self.mlflow_log_failures = Counter(
+            "ntrain_mlflow_log_failures",
+            "Calls to the MLflow tracking server that failed or were dropped; the job's log "
+            "says which.",
+            registry=r,
+        )
         # Series that exist from the start, so rates and alerts see the first change.
         for state in JobState:
             self.jobs.labels(state.name).set(0)
@@ -264,6 +270,10 @@ class ServiceMetrics:
         """Jobs by state, labelled by its name; every state is exposed, states not given read 0."""
         for state in JobState:
             self.jobs.labels(state.name).set(counts.get(state, 0))
+
+    def mlflow_log_failed(self) -> None:
+        """One call to the MLflow tracking server failed or was dropped (`MlflowTracker`)."""
+        self.mlflow_log_failures.inc()
 
     # -- jobs ----------------------------------------------------------------------
 

@@ -413,9 +413,10 @@ def unused_port():
         return sock.getsockname()[1]
 
 
-def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys):
+@pytest.fixture
+def served_configs(monkeypatch) -> list:
+    """The ServerConfig each `ntrain serve` built, for a server that refuses to start."""
     import service.api.server
-    from service.cli import main
 
     seen = []
 
@@ -431,9 +432,34 @@ def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys
 
     monkeypatch.setattr(service.api.server, "TrainingServer", RefusingServer)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+    return seen
+
+
+def test_serve_passes_the_job_series_retention_to_the_server(served_configs, capsys):
+    from service.cli import main
+
+    seen = served_configs
     assert main(["serve", "--job-series-retention", "30", "--no-metrics"]) == 1
     assert seen[0].job_series_retention_seconds == 30.0
     assert "cannot start the server" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         main(["serve", "--job-series-retention", "-1"])
     assert error.value.code == 2
+
+
+def test_serve_passes_the_mlflow_tracking_uri_and_refuses_one_that_is_no_url(served_configs):
+    from service.cli import main
+
+    seen = served_configs
+    uri = "http://127.0.0.1:5000"
+    assert main(["serve", "--mlflow-tracking-uri", uri, "--no-metrics"]) == 1
+    assert seen[0].mlflow_tracking_uri == uri
+    assert main(["serve", "--no-metrics"]) == 1
+    assert seen[1].mlflow_tracking_uri is None
+
+    from service.api.server_config import ServerConfig, check_config
+
+    for bad in ("mlflow:5000", "127.0.0.1:5000", "sqlite:///mlflow.db"):
+        config = ServerConfig(port=0, metrics_port=None, mlflow_tracking_uri=bad)
+        with pytest.raises(ValueError, match="mlflow tracking uri must be http"):
+            check_config(config)

@@ -33,6 +33,8 @@ class ServerConfig:
     insecure: serve on an address other than loopback without all of those.
     ray_address: Ray Jobs' address (http://HOST:8265) for multi_worker jobs;
         None refuses them. ray_token_file: the token of Ray's token auth mode.
+    mlflow_tracking_uri: an MLflow tracking server (http://HOST:PORT) that gets one
+        run per job (service.jobs.tracking); None tracks nothing.
     """
 
     bind_address: str = "127.0.0.1"
@@ -64,6 +66,7 @@ class ServerConfig:
     max_streams: int = 512
     ray_address: str | None = None
     ray_token_file: Path | None = None
+    mlflow_tracking_uri: str | None = None
 
 
 def is_loopback(address: str) -> bool:
@@ -113,8 +116,8 @@ def check_config(config: ServerConfig) -> None:
     the instant between this check and the bind still fails, with that line.)
 
     Raises:
-        ValueError: a port out of range, or a data directory that is missing
-            or not a directory.
+        ValueError: a port out of range, a data directory that is missing or
+            not a directory, or an address (Ray's, MLflow's) that is no URL.
         RuntimeError: a port in use, or an address this host cannot bind.
     """
     ports = {"port": config.port}
@@ -128,6 +131,13 @@ def check_config(config: ServerConfig) -> None:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(
                 f"ray address must be http://HOST:PORT (Ray Jobs), got {config.ray_address!r}"
+            )
+    if config.mlflow_tracking_uri is not None:
+        parsed = urllib.parse.urlsplit(config.mlflow_tracking_uri)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(
+                "mlflow tracking uri must be http://HOST:PORT (a tracking server), "
+                f"got {config.mlflow_tracking_uri!r}"
             )
     if config.ray_token_file is not None and not config.ray_token_file.is_file():
         raise ValueError(f"ray token file {config.ray_token_file} is not a file")

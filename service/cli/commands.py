@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -300,8 +301,6 @@ SERVER_MODULES = ("tensorflow", "prometheus_client", "grpc_reflection")
 
 def missing_server_modules() -> list[str]:
     """The server extra's modules that are not installed (found, not imported: TF is slow)."""
-    from importlib.util import find_spec
-
     return [name for name in SERVER_MODULES if find_spec(name) is None]
 
 
@@ -311,6 +310,11 @@ def cmd_serve(args) -> int:
         raise CliError(
             f"ntrain serve needs the server extra ({', '.join(missing)} not installed): "
             "pip install 'ntrain[server]' (or 'ntrain[gpu]' for CUDA)"
+        )
+    if args.mlflow_tracking_uri and find_spec("mlflow") is None:
+        raise CliError(
+            "--mlflow-tracking-uri needs the MLflow client (the mlflow extra): "
+            "pip install 'ntrain[mlflow]'"
         )
     from service.api.server import ServerConfig, exposure_problem, serve
 
@@ -348,6 +352,7 @@ def cmd_serve(args) -> int:
         "insecure": args.insecure or None,
         "ray_address": args.ray_address,
         "ray_token_file": Path(args.ray_token_file) if args.ray_token_file else None,
+        "mlflow_tracking_uri": args.mlflow_tracking_uri,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})
     if args.no_metrics:

@@ -173,6 +173,13 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         default=None,
         help="the token of Ray's token authentication mode",
     )
+    serve.add_argument(
+        "--mlflow-tracking-uri",
+        metavar="URL",
+        default=None,
+        help="log one MLflow run per job to this tracking server, http://HOST:5000 (the "
+        "mlflow extra); a job's label mlflow=off opts it out",
+    )
     security = serve.add_argument_group(
         "security",
         "SIGHUP re-reads every file below without stopping a job. An address other than "
