@@ -1057,3 +1057,42 @@ def test_a_job_that_cannot_be_started_fails_and_the_submission_still_answers(loo
     assert job.state is FAILED
     assert job.failure_reason.startswith("the server could not start the job: ")
     assert loop.controller.snapshot.running == {}
+
+
+# -- tracking ----------------------------------------------------------------------------------
+
+
+class FakeTracker:
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+
+    def job_started(self, record):
+        self.calls.append(("started", record.state))
+
+    def epoch_end(self, job_id, epoch):
+        self.calls.append(("epoch", epoch.epoch))
+
+    def job_ended(self, record, model_dir):
+        self.calls.append(("ended", record.state))
+
+
+def test_the_tracker_sees_one_start_per_run_each_epoch_and_one_end(tmp_path):
+    from service.jobs.tracking import TrackingObserver
+
+    tracker = FakeTracker()
+    loop = Harness(tmp_path)
+    loop.controller._observers = (TrackingObserver(tracker, lambda job_id: None),)
+    job = loop.submit()
+    loop.running(job.job_id, epoch_end(1))
+    loop.runner(job.job_id).end(RunEnd.WORKER_DIED, "killed")
+    loop.settle()
+    loop.running(job.job_id, epoch_end(2), RESULT)
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert tracker.calls == [
+        ("started", STARTING),
+        ("epoch", 1),
+        ("started", STARTING),
+        ("epoch", 2),
+        ("ended", SUCCEEDED),
+    ]

@@ -29,7 +29,7 @@ from naive_model.config import LayerSpec, TrainConfig
 from naive_model.results import EpochEnd, Progress, TrainingResult
 from service.jobs.store import JobRecord
 from service.jobs.tracking import RUN_ID_FILE, MlflowTracker, flatten
-from service.protocol import JobSpec
+from service.protocol import JobSpec, JobState
 
 if importlib.util.find_spec("mlflow") is None:  # the mlflow extra; the dev extra has it
     if IN_CI:
@@ -132,7 +132,7 @@ def _record(**changes) -> JobRecord:
         job_id=f"job-{uuid.uuid4().hex[:12]}",
         request_id="request-1",
         spec=spec,
-        state="RUNNING",
+        state=JobState.RUNNING,
         create_time=time.time(),
         strategy="cpu",
         owner="alice",
@@ -151,7 +151,7 @@ def _epoch(epoch: int, *, evaluated: bool = True) -> EpochEnd:
     )
 
 
-def _ended(record: JobRecord, state: str, **changes) -> JobRecord:
+def _ended(record: JobRecord, state: JobState, **changes) -> JobRecord:
     progress = Progress(
         epoch=2, epochs=2, step=20, steps_per_epoch=10, step_in_epoch=10,
         loss=0.5, accuracy=0.7, examples_per_second=1000.0, examples=640,
@@ -189,7 +189,7 @@ def test_a_job_is_one_run_with_its_spec_tags_epochs_status_and_model(tracking_se
         train_loss=0.5, train_accuracy=0.7, test_loss=0.6, test_accuracy=0.65, steps=20,
         train_seconds=4.0, examples_per_second=1000.0, has_model=True,
     )  # fmt: skip
-    tracker.job_ended(_ended(record, "SUCCEEDED", result=result), model)
+    tracker.job_ended(_ended(record, JobState.SUCCEEDED, result=result), model)
     assert tracker.close(60)
     assert failures.calls == []
 
@@ -246,7 +246,7 @@ def test_a_resumed_job_continues_its_run_after_a_server_restart(
     second = MlflowTracker(tracking_server, on_failure=failures, job_dir=lambda _: job_dir)
     second.job_started(record)
     second.epoch_end(record.job_id, _epoch(2))
-    second.job_ended(_ended(record, "CANCELED"), None)  # no model: nothing to upload
+    second.job_ended(_ended(record, JobState.CANCELED), None)  # no model: nothing to upload
     assert second.close(60)
     assert failures.calls == []
 
@@ -263,7 +263,7 @@ def test_a_failed_job_is_a_failed_run_with_its_reason(tracking_server, tmp_path)
     tracker = MlflowTracker(tracking_server, on_failure=failures, job_dir=lambda j: tmp_path / j)
     record = _record()
     tracker.job_started(record)
-    tracker.job_ended(_ended(record, "FAILED", failure_reason="the loss diverged"), None)
+    tracker.job_ended(_ended(record, JobState.FAILED, failure_reason="the loss diverged"), None)
     assert tracker.close(60)
     assert failures.calls == []
     (run,) = _runs_of(mlflow_tracking.MlflowClient(tracking_server), record.job_id)
@@ -278,7 +278,7 @@ def test_a_job_labelled_mlflow_off_has_no_run(tracking_server, tmp_path):
     record = _record(spec=dataclasses.replace(_record().spec, labels=(("mlflow", "off"),)))
     tracker.job_started(record)
     tracker.epoch_end(record.job_id, _epoch(1))
-    tracker.job_ended(_ended(record, "SUCCEEDED"), None)
+    tracker.job_ended(_ended(record, JobState.SUCCEEDED), None)
     assert tracker.close(60)
     assert failures.calls == []
     assert _runs_of(mlflow_tracking.MlflowClient(tracking_server), record.job_id) == []
@@ -291,7 +291,7 @@ def test_a_job_that_never_started_has_no_run_and_no_failure(tracking_server, tmp
     failures = Failures()
     tracker = MlflowTracker(tracking_server, on_failure=failures, job_dir=lambda j: tmp_path / j)
     record = _record()
-    tracker.job_ended(dataclasses.replace(record, state="CANCELED"), None)
+    tracker.job_ended(dataclasses.replace(record, state=JobState.CANCELED), None)
     tracker.epoch_end(record.job_id, _epoch(1))  # an epoch without a start is a mistake
     assert tracker.close(60)
     assert _runs_of(mlflow_tracking.MlflowClient(tracking_server), record.job_id) == []
@@ -309,7 +309,7 @@ def test_a_down_tracking_server_is_reported_and_never_blocks(tmp_path):
     began = time.monotonic()
     tracker.job_started(record)
     tracker.epoch_end(record.job_id, _epoch(1))
-    tracker.job_ended(_ended(record, "SUCCEEDED"), None)
+    tracker.job_ended(_ended(record, JobState.SUCCEEDED), None)
     assert time.monotonic() - began < 0.5  # the job's side: three calls, no request
     assert tracker.close(60), "connection refused must fail fast, retries included"
     assert time.monotonic() - began < 60
@@ -347,3 +347,40 @@ def test_a_tracking_server_that_never_answers_costs_a_job_nothing(tmp_path, monk
         began = time.monotonic()
         tracker.close(timeout=1)
         assert time.monotonic() - began < 3  # gives up on what is left
+
+
+@pytest.mark.slow
+def test_a_servers_job_is_one_mlflow_run_across_a_restart(tracking_server, tmp_path):
+    """`ntrain serve --mlflow-tracking-uri`: a job restarted after its worker died keeps its run."""
+    from ntrain.v1 import training_pb2 as pb
+    from service_harness import RunningServer, child_worker_pids, job_spec
+
+    server = RunningServer(tmp_path / "state", mlflow_tracking_uri=tracking_server)
+    try:
+        spec = job_spec(epochs=3, steps_per_execution=4, name="tracked", labels={"team": "x"})
+        job = server.submit(spec)
+        deadline = time.monotonic() + 300
+        while server.stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).progress.epoch < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for pid in child_worker_pids():  # its worker dies: one restart from its checkpoint
+            os.kill(pid, signal.SIGKILL)
+        done = server.wait_for(job.job_id)
+        assert done.state == pb.JOB_STATE_SUCCEEDED and done.restarts == 1
+    finally:
+        server.stop()  # closes the tracker: what it queued is sent
+
+    client = mlflow_tracking.MlflowClient(tracking_uri=tracking_server)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`ntrain.job_id` = '{job.job_id}'",
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ntrain.label.team"] == "x"
+    assert run.data.params["train.epochs"] == "3"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted({point.step for point in history}) == [1, 2, 3]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(done.result.test_accuracy)
+    artifacts = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "model")]
+    assert "model/saved_model.pb" in artifacts

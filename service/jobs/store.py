@@ -191,6 +191,11 @@ class Store:
     def job_files(self, job_id: str) -> JobFiles:
         return JobFiles(self.job_dir(job_id))
 
+    def exported_model(self, job_id: str) -> Path | None:
+        """The job's SavedModel folder once it was exported, else None."""
+        files = self.job_files(job_id)
+        return files.model if files.has_model() else None
+
     # -- writes ---------------------------------------------------------------
 
     def create_job(self, record: JobRecord, time: float) -> Event:

@@ -1,8 +1,9 @@
 """MLflow tracking of jobs: one run per job, logged off the job's path.
 
 The server calls `MlflowTracker` with the typed objects it already has, as a
-job's life goes on: `job_started` (again after a restart: the job continues
-its run), `epoch_end` for each epoch, `job_ended` once. Each call puts an event
+job's life goes on (`TrackingObserver` does, from the control loop's events):
+`job_started` (again after a restart: the job continues its run), `epoch_end`
+for each epoch, `job_ended` once. Each call puts an event
 on a bounded queue and returns; one background thread sends the events to the
 tracking server with the MLflow client. A tracking server that is down, slow or
 refusing never fails or slows a job: each failed or dropped event is reported
@@ -31,9 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from naive_model.results import EpochEnd
+from service.protocol import JobState, StateChange
 
 if TYPE_CHECKING:
-    from service.jobs.store import JobRecord
+    from service.jobs.store import Event, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,11 @@ OPT_OUT_LABEL = ("mlflow", "off")
 RUN_ID_FILE = "mlflow_run_id"
 JOB_ID_TAG = "ntrain.job_id"
 # The run's status for each end of a job.
-RUN_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}
+RUN_STATUS = {
+    JobState.SUCCEEDED: "FINISHED",
+    JobState.FAILED: "FAILED",
+    JobState.CANCELED: "KILLED",
+}
 # The MLflow client retries a failed request up to 7 times with exponential
 # backoff and waits 120 s for an answer: minutes per event with the server
 # down. One retry and a short timeout keep the queue moving; the environment
@@ -415,3 +421,35 @@ def describe(event: _Event) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class TrackingObserver:
+    """Tells a tracker of each job's life from the control loop's stored events.
+
+    A job starts (again) when it is handed to a runner (STARTING), or at its
+    first event in this server when a restarted server follows its Ray job
+    again; each EpochEnd is an epoch; a final state ends it. A job put back in
+    the queue (a restart, a preemption) keeps its run open.
+    """
+
+    def __init__(self, tracker: MlflowTracker, model_dir: Callable[[str], Path | None]):
+        self.tracker = tracker
+        self._model_dir = model_dir
+        self._started: set[str] = set()  # jobs started in this server (the loop's thread only)
+
+    def job_event(self, record: JobRecord, event: Event) -> None:
+        payload = event.payload
+        if record.finished:
+            if isinstance(payload, StateChange):
+                self._started.discard(record.job_id)
+                self.tracker.job_ended(record, self._model_dir(record.job_id))
+            return
+        starting = isinstance(payload, StateChange) and payload.state is JobState.STARTING
+        if starting or (
+            record.job_id not in self._started and not isinstance(payload, StateChange)
+        ):
+            self._started.add(record.job_id)
+            self.tracker.job_started(record)
+        if isinstance(payload, EpochEnd):
+            self.tracker.epoch_end(record.job_id, payload)
+
