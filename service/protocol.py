@@ -164,6 +164,7 @@ class ModelFilePart:
     path: str
     data: bytes
     offset: int
+    sha256: str = ""  # on a file's last piece: the whole file's SHA-256, in hex
 
 
 # -- tasks: what the server asks of a worker ----------------------------------------

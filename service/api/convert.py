@@ -302,7 +302,7 @@ def log_lines_to_proto(lines: LogLines) -> pb.LogChunk:
 
 
 def model_part_to_proto(part: ModelFilePart) -> pb.ModelChunk:
-    return pb.ModelChunk(path=part.path, data=part.data, offset=part.offset)
+    return pb.ModelChunk(path=part.path, data=part.data, offset=part.offset, sha256=part.sha256)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -76,8 +76,10 @@ def follow_job(
     try:
         events = client.watch(
             job.job_id,
-            on_reconnect=lambda last: renderer.line(
-                f"connection lost; reconnecting from event {last}"
+            on_reconnect=lambda last: print(
+                f"ntrain: connection lost; reconnecting from event {last}",
+                file=sys.stderr,
+                flush=True,
             ),
         )
         for event in events:
@@ -159,7 +161,16 @@ def cmd_describe(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    for line in args.client.logs(args.job_id, follow=args.follow):
+    lines = args.client.logs(
+        args.job_id,
+        follow=args.follow,
+        on_reconnect=lambda offset: print(
+            f"ntrain logs: connection lost; reconnecting at byte {offset}",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
+    for line in lines:
         print(line, flush=args.follow)
     return EXIT_OK
 
