@@ -1096,3 +1096,11 @@ def test_the_tracker_sees_one_start_per_run_each_epoch_and_one_end(tmp_path):
         ("epoch", 2),
         ("ended", SUCCEEDED),
     ]
+
+
+def test_a_multi_worker_job_is_never_a_victim(loop):
+    remote = loop.submit(spec("multi_worker", hosts=2, priority=LOW))
+    local = loop.submit(spec(priority=LOW))
+    loop.submit(spec(priority=HIGH))
+    assert loop.runner(remote.job_id).stop_requests == 0  # it holds nothing of this host
+    assert loop.runner(local.job_id).stop_requests == 1
