@@ -443,7 +443,11 @@ def test_serve_reloads_certificates_on_sighup_under_a_running_job_and_logs_no_to
                 process.kill()
                 process.wait()
     log = log_path.read_text()
-    assert "refused /ntrain.v1.TrainingService/SubmitJob" in log  # the attempts are there
+    # The first refusal of the peer, with the method and the reason (not the token).
+    assert (
+        "refused a call from 127.0.0.1: /ntrain.v1.TrainingService/SubmitJob: "
+        "the bearer token is not valid on this server" in log
+    )
     for secret in (*pki.token.values(), wrong_token, pki.metrics_password):
         assert secret not in log and secret not in metrics
     worker_logs = "".join(p.read_text(errors="replace") for p in state.rglob("*.log"))

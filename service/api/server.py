@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
-from service.api.auth import AuthInterceptor, PasswordTable, TokenTable
+from service.api.auth import AuthInterceptor, PasswordTable, PeerFailures, TokenTable
 from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.server_config import (  # noqa: F401 - ServerConfig is this module's API too
     ServerConfig,
@@ -77,6 +77,8 @@ class TrainingServer:
         self._metrics_ssl: ReloadableSslContext | None = None
         self._tokens: TokenTable | None = None
         self._passwords: PasswordTable | None = None
+        self._token_failures = PeerFailures("call")
+        self._metrics_failures = PeerFailures("metrics login")
 
     def start(self) -> None:
         """Open the state, find the devices, and start serving on the configured ports.
@@ -157,7 +159,7 @@ class TrainingServer:
             interceptors=[
                 MetricsServerInterceptor(self.metrics.registry),
                 ExceptionToStatusInterceptor(),
-                AuthInterceptor(lambda: self._tokens),
+                AuthInterceptor(lambda: self._tokens, self._token_failures),
             ],
             # A second server on a taken port must fail, not share it silently.
             options=[("grpc.so_reuseport", 0)],
@@ -211,8 +213,14 @@ class TrainingServer:
             principals,
         )
 
-    def _check_metrics_password(self, name: str, password: str) -> bool:
-        return self._passwords is not None and self._passwords.check(name, password)
+    def _check_metrics_password(self, name: str, password: str, peer: str) -> bool:
+        passwords = self._passwords
+        if passwords is not None and passwords.check(name, password):
+            return True
+        # A user name from the file may be logged; anything else might be a password.
+        who = f"user {name}" if passwords is not None and name in passwords else "an unknown user"
+        self._metrics_failures.failed(peer, f"wrong password for {who}")
+        return False
 
     def reload(self) -> list[str]:
         """Re-read the certificates, the token file and the metrics password file.

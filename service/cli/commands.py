@@ -265,7 +265,7 @@ def cmd_health(args) -> int:
 
 
 def cmd_token_new(args) -> int:
-    from service.api.auth import TokenTable, hash_secret, is_valid_name, new_token
+    from service.api.auth import TokenTable, is_valid_name, new_token, token_hash
 
     if not is_valid_name(args.name):
         raise CliError("a name is letters, digits and ._@- (64 at most)", EXIT_USAGE)
@@ -278,7 +278,7 @@ def cmd_token_new(args) -> int:
         # 0600 when new: the hashes are not the tokens, but nobody else needs them.
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(descriptor, "a") as tokens:
-            tokens.write(f"{args.name} {args.role} {hash_secret(token)}\n")
+            tokens.write(f"{args.name} {args.role} {token_hash(token)}\n")
     except (OSError, ValueError) as error:
         raise CliError(f"cannot add {args.name} to {path}: {error}") from None
     print(token)
@@ -290,7 +290,7 @@ def cmd_token_hash(args) -> int:
 
     secret = sys.stdin.readline().strip()
     if not secret:
-        raise CliError("no token or password on standard input", EXIT_USAGE)
+        raise CliError("no password on standard input", EXIT_USAGE)
     print(hash_secret(secret))
     return EXIT_OK
 
