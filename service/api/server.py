@@ -39,6 +39,7 @@ from service.api.server_config import (  # noqa: F401 - ServerConfig is this mod
 )
 from service.api.servicer import TrainingServicer
 from service.api.status_codes import ExceptionToStatusInterceptor
+from service.api.streams import StreamSlots
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
 from service.devices import DeviceInventory, cpu_description, probe_devices
 from service.jobs.lock import StateDirLock
@@ -79,6 +80,7 @@ class TrainingServer:
         self._passwords: PasswordTable | None = None
         self._token_failures = PeerFailures("call")
         self._metrics_failures = PeerFailures("metrics login")
+        self.streams: StreamSlots | None = None
 
     def start(self) -> None:
         """Open the state, find the devices, and start serving on the configured ports.
@@ -164,8 +166,13 @@ class TrainingServer:
             # A second server on a taken port must fail, not share it silently.
             options=[("grpc.so_reuseport", 0)],
         )
+        self.streams = StreamSlots(
+            config.max_streams,
+            config.max_streams_per_principal,
+            send_timeout=config.stream_send_timeout_seconds,
+        )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(self.manager, max_streams=config.max_streams), server
+            TrainingServicer(self.manager, streams=self.streams), server
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -188,6 +195,7 @@ class TrainingServer:
         self.manager.start()
         server.start()
         self._server = server
+        self.streams.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port is not None:
@@ -274,6 +282,8 @@ class TrainingServer:
             self.manager.shutdown(self.config.shutdown_grace_seconds)
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.streams is not None:
+            self.streams.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self._store is not None:

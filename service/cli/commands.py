@@ -343,6 +343,8 @@ def cmd_serve(args) -> int:
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,
         "max_streams": args.max_streams,
+        "max_streams_per_principal": args.max_streams_per_principal,
+        "stream_send_timeout_seconds": args.stream_send_timeout,
         "shutdown_grace_seconds": args.shutdown_grace,
         "tls": tls,
         "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,
