@@ -192,10 +192,11 @@ def _health_latencies_for(server: Server, seconds: float) -> list[float]:
 
 def flood(server: Server, clients: int, seconds: float) -> dict:
     def attack() -> dict:
-        counts: multiprocessing.Queue = multiprocessing.Queue()
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process using gRPC
+        counts = spawn.Queue()
         tokens = [server.wrong_token(i) for i in range(64)]
         workers = [
-            multiprocessing.Process(
+            spawn.Process(
                 target=_flood_client, args=(server.address, tokens, seconds, counts)
             )
             for _ in range(clients)
