@@ -40,7 +40,7 @@ from service.api.server_config import (  # noqa: F401 - ServerConfig is this mod
 from service.api.servicer import TrainingServicer
 from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.streams import StreamSlots
-from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
+from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
 from service.devices import DeviceInventory, cpu_description, probe_devices
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
@@ -238,23 +238,35 @@ class TrainingServer:
         that could not be read (and was kept as it was).
         """
         config, problems = self.config, []
-        steps: list[tuple[str, Callable[[], None]]] = []
+        # (what, re-read it, its TLS files): a certificate that is expired, not yet
+        # valid or not its key's is refused (TlsFiles.ssl_context), since every new
+        # handshake would fail with it.
+        steps: list[tuple[str, Callable[[], None], TlsFiles | None]] = []
         if self._credentials is not None:
-            steps.append(("TLS certificate", self._credentials.reload))
+            credentials = self._credentials
+            steps.append(("TLS certificate", credentials.reload, credentials.files))
         if self._metrics_ssl is not None:
-            steps.append(("metrics TLS certificate", self._metrics_ssl.reload))
+            metrics_ssl = self._metrics_ssl
+            steps.append(("metrics TLS certificate", metrics_ssl.reload, metrics_ssl.files))
         if config.auth_tokens is not None:
             path = config.auth_tokens
-            steps.append(("tokens", lambda: setattr(self, "_tokens", TokenTable.load(path))))
+            steps.append(("tokens", lambda: setattr(self, "_tokens", TokenTable.load(path)), None))
         if config.metrics_basic_auth is not None:
             users = config.metrics_basic_auth
             steps.append(
-                ("metrics users", lambda: setattr(self, "_passwords", PasswordTable.load(users)))
+                (
+                    "metrics users",
+                    lambda: setattr(self, "_passwords", PasswordTable.load(users)),
+                    None,
+                )
             )
-        for what, step in steps:
+        for what, step, files in steps:
             try:
                 step()
-                log.info("reloaded the %s", what)
+                until = files.valid_until() if files is not None else None
+                log.info(
+                    "reloaded the %s%s", what, f" (valid until {until:%Y-%m-%d})" * bool(until)
+                )
             except ValueError as error:
                 problems.append(f"kept the old {what}: {error}")
                 log.error("kept the old %s: %s", what, error)
