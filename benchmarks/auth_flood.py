@@ -196,9 +196,7 @@ def flood(server: Server, clients: int, seconds: float) -> dict:
         counts = spawn.Queue()
         tokens = [server.wrong_token(i) for i in range(64)]
         workers = [
-            spawn.Process(
-                target=_flood_client, args=(server.address, tokens, seconds, counts)
-            )
+            spawn.Process(target=_flood_client, args=(server.address, tokens, seconds, counts))
             for _ in range(clients)
         ]
         for worker in workers:
