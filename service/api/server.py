@@ -264,9 +264,8 @@ class TrainingServer:
             try:
                 step()
                 until = files.valid_until() if files is not None else None
-                log.info(
-                    "reloaded the %s%s", what, f" (valid until {until:%Y-%m-%d})" * bool(until)
-                )
+                valid = "" if until is None else f" (valid until {until:%Y-%m-%d})"
+                log.info("reloaded the %s%s", what, valid)
             except ValueError as error:
                 problems.append(f"kept the old {what}: {error}")
                 log.error("kept the old %s: %s", what, error)
