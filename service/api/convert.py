@@ -210,9 +210,16 @@ def job_state_to_proto(state: JobState) -> pb.JobState:
     return cast(pb.JobState, pb.JobState.Value(f"JOB_STATE_{state.name}"))
 
 
+def reason_line(reason: str) -> str:
+    """A reason as clients show it: one line (a worker traceback may have many)."""
+    return " ".join(reason.split())
+
+
 def state_change_to_proto(change: StateChange, time: float) -> pb.StateTransition:
     return pb.StateTransition(
-        state=job_state_to_proto(change.state), time=timestamp(time), reason=change.reason
+        state=job_state_to_proto(change.state),
+        time=timestamp(time),
+        reason=reason_line(change.reason),
     )
 
 
@@ -281,7 +288,7 @@ def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb
             for t in record.transitions
         ],
         create_time=timestamp(record.create_time),
-        failure_reason=record.failure_reason,
+        failure_reason=reason_line(record.failure_reason),
         devices=list(record.devices),
         strategy=record.strategy,
         restarts=record.restarts,

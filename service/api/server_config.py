@@ -31,6 +31,10 @@ class ServerConfig:
         (None: every caller is the anonymous local admin).
     metrics_tls, metrics_basic_auth: the same for the metrics endpoint.
     insecure: serve on an address other than loopback without all of those.
+    max_streams, max_streams_per_principal: WatchJob, GetJobLogs and DownloadModel
+        streams open at once, and of one principal (service.api.streams).
+    stream_send_timeout_seconds: a stream whose client has not taken a message
+        for this long is dropped.
     ray_address: Ray Jobs' address (http://HOST:8265) for multi_worker jobs;
         None refuses them. ray_token_file: the token of Ray's token auth mode.
     mlflow_tracking_uri: an MLflow tracking server (http://HOST:PORT) that gets one
@@ -64,6 +68,8 @@ class ServerConfig:
     checkpoint_seconds: float = 300.0
     shutdown_grace_seconds: float = 30.0
     max_streams: int = 512
+    max_streams_per_principal: int = 128  # at most max_streams
+    stream_send_timeout_seconds: float = 30.0
     ray_address: str | None = None
     ray_token_file: Path | None = None
     mlflow_tracking_uri: str | None = None
@@ -126,6 +132,12 @@ def check_config(config: ServerConfig) -> None:
     for name, port in ports.items():
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be in 0..65535, got {port}")
+    for name in ("max_streams", "max_streams_per_principal"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    timeout = config.stream_send_timeout_seconds
+    if not timeout > 0:
+        raise ValueError(f"stream_send_timeout_seconds must be positive, got {timeout}")
     if config.ray_address is not None:
         parsed = urllib.parse.urlsplit(config.ray_address)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:

@@ -8,8 +8,6 @@ caller before the handler runs, and the handler passes its principal on.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -19,22 +17,22 @@ from ntrain.v1 import training_pb2_grpc
 
 from service.api import convert
 from service.api.auth import principal_of
+from service.api.streams import StreamSlots
 from service.jobs import validation
 from service.jobs.datasets import check_dataset_name
-from service.jobs.errors import ResourceExhausted
 from service.jobs.manager import JobManager
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Args:
-    max_streams: WatchJob, GetJobLogs and DownloadModel streams open at once;
-        past it, RESOURCE_EXHAUSTED.
+    streams: the slots of WatchJob, GetJobLogs and DownloadModel streams (past
+        a principal's share or the server's total, RESOURCE_EXHAUSTED), which
+        also note how long each stream's client keeps a message waiting.
     """
 
-    def __init__(self, manager: JobManager, *, max_streams: int = 512):
+    def __init__(self, manager: JobManager, *, streams: StreamSlots):
         self.manager = manager
-        self.max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams)
+        self.streams = streams
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_request_id(request.request_id)
@@ -75,9 +73,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         events = self.manager.watch(
             request.job_id, request.after_sequence, is_active=context.is_active
         )
-        with self._stream_slot("WatchJob"):
-            for event in events:
-                yield convert.event_to_proto(event)
+        with self.streams.slot("WatchJob", principal_of(context), context) as stream:
+            yield from self.streams.send(stream, map(convert.event_to_proto, events))
 
     def GetJobLogs(
         self, request: pb.GetJobLogsRequest, context: grpc.ServicerContext
@@ -86,33 +83,19 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         pieces = self.manager.logs(
             request.job_id, request.offset, follow=request.follow, is_active=context.is_active
         )
-        with self._stream_slot("GetJobLogs"):
-            for lines in pieces:
-                yield convert.log_lines_to_proto(lines)
+        with self.streams.slot("GetJobLogs", principal_of(context), context) as stream:
+            yield from self.streams.send(stream, map(convert.log_lines_to_proto, pieces))
 
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelChunk]:
         validation.check_job_id(request.job_id)
         parts = self.manager.model_files(request.job_id, principal=principal_of(context))
-        with self._stream_slot("DownloadModel"):
-            for part in parts:
+        with self.streams.slot("DownloadModel", principal_of(context), context) as stream:
+            for chunk in self.streams.send(stream, map(convert.model_part_to_proto, parts)):
                 if not context.is_active():
                     return  # the client went away: read no more of the model
-                yield convert.model_part_to_proto(part)
-
-    @contextlib.contextmanager
-    def _stream_slot(self, method: str) -> Iterator[None]:
-        """One of the server's `max_streams` slots, held while a stream is open."""
-        if not self._streams.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"{method}: {self.max_streams} streams are open (WatchJob, GetJobLogs and "
-                "DownloadModel together), the server's limit; retry later"
-            )
-        try:
-            yield
-        finally:
-            self._streams.release()
+                yield chunk
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_job_id(request.job_id)

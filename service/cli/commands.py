@@ -276,7 +276,7 @@ def cmd_health(args) -> int:
 
 
 def cmd_token_new(args) -> int:
-    from service.api.auth import TokenTable, hash_secret, is_valid_name, new_token
+    from service.api.auth import TokenTable, is_valid_name, new_token, token_hash
 
     if not is_valid_name(args.name):
         raise CliError("a name is letters, digits and ._@- (64 at most)", EXIT_USAGE)
@@ -289,7 +289,7 @@ def cmd_token_new(args) -> int:
         # 0600 when new: the hashes are not the tokens, but nobody else needs them.
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(descriptor, "a") as tokens:
-            tokens.write(f"{args.name} {args.role} {hash_secret(token)}\n")
+            tokens.write(f"{args.name} {args.role} {token_hash(token)}\n")
     except (OSError, ValueError) as error:
         raise CliError(f"cannot add {args.name} to {path}: {error}") from None
     print(token)
@@ -301,7 +301,7 @@ def cmd_token_hash(args) -> int:
 
     secret = sys.stdin.readline().strip()
     if not secret:
-        raise CliError("no token or password on standard input", EXIT_USAGE)
+        raise CliError("no password on standard input", EXIT_USAGE)
     print(hash_secret(secret))
     return EXIT_OK
 
@@ -354,6 +354,8 @@ def cmd_serve(args) -> int:
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,
         "max_streams": args.max_streams,
+        "max_streams_per_principal": args.max_streams_per_principal,
+        "stream_send_timeout_seconds": args.stream_send_timeout,
         "shutdown_grace_seconds": args.shutdown_grace,
         "tls": tls,
         "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(subcommands)
 
     token = subcommands.add_parser(
-        "token", help="make bearer tokens and the hashes the server keeps of them"
+        "token", help="make bearer tokens, and the hashes of metrics passwords"
     )
     token_commands = token.add_subparsers(
         dest="token_command", metavar="ACTION", parser_class=_OneLineParser
@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     new_token.set_defaults(run=commands.cmd_token_new)
     hash_token = token_commands.add_parser(
         "hash",
-        help="print the hash of a token or password read from standard input",
-        description="For a token you made yourself (NAME ROLE HASH in --auth-tokens) or a "
-        "metrics password (NAME HASH in --metrics-basic-auth).",
+        help="print the scrypt hash of a metrics password read from standard input",
+        description="For NAME HASH lines of --metrics-basic-auth. Bearer tokens come from "
+        "ntrain token new only: the server checks them by a fast hash, safe for their 256 "
+        "random bits and not for a token chosen by hand.",
     )
     hash_token.set_defaults(run=commands.cmd_token_hash)
 

@@ -135,6 +135,22 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "of its own (default 512)",
     )
     serve.add_argument(
+        "--max-streams-per-principal",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="of those, the streams one principal may hold, so that none locks the others "
+        "out (default 128, at most --max-streams; without --auth-tokens every caller is one)",
+    )
+    serve.add_argument(
+        "--stream-send-timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=None,
+        help="drop a stream whose client has taken no message for this long: a reader that "
+        "stopped reading holds a thread and a slot until then (default 30)",
+    )
+    serve.add_argument(
         "--checkpoint-seconds",
         metavar="SECONDS",
         type=positive_seconds,
