@@ -33,8 +33,8 @@ from service.api.server import ServerConfig, exposure_problem, is_loopback
 from service.api.tls import TlsFiles
 from service.cli import exit_status as cli_errors
 from service.cli.app import main as cli_main
-from service.jobs.access import Principal
-from service.jobs.errors import Unauthenticated
+from service.jobs.access import Principal, authorize_priority
+from service.jobs.errors import PermissionDenied, Unauthenticated
 
 
 def run_cli(*argv: str, stdin: str = ""):
@@ -262,6 +262,33 @@ def test_token_new_appends_a_principal_and_prints_its_token_once(tmp_path):
     assert status == 1 and "alice is already in" in err
     status, _, err = run_cli("token", "new", "a b", "--role", "admin", "--auth-tokens", str(path))
     assert status == 2
+
+
+def test_a_token_may_carry_the_highest_priority_its_jobs_may_have(tmp_path):
+    path = tmp_path / "tokens"
+    _, urgent, _ = run_cli(
+        "token", "new", "ops", "--role", "trainer", "--max-priority", "500",
+        "--auth-tokens", str(path),
+    )  # fmt: skip
+    _, modest, _ = run_cli(
+        "token", "new", "intern", "--role", "trainer", "--max-priority", "low",
+        "--auth-tokens", str(path),
+    )  # fmt: skip
+    _, plain, _ = run_cli("token", "new", "dev", "--role", "trainer", "--auth-tokens", str(path))
+    table = TokenTable.load(path)
+    ops, intern, dev = (table.authenticate(t.strip()) for t in (urgent, modest, plain))
+    assert (ops.max_priority, intern.max_priority, dev.max_priority) == (500, -100, None)
+    authorize_priority(ops, 500)
+    authorize_priority(dev, 100)  # high, the default maximum
+    with pytest.raises(PermissionDenied, match="priority up to -100, got 0"):
+        authorize_priority(intern, 0)
+    with pytest.raises(PermissionDenied, match="priority up to 100, got 101"):
+        authorize_priority(dev, 101)
+    authorize_priority(Principal(name="root", role="admin"), 1000)
+    name, role, digest = path.read_text().splitlines()[2].split()
+    path.write_text(f"{name} {role} {digest} colour=blue\n")
+    with pytest.raises(ValueError, match=r"tokens:1: after the hash only max-priority=N"):
+        TokenTable.load(path)
 
 
 def test_token_hash_reads_standard_input():

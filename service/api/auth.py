@@ -52,6 +52,7 @@ from ntrain.v1 import training_pb2
 
 from service.jobs.access import LOCAL, NAME_PATTERN, ROLES, Action, Principal, authorize
 from service.jobs.errors import PermissionDenied, Unauthenticated
+from service.protocol import PRIORITY_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,13 @@ def _token_key(text: str) -> tuple[str, bytes]:
     return token_id, digest
 
 
-def _entries(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of each entry; ValueError naming the line, never its text."""
+def _entries(
+    path: Path, fields: Sequence[str], optional: int = 0
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each entry; ValueError naming the line, never its text.
+
+    Up to `optional` more fields may follow the required ones.
+    """
     try:
         text = path.read_text()
     except OSError as error:
@@ -198,7 +204,7 @@ def _entries(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, list[str]
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         values = line.split()
-        if len(values) != len(fields):
+        if not len(fields) <= len(values) <= len(fields) + optional:
             raise ValueError(f"{path}:{number}: expected {' '.join(fields)}")
         yield number, values
 
@@ -220,7 +226,10 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
-        """Read `NAME ROLE HASH` lines.
+        """Read `NAME ROLE HASH [max-priority=N]` lines.
+
+        max-priority: the highest priority a trainer may submit at (a number,
+        or low, normal, high); without it, high.
 
         Raises:
             ValueError: the file is unreadable, a line is malformed (file:line), or
@@ -228,7 +237,9 @@ class TokenTable:
         """
         entries: list[tuple[Principal, str]] = []
         names: set[str] = set()
-        for number, (name, role, text) in _entries(path, ("NAME", "ROLE", "HASH")):
+        for number, (name, role, text, *options) in _entries(
+            path, ("NAME", "ROLE", "HASH"), optional=1
+        ):
             where = f"{path}:{number}"
             if not is_valid_name(name):
                 raise ValueError(f"{where}: a name is letters, digits and ._@- (64 at most)")
@@ -246,8 +257,22 @@ class TokenTable:
                 _token_key(text)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
+            max_priority = None
+            for option in options:
+                key, _, value = option.partition("=")
+                try:
+                    if key != "max-priority":
+                        raise ValueError
+                    max_priority = PRIORITY_CLASSES.get(value)
+                    if max_priority is None:
+                        max_priority = int(value)
+                except ValueError:
+                    raise ValueError(
+                        f"{where}: after the hash only max-priority=N (a number, or "
+                        f"{', '.join(PRIORITY_CLASSES)}) may follow"
+                    ) from None
             names.add(name)
-            entries.append((Principal(name=name, role=role), text))
+            entries.append((Principal(name=name, role=role, max_priority=max_priority), text))
         try:
             return cls(entries)
         except ValueError as error:

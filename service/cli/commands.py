@@ -289,7 +289,10 @@ def cmd_token_new(args) -> int:
         # 0600 when new: the hashes are not the tokens, but nobody else needs them.
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(descriptor, "a") as tokens:
-            tokens.write(f"{args.name} {args.role} {token_hash(token)}\n")
+            line = f"{args.name} {args.role} {token_hash(token)}"
+            if args.max_priority is not None:
+                line += f" max-priority={args.max_priority}"
+            tokens.write(line + "\n")
     except (OSError, ValueError) as error:
         raise CliError(f"cannot add {args.name} to {path}: {error}") from None
     print(token)

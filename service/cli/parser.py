@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     new_token.add_argument(
         "--auth-tokens", metavar="FILE", required=True, help="the server's token file"
     )
+    new_token.add_argument(
+        "--max-priority",
+        metavar="CLASS|N",
+        type=priority_value,
+        default=None,
+        help="the highest priority its jobs may have (a trainer's; default high)",
+    )
     new_token.set_defaults(run=commands.cmd_token_new)
     hash_token = token_commands.add_parser(
         "hash",
