@@ -1104,3 +1104,16 @@ def test_a_multi_worker_job_is_never_a_victim(loop):
     loop.submit(spec(priority=HIGH))
     assert loop.runner(remote.job_id).stop_requests == 0  # it holds nothing of this host
     assert loop.runner(local.job_id).stop_requests == 1
+
+
+def test_one_owner_may_fill_only_its_share_of_the_queue(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._max_queue_per_owner = 2
+    loop.submit(owner="alice")  # runs
+    loop.submit(owner="alice")
+    loop.submit(owner="alice")
+    with pytest.raises(ResourceExhausted, match="alice has 2 jobs waiting, its share"):
+        loop.submit(owner="alice")
+    assert loop.submit(owner="bob").state is QUEUED  # the others still get in
+    for _ in range(3):  # a server without authentication has one anonymous owner: no share
+        loop.submit(owner="")

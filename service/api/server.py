@@ -145,6 +145,7 @@ class TrainingServer:
             metrics=self.metrics,
             data_dir=config.data_dir,
             max_queue=config.max_queue,
+            max_queue_per_owner=config.max_queue_per_principal,
             max_cpu_jobs=config.max_cpu_jobs,
             max_model_tasks=config.max_model_tasks,
             model_cache=config.model_cache,

@@ -47,6 +47,7 @@ class ServerConfig:
     state_dir: Path = Path("var")
     data_dir: Path | None = None
     max_queue: int = 64
+    max_queue_per_principal: int = 32  # with authentication: one principal's share of it
     max_cpu_jobs: int = 1
     max_model_tasks: int = DEFAULT_MAX_TASKS
     model_cache: int = DEFAULT_MODEL_CACHE  # models the inference worker keeps loaded

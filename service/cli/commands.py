@@ -344,6 +344,7 @@ def cmd_serve(args) -> int:
         "state_dir": Path(args.state_dir) if args.state_dir else None,
         "data_dir": Path(args.data_dir) if args.data_dir else None,
         "max_queue": args.max_queue,
+        "max_queue_per_principal": args.max_queue_per_principal,
         "max_cpu_jobs": args.max_cpu_jobs,
         "max_model_tasks": args.max_model_tasks,
         "model_cache": args.model_cache,

@@ -43,6 +43,14 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         help="queued jobs before submissions are refused (default 64)",
     )
     serve.add_argument(
+        "--max-queue-per-principal",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="of those, the jobs one principal may have waiting, so that none fills the "
+        "queue for the others (default 32; with --auth-tokens only)",
+    )
+    serve.add_argument(
         "--max-cpu-jobs",
         metavar="N",
         type=positive_int,

@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from service.jobs.errors import AlreadyExists, FailedPrecondition, Unavailable, reason_line
+from service.jobs.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    reason_line,
+)
 from service.jobs.feed import JobFeed
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCEL, OnEnd, OnEvent, RunEnd, Runner, RunOutcome, Stop
@@ -215,6 +221,9 @@ class JobController:
             before its run is this old (no thrash).
         hang_seconds: a local run whose worker sent nothing for this long is killed
             and handled as a worker death (0: never).
+        max_queue_per_owner: jobs one owner may have waiting, so that none fills
+            the queue for the others (0: no share; the anonymous owner of a
+            server without authentication has none).
     """
 
     def __init__(
@@ -232,6 +241,7 @@ class JobController:
         preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
         min_run_seconds: float = MIN_RUN_SECONDS,
         hang_seconds: float = HANG_SECONDS,
+        max_queue_per_owner: int = 0,
     ):
         self.store = store
         self.scheduler = scheduler
@@ -245,6 +255,7 @@ class JobController:
         self._preemption_grace = preemption_grace_seconds
         self._min_run = min_run_seconds
         self._hang = hang_seconds
+        self._max_queue_per_owner = max_queue_per_owner
         # Jobs whose end could not be recorded (the store failed), and why they end.
         self._unsettled: dict[str, str] = {}
         self._settle_again: float | None = None
@@ -457,6 +468,7 @@ class JobController:
         if self._closed:
             raise Unavailable("the server is shutting down")
         self.scheduler.check_admission(message.demand)
+        self._check_share(message.owner)
         now = self._clock.time()
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         record = JobRecord(
@@ -472,6 +484,20 @@ class JobController:
         self.scheduler.enqueue(job_id, message.demand, priority=message.spec.priority)
         self._dispatch()
         return self.feed.record(job_id)
+
+    def _check_share(self, owner: str) -> None:
+        """Refuse a job whose owner has its share of the queue waiting already."""
+        share = self._max_queue_per_owner
+        if not share or not owner:
+            return
+        waiting = sum(
+            1 for job_id in self.scheduler.waiting if self.feed.record(job_id).owner == owner
+        )
+        if waiting >= share:
+            raise ResourceExhausted(
+                f"{owner} has {waiting} jobs waiting, its share of the queue "
+                f"(--max-queue-per-principal {share}); retry when some have started"
+            )
 
     def _cancel(self, job_id: str) -> JobRecord:
         record = self.feed.record(job_id)
