@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from naive_model.config import StrategyConfig
-from naive_model.data import Dataset, find_mnist, load_dataset
+from naive_model.data import Dataset, find_mnist, load_dataset, to_features
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import EpochEnd
 from naive_model.tensorboard import TensorBoardWriter
@@ -215,5 +215,5 @@ def predict(task: PredictTask) -> Predictions:
 
     from naive_model.export import predict_saved_model
 
-    inputs = np.asarray(task.inputs, dtype=np.float32)  # (examples, input_size)
+    inputs = to_features(np.asarray(task.inputs))  # (examples, input_size) float32
     return Predictions(probabilities=predict_saved_model(JobFiles(task.job_dir).model, inputs))
