@@ -90,6 +90,7 @@ def main() -> None:
         Path(out).write_text(json.dumps(measure_inside(ray_address, Path(work))))
         return
 
+    import shutil
     import tempfile
 
     import numpy as np
@@ -121,9 +122,10 @@ def main() -> None:
             timeout=1800,
             check=True,
         )
+        figures = json.loads(out.read_text())
     finally:
         cluster.stop()
-    figures = json.loads(out.read_text())
+        shutil.rmtree(work, ignore_errors=True)  # the data, and the nodes' logs (--temp-dir)
     for run in figures["runs"]:
         print(
             f"{run['hosts']} host(s): first progress {run['first_progress_s']} s, "
