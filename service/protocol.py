@@ -199,7 +199,9 @@ class EvaluateTask:
 @dataclass(frozen=True, kw_only=True)
 class PredictTask:
     job_dir: Path
-    inputs: Any  # (examples, input_size) float32 numpy array
+    # (examples, input_size) numpy array: float32, or uint8 pixels the worker scales
+    # as data sets are scaled for training (naive_model.data.to_features).
+    inputs: Any
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import cast
 
@@ -18,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
+from ntrain.client.tensors import DTYPES, tensor_array, tensor_message
 from service.jobs.errors import InvalidArgument
 from service.jobs.server_status import ServerStatus
 from service.jobs.store import Event, JobRecord
@@ -34,6 +36,9 @@ from service.protocol import (
     StateChange,
     TrainingResult,
 )
+
+# A tensor's dimensions: Predict takes 2; numpy refuses more than 64.
+MAX_TENSOR_RANK = 8
 
 # -- requests -> protocol ----------------------------------------------------------
 
@@ -161,6 +166,34 @@ def predict_rows(request: pb.PredictRequest) -> list[np.ndarray]:
     checked value by value, took 5-10x as long for 1,024 MNIST-sized examples.
     """
     return [np.asarray(example.values, dtype=np.float32) for example in request.inputs]
+
+
+def tensor_from_proto(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """The tensor's values as a read-only array over its bytes (no value is converted).
+
+    Raises:
+        InvalidArgument: an unknown dtype, too many or negative dimensions, or content whose
+            size is not the shape's; the field violation names `field.dtype`,
+            `field.shape` or `field.content`.
+    """
+    dtype = DTYPES.get(tensor.dtype)
+    if dtype is None:
+        known = ", ".join(pb.DataType.Name(value) for value in DTYPES)
+        raise InvalidArgument(f"{field}.dtype must be one of {known}, got {tensor.dtype}")
+    if len(tensor.shape) > MAX_TENSOR_RANK:  # before the sizes are read or shown
+        raise InvalidArgument(
+            f"{field}.shape must have at most {MAX_TENSOR_RANK} dimensions, got {len(tensor.shape)}"
+        )
+    shape = list(tensor.shape)
+    if any(size < 0 for size in shape):
+        raise InvalidArgument(f"{field}.shape must hold no negative size, got {shape}")
+    expected = math.prod(shape) * dtype.itemsize  # a Python int: no overflow, however large
+    if len(tensor.content) != expected:
+        raise InvalidArgument(
+            f"{field}.content must hold {expected} bytes ({shape} of "
+            f"{pb.DataType.Name(tensor.dtype)}), got {len(tensor.content)}"
+        )
+    return tensor_array(tensor)
 
 
 # -- protocol -> responses ---------------------------------------------------------
@@ -341,8 +374,10 @@ def evaluation_to_proto(evaluation: Evaluation) -> pb.EvaluateResponse:
     )
 
 
-def predictions_to_proto(probabilities) -> pb.PredictResponse:
-    """(examples, classes) probabilities -> one Prediction per example."""
+def predictions_to_proto(probabilities: np.ndarray, *, as_tensor: bool) -> pb.PredictResponse:
+    """(examples, classes) probabilities: one tensor, or one Prediction per example."""
+    if as_tensor:
+        return pb.PredictResponse(probabilities=tensor_message(probabilities))
     return pb.PredictResponse(
         predictions=[
             pb.Prediction(label=int(row.argmax()), probabilities=row.tolist())

@@ -20,6 +20,7 @@ from service.api.auth import principal_of
 from service.api.streams import StreamSlots
 from service.jobs import validation
 from service.jobs.datasets import check_dataset_name
+from service.jobs.errors import InvalidArgument
 from service.jobs.manager import JobManager
 
 
@@ -123,12 +124,20 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_job_id(request.job_id)
         principal = principal_of(context)
         input_size = self.manager.model_input_size(request.job_id, principal=principal)
-        validation.check_predict_count(len(request.inputs))  # before converting a value
-        rows = convert.predict_rows(request)
-        validation.check_predict_inputs(rows, input_size)
-        inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)
+        as_tensor = request.HasField("tensor")
+        if as_tensor:
+            if request.inputs:
+                raise InvalidArgument("inputs must be empty when tensor is set: send one of them")
+            # (examples, input_size) uint8 or float32; the worker scales uint8 as for training.
+            inputs = convert.tensor_from_proto(request.tensor, "tensor")
+            validation.check_predict_tensor(inputs, input_size)
+        else:
+            validation.check_predict_count(len(request.inputs))  # before converting a value
+            rows = convert.predict_rows(request)
+            validation.check_predict_inputs(rows, input_size)
+            inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)
         predictions = self.manager.predict(request.job_id, inputs, principal=principal)
-        return convert.predictions_to_proto(predictions.probabilities)
+        return convert.predictions_to_proto(predictions.probabilities, as_tensor=as_tensor)
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext

@@ -307,13 +307,13 @@ def _cursor_of(page_token: str) -> int:
     return cursor
 
 
-def check_predict_count(count: int) -> None:
+def check_predict_count(count: int, field: str = "inputs") -> None:
     """How many examples a Predict request holds: checked before anything is converted."""
     if not count:
-        raise InvalidArgument("inputs must hold at least one example, got none")
+        raise InvalidArgument(f"{field} must hold at least one example, got none")
     if count > MAX_PREDICT_INPUTS:
         raise InvalidArgument(
-            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {count}"
+            f"{field} must hold at most {MAX_PREDICT_INPUTS} examples, got {count}"
         )
 
 
@@ -327,3 +327,21 @@ def check_predict_inputs(rows: Sequence[Sequence[float] | np.ndarray], input_siz
             )
         if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
             raise InvalidArgument(f"inputs[{index}] holds a non-finite value")
+
+
+def check_predict_tensor(inputs: np.ndarray, input_size: int) -> None:
+    """A Predict request's tensor: (examples, input_size), every value finite.
+
+    Its dtype and byte count were checked as it was read (`service.api.convert`).
+    """
+    if inputs.ndim != 2 or inputs.shape[1] != input_size:
+        raise InvalidArgument(
+            f"tensor.shape must be [examples, {input_size}] (the model's input size), "
+            f"got {list(inputs.shape)}"
+        )
+    check_predict_count(inputs.shape[0], "tensor.shape")
+    if inputs.dtype.kind == "f":
+        finite = np.isfinite(inputs).all(axis=1)  # (examples,)
+        if not finite.all():
+            index = int(np.flatnonzero(~finite)[0])
+            raise InvalidArgument(f"tensor.content holds a non-finite value in example {index}")

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from naive_model.data import DatasetError, find_mnist, load_dataset, mnist_candidates
+from naive_model.data import (
+    DatasetError,
+    find_mnist,
+    load_dataset,
+    mnist_candidates,
+    to_features,
+)
 from naive_model.export import evaluate_saved_model, load_saved_model, predict_saved_model
 from service.protocol import (
     DescribeCache,
@@ -137,7 +143,7 @@ class ModelServer:
             return Failed(reason=f"{type(error).__name__}: {error}")
 
     def predict(self, task: PredictTask) -> Predictions:
-        inputs = np.asarray(task.inputs, dtype=np.float32)  # (examples, input_size)
+        inputs = to_features(np.asarray(task.inputs))  # (examples, input_size) float32
         serve = self._model(JobFiles(task.job_dir).model)
         return Predictions(probabilities=predict_saved_model(serve, inputs))
 
