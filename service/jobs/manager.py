@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import platform
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -127,12 +128,19 @@ class JobManager:
         self.inventory = inventory
         self.metrics = metrics
         self.data_dir = data_dir
+        # Workers' temporary files (TensorFlow's autograph writes some) stay in the
+        # state directory: each worker's folder goes with it, and what a killed
+        # server's workers left goes now (they ended before its lock was free).
+        temp_root = store.state_dir / "tmp"
+        shutil.rmtree(temp_root, ignore_errors=True)
+        temp_root.mkdir(mode=0o700)
         self.pool = WorkerPool(
             warm=warm_worker,
             log_path=store.state_dir / "workers.log",
             # The default data set of `ntrain train`, loaded by the warm worker as it waits.
             dataset=("mnist", data_dir),
             held_fds=worker_held_fds,
+            temp_root=temp_root,
         )
         self.gpu_memory_bytes = min((gpu.memory_bytes for gpu in inventory.gpus), default=0)
         self.scheduler = Scheduler(
@@ -181,6 +189,7 @@ class JobManager:
                 log_path=store.state_dir / "inference.log",
                 dataset=("mnist", data_dir),  # the default data set's test split, for Evaluate
                 held_fds=worker_held_fds,
+                temp_root=temp_root,
             ),
             data_dir=data_dir,
             max_tasks=max_model_tasks,
