@@ -1117,3 +1117,12 @@ def test_one_owner_may_fill_only_its_share_of_the_queue(tmp_path):
     assert loop.submit(owner="bob").state is QUEUED  # the others still get in
     for _ in range(3):  # a server without authentication has one anonymous owner: no share
         loop.submit(owner="")
+
+
+def test_a_finished_jobs_wake_up_is_dropped_so_watched_jobs_cost_no_memory_after(loop):
+    job = loop.submit()
+    loop.feed.wait_for_change(job.job_id, loop.record(job.job_id).last_sequence, 0.0)
+    assert job.job_id in loop.feed._conditions
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert job.job_id not in loop.feed._conditions
