@@ -449,9 +449,12 @@ class JobController:
             queue_length=self.scheduler.queue_length,
         )
         if self._counts_changed:
-            self._counts_changed = False
-            self.metrics.set_jobs_by_state(self.store.count_by_state())
-            self.metrics.set_queue_length(self.scheduler.queue_length)
+            try:
+                self.metrics.set_jobs_by_state(self.store.count_by_state())
+                self.metrics.set_queue_length(self.scheduler.queue_length)
+                self._counts_changed = False
+            except Exception:  # a store that cannot be read: the loop goes on, counts later
+                log.exception("could not count the jobs by state")
 
     # -- decisions ------------------------------------------------------------------------
 
