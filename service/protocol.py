@@ -155,6 +155,9 @@ class TrainTask:
     cuda_visible_devices: str  # "" hides every GPU; tokens as the server's own list names them
     gpu_names: tuple[str, ...]  # host names of the visible GPUs, in their local order
     data_dir: Path | None
+    # An uploaded data set's converted folder (`spec.dataset` resolved by the
+    # server); None: spec.dataset is a built-in or a file in data_dir.
+    dataset_dir: Path | None = None
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
     # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
     gpu_memory_limit_mb: int = 0
@@ -167,6 +170,7 @@ class EvaluateTask:
     dataset: str
     use_checkpoint: bool
     data_dir: Path | None
+    dataset_dir: Path | None = None  # as TrainTask's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +180,41 @@ class PredictTask:
 
 
 Task = TrainTask | EvaluateTask | PredictTask
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertTask:
+    """Check an uploaded file and convert it into a new folder in the canonical layout.
+
+    Run by `python -m service.worker.conversion`, never in the server: a
+    hostile file costs a worker's memory and time, not the server's.
+    """
+
+    source: Path
+    folder: Path
+    format: str
+    label_column: str = ""
+    test_fraction: float | None = None
+    num_classes: int = 0
+
+
+@dataclass(frozen=True)
+class Converted:
+    """The folder holds the data set; its manifest says what it is."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ConversionFailed:
+    """The file is no usable data set (`where` names the place), or converting it failed.
+
+    kind: "data" (the file's fault), "disk_full", or "error" (anything else).
+    """
+
+    kind: str
+    message: str
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -316,6 +355,7 @@ class RayTrainTask:
     gpus_per_host: int
     data_dir: Path | None
     storage_path: Path
+    dataset_dir: Path | None = None  # as TrainTask's (shared with the nodes too)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -327,6 +367,7 @@ class RayTrainTask:
                 "gpus_per_host": self.gpus_per_host,
                 "data_dir": None if self.data_dir is None else str(self.data_dir),
                 "storage_path": str(self.storage_path),
+                "dataset_dir": None if self.dataset_dir is None else str(self.dataset_dir),
             }
         )
 
@@ -341,6 +382,7 @@ class RayTrainTask:
             gpus_per_host=data["gpus_per_host"],
             data_dir=None if data["data_dir"] is None else Path(data["data_dir"]),
             storage_path=Path(data["storage_path"]),
+            dataset_dir=Path(data["dataset_dir"]) if data.get("dataset_dir") else None,
         )
 
 

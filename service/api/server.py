@@ -41,6 +41,8 @@ from service.api.servicer import TrainingServicer
 from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
 from service.devices import DeviceInventory, cpu_description, probe_devices
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
@@ -56,6 +58,8 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 # on top of these (ServerConfig.max_streams), so streams cannot starve them.
 UNARY_THREADS = 32
 HOUSEKEEPING_SECONDS = 2.0  # warm-worker gauge and expired per-job series
+# Jobs that hold on to their data set: a version they use cannot be deleted.
+UNFINISHED_STATES = ("QUEUED", "STARTING", "RUNNING", "CANCELLING")
 
 
 class TrainingServer:
@@ -70,6 +74,7 @@ class TrainingServer:
         self._health: health.HealthServicer | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._store: Store | None = None
+        self._datasets: DatasetStore | None = None
         self._lock: StateDirLock | None = None
         self._stopped = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -159,8 +164,10 @@ class TrainingServer:
             # A second server on a taken port must fail, not share it silently.
             options=[("grpc.so_reuseport", 0)],
         )
+        self._datasets = DatasetStore(config.state_dir, users_of=self._jobs_using)
+        uploads = DatasetUploads(self._datasets, max_bytes=config.max_dataset_bytes)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(self.manager, max_streams=config.max_streams), server
+            TrainingServicer(self.manager, uploads, max_streams=config.max_streams), server
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -207,6 +214,21 @@ class TrainingServer:
             transport,
             principals,
         )
+
+    def _jobs_using(self, digest: str) -> list[str]:
+        """The queued and running jobs whose data set is the version `digest`.
+
+        Until jobs record the digest they resolved, a job's `NAME` is taken to
+        mean the name's newest version now.
+        """
+        assert self.manager is not None and self._datasets is not None
+        records, _ = self.manager.list(states=UNFINISHED_STATES, page_size=10_000)
+        return [
+            record.job_id
+            for record in records
+            if (version := self._datasets.find(record.spec.dataset)) is not None
+            and version.digest == digest
+        ]
 
     def _check_metrics_password(self, name: str, password: str) -> bool:
         return self._passwords is not None and self._passwords.check(name, password)
@@ -267,6 +289,8 @@ class TrainingServer:
             self._metrics_http.shutdown()
         if self._store is not None:
             self._store.close()
+        if self._datasets is not None:
+            self._datasets.close()
         if self._lock is not None:
             self._lock.release()
 

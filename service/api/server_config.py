@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
+from service.jobs.dataset_uploads import DEFAULT_MAX_DATASET_BYTES
 from service.jobs.model_tasks import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 
@@ -39,6 +40,8 @@ class ServerConfig:
     metrics_port: int | None = 9101
     state_dir: Path = Path("var")
     data_dir: Path | None = None
+    # The largest data set file UploadDataset takes.
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
     max_queue: int = 64
     max_cpu_jobs: int = 1
     max_model_tasks: int = DEFAULT_MAX_TASKS

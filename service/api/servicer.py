@@ -20,8 +20,10 @@ from ntrain.v1 import training_pb2_grpc
 from service.api import convert
 from service.api.auth import principal_of
 from service.jobs import validation
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.datasets import check_dataset_name
-from service.jobs.errors import ResourceExhausted
+from service.jobs.errors import InvalidArgument, ResourceExhausted
 from service.jobs.manager import JobManager
 
 
@@ -29,10 +31,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Args:
     max_streams: WatchJob, GetJobLogs and DownloadModel streams open at once;
         past it, RESOURCE_EXHAUSTED.
+    uploads: receives UploadDataset's files into its store of data sets.
     """
 
-    def __init__(self, manager: JobManager, *, max_streams: int = 512):
+    def __init__(self, manager: JobManager, uploads: DatasetUploads, *, max_streams: int = 512):
         self.manager = manager
+        self.uploads = uploads
+        self.datasets: DatasetStore = uploads.store
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
 
@@ -147,7 +152,48 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         predictions = self.manager.predict(request.job_id, inputs, principal=principal)
         return convert.predictions_to_proto(predictions.probabilities)
 
+    def UploadDataset(
+        self, requests: Iterator[pb.UploadDatasetRequest], context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        first = next(requests, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument(
+                "header must come first: a DatasetUpload naming the file's name, size, "
+                "SHA-256 and format",
+                field="header",
+            )
+        header = convert.upload_header_from_proto(first.header)
+        version = self.uploads.upload(
+            header, _upload_chunks(requests), principal=principal_of(context)
+        )
+        return convert.dataset_to_proto(version)
+
+    def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        versions = self.datasets.versions(request.name)
+        return pb.ListDatasetsResponse(datasets=[convert.dataset_to_proto(v) for v in versions])
+
+    def GetDataset(
+        self, request: pb.GetDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        return convert.dataset_to_proto(self.datasets.resolve(request.dataset))
+
+    def DeleteDataset(
+        self, request: pb.DeleteDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteDatasetResponse:
+        deleted = self.datasets.delete(request.dataset, principal=principal_of(context))
+        return pb.DeleteDatasetResponse(deleted=[convert.dataset_to_proto(v) for v in deleted])
+
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.ServerInfo:
         return convert.server_info_to_proto(self.manager.status())
+
+
+def _upload_chunks(requests: Iterator[pb.UploadDatasetRequest]) -> Iterator[bytes]:
+    """The file's bytes, from the messages after the header."""
+    for request in requests:
+        if request.HasField("header"):
+            raise InvalidArgument("header must come once, first; a second one came", field="header")
+        yield request.chunk

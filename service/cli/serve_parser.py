@@ -36,6 +36,13 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", default=None, help="directory of .npz data sets jobs may name"
     )
     serve.add_argument(
+        "--max-dataset-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        default=None,
+        help="the largest data set file a client may push (default 8 GiB)",
+    )
+    serve.add_argument(
         "--max-queue",
         metavar="N",
         type=positive_int,

@@ -23,6 +23,7 @@ import numpy as np
 from naive_model import data
 from naive_model.config import shown
 from naive_model.data import DatasetInfo
+from service.jobs.dataset_store import DatasetStore
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.scheduler import Demand, demand_for
@@ -64,6 +65,7 @@ def validate_job_spec(
     gpu_memory_bytes: int = 0,
     host_memory_bytes: int | None = None,
     ray_enabled: bool = False,
+    datasets: DatasetStore | None = None,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
@@ -73,6 +75,7 @@ def validate_job_spec(
         host_memory_bytes: the host's physical memory; None reads it, 0 skips
             the check.
         ray_enabled: the server submits multi_worker jobs to a Ray cluster.
+        datasets: the pushed data sets `spec.dataset` may name.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
@@ -92,7 +95,7 @@ def validate_job_spec(
         )
     check_name(spec.name)
     check_labels(spec.labels)
-    info = lookup_dataset(spec.dataset, data_dir)
+    info = lookup_dataset(spec.dataset, data_dir, datasets=datasets)
     demand = demand_for(
         spec.strategy,
         spec.device_count,

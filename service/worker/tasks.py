@@ -66,8 +66,14 @@ def preload_dataset(name: str, data_dir: Path | None) -> None:
         _log(f"not preloading {name}: {error}")
 
 
-def _load_dataset(name: str, data_dir: Path | None) -> Dataset:
-    """The named data set: the preloaded one when it matches, else from disk."""
+def _load_dataset(name: str, data_dir: Path | None, folder: Path | None = None) -> Dataset:
+    """The named data set: the preloaded one when it matches, else from disk.
+
+    Args:
+        folder: an uploaded data set's converted folder, which `name` means.
+    """
+    if folder is not None:
+        return load_dataset(name, folder=folder)
     if _preloaded is not None and _preloaded[:2] == (name, data_dir):
         return _preloaded[2]
     return load_dataset(name, data_dir=data_dir)
@@ -116,7 +122,7 @@ def train(
     )
     strategy = _strategy(task)
     _log(f"strategy: {describe_strategy(strategy)}")
-    dataset = _load_dataset(spec.dataset, task.data_dir)
+    dataset = _load_dataset(spec.dataset, task.data_dir, task.dataset_dir)
     _log(f"data set {spec.dataset} ready after {time.perf_counter() - start:.2f} s")
     trainer = Trainer(spec.train, dataset, strategy)
     _log(f"model built after {time.perf_counter() - start:.2f} s")
@@ -186,7 +192,7 @@ def _reset_gpu_peaks(gpu_names: tuple[str, ...]) -> None:
 
 
 def evaluate(task: EvaluateTask) -> Evaluation:
-    dataset = _load_dataset(task.dataset, task.data_dir)
+    dataset = _load_dataset(task.dataset, task.data_dir, task.dataset_dir)
     files = JobFiles(task.job_dir)
     if task.use_checkpoint:
         from naive_model.trainer import Trainer
