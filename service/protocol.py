@@ -48,6 +48,9 @@ class JobSpec:
     name: str = ""  # for people; not unique
     # (key, value) pairs sorted by key: a tuple, so that the spec stays hashable.
     labels: tuple[tuple[str, str], ...] = ()
+    # How the training split is held: "auto" streams it when it passes the
+    # job's data budget, "memory" holds it whole, "stream" always streams.
+    data_mode: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the store."""
@@ -161,6 +164,8 @@ class TrainTask:
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
     # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
     gpu_memory_limit_mb: int = 0
+    # Training data past this many bytes is streamed (data_mode "auto"); 0: half the host's memory.
+    data_budget_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +250,7 @@ class Running:
     """Training started: the strategy is built, the model and data are on the devices."""
 
     replicas: int
+    data: str = ""  # how the training data is held, and why ("streamed in windows of ...")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,6 +96,7 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         ),
         name=message.name,
         labels=tuple(sorted(message.labels.items())),
+        data_mode=message.data_mode or "auto",
     )
 
 
@@ -200,6 +201,7 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         max_restarts=spec.max_restarts,
         name=spec.name,
         labels=dict(spec.labels),
+        data_mode=spec.data_mode,
     )
 
 

@@ -55,6 +55,7 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         (spec, "jit_compile", args.jit),
         (spec, "seed", args.seed),
         (spec, "precision", args.precision),
+        (spec, "data_mode", args.data_mode),
         (spec, "checkpoint_every_epochs", args.checkpoint_every),
         (spec, "max_runtime_seconds", args.max_runtime),
         (spec, "max_restarts", args.max_restarts),

@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"compute dtype; weights stay float32 (default {defaults.precision})",
     )
+    train.add_argument(
+        "--data-mode",
+        choices=("auto", "memory", "stream"),
+        default=None,
+        help="hold the training data whole, or stream it from its files in windows "
+        "(default auto: stream when it passes the job's data budget)",
+    )
     train.add_argument("--seed", metavar="N", type=int, default=None, help="(default 0)")
     train.add_argument(
         "--checkpoint-every",

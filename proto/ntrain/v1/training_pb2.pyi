@@ -60,7 +60,7 @@ class StrategySpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device_count: _Optional[int] = ..., hosts: _Optional[int] = ..., gpus_per_host: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels")
+    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels", "data_mode")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class JobSpec(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    DATA_MODE_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
     initializer: str
     optimizer: OptimizerSpec
@@ -100,7 +101,8 @@ class JobSpec(_message.Message):
     precision: str
     name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    data_mode: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., data_mode: _Optional[str] = ...) -> None: ...
 
 class StateTransition(_message.Message):
     __slots__ = ("state", "time", "reason")
