@@ -20,7 +20,7 @@ from test_dataset_formats import X, Y, write_csv, write_parquet
 from naive_model.canonical import open_split
 from ntrain.client import Client
 from ntrain.client.exceptions import AlreadyExists, InvalidArgument, NotFound
-from service.jobs.access import ADMIN, TRAINER, VIEWER, Principal
+from service.jobs.access import ADMIN, LOCAL, TRAINER, VIEWER, Principal
 from service.jobs.dataset_store import DatasetStore
 from service.jobs.datasets import lookup_dataset, resolve_dataset
 from service.jobs.errors import FailedPrecondition as FailedPreconditionError
@@ -249,18 +249,23 @@ def test_the_command_line_pushes_lists_describes_and_removes(server, tmp_path, c
 # -- the store, and names resolved for jobs (no server) ---------------------------------
 
 
+def _csv_upload(tmp_path, name: str):
+    """A CSV file's bytes and the header that declares them truly."""
+    from service.jobs.dataset_uploads import UploadHeader
+
+    data = write_csv(tmp_path / "a.csv").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    header = UploadHeader(
+        name=name, size_bytes=len(data), sha256=digest, format="csv", label_column="label"
+    )
+    return data, header
+
+
 def _stored(tmp_path, users_of=lambda digest: []) -> tuple[DatasetStore, str]:
-    from service.jobs.dataset_uploads import DatasetUploads, UploadHeader
+    from service.jobs.dataset_uploads import DatasetUploads
 
     store = DatasetStore(tmp_path, users_of=users_of)
-    data = write_csv(tmp_path / "a.csv").read_bytes()
-    header = UploadHeader(
-        name="table",
-        size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        format="csv",
-        label_column="label",
-    )
+    data, header = _csv_upload(tmp_path, "table")
     owner = Principal(name="alice", role=TRAINER)
     DatasetUploads(store).upload(header, iter([data]), principal=owner)
     return store, header.sha256
@@ -307,3 +312,31 @@ def test_client_errors_are_typed(client):
         client.dataset("no/such")
     with pytest.raises(NotFound, match="absent"):
         client.dataset("absent")
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from service.jobs.dataset_uploads import DatasetUploads
+    from service.jobs.errors import ResourceExhausted
+
+    store = DatasetStore(tmp_path)
+    data, header = _csv_upload(tmp_path, "t")
+    # No room for it: refused before a byte is written.
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, len(data)))
+        with pytest.raises(ResourceExhausted, match="bytes free"):
+            DatasetUploads(store).upload(header, iter([data]), principal=LOCAL)
+
+    # The disk fills up while the file is converted.
+    def full(task):
+        (task.folder).mkdir()
+        (task.folder / "x_train.npy").write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ResourceExhausted, match="filled up"):
+        DatasetUploads(store, convert=full).upload(header, iter([data]), principal=LOCAL)
+    assert list(store.temp_dir.iterdir()) == [] and store.versions() == []
