@@ -128,5 +128,16 @@ def test_a_worker_trains_evaluates_and_predicts_on_a_pushed_file(tmp_path, kind)
     assert evaluation.examples == 300 and evaluation.accuracy == pytest.approx(
         result.test_accuracy
     )
+    from_checkpoint = tasks.evaluate(
+        EvaluateTask(
+            job_dir=job_dir,
+            spec=spec,
+            dataset=version.reference,
+            use_checkpoint=True,
+            data_dir=None,
+            dataset_dir=version.folder,
+        )
+    )
+    assert from_checkpoint.accuracy == pytest.approx(result.test_accuracy)
     predictions = tasks.predict(PredictTask(job_dir=job_dir, inputs=centers))
     assert list(predictions.probabilities.argmax(axis=1)) == [0, 1, 2]

@@ -23,7 +23,7 @@ from service.jobs import validation
 from service.jobs.dataset_store import DatasetStore
 from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.datasets import check_dataset_name
-from service.jobs.errors import InvalidArgument, ResourceExhausted
+from service.jobs.errors import InvalidArgument, ResourceExhausted, Unavailable
 from service.jobs.manager import JobManager
 
 
@@ -193,7 +193,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
 def _upload_chunks(requests: Iterator[pb.UploadDatasetRequest]) -> Iterator[bytes]:
     """The file's bytes, from the messages after the header."""
-    for request in requests:
-        if request.HasField("header"):
-            raise InvalidArgument("header must come once, first; a second one came", field="header")
-        yield request.chunk
+    try:
+        for request in requests:
+            if request.HasField("header"):
+                raise InvalidArgument(
+                    "header must come once, first; a second one came", field="header"
+                )
+            yield request.chunk
+    except grpc.RpcError:  # the client cancelled or went away: no traceback for that
+        raise Unavailable("the upload was cut off before its last byte") from None

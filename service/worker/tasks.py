@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from naive_model.config import StrategyConfig
 from naive_model.data import (
     DATASET_MEMORY_SHARE,
@@ -24,6 +26,7 @@ from naive_model.data import (
     find_mnist,
     host_memory_bytes,
     load_dataset,
+    to_features,
 )
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import EpochEnd
@@ -73,14 +76,8 @@ def preload_dataset(name: str, data_dir: Path | None) -> None:
         _log(f"not preloading {name}: {error}")
 
 
-def _load_dataset(name: str, data_dir: Path | None, folder: Path | None = None) -> Dataset:
-    """The named data set: the preloaded one when it matches, else from disk.
-
-    Args:
-        folder: an uploaded data set's converted folder, which `name` means.
-    """
-    if folder is not None:
-        return load_dataset(name, folder=folder)
+def _load_dataset(name: str, data_dir: Path | None) -> Dataset:
+    """The named data set: the preloaded one when it matches, else from disk."""
     if _preloaded is not None and _preloaded[:2] == (name, data_dir):
         return _preloaded[2]
     return load_dataset(name, data_dir=data_dir)
@@ -208,12 +205,17 @@ def _reset_gpu_peaks(gpu_names: tuple[str, ...]) -> None:
 
 
 def evaluate(task: EvaluateTask) -> Evaluation:
-    dataset = _load_dataset(task.dataset, task.data_dir, task.dataset_dir)
+    dataset: Dataset | MappedDataset
+    if task.dataset_dir is not None:  # read as needed: a checkpoint's trainer holds one batch
+        dataset = map_canonical(task.dataset_dir, name=task.dataset)
+    else:
+        dataset = _load_dataset(task.dataset, task.data_dir)
     files = JobFiles(task.job_dir)
     if task.use_checkpoint:
         from naive_model.trainer import Trainer
 
-        trainer = Trainer(task.spec.train, dataset)
+        window = 1 if isinstance(dataset, MappedDataset) else None
+        trainer = Trainer(task.spec.train, dataset, window_batches=window)
         source = trainer.restore_checkpoint(files.checkpoints)
         if source is None:
             raise FileNotFoundError(f"no checkpoint in {files.checkpoints}")
@@ -222,7 +224,8 @@ def evaluate(task: EvaluateTask) -> Evaluation:
         from naive_model.export import evaluate_saved_model
 
         source = "model"
-        metrics = evaluate_saved_model(files.model, dataset.x_test, dataset.y_test)
+        x_test = to_features(np.asarray(dataset.x_test))  # (num_test, input_size) float32
+        metrics = evaluate_saved_model(files.model, x_test, np.asarray(dataset.y_test))
     return Evaluation(
         loss=metrics.loss,
         accuracy=metrics.accuracy,
@@ -233,8 +236,6 @@ def evaluate(task: EvaluateTask) -> Evaluation:
 
 
 def predict(task: PredictTask) -> Predictions:
-    import numpy as np
-
     from naive_model.export import predict_saved_model
 
     inputs = np.asarray(task.inputs, dtype=np.float32)  # (examples, input_size)
