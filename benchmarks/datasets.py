@@ -6,7 +6,8 @@ throughput   samples/s on MNIST at batch 128, streamed (windows of 64 batches
              from the canonical files) against held in device variables: the
              two trainers' epochs interleaved, round after round, in one process
 rss          a worker's peak resident memory (VmHWM) training one epoch of MNIST
-             tiled 1x, 4x and 16x, streamed under a 64 MiB budget, and held
+             tiled 1x, 4x and 16x with data_mode auto under a 64 MiB budget
+             (the worker chooses to stream: the log line says so), and held
              whole (1x, 4x) for comparison: the worker's own train task, each in
              a fresh interpreter
 upload       1 GiB pushed over loopback to a server in its own process: the
@@ -101,18 +102,30 @@ def throughput(root: Path, rounds: int) -> dict:
     for trainer in trainers.values():
         trainer.train_epoch()  # traces, and warms the page cache and the allocator
 
-    def epoch(trainer: Trainer):
+    # Samples per second of this process's CPU time (every thread's, user and system),
+    # beside the wall-clock rate: on a machine shared with other tenants the wall
+    # clock measures their load as much as the work, the CPU time only the work.
+    per_cpu_second: dict[str, list[float]] = {name: [] for name in trainers}
+
+    def epoch(name: str, trainer: Trainer):
         def timed() -> float:
+            cpu = time.process_time()
             result = trainer.train_epoch()
+            per_cpu_second[name].append(result.examples / (time.process_time() - cpu))
             return result.examples / result.seconds
 
         return timed
 
     before = load_average()
-    samples = side_by_side({name: epoch(t) for name, t in trainers.items()}, rounds)
+    samples = side_by_side({name: epoch(name, t) for name, t in trainers.items()}, rounds)
+    cpu = per_cpu_second
     return {
         "samples_per_second": {k: [round(v) for v in values] for k, values in samples.items()},
         "streamed/in_memory": round(paired_ratio(samples["streamed"], samples["in_memory"]), 3),
+        "samples_per_cpu_second": {k: [round(v) for v in values] for k, values in cpu.items()},
+        "streamed/in_memory_per_cpu_second": round(
+            paired_ratio(cpu["streamed"], cpu["in_memory"]), 3
+        ),
         "target": ">= 0.9",
         "config": "MNIST, batch 128, layers 512 relu + 10 softmax, rmsprop, XLA, one CPU device",
         "rounds": rounds,
@@ -163,7 +176,8 @@ def rss_child(folder: Path, mode: str) -> None:
 
 
 def rss(root: Path) -> dict:
-    runs = [("stream", tiles) for tiles in TILES] + [("memory", tiles) for tiles in HELD_TILES]
+    # "auto": the worker itself chooses to stream, the data set passing the budget.
+    runs = [("auto", tiles) for tiles in TILES] + [("memory", tiles) for tiles in HELD_TILES]
     before = load_average()
     entries = {}
     for mode, tiles in runs:
@@ -180,7 +194,7 @@ def rss(root: Path) -> dict:
         entry = json.loads(done.stdout.strip().splitlines()[-1])
         entry["seconds"] = round(time.perf_counter() - start, 1)
         entries[f"{mode}_x{tiles}"] = entry
-    streamed = [entries[f"stream_x{tiles}"]["peak_mib"] for tiles in TILES]
+    streamed = [entries[f"auto_x{tiles}"]["peak_mib"] for tiles in TILES]
     return {
         "entries": entries,
         "streamed_spread": round(max(streamed) / min(streamed) - 1, 3),
@@ -339,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.datasets")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run these sections")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=9, help="throughput rounds (default 9)")
     parser.add_argument("--work-dir", type=Path, help="for the files (default a temporary one)")
     parser.add_argument(
         "--quick",

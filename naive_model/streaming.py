@@ -5,7 +5,8 @@ A data set larger than a memory budget stays on disk, in the canonical layout
 about 64 batches): the order of the blocks and the order of the rows inside
 each are drawn from (seed, epoch, block), so an epoch's order is the same
 every time, and the window a resumed run starts in is the one the
-uninterrupted run had there. tf.data reads the next window while the
+uninterrupted run had there. A window's rows are computed alone: the run
+holds nothing the size of the data set. tf.data reads the next window while the
 compiled loop trains on the current one.
 
 Rows are read with plain file reads, not through the mapping: pages of a
@@ -133,24 +134,27 @@ def _mib(count: int) -> str:
     return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
-def epoch_order(
-    num_rows: int, block_rows: int, *, seed: int, epoch: int, shuffle: bool = True
+def window_order(
+    num_rows: int, window_rows: int, window: int, *, seed: int, epoch: int, shuffle: bool = True
 ) -> np.ndarray:
-    """The rows of an epoch in order: shuffled blocks, each shuffled inside, (num_rows,).
+    """The rows of an epoch's `window`th window, in the order they train, (rows,).
 
-    Block b holds rows [b * block_rows, (b + 1) * block_rows); the blocks'
-    order is drawn from (seed, epoch), each block's rows from (seed, epoch, b).
+    Block b holds rows [b * window_rows, (b + 1) * window_rows). An epoch's
+    windows are its full blocks in an order drawn from (seed, epoch), then
+    the short last block; block b's rows are shuffled with (seed, epoch, b).
+    Nothing the size of the data set is built: a window is found by itself.
     """
-    starts = np.arange(0, num_rows, block_rows)
+    full = num_rows // window_rows
+    if window < full:
+        blocks = np.random.default_rng([seed, epoch]).permutation(full) if shuffle else None
+        block = int(blocks[window]) if blocks is not None else window
+    else:
+        block = full  # the short block (when there is one) ends every epoch
+    start = block * window_rows
+    count = min(window_rows, num_rows - start)
     if not shuffle:
-        return np.arange(num_rows, dtype=np.int64)
-    pieces = []
-    for block in np.random.default_rng([seed, epoch]).permutation(len(starts)):
-        start = int(starts[block])
-        count = min(block_rows, num_rows - start)
-        inside = np.random.default_rng([seed, epoch, int(block)]).permutation(count)
-        pieces.append(start + inside)
-    return np.concatenate(pieces).astype(np.int64)
+        return np.arange(start, start + count, dtype=np.int64)
+    return start + np.random.default_rng([seed, epoch, block]).permutation(count)
 
 
 def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -179,13 +183,12 @@ def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def window_rows(
-    x: np.ndarray, y: np.ndarray, order: np.ndarray, window: int, rows: int
+def read_window(
+    x: np.ndarray, y: np.ndarray, rows: np.ndarray, window_rows: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The window'th run of `rows` rows of `order`, padded with zeros to `rows`."""
-    chosen = order[window * rows : (window + 1) * rows]
-    images = np.zeros((rows, *x.shape[1:]), dtype=x.dtype)  # (rows, input_size)
-    labels = np.zeros((rows,), dtype=np.int64)
-    images[: len(chosen)] = take_rows(x, chosen)
-    labels[: len(chosen)] = take_rows(y, chosen)
+    """x[rows] and y[rows], padded with zeros to `window_rows` rows."""
+    images = np.zeros((window_rows, *x.shape[1:]), dtype=x.dtype)  # (window_rows, input_size)
+    labels = np.zeros((window_rows,), dtype=np.int64)
+    images[: len(rows)] = take_rows(x, rows)
+    labels[: len(rows)] = take_rows(y, rows)
     return images, labels

@@ -27,7 +27,7 @@ from naive_model.layers import build_model
 from naive_model.losses import per_example_loss
 from naive_model.optimizers import make_optimizer
 from naive_model.results import EpochResult, Metrics, Progress
-from naive_model.streaming import MappedDataset, epoch_order, take_rows, window_rows
+from naive_model.streaming import MappedDataset, read_window, take_rows, window_order
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
 COMPUTE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
@@ -423,19 +423,17 @@ class Trainer:
     def _window_stream(self, epoch: int, first_window: int) -> Iterator[tuple]:
         """The epoch's windows from `first_window` on, read ahead by tf.data.
 
-        The order is `streaming.epoch_order` with blocks of one window, so
-        a window is one block of the file, shuffled (the last may hold the
-        file's short block and the next one's start).
+        Each window is one block of the file, shuffled (`streaming.window_order`).
         """
-        x, y = self.dataset.x_train, self.dataset.y_train
+        x, y, rows = self.dataset.x_train, self.dataset.y_train, self.window_rows
         config = self.config
-        order = epoch_order(
-            len(x), self.window_rows, seed=config.seed, epoch=epoch, shuffle=config.shuffle
-        )
         windows = math.ceil(self.steps_per_epoch / self.steps_per_window)
 
         def read(window):
-            return window_rows(x, y, order, int(window), self.window_rows)
+            order = window_order(
+                len(x), rows, int(window), seed=config.seed, epoch=epoch, shuffle=config.shuffle
+            )
+            return read_window(x, y, order, rows)
 
         dtype = tf.as_dtype(x.dtype)
         stream = (

@@ -13,19 +13,28 @@ import pytest
 
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
 from naive_model.formats import ConvertOptions, convert
-from naive_model.streaming import epoch_order, map_canonical, take_rows, window_rows
+from naive_model.streaming import map_canonical, read_window, take_rows, window_order
 
 SMALL = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
 
 
+def _epoch(num_rows, window_rows, **seeds):
+    windows = -(-num_rows // window_rows)
+    return np.concatenate(
+        [window_order(num_rows, window_rows, w, **seeds) for w in range(windows)]
+    )
+
+
 def test_an_epoch_order_is_seeded_by_seed_and_epoch_and_visits_every_row_once():
-    order = epoch_order(1000, 128, seed=3, epoch=2)
+    order = _epoch(1000, 128, seed=3, epoch=2)
     assert sorted(order) == list(range(1000))
-    assert np.array_equal(order, epoch_order(1000, 128, seed=3, epoch=2))
-    assert not np.array_equal(order, epoch_order(1000, 128, seed=3, epoch=3))
-    # Each block of 128 rows stays together: shuffled blocks, shuffled inside.
-    assert len(set(order[:128] // 128)) == 1
-    assert np.array_equal(epoch_order(10, 4, seed=0, epoch=1, shuffle=False), np.arange(10))
+    assert np.array_equal(order, _epoch(1000, 128, seed=3, epoch=2))
+    assert not np.array_equal(order, _epoch(1000, 128, seed=3, epoch=3))
+    # Each window is one block of 128 rows, shuffled; the short block comes last.
+    for window in range(7):
+        assert len(set(order[window * 128 : (window + 1) * 128] // 128)) == 1
+    assert set(order[896:]) == set(range(896, 1000))
+    assert np.array_equal(_epoch(10, 4, seed=0, epoch=1, shuffle=False), np.arange(10))
 
 
 def test_rows_read_from_the_file_equal_rows_read_through_the_mapping(tmp_path):
@@ -35,10 +44,9 @@ def test_rows_read_from_the_file_equal_rows_read_through_the_mapping(tmp_path):
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
     rows = rng.permutation(500)[:300]
     assert np.array_equal(take_rows(mapped, rows), x[rows])
-    images, labels = window_rows(mapped, np.arange(500), np.arange(500)[::-1].copy(), 1, 128)
-    assert np.array_equal(images, x[np.arange(500)[::-1][128:256]])
-    tail, _ = window_rows(mapped, np.arange(500), np.arange(500), 3, 200)
-    assert not tail.any()  # past the rows: padding
+    images, labels = read_window(mapped, np.arange(500), rows[:100], 128)
+    assert np.array_equal(images[:100], x[rows[:100]]) and np.array_equal(labels[:100], rows[:100])
+    assert not images[100:].any()  # past the rows: padding
 
 
 @pytest.fixture(scope="module")
