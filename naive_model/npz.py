@@ -30,7 +30,16 @@ DATASET_MEMORY_SHARE = 0.5
 
 
 class DatasetError(ValueError):
-    """A data set that cannot be used as it is; the message names the problem."""
+    """A data set that cannot be used as it is; the message names the problem.
+
+    `where` names the place in the data, as a field path: an array
+    ("x_train", "y_test[17]"), a row and column of a table ("rows[41].pixel3"),
+    or "file" for the file as a whole; "" when no one place is at fault.
+    """
+
+    def __init__(self, message: str, *, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass(frozen=True)

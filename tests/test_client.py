@@ -133,9 +133,11 @@ def test_the_client_and_the_command_line_import_no_tensorflow():
     assert heavy == ""
     # The command line's defaults, input scaling and strategy names come from these
     # numpy-only modules (naive_model.results through service.protocol; naive_model.npz,
-    # the .npz header checks, through naive_model.data).
+    # the .npz header checks, and naive_model.canonical, the converted layout, through
+    # naive_model.data).
     allowed = {
         "naive_model",
+        "naive_model.canonical",
         "naive_model.config",
         "naive_model.data",
         "naive_model.npz",

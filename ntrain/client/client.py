@@ -42,6 +42,16 @@ DOWNLOAD_ATTEMPTS = 3
 PREDICT_CHUNK_BYTES = 4 * 1024**2 - 64 * 1024
 # The most examples the server takes in one Predict request.
 PREDICT_CHUNK_EXAMPLES = 10_000
+UPLOAD_CHUNK = 2**20  # bytes of a data set file in one UploadDataset message
+# An upload's deadline: a minute, and a second for every 5 MB (conversion included).
+UPLOAD_SECONDS_PER_BYTE = 1 / 5e6
+DATASET_FORMATS = {
+    ".npz": "npz",
+    ".npy": "npy",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 TERMINAL_STATES = frozenset(
     {
         training_pb2.JOB_STATE_SUCCEEDED,
@@ -336,6 +346,75 @@ class Client:
             if file is not None:
                 file.close()
 
+    # -- data sets ---------------------------------------------------------------------------
+
+    def push_dataset(
+        self,
+        files: str | os.PathLike[str] | builtins.list[str | os.PathLike[str]],
+        *,
+        name: str,
+        label_column: str = "",
+        test_fraction: float | None = None,
+        num_classes: int = 0,
+        format: str | None = None,
+    ) -> training_pb2.Dataset:
+        """Upload a data set file (or .npy files: x then y) and return its version.
+
+        The file goes in chunks of 1 MiB after a header with its size and
+        SHA-256; the server checks both and converts the file once. Pushing
+        the same bytes again returns the stored version without sending them.
+
+        Args:
+            files: one .npz, .csv or .parquet file, or .npy files that the
+                server reads as x, y (or x_train, y_train, x_test, y_test).
+            format: npz, npy, csv or parquet; None takes it from the suffix.
+        """
+        paths = [Path(files)] if isinstance(files, str | os.PathLike) else [Path(f) for f in files]
+        if format is None:
+            suffixes = {path.suffix.lower() for path in paths}
+            format = DATASET_FORMATS.get(suffixes.pop()) if len(suffixes) == 1 else None
+            if format is None:
+                raise ValueError(
+                    f"cannot tell the format of {', '.join(map(str, paths))} from its suffix: "
+                    f"pass format= ({', '.join(sorted(set(DATASET_FORMATS.values())))})"
+                )
+        digest, size = _sha256_of(paths)
+        header = training_pb2.DatasetUpload(
+            name=name,
+            size_bytes=size,
+            sha256=digest,
+            format=format,
+            label_column=label_column,
+            num_classes=num_classes,
+        )
+        if test_fraction is not None:
+            header.test_fraction = test_fraction
+
+        def requests() -> Iterator[training_pb2.UploadDatasetRequest]:
+            yield training_pb2.UploadDatasetRequest(header=header)
+            for path in paths:
+                with open(path, "rb") as file:
+                    while chunk := file.read(UPLOAD_CHUNK):
+                        yield training_pb2.UploadDatasetRequest(chunk=chunk)
+
+        timeout = 60.0 + size * UPLOAD_SECONDS_PER_BYTE
+        return self._call(self._stub.UploadDataset, requests(), timeout)
+
+    def datasets(self, name: str = "") -> builtins.list[training_pb2.Dataset]:
+        """Every pushed data set's versions (or `name`'s), newest push first."""
+        request = training_pb2.ListDatasetsRequest(name=name)
+        return builtins.list(self._call(self._stub.ListDatasets, request, self.timeout).datasets)
+
+    def dataset(self, reference: str) -> training_pb2.Dataset:
+        """The version `NAME` (its newest) or `NAME@sha256:<digest>` names."""
+        request = training_pb2.GetDatasetRequest(dataset=reference)
+        return self._call(self._stub.GetDataset, request, self.timeout)
+
+    def delete_dataset(self, reference: str) -> builtins.list[training_pb2.Dataset]:
+        """Delete `NAME@sha256:<digest>`, or every version of `NAME`; returns what went."""
+        request = training_pb2.DeleteDatasetRequest(dataset=reference)
+        return builtins.list(self._call(self._stub.DeleteDataset, request, self.timeout).deleted)
+
     # -- evaluate and predict (in the server's workers) -------------------------------------
 
     def evaluate(
@@ -395,6 +474,17 @@ class Client:
             stub.Check, health_pb2.HealthCheckRequest(service=service), self.timeout
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _sha256_of(paths: builtins.list[Path]) -> tuple[str, int]:
+    """The SHA-256 (hex) and size of the files' bytes, one after another."""
+    digest, size = hashlib.sha256(), 0
+    for path in paths:
+        with open(path, "rb") as file:
+            while chunk := file.read(UPLOAD_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def model_file_destination(folder: Path, path: str) -> Path:

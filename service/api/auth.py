@@ -83,6 +83,10 @@ METHOD_ACTIONS: dict[str, Action] = {
     f"/{SERVICE}/GetServerInfo": Action.READ,
     f"/{SERVICE}/GetJobLogs": Action.READ,
     f"/{SERVICE}/DownloadModel": Action.USE_MODEL,
+    f"/{SERVICE}/UploadDataset": Action.PUSH_DATA,
+    f"/{SERVICE}/ListDatasets": Action.READ,
+    f"/{SERVICE}/GetDataset": Action.READ,
+    f"/{SERVICE}/DeleteDataset": Action.DELETE_DATA,
     # Reflection describes the API: any authenticated principal may read it.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Action.READ,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Action.READ,

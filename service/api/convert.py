@@ -20,6 +20,8 @@ from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
 from ntrain.client.tensors import DTYPES, tensor_array, tensor_message
+from service.jobs.dataset_store import DatasetVersion
+from service.jobs.dataset_uploads import UploadHeader
 from service.jobs.errors import InvalidArgument
 from service.jobs.server_status import ServerStatus
 from service.jobs.store import Event, JobRecord
@@ -101,6 +103,7 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         name=message.name,
         labels=tuple(sorted(message.labels.items())),
         priority=message.priority,
+        data_mode=message.data_mode or "auto",
     )
 
 
@@ -234,6 +237,7 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         name=spec.name,
         labels=dict(spec.labels),
         priority=spec.priority,
+        data_mode=spec.data_mode,
     )
 
 
@@ -307,6 +311,7 @@ def model_to_proto(model: ModelDescription) -> pb.ModelInfo:
         exported=model.exported,
         path=str(model.path),
         signature=model.signature,
+        dataset=model.dataset,
     )
 
 
@@ -326,6 +331,7 @@ def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb
         strategy=record.strategy,
         restarts=record.restarts,
         preemptions=record.preemptions,
+        dataset_version=record.spec.dataset_version,
         owner=record.owner,
     )
     if record.progress is not None:
@@ -414,4 +420,39 @@ def server_info_to_proto(status: ServerStatus) -> pb.ServerInfo:
         queue_length=status.queue_length,
         running_jobs=status.running_jobs,
         warm_workers=status.warm_workers,
+    )
+
+
+# -- data sets -----------------------------------------------------------------------
+
+
+def upload_header_from_proto(message: pb.DatasetUpload) -> UploadHeader:
+    return UploadHeader(
+        name=message.name,
+        size_bytes=message.size_bytes,
+        sha256=message.sha256,
+        format=message.format,
+        label_column=message.label_column,
+        test_fraction=message.test_fraction if message.HasField("test_fraction") else None,
+        num_classes=message.num_classes,
+    )
+
+
+def dataset_to_proto(version: DatasetVersion) -> pb.Dataset:
+    manifest = version.manifest
+    return pb.Dataset(
+        name=version.name,
+        digest=f"sha256:{version.digest}",
+        owner=version.owner,
+        create_time=timestamp(version.create_time),
+        format=manifest.source_format,
+        size_bytes=version.size_bytes,
+        input_size=manifest.input_size,
+        num_classes=manifest.num_classes,
+        num_train=manifest.num_train,
+        num_test=manifest.num_test,
+        feature_dtype=manifest.feature_dtype,
+        label_column=manifest.label_column,
+        test_fraction=manifest.test_fraction or 0.0,
+        stored_bytes=manifest.stored_bytes,
     )

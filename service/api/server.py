@@ -43,6 +43,8 @@ from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.streams import StreamSlots
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
 from service.devices import DeviceInventory, cpu_description, probe_devices
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
@@ -62,6 +64,7 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 # on top of these (ServerConfig.max_streams), so streams cannot starve them.
 UNARY_THREADS = 32
 HOUSEKEEPING_SECONDS = 2.0  # warm-worker gauge and expired per-job series
+# Jobs that hold on to their data set: a version they use cannot be deleted.
 
 
 class TrainingServer:
@@ -76,6 +79,7 @@ class TrainingServer:
         self._health: health.HealthServicer | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._store: Store | None = None
+        self._datasets: DatasetStore | None = None
         self._lock: StateDirLock | None = None
         self._stopped = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -134,6 +138,10 @@ class TrainingServer:
             python_version=platform.python_version(),
         )
         self.metrics.set_devices(inventory.counts)
+        # Who uses a version is the jobs' business: the manager answers, in its loop.
+        self._datasets = DatasetStore(
+            config.state_dir, users_of=lambda digest: self._jobs().jobs_using(digest)
+        )
         observers = []
         if config.mlflow_tracking_uri is not None:
             self._tracker = self._start_tracker(config.mlflow_tracking_uri, self._store)
@@ -141,6 +149,8 @@ class TrainingServer:
         self.manager = JobManager(
             self._store,
             observers=observers,
+            datasets=self._datasets,
+            data_budget_bytes=config.data_budget_bytes,
             inventory=inventory,
             metrics=self.metrics,
             data_dir=config.data_dir,
@@ -178,13 +188,14 @@ class TrainingServer:
             # A second server on a taken port must fail, not share it silently.
             options=[("grpc.so_reuseport", 0)],
         )
+        uploads = DatasetUploads(self._datasets, max_bytes=config.max_dataset_bytes)
         self.streams = StreamSlots(
             config.max_streams,
             config.max_streams_per_principal,
             send_timeout=config.stream_send_timeout_seconds,
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(self.manager, streams=self.streams), server
+            TrainingServicer(self.manager, uploads, streams=self.streams), server
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -232,6 +243,10 @@ class TrainingServer:
             transport,
             principals,
         )
+
+    def _jobs(self) -> JobManager:
+        assert self.manager is not None  # the data sets are served after it is built
+        return self.manager
 
     def _check_metrics_password(self, name: str, password: str, peer: str) -> bool:
         passwords = self._passwords
@@ -327,6 +342,8 @@ class TrainingServer:
             self._metrics_http.shutdown()
         if self._store is not None:
             self._store.close()
+        if self._datasets is not None:
+            self._datasets.close()
         if self._lock is not None:
             self._lock.release()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
 from service.jobs.controller import HANG_SECONDS, MIN_RUN_SECONDS, PREEMPTION_GRACE_SECONDS
+from service.jobs.dataset_uploads import DEFAULT_MAX_DATASET_BYTES
 from service.jobs.model_tasks import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 
@@ -46,6 +47,11 @@ class ServerConfig:
     metrics_port: int | None = 9101
     state_dir: Path = Path("var")
     data_dir: Path | None = None
+    # The largest data set file UploadDataset takes.
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
+    # A job's training split past this many bytes is streamed (data_mode auto);
+    # 0: half the host's memory, as admission sees it.
+    data_budget_bytes: int = 0
     max_queue: int = 64
     max_queue_per_principal: int = 32  # with authentication: one principal's share of it
     max_cpu_jobs: int = 1

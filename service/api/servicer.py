@@ -19,8 +19,10 @@ from service.api import convert
 from service.api.auth import principal_of
 from service.api.streams import StreamSlots
 from service.jobs import validation
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.datasets import check_dataset_name
-from service.jobs.errors import InvalidArgument
+from service.jobs.errors import InvalidArgument, Unavailable
 from service.jobs.manager import JobManager
 
 
@@ -29,10 +31,14 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     streams: the slots of WatchJob, GetJobLogs and DownloadModel streams (past
         a principal's share or the server's total, RESOURCE_EXHAUSTED), which
         also note how long each stream's client keeps a message waiting.
+
+    uploads: receives UploadDataset's files into its store of data sets.
     """
 
-    def __init__(self, manager: JobManager, *, streams: StreamSlots):
+    def __init__(self, manager: JobManager, uploads: DatasetUploads, *, streams: StreamSlots):
         self.manager = manager
+        self.uploads = uploads
+        self.datasets: DatasetStore = uploads.store
         self.streams = streams
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
@@ -139,7 +145,53 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         predictions = self.manager.predict(request.job_id, inputs, principal=principal)
         return convert.predictions_to_proto(predictions.probabilities, as_tensor=as_tensor)
 
+    def UploadDataset(
+        self, requests: Iterator[pb.UploadDatasetRequest], context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        first = next(requests, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument(
+                "header must come first: a DatasetUpload naming the file's name, size, "
+                "SHA-256 and format",
+                field="header",
+            )
+        header = convert.upload_header_from_proto(first.header)
+        version = self.uploads.upload(
+            header, _upload_chunks(requests), principal=principal_of(context)
+        )
+        return convert.dataset_to_proto(version)
+
+    def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        versions = self.datasets.versions(request.name)
+        return pb.ListDatasetsResponse(datasets=[convert.dataset_to_proto(v) for v in versions])
+
+    def GetDataset(
+        self, request: pb.GetDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        return convert.dataset_to_proto(self.datasets.resolve(request.dataset))
+
+    def DeleteDataset(
+        self, request: pb.DeleteDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteDatasetResponse:
+        deleted = self.manager.delete_dataset(request.dataset, principal=principal_of(context))
+        return pb.DeleteDatasetResponse(deleted=[convert.dataset_to_proto(v) for v in deleted])
+
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.ServerInfo:
         return convert.server_info_to_proto(self.manager.status())
+
+
+def _upload_chunks(requests: Iterator[pb.UploadDatasetRequest]) -> Iterator[bytes]:
+    """The file's bytes, from the messages after the header."""
+    try:
+        for request in requests:
+            if request.HasField("header"):
+                raise InvalidArgument(
+                    "header must come once, first; a second one came", field="header"
+                )
+            yield request.chunk
+    except grpc.RpcError:  # the client cancelled or went away: no traceback for that
+        raise Unavailable("the upload was cut off before its last byte") from None

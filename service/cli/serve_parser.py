@@ -36,6 +36,22 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", default=None, help="directory of .npz data sets jobs may name"
     )
     serve.add_argument(
+        "--max-dataset-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        default=None,
+        help="the largest data set file a client may push (default 8 GiB)",
+    )
+    serve.add_argument(
+        "--data-budget-bytes",
+        metavar="N",
+        type=int,
+        default=None,
+        help="a job whose training split takes more than this is streamed from its files in "
+        "windows, not held whole on every device (data mode auto; default 0: half the "
+        "host's memory)",
+    )
+    serve.add_argument(
         "--max-queue",
         metavar="N",
         type=positive_int,

@@ -29,10 +29,11 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from naive_model.config import shown
 from service.jobs.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -157,6 +158,17 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class InLoop:
+    """Run `decide` on the loop's thread: a decision that must not interleave with the loop's.
+
+    (Deleting a data set's version: no submission is admitted on it between
+    the check that no job uses it and the delete.)
+    """
+
+    decide: Callable[[], Any]
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: enforce deadlines and dispatch what waiting alone lets start."""
 
@@ -171,7 +183,9 @@ class StopRuns:
     """The shutdown's grace is over: end the runs still going (they resume on the next start)."""
 
 
-Message = SubmitJob | CancelJob | WorkerReported | RunEnded | Tick | StopAdmitting | StopRuns
+Message = (
+    SubmitJob | CancelJob | WorkerReported | RunEnded | Tick | StopAdmitting | StopRuns | InLoop
+)
 
 
 @dataclass(frozen=True)
@@ -224,6 +238,8 @@ class JobController:
         max_queue_per_owner: jobs one owner may have waiting, so that none fills
             the queue for the others (0: no share; the anonymous owner of a
             server without authentication has none).
+        dataset_exists: whether a pushed data set's version (NAME@sha256:...) is
+            still stored, asked as a job pinned to one is admitted.
     """
 
     def __init__(
@@ -242,6 +258,7 @@ class JobController:
         min_run_seconds: float = MIN_RUN_SECONDS,
         hang_seconds: float = HANG_SECONDS,
         max_queue_per_owner: int = 0,
+        dataset_exists: Callable[[str], bool] = lambda reference: True,
     ):
         self.store = store
         self.scheduler = scheduler
@@ -256,6 +273,7 @@ class JobController:
         self._min_run = min_run_seconds
         self._hang = hang_seconds
         self._max_queue_per_owner = max_queue_per_owner
+        self._dataset_exists = dataset_exists
         # Jobs whose end could not be recorded (the store failed), and why they end.
         self._unsettled: dict[str, str] = {}
         self._settle_again: float | None = None
@@ -438,6 +456,8 @@ class JobController:
             return self._stop_admitting()
         if isinstance(message, StopRuns):
             return self._stop_runs()
+        if isinstance(message, InLoop):
+            return message.decide()
         raise TypeError(f"the job controller takes no {message!r}")
 
     def _publish(self) -> None:
@@ -462,7 +482,11 @@ class JobController:
         if message.request_id:
             existing = self.store.find_by_request_id(message.owner, message.request_id)
             if existing is not None:
-                if existing.spec != message.spec:
+                # The same request names the same job, whichever version its data
+                # set's name pointed at then and now.
+                if existing.spec != replace(
+                    message.spec, dataset_version=existing.spec.dataset_version
+                ):
                     raise AlreadyExists(
                         f"request_id {message.request_id!r} was used for job "
                         f"{existing.job_id} with a different spec"
@@ -472,6 +496,11 @@ class JobController:
             raise Unavailable("the server is shutting down")
         self.scheduler.check_admission(message.demand)
         self._check_share(message.owner)
+        version = message.spec.dataset_version
+        if version and not self._dataset_exists(version):
+            raise FailedPrecondition(
+                f"data set {shown(version)} was deleted as the job was submitted; submit it again"
+            )
         now = self._clock.time()
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         record = JobRecord(
@@ -693,7 +722,8 @@ class JobController:
         run.last_heard = self._clock.monotonic()
         if isinstance(event, Running):
             if self.feed.record(job_id).state is JobState.STARTING:  # not when a cancel came first
-                self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s)")
+                data = f"; data {event.data}" if event.data else ""
+                self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s){data}")
         elif isinstance(event, Progress):
             run.step = event.step
             if not run.progressed:

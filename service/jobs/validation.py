@@ -23,6 +23,8 @@ import numpy as np
 from naive_model import data
 from naive_model.config import shown
 from naive_model.data import DatasetInfo
+from naive_model.streaming import DATA_MODES, WINDOWS_HELD, plan_data
+from service.jobs.dataset_store import DatasetStore
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.scheduler import Demand, demand_for
@@ -64,6 +66,8 @@ def validate_job_spec(
     gpu_memory_bytes: int = 0,
     host_memory_bytes: int | None = None,
     ray_enabled: bool = False,
+    datasets: DatasetStore | None = None,
+    data_budget_bytes: int = 0,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
@@ -73,6 +77,10 @@ def validate_job_spec(
         host_memory_bytes: the host's physical memory; None reads it, 0 skips
             the check.
         ray_enabled: the server submits multi_worker jobs to a Ray cluster.
+        datasets: the pushed data sets `spec.dataset` may name.
+        data_budget_bytes: training data past this is streamed (data_mode
+            "auto"), and admission counts the streaming window instead; 0
+            means half the host's memory, as the worker takes it.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
@@ -92,7 +100,11 @@ def validate_job_spec(
         )
     check_name(spec.name)
     check_labels(spec.labels)
-    info = lookup_dataset(spec.dataset, data_dir)
+    if spec.data_mode not in DATA_MODES:
+        raise InvalidArgument(
+            f"data_mode must be one of {', '.join(DATA_MODES)}, got {shown(spec.data_mode)}"
+        )
+    info = lookup_dataset(spec.dataset, data_dir, datasets=datasets)
     demand = demand_for(
         spec.strategy,
         spec.device_count,
@@ -122,12 +134,14 @@ def validate_job_spec(
             f"{activation_bytes / 1024**3:.1f} GiB of activations per step, more than the "
             f"{MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB limit"
         )
+    # A streamed job holds windows of rows, not the data set: admission counts those.
+    held = admitted_data(info, spec, data_budget_bytes or data.host_memory_bytes() // 2)
     # Each replica holds the model, its share of the activations and a whole
-    # copy of the training data (images, int64 labels and order).
+    # copy of the training data (images, int64 labels and order), or its window.
     needed = (
         spec.train.model_bytes(info.input_size)
         + activation_bytes // max(demand.replicas, 1)
-        + info.device_bytes
+        + held.device_bytes
     )
     if demand.gpus:
         demand = dataclasses.replace(demand, memory_bytes=needed)
@@ -159,8 +173,23 @@ def validate_job_spec(
                 "start it with ntrain serve --ray-address http://HOST:8265"
             )
         return demand, info
-    _check_memory(spec, info, demand, gpu_memory_bytes, host_memory_bytes)
+    _check_memory(spec, held, demand, gpu_memory_bytes, host_memory_bytes)
     return demand, info
+
+
+def admitted_data(info: DatasetInfo, spec: JobSpec, budget_bytes: int) -> DatasetInfo:
+    """The data a job holds as admission counts it: the data set, or a streamed run's windows.
+
+    A streamed run holds `WINDOWS_HELD` windows of rows and none of the test
+    split (it is read a batch at a time): counted as a data set of that size.
+    """
+    plan = plan_data(
+        info, batch_size=spec.train.batch_size, mode=spec.data_mode, budget_bytes=budget_bytes
+    )
+    if plan.window_batches is None:
+        return info
+    rows = WINDOWS_HELD * plan.window_batches * spec.train.batch_size
+    return dataclasses.replace(info, num_train=min(info.num_train, rows), num_test=0)
 
 
 def _check_memory(
