@@ -149,12 +149,22 @@ BAD_UPLOADS = [
     ("ragged rows", b"a,b,y\n1,2,0\n3,4\n", {}, "file.rows[1]", "fields"),
     ("missing label column", b"a,b\n1,2\n", {}, "header.label_column", "not a column"),
     ("empty file", b"", {}, "header.size_bytes", "empty"),
-    ("corrupt zip", b"PK\x03\x04" + bytes(200), {"format": "npz", "label_column": ""}, "file",
-     "zip"),
+    (
+        "corrupt zip",
+        b"PK\x03\x04" + bytes(200),
+        {"format": "npz", "label_column": ""},
+        "file",
+        "zip",
+    ),
     ("size does not match", b"a,b,y\n1,2,0\n", {"size_bytes": 99}, "header.size_bytes", "came"),
     ("digest does not match", b"a,b,y\n1,2,0\n", {"sha256": "0" * 64}, "header.sha256", "hash"),
-    ("over --max-dataset-bytes", b"a,b,y\n1,2,0\n", {"size_bytes": 2**20 + 1},
-     "header.size_bytes", "max-dataset-bytes"),
+    (
+        "over --max-dataset-bytes",
+        b"a,b,y\n1,2,0\n",
+        {"size_bytes": 2**20 + 1},
+        "header.size_bytes",
+        "max-dataset-bytes",
+    ),
     ("unknown format", b"a,b,y\n1,2,0\n", {"format": "xlsx"}, "header.format", "one of"),
     ("built-in name", b"a,b,y\n1,2,0\n", {"name": "mnist"}, "header.name", "built-in"),
 ]
@@ -340,3 +350,34 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(ResourceExhausted, match="filled up"):
         DatasetUploads(store, convert=full).upload(header, iter([data]), principal=LOCAL)
     assert list(store.temp_dir.iterdir()) == [] and store.versions() == []
+
+
+def test_a_job_on_a_pushed_name_is_pinned_to_its_version_and_holds_it_while_it_runs(
+    server, client, tmp_path
+):
+    """Push CSV and Parquet under one name; jobs train on each version; rm waits for them."""
+    first = client.push_dataset(write_csv(tmp_path / "iris.csv"), name="iris", label_column="label")
+    long = client.submit({"dataset": "iris", "epochs": 100_000, "batchSize": 32})
+    reference = f"iris@{first.digest}"
+    assert client.get(long.job_id).dataset_version == reference
+    # A newer version under the name changes nothing for the job, which holds its own.
+    second = client.push_dataset(
+        write_parquet(tmp_path / "iris.parquet"), name="iris", label_column="label"
+    )
+    assert second.digest != first.digest
+    with pytest.raises(grpc.RpcError) as refused:
+        client._stub.DeleteDataset(pb.DeleteDatasetRequest(dataset=reference), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert long.job_id in refused.value.details()
+    # The newest version is free to go: no job uses it.
+    client.delete_dataset(f"iris@{second.digest}")
+    client.cancel(long.job_id)
+    # A finished job no longer holds its version; a rerun names it exactly.
+    short = client.submit({"dataset": reference, "epochs": 1, "batchSize": 32})
+    done = client.wait(short.job_id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+    assert done.dataset_version == reference and done.result.test_accuracy > 0
+    assert client.get(short.job_id).model.dataset == reference
+    assert client.evaluate(short.job_id).examples == first.num_test
+    client.delete_dataset("iris")
+    assert client.datasets() == []
