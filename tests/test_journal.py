@@ -212,3 +212,26 @@ def test_a_backup_taken_while_the_store_writes_opens_and_lists_every_job(tmp_pat
     assert len(copy.list_jobs(limit=100)[0]) == 20
     events = copy.events_after("job-3", 0)
     assert [event.sequence for event in events] == list(range(1, len(events) + 1))
+
+
+def test_the_start_reads_a_long_journal_by_its_end_and_still_sees_a_line_the_store_lacks(
+    tmp_path,
+):
+    store = Store(tmp_path)
+    new_job(store, "job-a")
+    for index in range(300):  # past the 64 KiB the quick check reads
+        store.append_event("job-a", PROGRESS, 2.0 + index)
+    assert (tmp_path / "jobs/job-a/journal.jsonl").stat().st_size > journal.TAIL_BYTES
+    assert check(store, thorough=False) == []
+    # A kill -9 between the journal's line and the database's write.
+    journal.append(tmp_path / "jobs/job-a", journal.checkpoint_line(CHECKPOINT))
+    journal.append(tmp_path / "jobs/job-a", {"restarts": 1})
+    [found] = check(store, thorough=False)
+    assert str(found) == (
+        "job job-a: the record's checkpoint and restarts differ from the journal's; "
+        "repair: rebuild the record from the journal"
+    )
+    store.close()
+    store = open_checked(tmp_path)
+    record = store.get_job("job-a")
+    assert (record.checkpoint, record.restarts, record.last_sequence) == (CHECKPOINT, 1, 301)

@@ -61,6 +61,8 @@ class JournalContents:
     restarts: int = 0
     preemptions: int = 0
     torn_tail: bool = False  # the last line was cut short (an OS crash) and is left out
+    # What the lines after the last event set (checkpoint, restarts, preemptions).
+    set_after_last_event: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def last_sequence(self) -> int:
@@ -167,7 +169,45 @@ def read_journal(job_dir: Path) -> JournalContents:
     return contents
 
 
+TAIL_BYTES = 65536
+
+
+def read_tail(job_dir: Path) -> JournalContents | None:
+    """The journal's end, read from its last 64 KiB: enough to compare it with a record.
+
+    The store is a prefix of the journal (every write goes to the journal
+    first), so they agree when the store holds the journal's last event and
+    the value of any line after it. Returns contents holding the last event
+    and, in `checkpoint`, `restarts` or `preemptions`, only what the lines
+    after that event set (the rest left at their defaults); None when the
+    tail holds no whole event line (read the whole journal instead).
+    """
+    job = json.loads((job_dir / JOB_FILE).read_text())
+    path = job_dir / JOURNAL_FILE
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - TAIL_BYTES))
+            raw = file.read()
+    except FileNotFoundError:
+        return None
+    lines = raw.split(b"\n")
+    torn = bool(lines[-1])
+    lines = lines[1 if size > TAIL_BYTES else 0 : -1]  # the first may be cut by the window
+    parsed = []
+    for text in reversed(lines):
+        parsed.append(json.loads(text))
+        if "seq" in parsed[-1]:
+            contents = JournalContents(job=job, events=[], torn_tail=torn)
+            for line in reversed(parsed):
+                _apply(contents, line)
+            return contents
+    return None
+
+
 def _apply(contents: JournalContents, line: dict[str, Any]) -> None:
+    names = {"checkpoint", "restarts", "preemptions"} & set(line)
+    contents.set_after_last_event = contents.set_after_last_event | names if names else set()
     if "seq" in line:
         columns: dict[str, Any] = {
             key: line[key] for key in ("strategy", "devices", "failure_reason") if key in line
