@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,65 @@ from naive_model.streaming import MappedDataset, read_window, take_rows, window_
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
 COMPUTE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
+
+
+@dataclass(frozen=True)
+class RestoredCheckpoint:
+    path: str | None  # the checkpoint restored; None: there was none
+    damaged: tuple[str, ...]  # newer ones skipped, each "ckpt-7 is damaged (why)"
+
+
+class CheckpointDamaged(ValueError):
+    """Every checkpoint of a directory fails to read: the message names each and why."""
+
+
+def _checkpoint_candidates(directory: Path) -> list[Path]:
+    """Checkpoint prefixes (`dir/ckpt-7`), newest first: those the list names, and any on disk.
+
+    The `checkpoint` list file may itself be damaged or name files that are
+    gone; both sources are read, and the numbers order them.
+    """
+    prefixes = {path.with_suffix("") for path in directory.glob("ckpt-*.index")}
+    try:
+        state = tf.train.get_checkpoint_state(str(directory))
+    except Exception:  # a garbled list file (a parse error): the files on disk still count
+        state = None
+    if state is not None:
+        for name in (*state.all_model_checkpoint_paths, state.model_checkpoint_path):
+            if name:
+                prefixes.add(directory / Path(name).name)
+
+    def number(prefix: Path) -> int:
+        tail = prefix.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    return sorted(prefixes, key=number, reverse=True)
+
+
+def _unreadable(prefix: Path) -> str | None:
+    """Why the checkpoint at `prefix` does not read whole (every tensor, checksums), or None."""
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # The reader's errors have many types: IndexError for a short read,
+    # DataLossError for a bad checksum, NotFoundError, ValueError, ...
+    except Exception as error:
+        return _first_line(str(error).replace(f"{prefix.parent}/", ""))
+    return None
+
+
+def _set_aside(prefix: Path) -> None:
+    for path in prefix.parent.glob(f"{prefix.name}.*"):
+        if not path.name.endswith(".damaged"):
+            path.rename(path.with_name(path.name + ".damaged"))
+
+
+def _first_line(message: str) -> str:
+    """A reader's message as one short line (some run to several, with C++ frames)."""
+    lines = message.strip().splitlines()
+    line = lines[0] if lines else "unreadable"
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 class TrainingStopped(Exception):
@@ -499,11 +559,44 @@ class Trainer:
         return path
 
     def restore_checkpoint(self, directory: str | Path) -> str | None:
-        """Restore the newest checkpoint in `directory`; None when there is none."""
-        latest = tf.train.latest_checkpoint(str(directory))
-        if latest is not None:
-            self._checkpoint.restore(latest).assert_existing_objects_matched()
-        return latest
+        """Restore the newest intact checkpoint in `directory`; None when there is none."""
+        return self.restore_newest_intact(directory).path
+
+    def restore_newest_intact(self, directory: str | Path) -> RestoredCheckpoint:
+        """Restore the newest checkpoint that reads whole, newest first, skipping damaged ones.
+
+        A damaged one (a truncated or missing file, flipped bytes) is renamed
+        aside (`ckpt-7.index.damaged`) and the checkpoint list is rewritten
+        without it, so later saves and resumes do not meet it again.
+
+        Raises:
+            CheckpointDamaged: there are checkpoints and none of them reads.
+        """
+        directory = Path(directory)
+        damaged: list[str] = []
+        candidates = _checkpoint_candidates(directory)
+        for index, prefix in enumerate(candidates):
+            # Read every tensor before restoring any: a restore that fails half way
+            # would leave some variables from this checkpoint and some from none.
+            problem = _unreadable(prefix)
+            if problem is not None:
+                damaged.append(f"{prefix.name} is damaged ({problem})")
+                _set_aside(prefix)
+                continue
+            self._checkpoint.restore(str(prefix)).assert_existing_objects_matched()
+            intact = [
+                str(path) for path in candidates[index:] if path.with_suffix(".index").exists()
+            ]
+            if damaged:
+                tf.compat.v1.train.update_checkpoint_state(
+                    str(directory), str(prefix), all_model_checkpoint_paths=intact[::-1]
+                )
+            return RestoredCheckpoint(str(prefix), tuple(damaged))
+        if damaged:
+            raise CheckpointDamaged(
+                f"every checkpoint in {directory} is damaged: {'; '.join(damaged)}"
+            )
+        return RestoredCheckpoint(None, ())
 
     def export(self, path: str | Path) -> None:
         """Write a SavedModel whose serving_default maps inputs to probabilities."""

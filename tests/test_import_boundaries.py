@@ -49,6 +49,9 @@ ALLOWED = {
     "service.cli": {
         "service.protocol",
         "service.api",
+        # `ntrain store check|repair|backup` work on a state directory, not a server.
+        "service.jobs.reconcile",
+        "service.jobs.lock",
         "naive_model.config",
         "naive_model.data",
         "ntrain",

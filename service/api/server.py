@@ -48,6 +48,7 @@ from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
+from service.jobs.reconcile import open_checked
 from service.jobs.server_status import package_version
 from service.jobs.store import Store
 from service.jobs.tracking import MlflowTracker, TrackingObserver
@@ -122,7 +123,8 @@ class TrainingServer:
         # Before anything touches the directory: one server owns it.
         self._lock = StateDirLock(config.state_dir)
         self._lock.acquire()
-        self._store = Store(config.state_dir)
+        # Checked against the job folders' journals; rebuilt where that loses nothing.
+        self._store = open_checked(config.state_dir)
         if config.gpu_inventory is None:
             inventory = probe_devices()
         else:

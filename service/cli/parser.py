@@ -19,6 +19,7 @@ from service.cli import commands
 from service.cli.exit_status import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.cli.serve_parser import add_serve_parser
+from service.cli.store_admin import add_store_parser
 from service.cli.types import label, positive_int, priority_value
 from service.protocol import SERVICE_STRATEGIES
 
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     add_serve_parser(subcommands)
+    add_store_parser(subcommands)
 
     token = subcommands.add_parser(
         "token", help="make bearer tokens, and the hashes of metrics passwords"
