@@ -1126,3 +1126,21 @@ def test_a_finished_jobs_wake_up_is_dropped_so_watched_jobs_cost_no_memory_after
     loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
     loop.settle()
     assert job.job_id not in loop.feed._conditions
+
+
+def test_a_damaged_checkpoint_passed_over_is_said_in_the_jobs_history(loop):
+    from naive_model.results import Resumed
+
+    job = loop.submit()
+    resumed = Resumed(
+        path="/s/jobs/j/checkpoints/ckpt-16",
+        epoch=2,
+        step=16,
+        damaged=("ckpt-24 is damaged (Read less bytes than requested)",),
+    )
+    loop.running(job.job_id, resumed)
+    record = loop.record(job.job_id)
+    assert (record.transitions[-1].state, record.transitions[-1].reason) == (
+        RUNNING,
+        "checkpoint ckpt-24 is damaged (Read less bytes than requested); resumed from ckpt-16",
+    )

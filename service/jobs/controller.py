@@ -53,6 +53,7 @@ from service.protocol import (
     JobSpec,
     JobState,
     Progress,
+    Resumed,
     Running,
     StateChange,
     TrainingResult,
@@ -724,6 +725,10 @@ class JobController:
             if self.feed.record(job_id).state is JobState.STARTING:  # not when a cancel came first
                 data = f"; data {event.data}" if event.data else ""
                 self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s){data}")
+        elif isinstance(event, Resumed) and event.damaged:
+            # Its newest checkpoint was damaged: the job's history says which, and from where.
+            record = self.feed.record(job_id)
+            self._transition(job_id, record.state, event.describe_fallback())
         elif isinstance(event, Progress):
             run.step = event.step
             if not run.progressed:
