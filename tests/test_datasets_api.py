@@ -357,7 +357,8 @@ def test_a_job_on_a_pushed_name_is_pinned_to_its_version_and_holds_it_while_it_r
 ):
     """Push CSV and Parquet under one name; jobs train on each version; rm waits for them."""
     first = client.push_dataset(write_csv(tmp_path / "iris.csv"), name="iris", label_column="label")
-    long = client.submit({"dataset": "iris", "epochs": 100_000, "batchSize": 32})
+    layers = [{"units": 16, "activation": "relu"}, {"units": 3, "activation": "softmax"}]
+    long = client.submit({"dataset": "iris", "epochs": 100_000, "batchSize": 32, "layers": layers})
     reference = f"iris@{first.digest}"
     assert client.get(long.job_id).dataset_version == reference
     # A newer version under the name changes nothing for the job, which holds its own.
@@ -373,7 +374,7 @@ def test_a_job_on_a_pushed_name_is_pinned_to_its_version_and_holds_it_while_it_r
     client.delete_dataset(f"iris@{second.digest}")
     client.cancel(long.job_id)
     # A finished job no longer holds its version; a rerun names it exactly.
-    short = client.submit({"dataset": reference, "epochs": 1, "batchSize": 32})
+    short = client.submit({"dataset": reference, "epochs": 1, "batchSize": 32, "layers": layers})
     done = client.wait(short.job_id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
     assert done.dataset_version == reference and done.result.test_accuracy > 0
