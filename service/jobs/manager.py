@@ -190,6 +190,10 @@ class JobManager:
         )
         return demand
 
+    def check_spec(self, spec: JobSpec) -> None:
+        """Raise InvalidArgument (or FailedPrecondition) when this host would refuse the job."""
+        self._demand(spec)
+
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop serving jobs; running ones checkpoint and resume on the next start.
 
