@@ -65,6 +65,11 @@ METHOD_ACTIONS: dict[str, Action] = {
     f"/{SERVICE}/GetServerInfo": Action.READ,
     f"/{SERVICE}/GetJobLogs": Action.READ,
     f"/{SERVICE}/DownloadModel": Action.USE_MODEL,
+    f"/{SERVICE}/SubmitExperiment": Action.SUBMIT,
+    f"/{SERVICE}/GetExperiment": Action.READ,
+    f"/{SERVICE}/ListExperiments": Action.READ,
+    f"/{SERVICE}/WatchExperiment": Action.READ,
+    f"/{SERVICE}/CancelExperiment": Action.CANCEL,
     # Reflection describes the API: any authenticated principal may read it.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Action.READ,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Action.READ,

@@ -41,6 +41,7 @@ from service.api.servicer import TrainingServicer
 from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
 from service.devices import DeviceInventory, cpu_description, probe_devices
+from service.jobs.experiments import ExperimentManager
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
@@ -66,6 +67,7 @@ class TrainingServer:
         self.port: int = 0
         self.metrics_port: int | None = None
         self.manager: JobManager | None = None
+        self.experiments: ExperimentManager | None = None
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._metrics_http: MetricsHttpServer | None = None
@@ -124,6 +126,8 @@ class TrainingServer:
             python_version=platform.python_version(),
         )
         self.metrics.set_devices(inventory.counts)
+        # Told of every trial's events by the job loop; started after it, below.
+        self.experiments = ExperimentManager(config.state_dir, metrics=self.metrics)
         self.manager = JobManager(
             self._store,
             inventory=inventory,
@@ -145,6 +149,7 @@ class TrainingServer:
                 if config.ray_address
                 else None
             ),
+            observers=(self.experiments,),
         )
 
         server = grpc.server(
@@ -160,7 +165,10 @@ class TrainingServer:
             options=[("grpc.so_reuseport", 0)],
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(self.manager, max_streams=config.max_streams), server
+            TrainingServicer(
+                self.manager, max_streams=config.max_streams, experiments=self.experiments
+            ),
+            server,
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -181,6 +189,7 @@ class TrainingServer:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {host_port(config.bind_address, config.port)}")
         self.manager.start()
+        self.experiments.start(self.manager)
         server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
@@ -259,6 +268,8 @@ class TrainingServer:
         self._stopped.set()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
+        if self.experiments is not None:  # first: no trial is submitted as jobs stop
+            self.experiments.stop()
         if self.manager is not None:
             self.manager.shutdown(self.config.shutdown_grace_seconds)
         if self._server is not None:

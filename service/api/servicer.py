@@ -17,11 +17,13 @@ import numpy as np
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from service.api import convert
+from service.api import convert, experiment_convert
 from service.api.auth import principal_of
 from service.jobs import validation
 from service.jobs.datasets import check_dataset_name
-from service.jobs.errors import ResourceExhausted
+from service.jobs.errors import ResourceExhausted, Unavailable
+from service.jobs.experiment_spec import check_experiment_id
+from service.jobs.experiments import ExperimentManager
 from service.jobs.manager import JobManager
 
 
@@ -29,10 +31,19 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Args:
     max_streams: WatchJob, GetJobLogs and DownloadModel streams open at once;
         past it, RESOURCE_EXHAUSTED.
+    experiments: runs SubmitExperiment and the other experiment RPCs (None:
+        they are UNAVAILABLE).
     """
 
-    def __init__(self, manager: JobManager, *, max_streams: int = 512):
+    def __init__(
+        self,
+        manager: JobManager,
+        *,
+        max_streams: int = 512,
+        experiments: ExperimentManager | None = None,
+    ):
         self.manager = manager
+        self._experiments = experiments
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
 
@@ -151,3 +162,57 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.ServerInfo:
         return convert.server_info_to_proto(self.manager.status())
+
+    # -- experiments ---------------------------------------------------------------
+
+    @property
+    def experiments(self) -> ExperimentManager:
+        if self._experiments is None:
+            raise Unavailable("this server runs no experiments")
+        return self._experiments
+
+    def SubmitExperiment(
+        self, request: pb.SubmitExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        validation.check_request_id(request.request_id)
+        with convert.fields_under("spec"):
+            spec = experiment_convert.experiment_spec_from_proto(request.spec)
+            record = self.experiments.submit(
+                spec, request.request_id, principal=principal_of(context)
+            )
+        return experiment_convert.experiment_to_proto(record)
+
+    def GetExperiment(
+        self, request: pb.GetExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        check_experiment_id(request.experiment_id)
+        record = self.experiments.get(request.experiment_id, principal=principal_of(context))
+        return experiment_convert.experiment_to_proto(record)
+
+    def ListExperiments(
+        self, request: pb.ListExperimentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListExperimentsResponse:
+        page_size, _ = validation.check_page(request.page_size, "")
+        records = self.experiments.list(limit=page_size, principal=principal_of(context))
+        return pb.ListExperimentsResponse(
+            experiments=[experiment_convert.experiment_to_proto(record) for record in records]
+        )
+
+    def WatchExperiment(
+        self, request: pb.WatchExperimentRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Experiment]:
+        check_experiment_id(request.experiment_id)
+        self.experiments.get(request.experiment_id, principal=principal_of(context))
+        records = self.experiments.watch(request.experiment_id, is_active=context.is_active)
+        principal = principal_of(context)
+        with self._stream_slot("WatchExperiment"):
+            for record in records:
+                record = self.experiments.get(record.experiment_id, principal=principal)
+                yield experiment_convert.experiment_to_proto(record)
+
+    def CancelExperiment(
+        self, request: pb.CancelExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        check_experiment_id(request.experiment_id)
+        record = self.experiments.cancel(request.experiment_id, principal=principal_of(context))
+        return experiment_convert.experiment_to_proto(record)
