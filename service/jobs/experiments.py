@@ -58,7 +58,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
 
 from service.jobs.access import LOCAL, TRAINER, Action, Principal, authorize, may_see_request_id
-from service.jobs.controller import CancelJob
+from service.jobs.controller import CancelJob, JobController
 from service.jobs.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -77,7 +77,8 @@ from service.jobs.experiment_spec import (
     trial_request_id,
     trial_spec,
 )
-from service.jobs.store import Event, JobRecord
+from service.jobs.feed import JobFeed
+from service.jobs.store import Event, JobRecord, Store
 from service.protocol import EpochEnd, JobSpec, JobState, StateChange, TrainingResult
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,9 @@ class ExperimentMetrics(Protocol):
 class TrialJobs(Protocol):
     """What the loop needs of the jobs' side (`JobManager`)."""
 
-    feed: Any  # JobFeed
-    store: Any  # Store
-    controller: Any  # JobController
+    feed: JobFeed
+    store: Store
+    controller: JobController
 
     def submit(self, spec: JobSpec, request_id: str = "", *, principal: Principal) -> JobRecord: ...
     def check_spec(self, spec: JobSpec) -> None: ...
