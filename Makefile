@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # Ray (about 2.5 minutes more to install) only for the tests of multi_worker jobs.
 RAY_STAMP := $(VENV)/.ray-installed-stamp
 
-.PHONY: demo test test-fast lint proto bench certs gpu-smoke clean
+.PHONY: demo test test-fast lint proto dashboard bench certs gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) -m service.protogen
+
+# deploy/grafana/dashboards/ntrain.json, from deploy/grafana/dashboard.py.
+dashboard: $(STAMP)
+	$(PY) deploy/grafana/dashboard.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput --json benchmarks/results/throughput.json

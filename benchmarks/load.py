@@ -41,7 +41,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, publish
-from service.cli.demo import LocalServer
+from service.cli.local_server import LocalServer
 from service.cli.specs import book_job_spec
 
 TARGETS = {"cpu_ms_per_rpc": 0.5, "p99_ms": 50.0, "training_drop": 0.10}
@@ -253,9 +253,8 @@ def run(args) -> dict:
     data_dir = SHARED_MNIST.parent if SHARED_MNIST.is_file() and not args.quick else None
     dataset = "mnist" if data_dir is not None else "synthetic"
     with tempfile.TemporaryDirectory(prefix="ntrain-load-") as state:
-        server = LocalServer(
-            Path(state), data_dir, dict(os.environ), extra_args=("--no-warm-worker",)
-        )
+        data_args = [] if data_dir is None else ["--data-dir", str(data_dir)]
+        server = LocalServer(Path(state), [*data_args, "--no-warm-worker"])
         try:
             channel = grpc.insecure_channel(server.address)
             stub = training_pb2_grpc.TrainingServiceStub(channel)

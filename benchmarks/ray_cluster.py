@@ -29,6 +29,7 @@ from pathlib import Path
 from ntrain.v1 import training_pb2 as pb
 
 from ntrain.client import Client
+from service.cli.local_server import LocalServer
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
@@ -129,6 +130,62 @@ class NetnsRayCluster:
         if self._created:
             subprocess.run(["ip", "netns", "delete", self.namespace], check=False)
             self._created = False
+
+
+# -- a scenario on the cluster: its data, its run, its server -----------------------------
+
+
+def write_blobs(work: Path) -> None:
+    """The scenarios' data set: 8192 synthetic examples of 64 features, `work/data/blobs.npz`."""
+    import numpy as np
+
+    from naive_model.data import synthetic_dataset
+
+    (work / "data").mkdir(exist_ok=True)
+    blobs = synthetic_dataset(num_train=8192, num_test=512, input_size=64, seed=5)
+    np.savez(
+        work / "data" / "blobs.npz",
+        x_train=blobs.x_train,
+        y_train=blobs.y_train,
+        x_test=blobs.x_test,
+        y_test=blobs.y_test,
+    )
+
+
+def run_inside(work: Path, command: list[str], out: Path, timeout: float):
+    """Start a cluster, run `command RAY_ADDRESS WORK OUT` in its namespace, stop it.
+
+    Returns:
+        The finished process (output captured) and whether every process of the
+        namespace was gone after the stop.
+    """
+    cluster = NetnsRayCluster(work)
+    try:
+        cluster.start()
+        done = subprocess.run(
+            cluster.in_namespace(*command, RAY_ADDRESS, str(work), str(out)),
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        cluster.stop()
+    return done, not cluster.pids()
+
+
+def ray_server(work: Path, ray_address: str) -> LocalServer:
+    """`ntrain serve --ray-address` inside the namespace, on the scenario's data and state."""
+    return LocalServer(
+        work / "state",
+        [
+            f"--data-dir={work / 'data'}",
+            f"--ray-address={ray_address}",
+            "--no-metrics",
+            "--no-warm-worker",
+        ],
+        log_path=work / "server.log",
+    )
 
 
 # -- following multi_worker jobs on the cluster ----------------------------------------

@@ -15,31 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.ray_cluster import RAY_ADDRESS, NetnsRayCluster, follow, ray_logs, spec
+from benchmarks.ray_cluster import follow, ray_logs, ray_server, run_inside, spec, write_blobs
 from ntrain.client import Client
-from service.cli.local_server import LocalServer
 
-REPO = Path(__file__).resolve().parent.parent
 HOSTS = (2, 1, 2)
 
 
 def measure_inside(ray_address: str, work: Path) -> dict:
     """In the namespace: a server and one job per entry of HOSTS."""
-    server = LocalServer(
-        work / "state",
-        [
-            f"--data-dir={work / 'data'}",
-            f"--ray-address={ray_address}",
-            "--no-metrics",
-            "--no-warm-worker",
-        ],
-        log_path=work / "server.log",
-    )
+    server = ray_server(work, ray_address)
     runs = []
     try:
         client = Client(server.address, timeout=30)
@@ -81,34 +69,13 @@ def main() -> None:
 
     import tempfile
 
-    import numpy as np
-
-    from naive_model.data import synthetic_dataset
-
     work = Path(tempfile.mkdtemp(prefix="ntrain-ray-bench-"))
-    (work / "data").mkdir()
-    blobs = synthetic_dataset(num_train=8192, num_test=512, input_size=64, seed=5)
-    np.savez(
-        work / "data" / "blobs.npz",
-        x_train=blobs.x_train,
-        y_train=blobs.y_train,
-        x_test=blobs.x_test,
-        y_test=blobs.y_test,
-    )
-    cluster = NetnsRayCluster(work)
+    write_blobs(work)
     out = work / "figures.json"
-    try:
-        cluster.start()
-        command = [sys.executable, "-m", "benchmarks.ray_scaling", "--inside"]
-        subprocess.run(
-            cluster.in_namespace(*command, RAY_ADDRESS, str(work), str(out)),
-            env=cluster.env,
-            cwd=REPO,
-            timeout=1800,
-            check=True,
-        )
-    finally:
-        cluster.stop()
+    command = [sys.executable, "-m", "benchmarks.ray_scaling", "--inside"]
+    done, _ = run_inside(work, command, out, timeout=1800)
+    if done.returncode:
+        raise SystemExit(f"the scenario failed:\n{(done.stdout + done.stderr)[-4000:]}")
     figures = json.loads(out.read_text())
     for run in figures["runs"]:
         print(

@@ -91,8 +91,9 @@ def run_training(
     finally the `TrainingResult`, which is also returned.
 
     Args:
-        should_stop: asked between compiled calls; True saves a checkpoint
-            there (when there is a checkpoint_dir) and ends the run.
+        should_stop: asked between compiled calls (an epoch's end included);
+            True saves a checkpoint there (when there is a checkpoint_dir) and
+            ends the run.
 
     Raises:
         TrainingStopped: `should_stop` returned True; the checkpoint saved
@@ -118,13 +119,17 @@ def run_training(
             )
 
     last_save = time.monotonic()
+    saved_step = -1  # the global step of the last checkpoint this run saved
 
     def save() -> None:
-        nonlocal last_save
+        nonlocal last_save, saved_step
         assert checkpoint_dir is not None
+        if saved_step == trainer.global_step:
+            return  # saved at this very step already (an epoch's due checkpoint)
         start = time.perf_counter()
         path = trainer.save_checkpoint(checkpoint_dir, max_to_keep=options.max_checkpoints)
         last_save = time.monotonic()
+        saved_step = trainer.global_step
         emit(
             CheckpointSaved(
                 path=path,
@@ -135,11 +140,14 @@ def run_training(
             )
         )
 
-    def between_calls() -> None:
+    def stop_if_asked() -> None:
         if should_stop is not None and should_stop():
             if checkpoint_dir is not None:
                 save()
             raise TrainingStopped(trainer.epoch + 1, trainer.global_step)
+
+    def between_calls() -> None:
+        stop_if_asked()
         seconds = options.checkpoint_seconds
         if checkpoint_dir is not None and seconds and time.monotonic() - last_save >= seconds:
             save()
@@ -153,6 +161,9 @@ def run_training(
     train_seconds = 0.0
     last = None
     while trainer.epoch < last_epoch:
+        # Between epochs is between compiled calls too: with a whole epoch per
+        # call, it is the only place a stop is seen.
+        stop_if_asked()
         epoch = trainer.epoch + 1
         last = trainer.train_epoch(
             on_progress,

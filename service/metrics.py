@@ -192,6 +192,13 @@ class ServiceMetrics:
             buckets=CHECKPOINT_BUCKETS,
             registry=r,
         )
+        self.job_preemptions = Counter(
+            "ntrain_job_preemptions",
+            "Times the job was stopped at a step boundary to make room for a job of higher "
+            "priority (it resumes where it stood).",
+            JOB_LABELS,
+            registry=r,
+        )
         # What TensorFlow's allocator reports (tf.config.experimental.get_memory_info):
         # memory given to tensors, not the CUDA context or the allocator's unused pool.
         self.gpu_memory_in_use = Gauge(
@@ -212,7 +219,7 @@ class ServiceMetrics:
             self.train_batches, self.train_examples, self.train_loss, self.train_accuracy,
             self.train_epoch, self.train_examples_per_second, self.train_running,
             self.train_step_duration, self.eval_loss, self.eval_accuracy,
-            self.checkpoint_save_duration,
+            self.checkpoint_save_duration, self.job_preemptions,
         )  # fmt: skip
 
         # The service. Label values come from small fixed sets.
@@ -259,6 +266,12 @@ class ServiceMetrics:
             ("version", "tensorflow_version", "python_version"),
             registry=r,
         )
+        self.mlflow_log_failures = Counter(
+            "ntrain_mlflow_log_failures",
+            "Calls to the MLflow tracking server that failed or were dropped; the job's log "
+            "says which.",
+            registry=r,
+        )
         # Series that exist from the start, so rates and alerts see the first change.
         for state in JobState:
             self.jobs.labels(state.name).set(0)
@@ -288,6 +301,10 @@ class ServiceMetrics:
         """Jobs by state, labelled by its name; every state is exposed, states not given read 0."""
         for state in JobState:
             self.jobs.labels(state.name).set(counts.get(state, 0))
+
+    def mlflow_log_failed(self) -> None:
+        """One call to the MLflow tracking server failed or was dropped (`MlflowTracker`)."""
+        self.mlflow_log_failures.inc()
 
     # -- experiments -----------------------------------------------------------------
 
@@ -379,6 +396,10 @@ class ServiceMetrics:
         self._track(job_id, strategy, device)
         self.gpu_memory_in_use.labels(job_id, strategy, device).set(bytes_in_use)
         self.gpu_memory_peak.labels(job_id, strategy, device).set(peak_bytes)
+
+    def job_preempted(self, job_id: str, strategy: str) -> None:
+        self._track(job_id, strategy)
+        self.job_preemptions.labels(job_id, strategy).inc()
 
     def job_finished(self, job_id: str, outcome: str, duration_seconds: float) -> None:
         """Count the outcome and start the retention window of the job's series.

@@ -51,6 +51,10 @@ class JobState(enum.Enum):
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
+# How urgent a job is: larger runs first and may preempt smaller.
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100}
+
 # The strategies of jobs on the server's own host; multi_worker jobs run on a
 # Ray cluster instead (the server's --ray-address).
 SERVICE_STRATEGIES = tuple(name for name in STRATEGIES if name != "multi_worker")
@@ -72,6 +76,7 @@ class JobSpec:
     name: str = ""  # for people; not unique
     # (key, value) pairs sorted by key: a tuple, so that the spec stays hashable.
     labels: tuple[tuple[str, str], ...] = ()
+    priority: int = 0  # larger is more urgent (PRIORITY_CLASSES)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the store."""
@@ -159,6 +164,7 @@ class ModelFilePart:
     path: str
     data: bytes
     offset: int
+    sha256: str = ""  # on a file's last piece: the whole file's SHA-256, in hex
 
 
 # -- tasks: what the server asks of a worker ----------------------------------------
@@ -177,6 +183,8 @@ class TrainTask:
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
     # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
     gpu_memory_limit_mb: int = 0
+    # How often the worker says it is alive, whatever its compiled calls are doing (0: never).
+    heartbeat_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +223,11 @@ ServerMessage = TrainTask | EvaluateTask | PredictTask | StopTraining | Describe
 @dataclass(frozen=True)
 class Ready:
     """A warm worker has TensorFlow imported and waits for its task."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A training worker is alive (sent from a thread of its own, between and during calls)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +295,7 @@ class ModelCacheState:
 
 WorkerEvent = (
     Ready
+    | Heartbeat
     | Running
     | Progress
     | EpochEnd
@@ -408,7 +422,11 @@ __all__ = [
     "Evaluation",
     "EvaluateTask",
     "Failed",
+    "Heartbeat",
     "JobState",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
+    "PRIORITY_CLASSES",
     "JobEventPayload",
     "JobFiles",
     "JobSpec",

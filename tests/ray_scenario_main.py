@@ -23,9 +23,8 @@ from pathlib import Path
 
 from ntrain.v1 import training_pb2 as pb
 
-from benchmarks.ray_cluster import follow, ray_logs, spec
+from benchmarks.ray_cluster import follow, ray_logs, ray_server, spec
 from ntrain.client import Client
-from service.cli.local_server import LocalServer
 
 JOB_SECONDS = 420.0
 
@@ -56,16 +55,7 @@ def train_workers() -> list[int]:
 
 def main() -> None:
     ray_address, work, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    server = LocalServer(
-        work / "state",
-        [
-            f"--data-dir={work / 'data'}",
-            f"--ray-address={ray_address}",
-            "--no-metrics",
-            "--no-warm-worker",
-        ],
-        log_path=work / "server.log",
-    )
+    server = ray_server(work, ray_address)
     report: dict = {}
     try:
         client = Client(server.address, timeout=30)

@@ -7,6 +7,7 @@ by a real gRPC server on port 0.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import signal
 import subprocess
@@ -318,6 +319,21 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
     def SubmitJob(self, request, context):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be positive, got 0")
 
+    MODEL = {"saved_model.pb": b"graph" * 100, "variables/variables.index": b"index"}
+
+    def DownloadModel(self, request, context):
+        """The model; the first stream drops after one file, job2's last file arrives damaged."""
+        with self.lock:
+            self.download_requests = getattr(self, "download_requests", 0) + 1
+            attempt = self.download_requests
+        for number, (path, data) in enumerate(sorted(self.MODEL.items())):
+            if attempt == 1 and number == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server went away")
+            digest = hashlib.sha256(data).hexdigest()
+            if request.job_id == "job2" and number == 1:
+                data = data[:-1] + b"X"
+            yield training_pb2.ModelChunk(path=path, data=data, offset=0, sha256=digest)
+
 
 @pytest.fixture
 def fake_server():
@@ -354,12 +370,32 @@ def test_a_followed_log_reconnects_where_it_stopped(fake_server):
             list(api.logs("job1"))
 
 
+def test_a_download_that_breaks_off_starts_again_and_checks_every_file(fake_server, tmp_path):
+    service, address = fake_server
+    with client.Client(address) as api:
+        folder = api.download_model("job1", tmp_path / "model")
+        assert service.download_requests == 2
+        for path, data in FlakyService.MODEL.items():
+            assert (folder / path).read_bytes() == data
+        with pytest.raises(client.DownloadError, match="arrived damaged"):
+            api.download_model("job2", tmp_path / "damaged")
+        assert not (tmp_path / "damaged" / "1").exists()  # nothing half-written is left
+
+
 def test_watch_command_follows_to_the_end_and_exits_0(fake_server, capsys):
     _, address = fake_server
     assert cli_main(["watch", "job1", "--address", address]) == cli_errors.EXIT_OK
-    out = capsys.readouterr().out
-    assert "connection lost; reconnecting from event 3" in out
+    out, err = capsys.readouterr()
+    assert err == "ntrain: connection lost; reconnecting from event 3\n"
     assert out.count("RUNNING") == 1 and "SUCCEEDED" in out
+
+
+def test_logs_command_reconnects_where_it_stopped_and_says_so(fake_server, capsys):
+    _, address = fake_server
+    assert cli_main(["logs", "-f", "job1", "--address", address]) == cli_errors.EXIT_OK
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"line {index}" for index in range(6)]
+    assert err == "ntrain logs: connection lost; reconnecting at byte 14\n"
 
 
 def test_loopback_addresses_bypass_a_configured_proxy(fake_server, unused_port, monkeypatch):
@@ -413,9 +449,10 @@ def unused_port():
         return sock.getsockname()[1]
 
 
-def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys):
+@pytest.fixture
+def served_configs(monkeypatch) -> list:
+    """The ServerConfig each `ntrain serve` built, for a server that refuses to start."""
     import service.api.server
-    from service.cli import main
 
     seen = []
 
@@ -431,9 +468,34 @@ def test_serve_passes_the_job_series_retention_to_the_server(monkeypatch, capsys
 
     monkeypatch.setattr(service.api.server, "TrainingServer", RefusingServer)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+    return seen
+
+
+def test_serve_passes_the_job_series_retention_to_the_server(served_configs, capsys):
+    from service.cli import main
+
+    seen = served_configs
     assert main(["serve", "--job-series-retention", "30", "--no-metrics"]) == 1
     assert seen[0].job_series_retention_seconds == 30.0
     assert "cannot start the server" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         main(["serve", "--job-series-retention", "-1"])
     assert error.value.code == 2
+
+
+def test_serve_passes_the_mlflow_tracking_uri_and_refuses_one_that_is_no_url(served_configs):
+    from service.cli import main
+
+    seen = served_configs
+    uri = "http://127.0.0.1:5000"
+    assert main(["serve", "--mlflow-tracking-uri", uri, "--no-metrics"]) == 1
+    assert seen[0].mlflow_tracking_uri == uri
+    assert main(["serve", "--no-metrics"]) == 1
+    assert seen[1].mlflow_tracking_uri is None
+
+    from service.api.server_config import ServerConfig, check_config
+
+    for bad in ("mlflow:5000", "127.0.0.1:5000", "sqlite:///mlflow.db"):
+        config = ServerConfig(port=0, metrics_port=None, mlflow_tracking_uri=bad)
+        with pytest.raises(ValueError, match="mlflow tracking uri must be http"):
+            check_config(config)

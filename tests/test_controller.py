@@ -18,6 +18,7 @@ from naive_model.config import TrainConfig
 from naive_model.results import CheckpointSaved, EpochEnd, Progress, TrainingResult
 from service.jobs.controller import (
     SHUTDOWN,
+    STARTUP_SECONDS,
     CancelJob,
     JobController,
     Placement,
@@ -38,7 +39,7 @@ from service.jobs.runner import CANCEL, RunEnd, RunnerThread, RunOutcome, Stop
 from service.jobs.scheduler import Demand, Scheduler, demand_for
 from service.jobs.store import JobRecord, Store
 from service.metrics import ServiceMetrics
-from service.protocol import TERMINAL_STATES, JobSpec, JobState, Running, StateChange
+from service.protocol import TERMINAL_STATES, Heartbeat, JobSpec, JobState, Running, StateChange
 
 QUEUED, STARTING, RUNNING = JobState.QUEUED, JobState.STARTING, JobState.RUNNING
 CANCELLING, SUCCEEDED = JobState.CANCELLING, JobState.SUCCEEDED
@@ -738,3 +739,360 @@ def test_a_runner_thread_reports_one_outcome_with_its_stop_applied(outcome, stop
         run.release.set()
     run.join(5.0)
     assert run.ended == [reported]
+
+
+# -- priority and preemption (a faked 8-GPU host where GPUs matter) ------------------------------
+
+LOW, NORMAL, HIGH = -100, 0, 100
+
+
+def test_the_queue_runs_the_most_urgent_job_first_then_the_oldest(loop):
+    loop.submit()  # holds the CPU slot
+    old_low = loop.submit(spec(priority=LOW))
+    normal = loop.submit(spec(priority=NORMAL))
+    assert loop.controller.scheduler.waiting == [normal.job_id, old_low.job_id]
+
+
+def test_an_urgent_cpu_job_preempts_the_running_one_which_resumes_where_it_stood(loop):
+    low = loop.submit(spec(priority=LOW))
+    saved = CheckpointSaved(path="/c", epoch=1, step=4, seconds=0.1, step_in_epoch=4)
+    victim = loop.running(low.job_id, progress(4), saved)
+    high = loop.submit(spec(priority=HIGH))
+    assert high.state is QUEUED and victim.stop_requests == 1 and victim.stops == []
+    victim.end(RunEnd.STOPPED, "stopped in epoch 1 at step 4")
+    loop.settle()
+    assert loop.record(high.job_id).state is STARTING
+    record = loop.record(low.job_id)
+    assert record.state is QUEUED and record.preemptions == 1 and record.restarts == 0
+    assert record.transitions[-1].reason == (
+        f"preempted by {high.job_id} (preemption 1); stopped in epoch 1 at step 4; "
+        "resumes from epoch 2, step 4 of it"
+    )
+    assert loop.sample("ntrain_job_preemptions_total", job_id=low.job_id, strategy="cpu") == 1
+    loop.runner(high.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert loop.record(low.job_id).state is STARTING  # resumed from its checkpoint
+
+
+def test_a_preempted_job_goes_back_ahead_of_the_others_of_its_priority(loop):
+    low = loop.submit(spec(priority=LOW))
+    waiting_low = loop.submit(spec(priority=LOW))
+    high = loop.submit(spec(priority=HIGH))
+    loop.runner(low.job_id).end(RunEnd.STOPPED, "stopped")
+    loop.settle()
+    assert loop.controller.scheduler.waiting == [low.job_id, waiting_low.job_id]
+    assert loop.record(high.job_id).state is STARTING
+
+
+@pytest.mark.parametrize("priority", [NORMAL, LOW], ids=["equal", "lower"])
+def test_no_preemption_by_an_equal_or_lower_priority(loop, priority):
+    running = loop.submit(spec(priority=NORMAL))
+    loop.submit(spec(priority=priority))
+    assert loop.runner(running.job_id).stop_requests == 0
+
+
+def gpu_job(priority: int, gpus: int = 1) -> JobSpec:
+    return spec("mirrored" if gpus > 1 else "gpu", priority=priority, device_count=gpus)
+
+
+def fill(loop: Harness, *jobs: JobSpec) -> list[JobRecord]:
+    records = [loop.submit(job) for job in jobs]
+    assert all(record.state is STARTING for record in records)
+    return records
+
+
+def victims(loop: Harness, records: list[JobRecord]) -> list[int]:
+    """Which of `records` were asked to stop, by position."""
+    return [i for i, r in enumerate(records) if loop.runner(r.job_id).stop_requests]
+
+
+def test_the_victim_is_the_lowest_priority_first(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    running = fill(loop, *[gpu_job(NORMAL)] * 7, gpu_job(LOW))
+    loop.submit(gpu_job(HIGH))
+    assert victims(loop, running) == [7]
+
+
+def test_among_equals_the_victim_is_the_one_that_loses_the_least_work(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    running = fill(loop, *[gpu_job(LOW)] * 8)
+    for index, record in enumerate(running):
+        saved = CheckpointSaved(path="/c", epoch=1, step=10, seconds=0.1)
+        loop.running(record.job_id, saved, progress(10 + (3 if index == 5 else 20)))
+    loop.submit(gpu_job(HIGH))
+    assert victims(loop, running) == [5]
+
+
+def test_among_equals_losing_as_much_the_victim_is_the_newest(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    running = []
+    for _ in range(8):
+        running += fill(loop, gpu_job(LOW))
+        loop.clock.advance(1.0)
+    loop.submit(gpu_job(HIGH))
+    assert victims(loop, running) == [7]
+
+
+def test_the_fewest_victims_that_free_enough(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    # Four one-GPU jobs, then one of four GPUs: all alike but for their size.
+    running = fill(loop, *[gpu_job(LOW)] * 4, gpu_job(LOW, gpus=4))
+    loop.submit(gpu_job(HIGH, gpus=4))
+    assert victims(loop, running) == [4]
+
+
+def test_lower_priorities_are_drawn_on_before_fewer_victims(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    # Four one-GPU jobs of the lowest priority, and one of four GPUs just above them.
+    running = fill(loop, *[gpu_job(LOW - 1)] * 4, gpu_job(LOW, gpus=4))
+    loop.submit(gpu_job(HIGH, gpus=4))
+    assert victims(loop, running) == [0, 1, 2, 3]
+
+
+def test_two_victims_when_one_is_not_enough(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    running = fill(loop, *[gpu_job(NORMAL, gpus=2)] * 3, gpu_job(LOW), gpu_job(LOW))
+    assert loop.controller.scheduler.free_gpus == ()
+    loop.submit(gpu_job(HIGH, gpus=3))  # both LOW jobs free 2: one NORMAL job too
+    assert victims(loop, running) == [0, 3]
+
+
+def test_no_victims_when_stopping_every_lower_job_frees_too_little(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    running = fill(loop, *[gpu_job(HIGH, gpus=2)] * 3, gpu_job(LOW, gpus=2))
+    loop.submit(gpu_job(HIGH, gpus=4))
+    assert victims(loop, running) == []
+
+
+def test_a_job_waiting_for_its_victims_keeps_freed_gpus_from_jobs_behind_it(tmp_path):
+    loop = Harness(tmp_path, gpus=8)
+    running = fill(loop, *[gpu_job(NORMAL)] * 6, gpu_job(LOW, gpus=2))
+    urgent = loop.submit(gpu_job(HIGH, gpus=2))
+    assert victims(loop, running) == [6]
+    behind = loop.submit(gpu_job(NORMAL))
+    loop.runner(running[0].job_id).end(RunEnd.SUCCEEDED)  # a GPU frees on its own
+    loop.settle()
+    assert loop.record(behind.job_id).state is QUEUED  # held for the urgent job
+    loop.runner(running[6].job_id).end(RunEnd.STOPPED, "stopped")
+    loop.settle()
+    assert loop.record(urgent.job_id).state is STARTING
+    assert loop.record(behind.job_id).state is STARTING  # on the GPU that freed first
+
+
+def test_backfill_still_lets_a_small_job_pass_a_waiting_big_one(tmp_path):
+    loop = Harness(tmp_path, gpus=8, backfill_seconds=600.0)
+    fill(loop, *[gpu_job(NORMAL)] * 6)
+    big = loop.submit(gpu_job(NORMAL, gpus=4))
+    small = loop.submit(gpu_job(NORMAL))
+    assert loop.record(big.job_id).state is QUEUED
+    assert loop.record(small.job_id).state is STARTING
+
+
+def test_a_resumed_job_is_not_preempted_again_before_its_minimum_run(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._min_run = 100.0
+    low = loop.submit(spec(priority=LOW))
+    first = loop.submit(spec(priority=HIGH))
+    loop.runner(low.job_id).end(RunEnd.STOPPED, "stopped")
+    loop.settle()
+    loop.runner(first.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    resumed = loop.runner(low.job_id)
+    second = loop.submit(spec(priority=HIGH))
+    assert resumed.stop_requests == 0 and loop.record(second.job_id).state is QUEUED
+    assert loop.controller._seconds_to_next_deadline() == 100.0
+    loop.clock.advance(100.0)
+    loop.controller.tick()
+    assert resumed.stop_requests == 1
+
+
+def test_a_victim_that_outlasts_the_grace_is_killed_and_resumes_from_its_checkpoint(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._preemption_grace = 30.0
+    low = loop.submit(spec(priority=LOW))
+    victim = loop.running(low.job_id, CheckpointSaved(path="/c", epoch=1, step=5, seconds=0.1))
+    loop.submit(spec(priority=HIGH))
+    loop.clock.advance(30.0)
+    loop.controller.tick()
+    (stop,) = victim.stops
+    assert stop.end is RunEnd.STOPPED and "preemption grace of 30 s" in stop.reason
+    victim.end(stop.end, stop.reason)
+    loop.settle()
+    record = loop.record(low.job_id)
+    assert record.state is QUEUED and record.preemptions == 1 and record.restarts == 0
+    assert record.transitions[-1].reason.endswith("resumes from epoch 1")
+
+
+def test_a_victim_that_finishes_before_it_stops_succeeds(loop):
+    low = loop.submit(spec(priority=LOW))
+    high = loop.submit(spec(priority=HIGH))
+    loop.running(low.job_id, RESULT)
+    loop.runner(low.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert loop.record(low.job_id).state is SUCCEEDED
+    assert loop.record(low.job_id).preemptions == 0
+    assert loop.record(high.job_id).state is STARTING
+
+
+def test_a_server_killed_mid_preemption_resumes_every_job_once_urgent_first(loop, tmp_path):
+    low = loop.submit(spec(priority=LOW))
+    loop.running(low.job_id, CheckpointSaved(path="/c", epoch=1, step=5, seconds=0.1))
+    high = loop.submit(spec(priority=HIGH))
+    assert loop.runner(low.job_id).stop_requests == 1
+    # kill -9 now: no shutdown, no end of the run; a new server takes the store.
+    after = loop.restarted(tmp_path)
+    after.controller.recover()
+    assert after.record(high.job_id).state is STARTING
+    record = after.record(low.job_id)
+    assert record.state is QUEUED
+    assert record.transitions[-1].reason == "resumed from epoch 1 after a server restart"
+    assert after.runners.made.keys() == {high.job_id}
+    after.runner(high.job_id).end(RunEnd.SUCCEEDED)
+    after.settle()
+    assert after.record(low.job_id).state is STARTING
+    assert [len(runs) for runs in after.runners.made.values()] == [1, 1]
+
+
+# -- a hung worker -------------------------------------------------------------------------------
+
+
+def test_a_worker_that_sends_nothing_past_the_limit_is_killed_and_restarted(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._hang = 30.0
+    job = loop.submit()
+    runner = loop.running(job.job_id, CheckpointSaved(path="/c", epoch=1, step=5, seconds=0.1))
+    for _ in range(5):  # heartbeats keep a long compiled call alive
+        loop.clock.advance(20.0)
+        loop.running(job.job_id, Heartbeat())
+        loop.controller.tick()
+    assert runner.stops == []
+    assert loop.controller._seconds_to_next_deadline() == 30.0
+    loop.clock.advance(30.0)
+    loop.controller.tick()
+    (stop,) = runner.stops
+    assert stop.end is RunEnd.WORKER_DIED and "sent nothing for 30 s: it hung" in stop.reason
+    runner.end(stop.end, stop.reason)
+    loop.settle()
+    record = loop.record(job.job_id)
+    assert record.restarts == 1 and record.state is STARTING
+    assert record.transitions[-2].reason == (
+        "the worker sent nothing for 30 s: it hung, and was killed; restart 1 of 2, "
+        "from epoch 1"
+    )
+
+
+def test_a_ray_job_is_not_taken_for_hung(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._hang = 30.0
+    job = loop.submit(spec("multi_worker", hosts=2))
+    loop.clock.advance(300.0)
+    loop.controller.tick()
+    assert loop.runner(job.job_id).stops == []
+
+
+def test_a_worker_gets_longer_for_its_first_word(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._hang = 30.0
+    job = loop.submit()
+    loop.clock.advance(STARTUP_SECONDS - 1)
+    loop.controller.tick()
+    assert loop.runner(job.job_id).stops == []
+    loop.clock.advance(1)
+    loop.controller.tick()
+    assert [stop.end for stop in loop.runner(job.job_id).stops] == [RunEnd.WORKER_DIED]
+
+
+# -- bookkeeping that fails ------------------------------------------------------------------
+
+
+def failing_appends(store: Store, count: int) -> None:
+    """The store's next `count` appends fail as a full disk makes them fail."""
+    real = store.append_event
+    left = [count]
+
+    def append_event(*args, **kwargs):
+        if left[0]:
+            left[0] -= 1
+            raise ResourceExhausted("the state directory /s is full: database or disk is full")
+        return real(*args, **kwargs)
+
+    store.append_event = append_event  # type: ignore[method-assign]
+
+
+def test_an_end_that_cannot_be_recorded_is_retried_and_the_job_fails_with_why(loop):
+    job = loop.submit()
+    loop.running(job.job_id)
+    failing_appends(loop.store, 2)  # SUCCEEDED, then the first FAILED
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert loop.record(job.job_id).state is RUNNING
+    assert loop.controller.snapshot.running == {}  # its devices are free
+    assert loop.controller._seconds_to_next_deadline() == 5.0
+    loop.clock.advance(5.0)
+    loop.controller.tick()
+    record = loop.record(job.job_id)
+    assert record.state is FAILED
+    assert record.failure_reason == (
+        "the server could not record the job: "
+        "the state directory /s is full: database or disk is full"
+    )
+
+
+def test_progress_that_cannot_be_recorded_stops_the_run(loop):
+    job = loop.submit()
+    runner = loop.running(job.job_id)
+    failing_appends(loop.store, 1)
+    runner.report(progress(1))
+    loop.settle()
+    (stop,) = runner.stops
+    assert stop.end is RunEnd.FAILED and "state directory /s is full" in stop.reason
+    runner.end(stop.end, stop.reason)
+    loop.settle()
+    assert loop.record(job.job_id).failure_reason == stop.reason
+
+
+def test_a_job_that_cannot_be_started_fails_and_the_submission_still_answers(loop):
+    failing_appends(loop.store, 1)  # its STARTING transition
+    job = loop.submit()
+    assert job.state is FAILED
+    assert job.failure_reason.startswith("the server could not start the job: ")
+    assert loop.controller.snapshot.running == {}
+
+
+# -- tracking ----------------------------------------------------------------------------------
+
+
+class FakeTracker:
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+
+    def job_started(self, record):
+        self.calls.append(("started", record.state))
+
+    def epoch_end(self, job_id, epoch):
+        self.calls.append(("epoch", epoch.epoch))
+
+    def job_ended(self, record, model_dir):
+        self.calls.append(("ended", record.state))
+
+
+def test_the_tracker_sees_one_start_per_run_each_epoch_and_one_end(tmp_path):
+    from service.jobs.tracking import TrackingObserver
+
+    tracker = FakeTracker()
+    loop = Harness(tmp_path)
+    loop.controller._observers = (TrackingObserver(tracker, lambda job_id: None),)
+    job = loop.submit()
+    loop.running(job.job_id, epoch_end(1))
+    loop.runner(job.job_id).end(RunEnd.WORKER_DIED, "killed")
+    loop.settle()
+    loop.running(job.job_id, epoch_end(2), RESULT)
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert tracker.calls == [
+        ("started", STARTING),
+        ("epoch", 1),
+        ("started", STARTING),
+        ("epoch", 2),
+        ("ended", SUCCEEDED),
+    ]

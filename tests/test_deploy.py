@@ -9,6 +9,7 @@ Prometheus in test_prometheus_e2e.py; the helpers for that live here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +34,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_CPU = DEPLOY / "docker-compose.cpu.yml"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ntrain.json"
+DASHBOARD_SCRIPT = DEPLOY / "grafana" / "dashboard.py"
 REQUIRED_ALERTS = {"NtrainDown", "NtrainJobFailed", "NtrainJobStalled", "NtrainLossNotFinite"}
 TOOL_SECONDS = 60
 
@@ -70,16 +72,21 @@ def selects_the_ntrain_job(expr: str) -> bool:
     return all('job="ntrain"' in (m.group(1) or "") for m in re.finditer(pattern, expr))
 
 
-def dashboard_targets(dashboard: dict | None = None) -> list[tuple[str, str]]:
-    """(panel title, PromQL expression) of every query in the dashboard, rows' panels included."""
+def dashboard_queries(dashboard: dict | None = None) -> list[tuple[str, dict]]:
+    """(panel title, target) of every query in the dashboard, rows' panels included."""
     dashboard = dashboard or json.loads(DASHBOARD.read_text())
     targets = []
     panels = list(dashboard["panels"])
     while panels:
         panel = panels.pop(0)
         panels.extend(panel.get("panels", []))
-        targets.extend((panel["title"], t["expr"]) for t in panel.get("targets", []))
+        targets.extend((panel["title"], target) for target in panel.get("targets", []))
     return targets
+
+
+def dashboard_targets(dashboard: dict | None = None) -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) of every query in the dashboard, rows' panels included."""
+    return [(title, target["expr"]) for title, target in dashboard_queries(dashboard)]
 
 
 def substitute_variables(expr: str, *, rate_interval: str, job_id: str = ".*") -> str:
@@ -508,6 +515,15 @@ def test_the_constraints_pin_every_package_of_the_server_extra_within_its_ranges
 
 
 # --- the dashboard ---------------------------------------------------------------------------
+
+
+def test_the_committed_dashboard_is_a_fresh_generation():
+    """deploy/grafana/dashboard.py (Grafana's foundation SDK) wrote it: `make dashboard`."""
+    spec = importlib.util.spec_from_file_location("dashboard", DASHBOARD_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert DASHBOARD.read_text() == script.render(), "run make dashboard"
 
 
 def test_dashboard_is_valid_json_with_unique_panels():

@@ -367,6 +367,7 @@ def test_a_trial_spec_sets_the_parameters_and_labels():
     assert job.train.learning_rate == 0.01 and job.train.optimizer == "adam"
     assert job.train.layers[0].units == 64 and job.train.layers[1].units == 10
     assert dict(job.labels) == {"experiment": "exp-0123456789ab", "trial": "3"}
+    assert job.priority == -100  # low: trials give way to normal jobs
     assert job == trial_spec(
         spec,
         "exp-0123456789ab",

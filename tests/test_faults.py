@@ -7,7 +7,6 @@ time to resume, accuracy against an uninterrupted run) are printed; run with
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from conftest import REPO_ROOT
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from service.cli.demo import LocalServer
+from service.cli.local_server import LocalServer
 from service.cli.specs import book_job_spec
 
 pytestmark = pytest.mark.slow
@@ -38,7 +37,7 @@ class ServeProcess(LocalServer):
 
     def __init__(self, state_dir: Path, data_dir: Path, *extra: str):
         super().__init__(
-            state_dir, data_dir, dict(os.environ), ("--no-metrics", "--no-warm-worker", *extra)
+            state_dir, ["--data-dir", str(data_dir), "--no-metrics", "--no-warm-worker", *extra]
         )
         self.channel = grpc.insecure_channel(self.address)
         self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)

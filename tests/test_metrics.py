@@ -88,6 +88,14 @@ def test_service_series(metrics):
     assert value("ntrain_job_duration_seconds_sum") == 42
 
 
+def test_mlflow_log_failures_count_from_zero(metrics):
+    value = metrics.registry.get_sample_value
+    assert value("ntrain_mlflow_log_failures_total") == 0  # exposed before the first failure
+    metrics.mlflow_log_failed()
+    metrics.mlflow_log_failed()
+    assert value("ntrain_mlflow_log_failures_total") == 2
+
+
 def test_per_job_series_disappear_after_the_retention_window(metrics, clock):
     _progress(metrics, "old")
     metrics.job_epoch_evaluated("old", "cpu", loss=0.1, accuracy=0.9)

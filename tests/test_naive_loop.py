@@ -175,3 +175,21 @@ def test_options_are_checked():
         LoopOptions(max_checkpoints=0)
     with pytest.raises(ValueError, match="checkpoint_seconds"):
         LoopOptions(checkpoint_seconds=0)
+
+
+def test_a_stop_is_seen_between_epochs_of_one_call_each(dataset, one_device, tmp_path):
+    """With a whole epoch per compiled call, the epoch's end is the call boundary."""
+    trainer = _trainer(dataset, one_device, epochs=3, steps_per_execution=0)
+    events = []
+
+    def should_stop() -> bool:
+        return any(isinstance(e, EpochEnd) for e in events)
+
+    with pytest.raises(TrainingStopped) as stopped:
+        run_training(
+            trainer, LoopOptions(checkpoint_dir=tmp_path), on_event=events.append,
+            should_stop=should_stop,
+        )  # fmt: skip
+    assert (stopped.value.epoch, trainer.epoch) == (2, 1)
+    saves = [(e.epoch, e.step_in_epoch) for e in events if isinstance(e, CheckpointSaved)]
+    assert saves == [(1, 0)]  # the epoch's due checkpoint, not saved twice

@@ -38,7 +38,7 @@ from ntrain.v1 import training_pb2_grpc
 from test_deploy import (
     PROMETHEUS,
     SECRETS_DIR,
-    dashboard_targets,
+    dashboard_queries,
     scrape_job,
     secret_files,
     substitute_variables,
@@ -340,14 +340,27 @@ def test_prometheus_scrapes_training_and_every_dashboard_query_returns_data(serv
     )
     assert job.job_id in job_ids
 
-    # Every query of the dashboard, as Grafana would send it, over the test's time range.
+    # Every query of every panel, as Grafana would send it: a range query over the
+    # test's time range, or an instant one at its end (the stat panels). Panels that
+    # show failures have data too: the NOT_FOUND above is an error for "Errors per
+    # second", the cancel an outcome, and ntrain_mlflow_log_failures_total (no labels)
+    # reads 0 from the start. Only GPU memory has none on a host without GPUs, where
+    # its queries must still run without error.
     gpus = prometheus.value('ntrain_devices{type="GPU"}')
     empty = []
     for job_filter in (".*", job.job_id):
-        for title, expr in dashboard_targets():
+        for title, target in dashboard_queries():
+            expr = target["expr"]
             query = substitute_variables(expr, rate_interval=RATE_INTERVAL, job_id=job_filter)
-            result = prometheus.query_range(query, started, end)
-            has_data = any(not math.isnan(float(v)) for s in result for _, v in s["values"])
+            if target.get("instant"):
+                values = [
+                    s["value"][1]
+                    for s in prometheus.get("/api/v1/query", query=query, time=end)["result"]
+                ]
+            else:
+                result = prometheus.query_range(query, started, end)
+                values = [v for s in result for _, v in s["values"]]
+            has_data = any(not math.isnan(float(v)) for v in values)
             if not has_data and not (gpus == 0 and any(m in expr for m in GPU_ONLY_METRICS)):
                 empty.append(f"{title}: {query}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import IN_CI, require_tool
 
-from benchmarks.ray_cluster import RAY_ADDRESS, NetnsRayCluster
-from naive_model.data import synthetic_dataset
+from benchmarks.ray_cluster import run_inside, write_blobs
 
 # The cluster's start (about 30 s), three jobs and the teardown: some 5 minutes
 # on a quiet 2-core machine, more on a busy one.
@@ -37,29 +34,11 @@ def report(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     work = tmp_path_factory.mktemp("ray")
-    (work / "data").mkdir()
-    blobs = synthetic_dataset(num_train=8192, num_test=512, input_size=64, seed=5)
-    np.savez(
-        work / "data" / "blobs.npz",
-        x_train=blobs.x_train,
-        y_train=blobs.y_train,
-        x_test=blobs.x_test,
-        y_test=blobs.y_test,
-    )
-    cluster = NetnsRayCluster(work)
+    write_blobs(work)
     out = work / "report.json"
-    try:
-        cluster.start()
-        done = subprocess.run(
-            cluster.in_namespace(sys.executable, str(SCENARIO), RAY_ADDRESS, str(work), str(out)),
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=SCENARIO_SECONDS,
-        )
-    finally:
-        cluster.stop()
-    assert not cluster.pids()
+    command = [sys.executable, str(SCENARIO)]
+    done, all_ended = run_inside(work, command, out, timeout=SCENARIO_SECONDS)
+    assert all_ended
     print(out.read_text() if out.exists() else "no report")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:] + _tail(work / "server.log")
     return json.loads(out.read_text())

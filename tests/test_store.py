@@ -234,7 +234,9 @@ def test_a_version_3_database_opens_and_its_jobs_have_no_labels(tmp_path):
     old_spec = SPEC.to_dict()
     del old_spec["name"], old_spec["labels"]  # as version 3 stored specs
     db.execute("UPDATE jobs SET spec = ?", (json.dumps(old_spec, sort_keys=True),))
-    db.executescript("DROP TABLE job_labels; PRAGMA user_version=3;")
+    db.executescript(
+        "DROP TABLE job_labels; ALTER TABLE jobs DROP COLUMN preemptions; PRAGMA user_version=3;"
+    )
     db.close()
 
     store = Store(tmp_path)
@@ -257,6 +259,21 @@ def test_a_version_3_database_opens_and_its_jobs_have_no_labels(tmp_path):
     db = sqlite3.connect(tmp_path / "ntrain.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def test_a_version_4_database_gains_preemptions_at_zero(tmp_path):
+    store = Store(tmp_path)
+    new_job(store, "job-old")
+    store.close()
+    db = sqlite3.connect(tmp_path / "ntrain.db")
+    db.executescript("ALTER TABLE jobs DROP COLUMN preemptions; PRAGMA user_version=4;")
+    db.close()
+
+    store = Store(tmp_path)
+    assert store.get_job("job-old").preemptions == 0
+    assert store.count_preemption("job-old") == 1
+    assert store.get_job("job-old").preemptions == 1
+    store.close()
 
 
 def test_a_newer_database_is_refused_untouched(tmp_path):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
@@ -29,6 +31,7 @@ from ntrain.client.exceptions import (
     DownloadError,
     FailedPrecondition,
     InvalidArgument,
+    Unavailable,
     from_rpc_error,
 )
 from ntrain.client.states import state_value
@@ -38,6 +41,8 @@ from ntrain.v1 import training_pb2, training_pb2_grpc
 # Seconds for quick requests, and for Evaluate/Predict, which run a worker process.
 QUICK_TIMEOUT = 30.0
 MODEL_TIMEOUT = 300.0
+# Downloads of a model whose stream broke off (the server restarted) before giving up.
+DOWNLOAD_ATTEMPTS = 3
 # Predict sends inputs in chunks that stay well under gRPC's 4 MiB message limit.
 PREDICT_CHUNK = 500
 TERMINAL_STATES = frozenset(
@@ -234,12 +239,14 @@ class Client:
         follow: bool = False,
         offset: int = 0,
         reconnect_seconds: float = RECONNECT_SECONDS,
+        on_reconnect: Callable[[int], None] | None = None,
     ) -> Iterator[str]:
         """The lines of the job's training log (its worker's output), without line ends.
 
         follow: go on as lines are written, until the job has ended (as `tail -f`
         would, but it stops by itself); a dropped stream reconnects where it
-        stopped, as `watch` does. offset: start at this byte of the log.
+        stopped, as `watch` does (`on_reconnect(offset)` is told when it starts
+        trying). offset: start at this byte of the log.
         """
         timeout = None if follow else self.timeout
         lines = follow_log(
@@ -249,6 +256,7 @@ class Client:
             follow=follow,
             timeout=timeout,
             reconnect_seconds=reconnect_seconds,
+            on_reconnect=on_reconnect,
         )
         return self._stream(lines, timeout)
 
@@ -363,10 +371,23 @@ class Client:
         return target
 
     def _write_model(self, job_id: str, folder: Path) -> None:
+        """Download into `folder`; a stream that breaks off (UNAVAILABLE) starts again, afresh."""
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                self._write_model_once(job_id, folder)
+                return
+            except Unavailable:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise
+                shutil.rmtree(folder)
+                folder.mkdir()
+                time.sleep(min(2.0**attempt, 10.0))
+
+    def _write_model_once(self, job_id: str, folder: Path) -> None:
         request = training_pb2.DownloadModelRequest(job_id=job_id)
         chunks = self._stub.DownloadModel(request, timeout=self.model_timeout)
         file = None
-        path, written = "", 0
+        path, written, digest = "", 0, hashlib.sha256()
         try:
             for chunk in self._stream(chunks, self.model_timeout):
                 if chunk.path != path or file is None:
@@ -375,14 +396,20 @@ class Client:
                     destination = model_file_destination(folder, chunk.path)
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     file = destination.open("xb")  # each file once: never overwrite
-                    path, written = chunk.path, 0
+                    path, written, digest = chunk.path, 0, hashlib.sha256()
                 if chunk.offset != written:
                     raise DownloadError(
                         f"the server sent {chunk.path!r} out of order (byte {chunk.offset}, "
                         f"expected {written})"
                     )
                 file.write(chunk.data)
+                digest.update(chunk.data)
                 written += len(chunk.data)
+                if chunk.sha256 and chunk.sha256 != digest.hexdigest():
+                    raise DownloadError(
+                        f"{chunk.path!r} arrived damaged: its SHA-256 is {digest.hexdigest()}, "
+                        f"the server's {chunk.sha256}"
+                    )
         finally:
             if file is not None:
                 file.close()

@@ -103,14 +103,17 @@ def follow_log(
     follow: bool = False,
     timeout: float | None = None,
     reconnect_seconds: float = RECONNECT_SECONDS,
+    on_reconnect: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[str]:
     """The job's log lines from byte `offset`; with `follow`, until the job ends.
 
-    A followed log whose stream drops reconnects from the byte after the last
-    whole chunk received (each chunk names it), so no line is lost or
-    repeated; it gives up after `reconnect_seconds` without a connection.
+    A followed log whose stream drops (a server that restarts ends it
+    UNAVAILABLE) reconnects from the byte after the last whole chunk received
+    (each chunk names it), so no line is lost or repeated; it gives up after
+    `reconnect_seconds` without a connection, raising, never ending short.
+    `on_reconnect(offset)` is told when it starts trying.
     """
     failing_since: float | None = None
     delay = 0.1
@@ -128,6 +131,8 @@ def follow_log(
             now = clock()
             if failing_since is None:
                 failing_since = now
+                if on_reconnect is not None:
+                    on_reconnect(offset)
             elif now - failing_since > reconnect_seconds:
                 raise
             sleep(delay)

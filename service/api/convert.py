@@ -95,6 +95,7 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         ),
         name=message.name,
         labels=tuple(sorted(message.labels.items())),
+        priority=message.priority,
     )
 
 
@@ -199,6 +200,7 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         max_restarts=spec.max_restarts,
         name=spec.name,
         labels=dict(spec.labels),
+        priority=spec.priority,
     )
 
 
@@ -283,6 +285,7 @@ def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb
         devices=list(record.devices),
         strategy=record.strategy,
         restarts=record.restarts,
+        preemptions=record.preemptions,
         owner=record.owner,
     )
     if record.progress is not None:
@@ -299,7 +302,7 @@ def log_lines_to_proto(lines: LogLines) -> pb.LogChunk:
 
 
 def model_part_to_proto(part: ModelFilePart) -> pb.ModelChunk:
-    return pb.ModelChunk(path=part.path, data=part.data, offset=part.offset)
+    return pb.ModelChunk(path=part.path, data=part.data, offset=part.offset, sha256=part.sha256)
 
 
 @functools.lru_cache(maxsize=4096)

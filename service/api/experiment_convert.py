@@ -21,6 +21,7 @@ from service.jobs.experiment_spec import (
     Parameter,
 )
 from service.jobs.experiments import ExperimentRecord, ExperimentState, TrialRecord, TrialState
+from service.protocol import PRIORITY_CLASSES
 
 DEFAULT_MAX_TRIALS = 16
 DEFAULT_MAX_FAILED_TRIALS = 3
@@ -61,6 +62,11 @@ def experiment_spec_from_proto(message: pb.ExperimentSpec) -> ExperimentSpec:
         target=message.target if message.HasField("target") else None,
         seed=message.seed,
         name=message.name,
+        trial_priority=(
+            message.trial_priority
+            if message.HasField("trial_priority")
+            else PRIORITY_CLASSES["low"]
+        ),
     )
 
 
@@ -99,6 +105,7 @@ def experiment_spec_to_proto(spec: ExperimentSpec) -> pb.ExperimentSpec:
         max_failed_trials=spec.max_failed_trials,
         seed=spec.seed,
         name=spec.name,
+        trial_priority=spec.trial_priority,
     )
     if spec.target is not None:
         message.target = spec.target

@@ -20,6 +20,7 @@ import os
 import platform
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 
@@ -41,16 +42,21 @@ from service.api.servicer import TrainingServicer
 from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
 from service.devices import DeviceInventory, cpu_description, probe_devices
+from service.jobs.controller import JobObserver
 from service.jobs.experiments import ExperimentManager
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
 from service.jobs.server_status import package_version
 from service.jobs.store import Store
+from service.jobs.tracking import MlflowTracker, TrackingObserver
 from service.metrics import ServiceMetrics
 from service.metrics_http import MetricsHttpServer, start_metrics_server
 
 log = logging.getLogger(__name__)
+
+# How long a stopping server lets the MLflow tracker send what it has queued.
+TRACKER_CLOSE_SECONDS = 10.0
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 # Threads for unary RPCs; each open WatchJob stream holds a thread of its own
@@ -79,6 +85,7 @@ class TrainingServer:
         self._metrics_ssl: ReloadableSslContext | None = None
         self._tokens: TokenTable | None = None
         self._passwords: PasswordTable | None = None
+        self._tracker: MlflowTracker | None = None
 
     def start(self) -> None:
         """Open the state, find the devices, and start serving on the configured ports.
@@ -128,8 +135,13 @@ class TrainingServer:
         self.metrics.set_devices(inventory.counts)
         # Told of every trial's events by the job loop; started after it, below.
         self.experiments = ExperimentManager(config.state_dir, metrics=self.metrics)
+        observers: list[JobObserver] = [self.experiments]
+        if config.mlflow_tracking_uri is not None:
+            self._tracker = self._start_tracker(config.mlflow_tracking_uri, self._store)
+            observers.append(TrackingObserver(self._tracker, self._store.exported_model))
         self.manager = JobManager(
             self._store,
+            observers=observers,
             inventory=inventory,
             metrics=self.metrics,
             data_dir=config.data_dir,
@@ -140,6 +152,9 @@ class TrainingServer:
             jobs_per_gpu=config.jobs_per_gpu,
             backfill_seconds=config.backfill_seconds,
             auto_gpu_wait_seconds=config.auto_gpu_wait_seconds,
+            preemption_grace_seconds=config.preemption_grace_seconds,
+            min_run_seconds=config.min_run_seconds,
+            hang_seconds=config.hang_seconds,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.
@@ -149,7 +164,6 @@ class TrainingServer:
                 if config.ray_address
                 else None
             ),
-            observers=(self.experiments,),
         )
 
         server = grpc.server(
@@ -250,6 +264,20 @@ class TrainingServer:
                 log.error("kept the old %s: %s", what, error)
         return problems
 
+    def _start_tracker(self, uri: str, store: Store) -> MlflowTracker:
+        """One MLflow run per job; a failed log is a line in the job's log and a count."""
+
+        def on_failure(job_id: str, message: str) -> None:
+            # From the tracker's thread, or the loop's when its queue is full: never waits.
+            self.metrics.mlflow_log_failed()
+            try:
+                with open(store.job_files(job_id).train_log, "a") as job_log:
+                    job_log.write(f"{time.strftime('%H:%M:%S')} server: {message}\n")
+            except OSError:
+                log.warning("job %s: %s", job_id, message)
+
+        return MlflowTracker(uri, on_failure=on_failure, job_dir=store.job_dir)
+
     def _keep_house(self) -> None:
         assert self.manager is not None  # started after the manager
         while not self._stopped.wait(HOUSEKEEPING_SECONDS):
@@ -272,6 +300,8 @@ class TrainingServer:
             self.experiments.stop()
         if self.manager is not None:
             self.manager.shutdown(self.config.shutdown_grace_seconds)
+        if self._tracker is not None and not self._tracker.close(TRACKER_CLOSE_SECONDS):
+            log.warning("MLflow: events queued for %.0f s were not sent", TRACKER_CLOSE_SECONDS)
         if self._server is not None:
             self._server.stop(grace).wait()
         if self._metrics_http is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
+from service.jobs.controller import HANG_SECONDS, MIN_RUN_SECONDS, PREEMPTION_GRACE_SECONDS
 from service.jobs.model_tasks import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 
@@ -32,6 +33,8 @@ class ServerConfig:
     insecure: serve on an address other than loopback without all of those.
     ray_address: Ray Jobs' address (http://HOST:8265) for multi_worker jobs;
         None refuses them. ray_token_file: the token of Ray's token auth mode.
+    mlflow_tracking_uri: an MLflow tracking server (http://HOST:PORT) that gets one
+        run per job (service.jobs.tracking); None tracks nothing.
     """
 
     bind_address: str = "127.0.0.1"
@@ -46,6 +49,9 @@ class ServerConfig:
     jobs_per_gpu: int = 1
     backfill_seconds: float = BACKFILL_SECONDS
     auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS
+    preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS
+    min_run_seconds: float = MIN_RUN_SECONDS
+    hang_seconds: float = HANG_SECONDS
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0
@@ -60,6 +66,7 @@ class ServerConfig:
     max_streams: int = 512
     ray_address: str | None = None
     ray_token_file: Path | None = None
+    mlflow_tracking_uri: str | None = None
 
 
 def is_loopback(address: str) -> bool:
@@ -109,8 +116,8 @@ def check_config(config: ServerConfig) -> None:
     the instant between this check and the bind still fails, with that line.)
 
     Raises:
-        ValueError: a port out of range, or a data directory that is missing
-            or not a directory.
+        ValueError: a port out of range, a data directory that is missing or
+            not a directory, or an address (Ray's, MLflow's) that is no URL.
         RuntimeError: a port in use, or an address this host cannot bind.
     """
     ports = {"port": config.port}
@@ -124,6 +131,13 @@ def check_config(config: ServerConfig) -> None:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(
                 f"ray address must be http://HOST:PORT (Ray Jobs), got {config.ray_address!r}"
+            )
+    if config.mlflow_tracking_uri is not None:
+        parsed = urllib.parse.urlsplit(config.mlflow_tracking_uri)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(
+                "mlflow tracking uri must be http://HOST:PORT (a tracking server), "
+                f"got {config.mlflow_tracking_uri!r}"
             )
     if config.ray_token_file is not None and not config.ray_token_file.is_file():
         raise ValueError(f"ray token file {config.ray_token_file} is not a file")

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         (spec, "checkpoint_every_epochs", args.checkpoint_every),
         (spec, "max_runtime_seconds", args.max_runtime),
         (spec, "max_restarts", args.max_restarts),
+        (spec, "priority", args.priority),
     ):
         if value is not None:
             setattr(message, field, value)
@@ -75,8 +77,10 @@ def follow_job(
     try:
         events = client.watch(
             job.job_id,
-            on_reconnect=lambda last: renderer.line(
-                f"connection lost; reconnecting from event {last}"
+            on_reconnect=lambda last: print(
+                f"ntrain: connection lost; reconnecting from event {last}",
+                file=sys.stderr,
+                flush=True,
             ),
         )
         for event in events:
@@ -160,7 +164,16 @@ def cmd_describe(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    for line in args.client.logs(args.job_id, follow=args.follow):
+    lines = args.client.logs(
+        args.job_id,
+        follow=args.follow,
+        on_reconnect=lambda offset: print(
+            f"ntrain logs: connection lost; reconnecting at byte {offset}",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
+    for line in lines:
         print(line, flush=args.follow)
     return EXIT_OK
 
@@ -306,8 +319,6 @@ SERVER_MODULES = ("tensorflow", "prometheus_client", "grpc_reflection")
 
 def missing_server_modules() -> list[str]:
     """The server extra's modules that are not installed (found, not imported: TF is slow)."""
-    from importlib.util import find_spec
-
     return [name for name in SERVER_MODULES if find_spec(name) is None]
 
 
@@ -317,6 +328,11 @@ def cmd_serve(args) -> int:
         raise CliError(
             f"ntrain serve needs the server extra ({', '.join(missing)} not installed): "
             "pip install 'ntrain[server]' (or 'ntrain[gpu]' for CUDA)"
+        )
+    if args.mlflow_tracking_uri and find_spec("mlflow") is None:
+        raise CliError(
+            "--mlflow-tracking-uri needs the MLflow client (the mlflow extra): "
+            "pip install 'ntrain[mlflow]'"
         )
     from service.api.server import ServerConfig, exposure_problem, serve
 
@@ -338,6 +354,9 @@ def cmd_serve(args) -> int:
         "jobs_per_gpu": args.jobs_per_gpu,
         "backfill_seconds": args.backfill_seconds,
         "auto_gpu_wait_seconds": args.auto_gpu_wait,
+        "preemption_grace_seconds": args.preemption_grace,
+        "min_run_seconds": args.min_run,
+        "hang_seconds": args.hang_seconds,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,
@@ -351,6 +370,7 @@ def cmd_serve(args) -> int:
         "insecure": args.insecure or None,
         "ray_address": args.ray_address,
         "ray_token_file": Path(args.ray_token_file) if args.ray_token_file else None,
+        "mlflow_tracking_uri": args.mlflow_tracking_uri,
     }
     config = ServerConfig(**{key: value for key, value in options.items() if value is not None})
     if args.no_metrics:

@@ -14,6 +14,15 @@ from service.cli.output import (
     plural,
     state_name,
 )
+from service.protocol import PRIORITY_CLASSES
+
+
+def priority_name(priority: int) -> str:
+    """The class a priority is ("high (100)"), or the number alone."""
+    for name, value in PRIORITY_CLASSES.items():
+        if value == priority:
+            return f"{name} ({priority})"
+    return str(priority)
 
 
 def describe_job(job: training_pb2.Job) -> str:
@@ -35,7 +44,9 @@ def describe_job(job: training_pb2.Job) -> str:
     lines += [
         f"strategy     {job.strategy or spec.strategy.name or 'auto'}"
         + (f" on {', '.join(job.devices)}" if job.devices else ""),
+        f"priority     {priority_name(spec.priority)}",
         f"restarts     {job.restarts} of at most {spec.max_restarts}",
+        f"preemptions  {job.preemptions}",
         "",
         "spec:",
         f"  data set     {spec.dataset}",

@@ -19,7 +19,7 @@ from service.cli import commands, experiment_commands
 from service.cli.exit_status import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.cli.serve_parser import add_serve_parser
-from service.cli.types import label, positive_int
+from service.cli.types import label, positive_int, priority_value
 from service.protocol import SERVICE_STRATEGIES
 
 JOB_STATE_NAMES = list(STATE_NAMES)
@@ -263,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="restarts from the last checkpoint when the worker dies (default 2)",
+    )
+    train.add_argument(
+        "--priority",
+        metavar="CLASS|N",
+        type=priority_value,
+        default=None,
+        help="low, normal or high, or a number in -1000..1000: larger runs first and may "
+        "preempt smaller (default normal)",
     )
     train.add_argument(
         "--max-runtime",

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from service.cli import commands
-from service.cli.types import port, positive_int, positive_seconds
+from service.cli.types import port, positive_int, positive_seconds, seconds
 
 
 def add_serve_parser(subcommands) -> argparse.ArgumentParser:
@@ -82,6 +82,32 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "reserves GPUs (default 600)",
     )
     serve.add_argument(
+        "--preemption-grace",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="how long a job preempted by a more urgent one may take to checkpoint at its "
+        "next compiled call's end before it is killed; it resumes from its last checkpoint "
+        "(default 60)",
+    )
+    serve.add_argument(
+        "--min-run",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="a job resumed after a preemption runs at least this long before another "
+        "(default 120)",
+    )
+    serve.add_argument(
+        "--hang-seconds",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="a job's worker that sends nothing this long (it says it is alive every few "
+        "seconds, whatever its compiled calls do) is killed and restarted from its checkpoint "
+        "(default 120; 0: never)",
+    )
+    serve.add_argument(
         "--auto-gpu-wait",
         metavar="SECONDS",
         type=float,
@@ -146,6 +172,13 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="the token of Ray's token authentication mode",
+    )
+    serve.add_argument(
+        "--mlflow-tracking-uri",
+        metavar="URL",
+        default=None,
+        help="log one MLflow run per job to this tracking server, http://HOST:5000 (the "
+        "mlflow extra); a job's label mlflow=off opts it out",
     )
     security = serve.add_argument_group(
         "security",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from service.protocol import PRIORITY_CLASSES
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -32,3 +34,23 @@ def label(text: str) -> tuple[str, str]:
     if not equals or not key:
         raise argparse.ArgumentTypeError(f"must look like KEY=VALUE, got {text!r}")
     return key, value
+
+
+def priority_value(text: str) -> int:
+    """low, normal, high, or an integer (the server checks its range)."""
+    named = PRIORITY_CLASSES.get(text.strip().lower())
+    if named is not None:
+        return named
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {', '.join(PRIORITY_CLASSES)} or an integer, got {text!r}"
+        ) from None
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {text}")
+    return value

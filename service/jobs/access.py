@@ -21,11 +21,15 @@ import re
 from dataclasses import dataclass
 
 from service.jobs.errors import PermissionDenied
+from service.protocol import PRIORITY_CLASSES
 
 VIEWER = "viewer"
 TRAINER = "trainer"
 ADMIN = "admin"
 ROLES = (VIEWER, TRAINER, ADMIN)
+
+# The highest priority a trainer may submit at unless the token file says otherwise.
+DEFAULT_MAX_PRIORITY = PRIORITY_CLASSES["high"]
 
 # Letters, digits and ._@- : a name that prints safely in a table and a log line.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -51,10 +55,15 @@ OWNED_ACTIONS = frozenset({Action.CANCEL, Action.USE_MODEL})
 
 @dataclass(frozen=True, kw_only=True)
 class Principal:
-    """An authenticated caller: a name (a job's owner) and a role."""
+    """An authenticated caller: a name (a job's owner), a role, and how urgent its jobs may be.
+
+    max_priority: the highest priority a trainer may submit at (None: the
+    default, `high`); an admin may submit at any.
+    """
 
     name: str
     role: str
+    max_priority: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -88,6 +97,22 @@ def authorize(principal: Principal, action: Action, owner: str | None = None) ->
         raise PermissionDenied(
             f"{principal.describe()} may not {action.value} a job {whose}; only its owner "
             "or an admin may"
+        )
+
+
+def authorize_priority(principal: Principal, priority: int) -> None:
+    """Allow a job of `priority` from `principal`: above its maximum only an admin may go.
+
+    Raises:
+        PermissionDenied: a trainer's job above its maximum.
+    """
+    if principal.role == ADMIN:
+        return
+    allowed = DEFAULT_MAX_PRIORITY if principal.max_priority is None else principal.max_priority
+    if priority > allowed:
+        raise PermissionDenied(
+            f"{principal.describe()} may submit jobs of priority up to {allowed}, got {priority}; "
+            "an admin may submit above it"
         )
 
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from service.jobs.errors import AlreadyExists, FailedPrecondition, Unavailable
+from service.jobs.errors import AlreadyExists, FailedPrecondition, Unavailable, reason_line
 from service.jobs.feed import JobFeed
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCEL, OnEnd, OnEvent, RunEnd, Runner, RunOutcome, Stop
-from service.jobs.scheduler import Assignment, Demand, Scheduler
+from service.jobs.scheduler import Assignment, Candidate, Demand, Scheduler
 from service.jobs.store import Event, JobRecord, Store
 from service.protocol import (
     CheckpointSaved,
@@ -58,6 +58,18 @@ log = logging.getLogger(__name__)
 SHUTDOWN = Stop(RunEnd.STOPPED, "the server shut down")
 # How long runners stopped at shutdown get to report, past the grace.
 STOPPED_RUNNER_SECONDS = 15.0
+# How long a preempted run may take to checkpoint at its next compiled-call boundary.
+PREEMPTION_GRACE_SECONDS = 60.0
+# A job resumed after a preemption runs at least this long before another.
+MIN_RUN_SECONDS = 120.0
+# How often the end of a job that could not be recorded is tried again.
+SETTLE_RETRY_SECONDS = 5.0
+# A local worker that sends nothing this long (its heartbeat included) is taken for hung.
+# Its heartbeat comes from a thread of its own every few seconds, whatever its compiled
+# calls do; this is room for a process starved of CPU or of the GIL, not for a long call.
+HANG_SECONDS = 120.0
+# How long a run may take to send its first word before it is taken for hung.
+STARTUP_SECONDS = 600.0
 
 
 class Clock(Protocol):
@@ -171,10 +183,18 @@ class _Run:
 
     runner: Runner
     strategy: str
+    priority: int
     started: float  # monotonic
     deadline: float | None  # monotonic: max_runtime_seconds ends the run here
+    # Preempted before: not preempted again until it ran min_run_seconds.
+    resumed_after_preemption: bool = False
+    step: int = 0  # the global step it reached
+    checkpoint_step: int = 0  # the global step of its newest checkpoint
     progressed: bool = False  # the first Progress came in
-    stopped: bool = False  # the loop asked it to end
+    stopped: bool = False  # the loop asked it to end now
+    preempted_by: str | None = None  # asked to checkpoint and stop for this job
+    stop_deadline: float | None = None  # monotonic: killed here if still running
+    last_heard: float | None = None  # monotonic: its runner's last event (a heartbeat, too)
 
 
 _QUIT = object()
@@ -188,6 +208,13 @@ class JobController:
             job is queued again after a restart, since the host may have changed.
         on_idle: called when nothing runs or waits (fill the warm pool).
         observers: told of each job's events as they are stored (tracking, experiments).
+        preemption_grace_seconds: how long a preempted run may take to reach its next
+            compiled-call boundary and checkpoint before it is killed (it then
+            resumes from its last checkpoint).
+        min_run_seconds: a job resumed after a preemption is not preempted again
+            before its run is this old (no thrash).
+        hang_seconds: a local run whose worker sent nothing for this long is killed
+            and handled as a worker death (0: never).
     """
 
     def __init__(
@@ -202,6 +229,9 @@ class JobController:
         clock: Clock | None = None,
         on_idle: Callable[[], None] = lambda: None,
         observers: Sequence[JobObserver] = (),
+        preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
+        min_run_seconds: float = MIN_RUN_SECONDS,
+        hang_seconds: float = HANG_SECONDS,
     ):
         self.store = store
         self.scheduler = scheduler
@@ -212,6 +242,12 @@ class JobController:
         self._clock = clock or SystemClock()
         self._on_idle = on_idle
         self._observers = tuple(observers)
+        self._preemption_grace = preemption_grace_seconds
+        self._min_run = min_run_seconds
+        self._hang = hang_seconds
+        # Jobs whose end could not be recorded (the store failed), and why they end.
+        self._unsettled: dict[str, str] = {}
+        self._settle_again: float | None = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._runs: dict[str, _Run] = {}
         self._closed = False
@@ -300,15 +336,30 @@ class JobController:
             self._handle(*item)
 
     def _seconds_to_next_deadline(self) -> float | None:
-        deadlines = [
-            run.deadline for run in self._runs.values() if run.deadline and not run.stopped
-        ]
+        """Until the loop must act though no message came (None: not before one comes)."""
+        now = self._clock.monotonic()
+        deadlines = []
+        for run in self._runs.values():
+            if run.stopped:
+                continue
+            if run.deadline is not None:
+                deadlines.append(run.deadline)
+            if run.stop_deadline is not None:
+                deadlines.append(run.stop_deadline)
+            if self._watches_for_hangs(run):
+                deadlines.append(self._hung_at(run))
+            preemptible_again = run.started + self._min_run
+            if run.resumed_after_preemption and self.scheduler.queue_length:
+                if preemptible_again > now:  # a waiting job may preempt it then
+                    deadlines.append(preemptible_again)
         wakeup = self.scheduler.next_wakeup()
         if wakeup is not None:
             deadlines.append(wakeup)
+        if self._settle_again is not None:
+            deadlines.append(self._settle_again)
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - self._clock.monotonic())
+        return max(0.0, min(deadlines) - now)
 
     # -- one message ---------------------------------------------------------------------
 
@@ -317,8 +368,11 @@ class JobController:
             result = self._decide(message)
         except Exception as error:
             if future is None or isinstance(message, WorkerReported | RunEnded | Tick):
-                # Runners and timers wait for no answer: a failure here is a bug to see.
+                # Runners and timers wait for no answer: the failure is logged, and
+                # the job it concerns still gets an owner's answer.
                 log.exception("the job controller failed on %s", type(message).__name__)
+            if isinstance(message, WorkerReported | RunEnded):
+                self._after_failure(message.job_id, error)
             if future is not None:
                 future.set_exception(error)
         else:
@@ -326,6 +380,37 @@ class JobController:
                 future.set_result(result)
         finally:
             self._publish()
+
+    def _after_failure(self, job_id: str, error: Exception) -> None:
+        """Bookkeeping of a job failed (a store that cannot be written): end it with the reason.
+
+        A run still going is stopped, and its end recorded when it comes; a
+        run already over is recorded FAILED now, or at the next try.
+        """
+        run = self._runs.get(job_id)
+        reason = f"the server could not record the job: {reason_line(error)}"
+        if run is not None:
+            if not run.stopped:
+                run.stopped = True
+                run.runner.stop(Stop(RunEnd.FAILED, reason))
+            return
+        self._unsettled[job_id] = reason
+        self._settle()
+
+    def _settle(self) -> None:
+        """Record FAILED for the jobs whose end could not be recorded; the rest wait a retry."""
+        for job_id, reason in list(self._unsettled.items()):
+            try:
+                record = self.feed.record(job_id)
+                if not record.finished:
+                    self._finish(record, JobState.FAILED, reason, 0.0)
+            except Exception as error:
+                log.warning("job %s: still cannot record its end: %s", job_id, error)
+                continue
+            del self._unsettled[job_id]
+        self._settle_again = None
+        if self._unsettled:
+            self._settle_again = self._clock.monotonic() + SETTLE_RETRY_SECONDS
 
     def _decide(self, message: Message) -> Any:
         if isinstance(message, WorkerReported):
@@ -384,7 +469,7 @@ class JobController:
         )
         self._stored(self.store.create_job(record, now))
         self._counts_changed = True
-        self.scheduler.enqueue(job_id, message.demand)
+        self.scheduler.enqueue(job_id, message.demand, priority=message.spec.priority)
         self._dispatch()
         return self.feed.record(job_id)
 
@@ -420,14 +505,19 @@ class JobController:
         else:  # STARTING or RUNNING when the server ended (SIGTERM, kill -9, power loss)
             self._requeue(record, f"resumed {resume_point(record)} after a server restart")
 
-    def _requeue(self, record: JobRecord, reason: str) -> None:
+    def _requeue(self, record: JobRecord, reason: str, *, front: bool = False) -> None:
         """Queue a job again; its worker resumes from its newest checkpoint."""
         self._transition(record.job_id, JobState.QUEUED, reason)
-        self._enqueue(record)
+        self._enqueue(record, front=front)
 
-    def _enqueue(self, record: JobRecord) -> None:
+    def _enqueue(self, record: JobRecord, *, front: bool = False) -> None:
         try:
-            self.scheduler.enqueue(record.job_id, self._demand_of(record.spec))
+            self.scheduler.enqueue(
+                record.job_id,
+                self._demand_of(record.spec),
+                priority=record.spec.priority,
+                front=front,
+            )
         except Exception as error:  # the host changed under a queued job
             self._transition(record.job_id, JobState.FAILED, f"cannot run on this host: {error}")
 
@@ -436,32 +526,81 @@ class JobController:
         if self._closed:
             return
         for assignment in self.scheduler.next_runnable():
-            job_id = assignment.job_id
-            record = self.feed.record(job_id)
-            if record.state is JobState.QUEUED:  # else a Ray job followed again after a restart
-                placement = self._runner_factory.placement(record, assignment)
-                self._transition(
-                    job_id,
-                    JobState.STARTING,
-                    placement.reason,
-                    strategy=assignment.strategy,
-                    devices=placement.devices,
+            try:
+                self._start(assignment)
+            except Exception as error:  # a store that cannot be written, a runner that fails
+                log.exception("could not start job %s", assignment.job_id)
+                self._runs.pop(assignment.job_id, None)
+                self.scheduler.release(assignment.job_id)
+                self._unsettled[assignment.job_id] = (
+                    f"the server could not start the job: {reason_line(error)}"
                 )
-                record = self.feed.record(job_id)
-            runner = self._runner_factory.runner(
-                record, assignment, *self._reports_of(job_id)
-            )
-            started = self._clock.monotonic()
-            limit = record.spec.max_runtime_seconds
-            self._runs[job_id] = _Run(
-                runner=runner,
-                strategy=assignment.strategy,
-                started=started,
-                deadline=started + limit if limit else None,
-            )
-            runner.start()
+        self._settle()
+        self._preempt_for_waiting()
         if not self._runs and not self.scheduler.queue_length:
             self._on_idle()
+
+    def _start(self, assignment: Assignment) -> None:
+        job_id = assignment.job_id
+        record = self.feed.record(job_id)
+        if record.state is JobState.QUEUED:  # else a Ray job followed again after a restart
+            placement = self._runner_factory.placement(record, assignment)
+            self._transition(
+                job_id,
+                JobState.STARTING,
+                placement.reason,
+                strategy=assignment.strategy,
+                devices=placement.devices,
+            )
+            record = self.feed.record(job_id)
+        runner = self._runner_factory.runner(record, assignment, *self._reports_of(job_id))
+        started = self._clock.monotonic()
+        limit = record.spec.max_runtime_seconds
+        checkpoint_step = record.checkpoint.step if record.checkpoint else 0
+        self._runs[job_id] = _Run(
+            runner=runner,
+            strategy=assignment.strategy,
+            priority=record.spec.priority,
+            started=started,
+            deadline=started + limit if limit else None,
+            resumed_after_preemption=record.preemptions > 0,
+            step=checkpoint_step,
+            checkpoint_step=checkpoint_step,
+        )
+        runner.start()
+
+    def _preempt_for_waiting(self) -> None:
+        """Ask lower-priority runs to checkpoint and stop, for waiting jobs that cannot start.
+
+        The most urgent waiting job first; a job whose victims are stopping
+        already waits for them (and holds its reservation) without more.
+        """
+        waiting_for = {run.preempted_by for run in self._runs.values() if run.preempted_by}
+        now = self._clock.monotonic()
+        for job_id in self.scheduler.waiting:
+            if job_id in waiting_for:
+                continue
+            candidates = [
+                Candidate(
+                    job_id=other,
+                    priority=run.priority,
+                    lost_steps=max(0, run.step - run.checkpoint_step),
+                    started=run.started,
+                )
+                for other, run in self._runs.items()
+                if not (run.stopped or run.preempted_by)
+                and not (run.resumed_after_preemption and now - run.started < self._min_run)
+            ]
+            victims = self.scheduler.preemption_victims(job_id, candidates)
+            if not victims:
+                continue
+            self.scheduler.reserve(job_id)
+            for victim in victims:
+                run = self._runs[victim]
+                run.preempted_by = job_id
+                run.stop_deadline = now + self._preemption_grace
+                run.runner.request_stop()
+            log.info("job %s preempts %s", job_id, ", ".join(victims))
 
     def _reports_of(self, job_id: str) -> tuple[OnEvent, OnEnd]:
         """The callbacks a job's runner reports with: each posts a message to the loop."""
@@ -474,9 +613,41 @@ class JobController:
 
         return on_event, on_end
 
+    def _hung_at(self, run: _Run) -> float:
+        """When the run is taken for hung if nothing more comes from it.
+
+        Until its worker's first word, the start may take longer: a cold
+        worker imports TensorFlow on a host that may be busy.
+        """
+        if run.last_heard is None:
+            return run.started + max(self._hang, STARTUP_SECONDS)
+        return run.last_heard + self._hang
+
+    def _watches_for_hangs(self, run: _Run) -> bool:
+        """Local runs only: a Ray job is followed by polling Ray, which has its own limits."""
+        return bool(self._hang) and run.strategy != "multi_worker" and not run.stopped
+
     def _enforce_deadlines(self) -> None:
+        self._settle()
         now = self._clock.monotonic()
         for job_id, run in self._runs.items():
+            if self._watches_for_hangs(run) and now >= self._hung_at(run):
+                run.stopped = True
+                run.runner.stop(
+                    Stop(
+                        RunEnd.WORKER_DIED,
+                        f"the worker sent nothing for {self._hang:g} s: it hung, and was killed",
+                    )
+                )
+            if run.stop_deadline is not None and now >= run.stop_deadline and not run.stopped:
+                run.stopped = True
+                run.runner.stop(
+                    Stop(
+                        RunEnd.STOPPED,
+                        f"it did not stop within the preemption grace of "
+                        f"{self._preemption_grace:g} s and was killed",
+                    )
+                )
             if run.deadline is not None and now >= run.deadline and not run.stopped:
                 run.stopped = True
                 limit = self.feed.record(job_id).spec.max_runtime_seconds
@@ -490,16 +661,20 @@ class JobController:
         if run is None:
             log.warning("an event of job %s, which has no run: %r", job_id, event)
             return
+        run.last_heard = self._clock.monotonic()
         if isinstance(event, Running):
             if self.feed.record(job_id).state is JobState.STARTING:  # not when a cancel came first
                 self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s)")
-        elif isinstance(event, Progress) and not run.progressed:
-            run.progressed = True
-            since_submit = self._clock.time() - self.feed.record(job_id).create_time
-            self.metrics.job_first_step(job_id, since_submit)
+        elif isinstance(event, Progress):
+            run.step = event.step
+            if not run.progressed:
+                run.progressed = True
+                since_submit = self._clock.time() - self.feed.record(job_id).create_time
+                self.metrics.job_first_step(job_id, since_submit)
         if isinstance(event, Progress | EpochEnd | TrainingResult):
             self._append(job_id, event)
         elif isinstance(event, CheckpointSaved):
+            run.checkpoint_step = event.step
             self.store.record_checkpoint(job_id, event)
             self.feed.changed(job_id)
         report_metrics(self.metrics, job_id, run.strategy, event)
@@ -520,6 +695,15 @@ class JobController:
             # Stopped for the shutdown (on request, or killed after the grace), or
             # its worker died as the server stopped: it resumes on the next start.
             pass
+        elif outcome.end is RunEnd.STOPPED and run is not None and run.preempted_by:
+            count = self.store.count_preemption(job_id)
+            self.metrics.job_preempted(job_id, run.strategy)
+            self._requeue(
+                record,
+                f"preempted by {run.preempted_by} (preemption {count}); {outcome.reason}; "
+                f"resumes {resume_point(record)}",
+                front=True,
+            )
         elif outcome.end is RunEnd.STOPPED:
             self._requeue(record, f"{outcome.reason}; resumes {resume_point(record)}")
         elif outcome.end is RunEnd.WORKER_DIED and record.restarts < record.spec.max_restarts:

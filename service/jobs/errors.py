@@ -71,3 +71,15 @@ class Unavailable(ServiceError):
 
 class WorkerError(ServiceError):
     """A worker process failed while answering a request (Evaluate, Predict)."""
+
+
+# A job's failure reason is one readable line of at most this many characters.
+MAX_REASON_CHARACTERS = 300
+
+
+def reason_line(error: BaseException | str) -> str:
+    """An error as a job's failure reason: one line, its length bounded."""
+    text = " ".join(str(error).split())
+    if len(text) <= MAX_REASON_CHARACTERS:
+        return text
+    return text[:MAX_REASON_CHARACTERS] + "..."

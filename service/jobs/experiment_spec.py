@@ -22,7 +22,7 @@ from typing import Any
 
 from naive_model.config import shown
 from service.jobs.errors import InvalidArgument
-from service.protocol import JobSpec
+from service.protocol import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_CLASSES, JobSpec
 
 METRICS = {"eval_accuracy": "maximize", "eval_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
@@ -108,6 +108,8 @@ class ExperimentSpec:
     target: float | None = None  # the experiment ends once a trial's metric reaches it
     seed: int = 0  # the searcher's
     name: str = ""
+    # Every trial's JobSpec.priority (the base job's is not used): below normal jobs.
+    trial_priority: int = PRIORITY_CLASSES["low"]
 
     @property
     def maximize(self) -> bool:
@@ -199,6 +201,7 @@ def check_experiment_spec(spec: ExperimentSpec) -> None:
     if spec.target is not None and not math.isfinite(spec.target):
         raise InvalidArgument(f"target must be finite, got {spec.target!r}", field="target")
     _check_range("seed", spec.seed, 0, 2**31 - 1)
+    _check_range("trial_priority", spec.trial_priority, MIN_PRIORITY, MAX_PRIORITY)
     if spec.searcher == "grid":
         for index, parameter in enumerate(spec.parameters):
             if isinstance(parameter, FloatParameter) and parameter.grid_points < 2:
@@ -312,6 +315,7 @@ def trial_spec(
         train=train,
         name=f"{spec.name or experiment_id} trial {number}",
         labels=tuple(sorted(labels.items())),
+        priority=spec.trial_priority,
     )
 
 

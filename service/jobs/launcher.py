@@ -36,6 +36,7 @@ class Launcher:
         data_dir: Path | None,
         checkpoint_seconds: float | None,
         ray: RayJobsClient | None,
+        heartbeat_seconds: float = 0.0,
     ):
         self.store = store
         self.inventory = inventory
@@ -43,6 +44,7 @@ class Launcher:
         self.data_dir = data_dir
         self.checkpoint_seconds = checkpoint_seconds
         self.ray = ray
+        self.heartbeat_seconds = heartbeat_seconds
 
     def placement(self, record: JobRecord, assignment: Assignment) -> Placement:
         if assignment.strategy == "multi_worker":
@@ -73,6 +75,7 @@ class Launcher:
             data_dir=self.data_dir,
             checkpoint_seconds=self.checkpoint_seconds,
             gpu_memory_limit_mb=assignment.memory_limit_bytes // 1024**2,
+            heartbeat_seconds=self.heartbeat_seconds,
         )
         return LocalRunner(task, take_worker=self.pool.take, on_event=on_event, on_end=on_end)
 

@@ -60,7 +60,10 @@ class LocalRunner(RunnerThread):
 
     def _follow(self) -> RunOutcome:
         self.task.job_dir.mkdir(parents=True, exist_ok=True)
-        worker = self._take_worker()
+        try:
+            worker = self._take_worker()
+        except (EOFError, OSError) as error:  # a worker that died as it started, a failed fork
+            return RunOutcome(RunEnd.WORKER_DIED, f"could not start a worker: {error}")
         with self._lock:
             self._worker = worker
             stopping = self._stop is not None

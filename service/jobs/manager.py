@@ -26,8 +26,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from service.devices import DeviceInventory
-from service.jobs.access import LOCAL, Action, Principal, authorize, may_see_request_id
+from service.jobs.access import (
+    LOCAL,
+    Action,
+    Principal,
+    authorize,
+    authorize_priority,
+    may_see_request_id,
+)
 from service.jobs.controller import (
+    HANG_SECONDS,
+    MIN_RUN_SECONDS,
+    PREEMPTION_GRACE_SECONDS,
     CancelJob,
     Clock,
     JobController,
@@ -36,7 +46,7 @@ from service.jobs.controller import (
     SystemClock,
 )
 from service.jobs.datasets import lookup_dataset
-from service.jobs.errors import FailedPrecondition, InvalidArgument
+from service.jobs.errors import FailedPrecondition, InvalidArgument, Unavailable
 from service.jobs.feed import JobFeed
 from service.jobs.launcher import Launcher
 from service.jobs.model_tasks import (
@@ -79,6 +89,8 @@ WATCH_POLL_SECONDS = 1.0
 MODEL_CACHE_SIZE = 1024
 # How often a followed log is read again for new lines (its job's events wake it too).
 LOG_POLL_SECONDS = 0.5
+# Why a followed job's stream ends before the job does: the client reconnects.
+SHUTTING_DOWN = "the server is shutting down; the job goes on when it is back: reconnect"
 
 
 class JobManager:
@@ -96,6 +108,9 @@ class JobManager:
         jobs_per_gpu: int = 1,
         backfill_seconds: float = BACKFILL_SECONDS,
         auto_gpu_wait_seconds: float = AUTO_GPU_WAIT_SECONDS,
+        preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
+        min_run_seconds: float = MIN_RUN_SECONDS,
+        hang_seconds: float = HANG_SECONDS,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
@@ -143,6 +158,8 @@ class JobManager:
                 data_dir=data_dir,
                 checkpoint_seconds=checkpoint_seconds,
                 ray=ray,
+                # Several beats to a hang limit, at most one every 5 s (0: no limit, no beats).
+                heartbeat_seconds=min(5.0, hang_seconds / 4),
             ),
             feed=self.feed,
             metrics=metrics,
@@ -150,6 +167,9 @@ class JobManager:
             clock=clock,
             on_idle=self._warm_up,
             observers=observers,
+            preemption_grace_seconds=preemption_grace_seconds,
+            min_run_seconds=min_run_seconds,
+            hang_seconds=hang_seconds,
         )
         self.models = ModelTasks(
             store,
@@ -224,13 +244,14 @@ class JobManager:
         a server without authentication; the API always passes the caller.)
 
         Raises:
-            PermissionDenied: the principal's role may not submit.
+            PermissionDenied: the principal's role may not submit, or not at this priority.
             InvalidArgument: a field of `spec` is invalid.
             AlreadyExists: `request_id` names a job of this owner with another spec.
             FailedPrecondition: more GPUs than the host has.
             ResourceExhausted: the queue is full.
         """
         authorize(principal, Action.SUBMIT)
+        authorize_priority(principal, spec.priority)
         demand = self._demand(spec)
         record = self.controller.call(
             SubmitJob(spec=spec, demand=demand, owner=principal.name, request_id=request_id)
@@ -274,9 +295,10 @@ class JobManager:
         """The job's events after `after_sequence`, then new ones as they come.
 
         The iterator ends once the job has ended and its last event was given,
-        when the manager shut down and the job has nothing more to report (a
-        queued job goes on after the next start), or when `is_active()` turns
-        false (the client went away).
+        or when `is_active()` turns false (the client went away). When the
+        server shuts down before the job ended, it raises `Unavailable` once
+        the job has nothing more to report here: the job goes on after the next
+        start, where the client reconnects with its last sequence.
 
         Raises:
             NotFound: no such job (raised here, before iterating).
@@ -298,10 +320,13 @@ class JobManager:
             record = self.get(job_id)  # from memory: an idle watcher costs no query
             if record.last_sequence > last:
                 continue
-            # After shutdown a job no runner holds (queued) has nothing more to say.
-            loop = self.controller.snapshot
-            if record.finished or (loop.closed and job_id not in loop.running):
+            if record.finished:
                 return
+            # After shutdown a job no runner holds has nothing more to say here; it
+            # goes on when the server is back, where the client reconnects.
+            loop = self.controller.snapshot
+            if loop.closed and job_id not in loop.running:
+                raise Unavailable(SHUTTING_DOWN)
             # Woken by this job's next event only, not by every job's.
             self.feed.wait_for_change(job_id, last, WATCH_POLL_SECONDS)
             if not is_active():
@@ -348,8 +373,10 @@ class JobManager:
         """The job's training log from byte `offset`, as whole lines in bounded pieces.
 
         With `follow` it goes on as the worker writes, until the job has
-        ended and its log was read to the end, the manager shuts down, or
-        `is_active()` turns false (the client went away).
+        ended and its log was read to the end, or `is_active()` turns false
+        (the client went away). When the server shuts down first, it sends
+        every whole line written, then raises `Unavailable`: the client
+        reconnects from the offset it was given.
 
         Raises:
             NotFound: no such job (raised here, before iterating).
@@ -372,7 +399,8 @@ class JobManager:
         path = self.store.job_files(job_id).train_log
         while True:
             # The state is read before the file: a job that has ended wrote its last line.
-            ended = self.get(job_id).finished or self.controller.snapshot.closed
+            ended = self.get(job_id).finished
+            closing = self.controller.snapshot.closed
             lines = read_log_lines(path, offset, final=ended or not follow)
             if lines is not None:
                 yield lines
@@ -380,6 +408,8 @@ class JobManager:
                 continue
             if not follow or ended or not is_active():
                 return
+            if closing:  # every whole line was sent: the rest comes after a reconnect
+                raise Unavailable(SHUTTING_DOWN)
             # Log lines wake nobody; a state change does, and the poll finds new lines.
             self.feed.wait_for_change(job_id, self.get(job_id).last_sequence, LOG_POLL_SECONDS)
 

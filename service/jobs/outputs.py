@@ -12,6 +12,7 @@ can send a file from outside the job's folder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -121,14 +122,23 @@ def _model_parts(model_dir: Path) -> Iterator[ModelFilePart]:
                 fd = _open_regular(path)
             except FileNotFoundError as error:
                 vanished(error)
+            digest = hashlib.sha256()
             with os.fdopen(fd, "rb") as file:
+                data = file.read(MODEL_CHUNK_BYTES)
                 while True:
-                    data = file.read(MODEL_CHUNK_BYTES)
-                    if data or not offset:
-                        yield ModelFilePart(path=relative, data=data, offset=offset)
-                    if len(data) < MODEL_CHUNK_BYTES:
+                    digest.update(data)
+                    following = file.read(MODEL_CHUNK_BYTES) if data else b""
+                    last = not following
+                    yield ModelFilePart(
+                        path=relative,
+                        data=data,
+                        offset=offset,
+                        sha256=digest.hexdigest() if last else "",
+                    )
+                    if last:
                         break
                     offset += len(data)
+                    data = following
 
 
 def describe_model(info: ModelInfo, train: TrainConfig, model_dir: Path) -> ModelDescription:

@@ -9,11 +9,19 @@ Policy:
 - GPU jobs get disjoint sets of GPUs (the worker sees them through
   `CUDA_VISIBLE_DEVICES`), so jobs whose devices do not overlap run at once.
 - Jobs without GPUs run on the host CPU, at most `max_cpu_jobs` at a time.
-- Oldest first, with backfill: while an older GPU job waits for more GPUs than
-  are free, younger GPU jobs that fit may start. Once it has waited
-  `backfill_seconds`, it holds a reservation: no younger job takes a GPU until
-  it has started, so it waits at most that long plus the rest of the runs
-  already going (no starvation). CPU jobs behind it may always start.
+- Highest priority first, then oldest, with backfill: while a job ahead waits
+  for more GPUs than are free, GPU jobs behind it that fit may start. Once it
+  has waited `backfill_seconds`, it holds a reservation: no job behind it
+  takes a GPU until it has started, so it waits at most that long plus the
+  rest of the runs already going (no starvation). CPU jobs behind it may
+  always start. A job put back after a preemption goes to the front of its
+  priority, and a job whose victims are stopping holds a reservation at once.
+- Preemption (`preemption_victims`): for a waiting job that cannot start,
+  running jobs of lower priority whose devices (or CPU slots) would let it
+  start: the lowest priorities first (a priority is touched only when those
+  below it cannot free enough), then the fewest victims, then the least work
+  lost (steps since their last checkpoint), then the most recently started.
+  The control loop asks them to checkpoint and stop.
 - `mirrored` without a device count takes the most GPUs that split the global
   batch evenly with at least `MIN_EXAMPLES_PER_GPU` examples each (batch 128:
   2 GPUs; 512: 8), one GPU when no count does.
@@ -32,8 +40,8 @@ Policy:
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -210,10 +218,23 @@ def _check_gpus(wanted: int, host_gpus: int) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """A running job that could be preempted, and what stopping it now would cost."""
+
+    job_id: str
+    priority: int
+    lost_steps: int  # steps trained since its last checkpoint
+    started: float  # when its run started, by the scheduler's clock
+
+
+@dataclass
 class _Waiting:
     demand: Demand
     since: float  # when it was queued, by the scheduler's clock
+    priority: int
+    order: int  # its place among jobs of its priority: smaller first
+    reserved: bool = False  # its victims are stopping: nothing behind it takes a GPU
 
 
 class Scheduler:
@@ -273,8 +294,9 @@ class Scheduler:
         self._backfill_seconds = backfill_seconds
         self._auto_gpu_wait_seconds = auto_gpu_wait_seconds
         self._clock = clock
-        self._queue: OrderedDict[str, _Waiting] = OrderedDict()
+        self._queue: dict[str, _Waiting] = {}
         self._running: dict[str, Assignment] = {}
+        self._next_order = 0
 
     @property
     def queue_length(self) -> int:
@@ -303,12 +325,29 @@ class Scheduler:
                 f"the queue is full ({self._max_queue} jobs waiting); retry when jobs finish"
             )
 
-    def enqueue(self, job_id: str, demand: Demand) -> None:
-        """Queue a job at the back; `check_admission` first."""
+    def enqueue(
+        self, job_id: str, demand: Demand, *, priority: int = 0, front: bool = False
+    ) -> None:
+        """Queue a job behind those of its priority (`front`: ahead of them); admission first."""
         self.check_admission(demand)
         if job_id in self._queue or job_id in self._running:
             raise ValueError(f"job {job_id} is already queued or running")
-        self._queue[job_id] = _Waiting(demand, self._clock())
+        self._next_order += 1
+        order = -self._next_order if front else self._next_order
+        self._queue[job_id] = _Waiting(demand, self._clock(), priority, order)
+
+    @property
+    def waiting(self) -> list[str]:
+        """The queued jobs in the order they are considered: priority, then place."""
+        return sorted(self._queue, key=lambda job_id: self._rank(self._queue[job_id]))
+
+    @staticmethod
+    def _rank(waiting: _Waiting) -> tuple[int, int]:
+        return (-waiting.priority, waiting.order)
+
+    def reserve(self, job_id: str) -> None:
+        """Hold GPUs for a waiting job from now on (its victims are stopping)."""
+        self._queue[job_id].reserved = True
 
     def remove(self, job_id: str) -> bool:
         """Take a waiting job out of the queue; False when it was not waiting."""
@@ -322,11 +361,12 @@ class Scheduler:
                 self._slots_used[index] -= self._slots(assignment)
 
     def next_runnable(self) -> list[Assignment]:
-        """Place every waiting job that can start now, oldest first."""
+        """Place every waiting job that can start now, in priority order."""
         now = self._clock()
         started: list[Assignment] = []
-        reserved = False  # an older GPU job waited past its backfill: GPUs are kept for it
-        for job_id, waiting in list(self._queue.items()):
+        reserved = False  # a GPU job ahead waited past its backfill: GPUs are kept for it
+        for job_id in self.waiting:
+            waiting = self._queue[job_id]
             demand, waited = waiting.demand, now - waiting.since
             assignment = None
             if demand.remote:  # on the Ray cluster: nothing of this host to wait for
@@ -342,7 +382,9 @@ class Scheduler:
                         job_id=job_id, strategy=strategy, gpus=(), replicas=demand.replicas
                     )
             if assignment is None:
-                if demand.gpus and not demand.flexible and waited >= self._backfill_seconds:
+                if demand.gpus and (
+                    waiting.reserved or (not demand.flexible and waited >= self._backfill_seconds)
+                ):
                     reserved = True
                 continue
             del self._queue[job_id]
@@ -365,6 +407,56 @@ class Scheduler:
             if waiting.demand.flexible and waiting.since + self._auto_gpu_wait_seconds > now
         ]
         return min(ends, default=None)
+
+    def preemption_victims(
+        self, job_id: str, candidates: Sequence[Candidate], *, max_sets: int = 20_000
+    ) -> list[str]:
+        """The running jobs to stop so that waiting `job_id` can start; [] when none would do.
+
+        Only candidates of lower priority than the job, running on this host.
+        The lowest priorities are drawn on first: jobs of a priority are
+        victims only when those below it cannot free enough. Among those, the
+        fewest victims; among sets of one size, in order of least work lost,
+        then most recently started. At most `max_sets` sets are tried.
+        """
+        waiting = self._queue[job_id]
+        eligible = sorted(
+            (
+                candidate
+                for candidate in candidates
+                if candidate.priority < waiting.priority
+                and candidate.job_id in self._running
+                and self._running[candidate.job_id].strategy != "multi_worker"
+            ),
+            key=lambda c: (c.priority, c.lost_steps, -c.started),
+        )
+        tried = 0
+        for ceiling in sorted({candidate.priority for candidate in eligible}):
+            pool = [candidate for candidate in eligible if candidate.priority <= ceiling]
+            if not self._fits_without(waiting.demand, {c.job_id for c in pool}):
+                continue  # not even all of them free enough: draw on the next priority
+            for size in range(1, len(pool) + 1):
+                for victims in itertools.combinations(pool, size):
+                    if self._fits_without(waiting.demand, {c.job_id for c in victims}):
+                        return [c.job_id for c in victims]
+                    tried += 1
+                    if tried >= max_sets:
+                        return [c.job_id for c in pool]  # enough, if not the fewest
+        return []
+
+    def _fits_without(self, demand: Demand, victims: set[str]) -> bool:
+        """Whether `demand` could start were `victims` gone."""
+        freed = [self._running[job_id] for job_id in victims]
+        if not demand.gpus or (demand.flexible and not self._all_gpus):
+            cpu_jobs = self._cpu_jobs() - sum(1 for a in freed if not a.gpus)
+            return cpu_jobs < self._max_cpu_jobs
+        used = dict(self._slots_used)
+        for assignment in freed:
+            for index in assignment.gpus:
+                used[index] -= self._slots(assignment)
+        if self._shares(demand):
+            return any(slots < self._jobs_per_gpu for slots in used.values())
+        return sum(1 for slots in used.values() if not slots) >= max(demand.gpus, 1)
 
     def _place_on_gpus(self, job_id: str, demand: Demand) -> Assignment | None:
         if self._shares(demand):

@@ -2,13 +2,14 @@
 
 Version 4 added `job_labels`; a version 3 database gains the (empty) table when
 SCHEMA runs on it, since no job had labels before: nothing else changes.
+Version 5 added `jobs.preemptions` (ADD_PREEMPTIONS; 0 for every older job).
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Versions a server of this schema opens (and migrates to SCHEMA_VERSION); 0 is a new file.
-OPENS_VERSIONS = (0, 1, 3, SCHEMA_VERSION)
+OPENS_VERSIONS = (0, 1, 3, 4, SCHEMA_VERSION)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: ListJobs pages by it
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,                            -- JSON of the result event
     last_sequence INTEGER NOT NULL DEFAULT 0,
     restarts INTEGER NOT NULL DEFAULT 0,    -- restarts after the worker died
-    checkpoint TEXT                         -- JSON of the latest CheckpointSaved
+    checkpoint TEXT,                        -- JSON of the latest CheckpointSaved
+    preemptions INTEGER NOT NULL DEFAULT 0  -- stops to make room for more urgent jobs
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_id ON jobs (owner, request_id);
@@ -77,3 +79,5 @@ INSERT INTO jobs_new (seq, job_id, owner, request_id, spec, state, create_time, 
 DROP TABLE jobs;
 ALTER TABLE jobs_new RENAME TO jobs;
 """
+# Versions 1 to 4 had no preemptions column.
+ADD_PREEMPTIONS = "ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0"

@@ -15,16 +15,25 @@ kind. Proto conversion happens in `service.api.convert`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.jobs.schema import MIGRATE_1, OPENS_VERSIONS, SCHEMA, SCHEMA_VERSION
+from service.jobs.errors import ResourceExhausted, Unavailable
+from service.jobs.schema import (
+    ADD_PREEMPTIONS,
+    MIGRATE_1,
+    OPENS_VERSIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 from service.protocol import (
     TERMINAL_STATES,
     CheckpointSaved,
@@ -102,6 +111,7 @@ class JobRecord:
     restarts: int = 0
     checkpoint: CheckpointSaved | None = None  # the latest one
     owner: str = ""  # the principal that submitted it; "" anonymous
+    preemptions: int = 0  # stops to make room for a job of higher priority
 
     @property
     def finished(self) -> bool:
@@ -145,6 +155,9 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             if version == 1:
                 self._migrate_from_1()
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if columns and "preemptions" not in columns:  # versions 1 to 4
+                self._db.execute(ADD_PREEMPTIONS)
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -178,12 +191,17 @@ class Store:
     def job_files(self, job_id: str) -> JobFiles:
         return JobFiles(self.job_dir(job_id))
 
+    def exported_model(self, job_id: str) -> Path | None:
+        """The job's SavedModel folder once it was exported, else None."""
+        files = self.job_files(job_id)
+        return files.model if files.has_model() else None
+
     # -- writes ---------------------------------------------------------------
 
     def create_job(self, record: JobRecord, time: float) -> Event:
         """Insert a new job with its first event, the change to `record.state`."""
         payload = StateChange(state=record.state)
-        with self._lock, self._transaction():
+        with self._lock, self._writing(), self._transaction():
             self._db.execute(
                 "INSERT INTO jobs (job_id, owner, request_id, spec, state, create_time,"
                 " last_sequence) VALUES (?, ?, ?, ?, ?, ?, 1)",
@@ -232,7 +250,7 @@ class Store:
             updates["devices"] = json.dumps(list(devices))
         if failure_reason is not None:
             updates["failure_reason"] = failure_reason
-        with self._lock, self._transaction():
+        with self._lock, self._writing(), self._transaction():
             row = self._db.execute(
                 "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
             ).fetchone()
@@ -249,17 +267,26 @@ class Store:
 
     def record_checkpoint(self, job_id: str, checkpoint: CheckpointSaved) -> None:
         """Remember the job's latest checkpoint (not an event: watchers are not told)."""
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute(
                 "UPDATE jobs SET checkpoint = ? WHERE job_id = ?",
                 (json.dumps(dataclasses.asdict(checkpoint)), job_id),
             )
 
+    def count_preemption(self, job_id: str) -> int:
+        """Add one to the job's preemptions; returns the new count."""
+        return self._count(job_id, "preemptions")
+
     def count_restart(self, job_id: str) -> int:
         """Add one to the job's restarts; returns the new count."""
-        with self._lock, self._transaction():
-            self._db.execute("UPDATE jobs SET restarts = restarts + 1 WHERE job_id = ?", (job_id,))
-            row = self._db.execute("SELECT restarts FROM jobs WHERE job_id = ?", (job_id,))
+        return self._count(job_id, "restarts")
+
+    def _count(self, job_id: str, column: str) -> int:
+        with self._lock, self._writing(), self._transaction():
+            self._db.execute(
+                f"UPDATE jobs SET {column} = {column} + 1 WHERE job_id = ?", (job_id,)
+            )
+            row = self._db.execute(f"SELECT {column} FROM jobs WHERE job_id = ?", (job_id,))
             return row.fetchone()[0]
 
     def _insert_event(
@@ -273,6 +300,18 @@ class Store:
 
     def _transaction(self):
         return _Transaction(self._db)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """SQLite's write errors as the service's: one line naming the file."""
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            if "full" in str(error):
+                raise ResourceExhausted(
+                    f"the state directory {self.state_dir} is full: {error}"
+                ) from error
+            raise Unavailable(f"cannot write the job store {self.path}: {error}") from error
 
     # -- reads ----------------------------------------------------------------
 
@@ -395,6 +434,7 @@ class Store:
                     CheckpointSaved(**json.loads(row["checkpoint"])) if row["checkpoint"] else None
                 ),
                 owner=row["owner"],
+                preemptions=row["preemptions"],
             )
             for row in rows
         ]

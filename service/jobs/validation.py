@@ -26,7 +26,7 @@ from naive_model.data import DatasetInfo
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.scheduler import Demand, demand_for
-from service.protocol import JobSpec
+from service.protocol import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_CLASSES, JobSpec
 
 # Activations of one step (forward values and their gradients) must fit too.
 MAX_ACTIVATION_BYTES = 8 * 1024**3
@@ -146,6 +146,11 @@ def validate_job_spec(
         )
     if not 0 <= spec.max_restarts <= MAX_RESTARTS:
         raise InvalidArgument(f"max_restarts must be in 0..{MAX_RESTARTS}, got {spec.max_restarts}")
+    if not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
+        raise InvalidArgument(
+            f"priority must be in {MIN_PRIORITY}..{MAX_PRIORITY} (low {PRIORITY_CLASSES['low']}, "
+            f"normal 0, high {PRIORITY_CLASSES['high']}), got {spec.priority}"
+        )
     if demand.remote:
         # The Ray nodes' memory is theirs to check: this host holds nothing of the job.
         if not ray_enabled:

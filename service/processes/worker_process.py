@@ -43,8 +43,11 @@ class WorkerProcess:
     @property
     def ready(self) -> bool:
         """Whether a warm worker has finished importing TensorFlow."""
-        if not self._ready and self.is_alive() and self.conn.poll(0):
-            self._ready = isinstance(self.conn.recv(), Ready)
+        try:
+            if not self._ready and self.is_alive() and self.conn.poll(0):
+                self._ready = isinstance(self.conn.recv(), Ready)
+        except (EOFError, OSError):  # it died as it started: not ready, and never will be
+            return False
         return self._ready
 
     def send(self, message: ServerMessage) -> None:

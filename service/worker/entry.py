@@ -26,7 +26,7 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from service.protocol import Failed, JobFiles, Ready, StopTraining, TrainTask
+from service.protocol import Failed, Heartbeat, JobFiles, Ready, StopTraining, TrainTask
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,24 +84,58 @@ def train(conn: Connection, task: TrainTask) -> None:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
     _redirect_output(JobFiles(task.job_dir).train_log)
+    send = _LockedSend(conn)
+    if task.heartbeat_seconds:
+        _beat(send, task.heartbeat_seconds)
     from naive_model.data import DatasetError
     from service.worker import tasks
 
     try:
-        tasks.train(task, conn.send, _listen_for_stop(conn).is_set)
+        tasks.train(task, send, _listen_for_stop(conn).is_set)
     except FileNotFoundError as error:  # a data set that is not there: the request's fault
         traceback.print_exc()
-        conn.send(Failed(reason=str(error), data_missing=True))
+        send(Failed(reason=str(error), data_missing=True))
     except DatasetError as error:  # a file that is no usable data set: named in the request
         traceback.print_exc()
-        conn.send(Failed(reason=str(error), data_unusable=True))
+        send(Failed(reason=str(error), data_unusable=True))
     except Exception as error:  # reported to the server, which fails the job with it
         traceback.print_exc()
-        conn.send(Failed(reason=f"{type(error).__name__}: {error}"))
+        send(Failed(reason=f"{type(error).__name__}: {error}"))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        conn.close()
+        with send.lock:  # no heartbeat half-written into a closed socket
+            conn.close()
+
+
+class _LockedSend:
+    """`conn.send` for several threads: one message at a time on the socket."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def __call__(self, message: object) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+def _beat(send: _LockedSend, seconds: float) -> None:
+    """A thread that sends `Heartbeat` every `seconds`, so a hung worker can be told apart.
+
+    It runs beside the training, so a long compiled call (which releases the
+    GIL) does not silence it; a stopped or deadlocked process does.
+    """
+
+    def beat() -> None:
+        while True:
+            time.sleep(seconds)
+            try:
+                send(Heartbeat())
+            except (OSError, ValueError):
+                return  # the socket is closed: the task is over
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def _listen_for_stop(conn: Connection) -> threading.Event:

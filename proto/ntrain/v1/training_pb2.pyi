@@ -92,7 +92,7 @@ class StrategySpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device_count: _Optional[int] = ..., hosts: _Optional[int] = ..., gpus_per_host: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels")
+    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels", "priority")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class JobSpec(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
     initializer: str
     optimizer: OptimizerSpec
@@ -132,7 +133,8 @@ class JobSpec(_message.Message):
     precision: str
     name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    priority: int
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class StateTransition(_message.Message):
     __slots__ = ("state", "time", "reason")
@@ -203,7 +205,7 @@ class JobResult(_message.Message):
     def __init__(self, train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., has_model: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "owner", "restarts", "model")
+    __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "owner", "restarts", "preemptions", "model")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +219,7 @@ class Job(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
@@ -231,8 +234,9 @@ class Job(_message.Message):
     strategy: str
     owner: str
     restarts: int
+    preemptions: int
     model: ModelInfo
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., transitions: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., owner: _Optional[str] = ..., restarts: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., transitions: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., owner: _Optional[str] = ..., restarts: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("input_size", "num_classes", "layers", "parameters", "exported", "path", "signature")
@@ -402,14 +406,16 @@ class DownloadModelRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("path", "data", "offset")
+    __slots__ = ("path", "data", "offset", "sha256")
     PATH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     path: str
     data: bytes
     offset: int
-    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -502,7 +508,7 @@ class EarlyStopping(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., min_epochs: _Optional[int] = ..., reduction_factor: _Optional[int] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("base", "parameters", "metric", "direction", "searcher", "early_stopping", "max_trials", "max_concurrent_trials", "max_failed_trials", "target", "seed", "name")
+    __slots__ = ("base", "parameters", "metric", "direction", "searcher", "early_stopping", "max_trials", "max_concurrent_trials", "max_failed_trials", "target", "seed", "name", "trial_priority")
     BASE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -515,6 +521,7 @@ class ExperimentSpec(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     base: JobSpec
     parameters: _containers.RepeatedCompositeFieldContainer[SearchParameter]
     metric: str
@@ -527,7 +534,8 @@ class ExperimentSpec(_message.Message):
     target: float
     seed: int
     name: str
-    def __init__(self, base: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[SearchParameter, _Mapping]]] = ..., metric: _Optional[str] = ..., direction: _Optional[str] = ..., searcher: _Optional[str] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., max_trials: _Optional[int] = ..., max_concurrent_trials: _Optional[int] = ..., max_failed_trials: _Optional[int] = ..., target: _Optional[float] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+    trial_priority: int
+    def __init__(self, base: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[SearchParameter, _Mapping]]] = ..., metric: _Optional[str] = ..., direction: _Optional[str] = ..., searcher: _Optional[str] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., max_trials: _Optional[int] = ..., max_concurrent_trials: _Optional[int] = ..., max_failed_trials: _Optional[int] = ..., target: _Optional[float] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., trial_priority: _Optional[int] = ...) -> None: ...
 
 class Trial(_message.Message):
     __slots__ = ("number", "params", "job_id", "state", "epochs", "metric", "stopped_early_at", "reason")
