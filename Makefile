@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Ray (about 2.5 minutes more to install) only for the tests of multi_worker jobs.
 RAY_STAMP := $(VENV)/.ray-installed-stamp
+# The demo needs the server and scikit-learn (its offline digits), not the dev tools.
+DEMO_STAMP := $(VENV)/.demo-installed-stamp
 
 .PHONY: demo test test-fast lint proto dashboard bench certs gpu-smoke clean
 
@@ -17,7 +19,13 @@ $(RAY_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[server,dev,ray]'
 	touch $@
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[demo]'
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(PY) -m service.cli.demo
 
 test: $(RAY_STAMP) lint

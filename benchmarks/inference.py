@@ -8,20 +8,24 @@ softmax) for one epoch on MNIST (`--data`), and this process loads the same
 SavedModels with `tf.saved_model.load`. Then every entry runs in interleaved
 rounds (7; `--quick` 2):
 
-  predict_1               Predict of 1 example on a cached model (50 calls a round;
-                          --quick 5): p50 and p99 over every call (targets <= 20 ms,
-                          <= 50 ms), beside the in-process call of the same model.
+  predict_1               Predict of 1 example (a float32 tensor) on a cached model
+                          (50 calls a round; --quick 5): p50 and p99 over every call
+                          (targets <= 20 ms, <= 50 ms), beside the in-process call of
+                          the same model. predict_1_uint8: the same image as uint8.
   predict_1024            Predict of 1,024 examples in one request (5 calls a round;
-                          --quick 2): median, beside in-process (target: within 10x,
-                          the paired median of the rounds' ratios). `serialisation`
-                          times each conversion of the request and reply on its own:
-                          building the request from the array (one Example per row,
-                          parsed from its bytes, as ntrain.client does) and
-                          serialising it, the server parsing it and turning it into
-                          an array (its checks included), building and serialising
-                          the reply, parsing it into an array. `request_build_per_value`
-                          is the same request built as Example(values=row), numpy
-                          value by numpy value, as the client did before.
+                          --quick 2), as one tensor of float32 values and of uint8
+                          pixels (the server scales them): medians, each beside
+                          in-process on the same array (target: within 2x, the paired
+                          median of the rounds' ratios; the uint8 in-process call
+                          includes the scaling, naive_model.data.to_features).
+                          `serialisation` times each conversion of the request and
+                          reply on its own, per dtype: building the request from the
+                          array (ntrain.client.tensors) and serialising it, the
+                          server parsing it and turning it into an array (its checks
+                          included), building and serialising the reply, parsing it
+                          into an array. `examples` is the same call with one
+                          Example per row, as JSON clients send it (and as the
+                          client did before tensors).
 
 Both service entries time what a client does: from a numpy array to a numpy
 array (the request built, the call, the reply read), as the in-process entries
@@ -58,7 +62,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, machine, paired_ratio, publish, side_by_side
-from ntrain.client.client import example_messages
+from ntrain.client.tensors import tensor_array, tensor_message
 from service.api import convert
 from service.api.server import ServerConfig, TrainingServer
 from service.cli.specs import book_job_spec
@@ -67,7 +71,8 @@ from service.jobs import validation
 TARGETS = {
     "predict_1_p50_ms": 20.0,
     "predict_1_p99_ms": 50.0,
-    "predict_1024_service/in_process": 10.0,
+    "predict_1024_service/in_process": 2.0,
+    "predict_1024_uint8_service/in_process": 2.0,
     "evaluate_seconds": 1.0,
     "predict_uncached_seconds": 1.5,
 }
@@ -81,6 +86,7 @@ SERIALISATION_STEPS = (
     "reply_serialize",
     "reply_parse",
 )
+DTYPES = ("float32", "uint8")
 
 
 def job_spec(seed: int) -> pb.JobSpec:
@@ -101,26 +107,27 @@ def timed(call: Callable[[], object]) -> float:
 
 
 def predict_request(job_id: str, x: np.ndarray) -> pb.PredictRequest:
-    """As ntrain.client builds it: one Example per row, parsed from the row's bytes."""
-    return pb.PredictRequest(job_id=job_id, inputs=example_messages(x))
+    """As ntrain.client builds it: the array as one tensor."""
+    return pb.PredictRequest(job_id=job_id, tensor=tensor_message(x))
 
 
-def per_value_request(job_id: str, x: np.ndarray) -> pb.PredictRequest:
-    """The same request built value by value, as the client did before."""
+def examples_request(job_id: str, x: np.ndarray) -> pb.PredictRequest:
+    """The same request as JSON clients send it: one Example of floats per row."""
     return pb.PredictRequest(job_id=job_id, inputs=[pb.Example(values=row) for row in x])
 
 
 def probabilities(response: pb.PredictResponse) -> np.ndarray:
     """As ntrain.client reads it: (examples, classes)."""
+    if response.HasField("probabilities"):
+        return tensor_array(response.probabilities)
     return np.array([p.probabilities for p in response.predictions], dtype=np.float32)
 
 
 def request_to_array(request: pb.PredictRequest, input_size: int) -> np.ndarray:
-    """What the servicer does with a parsed PredictRequest before the worker sees it."""
-    validation.check_predict_count(len(request.inputs))
-    rows = convert.predict_rows(request)
-    validation.check_predict_inputs(rows, input_size)
-    return np.asarray(rows, dtype=np.float32)
+    """What the servicer does with a parsed tensor PredictRequest before the worker sees it."""
+    inputs = convert.tensor_from_proto(request.tensor, "tensor")
+    validation.check_predict_tensor(inputs, input_size)
+    return inputs
 
 
 def restage(model: Path) -> None:
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(bench: Bench, data_dir: Path, rounds: int, single_calls: int, batch_calls: int) -> dict:
     import tensorflow as tf  # only now: the server's process must start without it
 
-    from naive_model.data import load_dataset
+    from naive_model.data import load_dataset, to_features
     from naive_model.export import evaluate_saved_model, load_saved_model, predict_saved_model
 
     started = time.perf_counter()
@@ -285,71 +292,105 @@ def run(bench: Bench, data_dir: Path, rounds: int, single_calls: int, batch_call
     print(f"trained two jobs in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     dataset = load_dataset("mnist", data_dir=data_dir)
     x_test, y_test = dataset.x_test, dataset.y_test
-    one, batch = x_test[:1], np.resize(x_test, (BATCH, x_test.shape[1]))  # (1|1024, 784)
+    # For MNIST, exactly the file's uint8 pixels (x_test is them / 255).
+    pixels = np.round(np.clip(x_test, 0, 1) * 255).astype(np.uint8)
+    one = {"float32": x_test[:1], "uint8": pixels[:1]}  # (1, 784)
+    batch = {  # (1024, 784)
+        "float32": np.resize(x_test, (BATCH, x_test.shape[1])),
+        "uint8": np.resize(pixels, (BATCH, pixels.shape[1])),
+    }
     serve = load_saved_model(bench.model_dir(cached_job))
     serve_uncached = bench.model_dir(uncached_job)
 
     stub = bench.stub
-    batch_request = predict_request(cached_job, batch)
-    assert per_value_request(cached_job, batch) == batch_request
 
     def service_predict(x: np.ndarray) -> np.ndarray:
         return probabilities(stub.Predict(predict_request(cached_job, x), timeout=60))
 
+    def service_predict_examples(x: np.ndarray) -> np.ndarray:
+        return probabilities(stub.Predict(examples_request(cached_job, x), timeout=60))
+
+    def in_process_predict(x: np.ndarray) -> np.ndarray:
+        return predict_saved_model(serve, to_features(x))  # uint8 scaled as the worker does
+
     evaluate_request = pb.EvaluateRequest(job_id=cached_job)
     # Warm both sides up: the worker loads the model, this process traces its calls.
     bench.wait_for_ready_worker()
-    service_batch = probabilities(stub.Predict(batch_request, timeout=120))
+    service_batch = {dtype: service_predict(batch[dtype]) for dtype in DTYPES}
+    service_examples = service_predict_examples(batch["float32"])
     evaluation = stub.Evaluate(evaluate_request, timeout=120)
-    in_process_batch = predict_saved_model(serve, batch)
+    in_process_batch = {dtype: in_process_predict(batch[dtype]) for dtype in DTYPES}
     in_process_evaluation = evaluate_saved_model(serve, x_test, y_test)
 
-    # The conversions of a 1,024-example Predict, each on its own.
-    request_bytes = batch_request.SerializeToString()
-    reply = convert.predictions_to_proto(in_process_batch)
-    reply_bytes = reply.SerializeToString()
+    # The conversions of a 1,024-example Predict, each on its own, per dtype.
     input_size = x_test.shape[1]
-    serialisation = {
-        "request_build": lambda: predict_request(cached_job, batch),
-        "request_serialize": batch_request.SerializeToString,
-        "request_parse": lambda: pb.PredictRequest.FromString(request_bytes),
-        "request_to_array": lambda: request_to_array(batch_request, input_size),
-        "reply_build": lambda: convert.predictions_to_proto(in_process_batch),
-        "reply_serialize": reply.SerializeToString,
-        "reply_parse": lambda: probabilities(pb.PredictResponse.FromString(reply_bytes)),
-    }
+    reply = convert.predictions_to_proto(in_process_batch["float32"], as_tensor=True)
+    reply_bytes = reply.SerializeToString()
+    serialisation: dict[str, Callable[[], object]] = {}
+    request_bytes = {}
+    for dtype in DTYPES:
+        request = predict_request(cached_job, batch[dtype])
+        request_bytes[dtype] = request.SerializeToString()
+        serialisation |= {
+            f"{dtype}_request_build": lambda x=batch[dtype]: predict_request(cached_job, x),
+            f"{dtype}_request_serialize": request.SerializeToString,
+            f"{dtype}_request_parse": lambda data=request_bytes[dtype]: (
+                pb.PredictRequest.FromString(data)
+            ),
+            f"{dtype}_request_to_array": lambda r=request: request_to_array(r, input_size),
+            f"{dtype}_reply_build": lambda: convert.predictions_to_proto(
+                in_process_batch["float32"], as_tensor=True
+            ),
+            f"{dtype}_reply_serialize": reply.SerializeToString,
+            f"{dtype}_reply_parse": lambda: probabilities(
+                pb.PredictResponse.FromString(reply_bytes)
+            ),
+        }
 
-    timers = {
-        "predict_1_service": bench.cached(
-            "predict_1_service", single_calls, lambda: service_predict(one)
-        ),
-        "predict_1_in_process": bench.calls(
-            "predict_1_in_process", single_calls, lambda: serve(inputs=tf.constant(one))
-        ),
-        "predict_1024_service": bench.cached(
-            "predict_1024_service", batch_calls, lambda: service_predict(batch)
-        ),
-        "predict_1024_in_process": bench.calls(
-            "predict_1024_in_process", batch_calls, lambda: predict_saved_model(serve, batch)
+    timers = {}
+    for dtype in DTYPES:
+        suffix = "" if dtype == "float32" else "_uint8"
+        timers |= {
+            f"predict_1{suffix}_service": bench.cached(
+                f"predict_1{suffix}_service", single_calls, lambda x=one[dtype]: service_predict(x)
+            ),
+            f"predict_1{suffix}_in_process": bench.calls(
+                f"predict_1{suffix}_in_process",
+                single_calls,
+                lambda x=one[dtype]: serve(inputs=tf.constant(to_features(x))),
+            ),
+            f"predict_1024{suffix}_service": bench.cached(
+                f"predict_1024{suffix}_service",
+                batch_calls,
+                lambda x=batch[dtype]: service_predict(x),
+            ),
+            f"predict_1024{suffix}_in_process": bench.calls(
+                f"predict_1024{suffix}_in_process",
+                batch_calls,
+                lambda x=batch[dtype]: in_process_predict(x),
+            ),
+        }
+    timers |= {
+        "predict_1024_examples_service": bench.cached(
+            "predict_1024_examples_service",
+            batch_calls,
+            lambda: service_predict_examples(batch["float32"]),
         ),
         **{
             f"serialisation_{step}": bench.calls(f"serialisation_{step}", batch_calls, call)
             for step, call in serialisation.items()
         },
-        "request_build_per_value": bench.calls(
-            "request_build_per_value", batch_calls, lambda: per_value_request(cached_job, batch)
-        ),
         "evaluate_service": bench.cached(
             "evaluate_service", 1, lambda: stub.Evaluate(evaluate_request, timeout=120)
         ),
         "evaluate_in_process": bench.calls(
             "evaluate_in_process", 1, lambda: evaluate_saved_model(serve, x_test, y_test)
         ),
-        "predict_uncached_service": bench.uncached(uncached_job, one),
+        "predict_uncached_service": bench.uncached(uncached_job, one["float32"]),
         "predict_uncached_in_process": bench.calls(
             "predict_uncached_in_process",
             1,
-            lambda: predict_saved_model(load_saved_model(serve_uncached), one),
+            lambda: predict_saved_model(load_saved_model(serve_uncached), one["float32"]),
         ),
     }
     print(f"{rounds} interleaved rounds of {len(timers)} entries", file=sys.stderr)
@@ -359,23 +400,38 @@ def run(bench: Bench, data_dir: Path, rounds: int, single_calls: int, batch_call
         return paired_ratio(medians[f"{name}_service"], medians[f"{name}_in_process"])
 
     samples = bench.samples
+
+    def median_ms(name: str) -> float:
+        return statistics.median(samples[name]) * 1e3
+
+    def batch_entry(dtype: str) -> dict:
+        name = "predict_1024" if dtype == "float32" else "predict_1024_uint8"
+        parts = {step: median_ms(f"serialisation_{dtype}_{step}") for step in SERIALISATION_STEPS}
+        return {
+            "service_ms": median_ms(f"{name}_service"),
+            "in_process_ms": median_ms(f"{name}_in_process"),
+            "service/in_process_paired_median": paired(name),
+            "request_bytes": len(request_bytes[dtype]),
+            "serialisation_ms": parts,
+            "serialisation_total_ms": sum(parts.values()),
+            "serialisation_share_of_service": sum(parts.values()) / median_ms(f"{name}_service"),
+        }
+
     predict_1 = {
         "service": percentiles(samples["predict_1_service"]),
         "in_process": percentiles(samples["predict_1_in_process"]),
         "service/in_process_paired_median": paired("predict_1"),
+        "uint8_service": percentiles(samples["predict_1_uint8_service"]),
+        "uint8_in_process": percentiles(samples["predict_1_uint8_in_process"]),
+        "uint8_service/in_process_paired_median": paired("predict_1_uint8"),
     }
-    parts = {step: statistics.median(samples[f"serialisation_{step}"]) for step in serialisation}
-    batch_service = statistics.median(samples["predict_1024_service"])
     predict_1024 = {
-        "service_ms": batch_service * 1e3,
-        "in_process_ms": statistics.median(samples["predict_1024_in_process"]) * 1e3,
-        "service/in_process_paired_median": paired("predict_1024"),
-        "serialisation_ms": {step: seconds * 1e3 for step, seconds in parts.items()},
-        "serialisation_total_ms": sum(parts.values()) * 1e3,
-        "serialisation_share_of_service": sum(parts.values()) / batch_service,
-        "request_build_per_value_ms": statistics.median(samples["request_build_per_value"]) * 1e3,
-        "service_less_serialisation/in_process": (batch_service - sum(parts.values()))
-        / statistics.median(samples["predict_1024_in_process"]),
+        "float32": batch_entry("float32"),
+        "uint8": batch_entry("uint8"),
+        "examples_service_ms": median_ms("predict_1024_examples_service"),
+        "examples_service/in_process_paired_median": paired_ratio(
+            medians["predict_1024_examples_service"], medians["predict_1024_in_process"]
+        ),
     }
     evaluate = {
         "service_seconds": statistics.median(samples["evaluate_service"]),
@@ -391,7 +447,12 @@ def run(bench: Bench, data_dir: Path, rounds: int, single_calls: int, batch_call
     figures = {
         "predict_1_p50_ms": predict_1["service"]["p50_ms"],
         "predict_1_p99_ms": predict_1["service"]["p99_ms"],
-        "predict_1024_service/in_process": predict_1024["service/in_process_paired_median"],
+        "predict_1024_service/in_process": predict_1024["float32"][
+            "service/in_process_paired_median"
+        ],
+        "predict_1024_uint8_service/in_process": predict_1024["uint8"][
+            "service/in_process_paired_median"
+        ],
         "evaluate_seconds": evaluate["service_seconds"],
         "predict_uncached_seconds": uncached["service_seconds"],
     }
@@ -404,8 +465,14 @@ def run(bench: Bench, data_dir: Path, rounds: int, single_calls: int, batch_call
         "targets": {f"{name} <=": value for name, value in TARGETS.items()},
         "met": {name: figures[name] <= value for name, value in TARGETS.items()},
         "checks": {
-            "predict_1024_max_abs_difference": float(
-                np.max(np.abs(service_batch - in_process_batch))
+            **{
+                f"predict_1024_{dtype}_max_abs_difference": float(
+                    np.max(np.abs(service_batch[dtype] - in_process_batch[dtype]))
+                )
+                for dtype in DTYPES
+            },
+            "predict_1024_examples_max_abs_difference": float(
+                np.max(np.abs(service_examples - in_process_batch["float32"]))
             ),
             "evaluate_loss_difference": abs(evaluation.loss - in_process_evaluation.loss),
             "evaluate_accuracy_difference": abs(

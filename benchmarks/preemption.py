@@ -36,6 +36,8 @@ from service.cli.specs import book_job_spec
 
 LOW, HIGH = -100, 100
 CALL_STEPS = 50
+BATCH = 128  # the book's
+FIRST_CALL_STEPS = 1  # the service's workers trace with a one-step call
 
 
 def spec(epochs: int, priority: int) -> pb.JobSpec:
@@ -99,10 +101,12 @@ def one_round(stub) -> dict:
     ]
     before = [p for when, p in victim.progress if when <= stopped_at]
     after = [p for when, p in victim.progress if when > stopped_at]
-    resumed_from = after[0].step - after[0].call_steps
+    resumed_from = after[0].step - FIRST_CALL_STEPS  # a worker's first call runs one step
     urgent_run = urgent.ended - urgent.first_progress()
     return {
-        "call_seconds": statistics.median(p.call_seconds for _, p in alone.progress[1:]),
+        "call_seconds": statistics.median(
+            CALL_STEPS * BATCH / p.examples_per_second for _, p in alone.progress[1:]
+        ),
         "stop_seconds": stopped_at - urgent_submitted,
         "start_seconds": urgent.first_progress() - stopped_at,
         "alone_start_seconds": urgent_alone.first_progress() - urgent_alone.submitted,

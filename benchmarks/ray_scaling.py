@@ -67,16 +67,20 @@ def main() -> None:
         Path(out).write_text(json.dumps(measure_inside(ray_address, Path(work))))
         return
 
+    import shutil
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="ntrain-ray-bench-"))
     write_blobs(work)
     out = work / "figures.json"
-    command = [sys.executable, "-m", "benchmarks.ray_scaling", "--inside"]
-    done, _ = run_inside(work, command, out, timeout=1800)
-    if done.returncode:
-        raise SystemExit(f"the scenario failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    figures = json.loads(out.read_text())
+    try:
+        command = [sys.executable, "-m", "benchmarks.ray_scaling", "--inside"]
+        done, _ = run_inside(work, command, out, timeout=1800)
+        if done.returncode:
+            raise SystemExit(f"the scenario failed:\n{(done.stdout + done.stderr)[-4000:]}")
+        figures = json.loads(out.read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the data, and the nodes' logs (--temp-dir)
     for run in figures["runs"]:
         print(
             f"{run['hosts']} host(s): first progress {run['first_progress_s']} s, "

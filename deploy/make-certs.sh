@@ -15,9 +15,11 @@
 # loopback addresses 127.0.0.1 and ::1.
 #
 # DIR is 0700 and must stay private: it holds the CA's key and the tokens.
-# Files the containers read (server key, token hashes, CA, metrics password)
-# are 0644 inside it, because compose mounts secrets with their host modes
-# and the trainer (uid 10001) and Prometheus (nobody) must read them.
+# Every secret in it is 0600; only the certificates are 0644. Compose mounts
+# file secrets with their host owner and mode, and the containers read theirs
+# as other users (the trainer as $NTRAIN_UID, default 10001; Prometheus as
+# nobody, 65534): run as root, the script gives each file the containers read
+# to the user that reads it; otherwise it prints the chown that does.
 set -euo pipefail
 umask 077
 
@@ -88,6 +90,18 @@ if [ ! -f metrics.password ]; then
     echo "made the metrics password Prometheus scrapes with: $dir/metrics.password"
 fi
 
-# What the containers read; the directory keeps everyone else out.
-chmod 644 ca.crt server.crt server.key tokens metrics.password metrics-users
-chmod 600 ca.key client.key ./*.token
+# Certificates are public; every secret is its owner's alone.
+chmod 644 ca.crt server.crt
+chmod 600 ca.key client.key ./*.token server.key tokens metrics.password metrics-users
+trainer_uid=${NTRAIN_UID:-10001}
+prometheus_uid=${NTRAIN_PROMETHEUS_UID:-65534}
+if [ "$(id -u)" = 0 ]; then
+    chown "$trainer_uid" server.key tokens metrics-users
+    chown "$prometheus_uid" metrics.password
+    echo "gave server.key, tokens, metrics-users to uid $trainer_uid (the trainer) and" \
+        "metrics.password to uid $prometheus_uid (Prometheus), each 0600"
+else
+    echo "for docker compose, whose containers read these as other users: sudo chown" \
+        "$trainer_uid $dir/{server.key,tokens,metrics-users} && sudo chown $prometheus_uid" \
+        "$dir/metrics.password"
+fi

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from naive_model.canonical import open_split, read_manifest
 from naive_model.config import shown
 from naive_model.npz import (  # noqa: F401 - part of this module's API
     DATASET_MEMORY_SHARE,
@@ -197,6 +198,43 @@ def load_npz(
     return from_arrays(name or path.stem, *arrays)
 
 
+def load_canonical(folder: str | os.PathLike, *, name: str | None = None) -> Dataset:
+    """Load a data set converted to the canonical layout (`naive_model.canonical`).
+
+    Nothing is parsed: the arrays are memory-mapped and copied into the
+    Dataset's float32 form (uint8 features are also kept as they are).
+
+    Raises:
+        DatasetError: the folder holds no readable converted data set.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    x_train, y_train = open_split(folder, "train")
+    x_test, y_test = open_split(folder, "test")
+    return Dataset(
+        name=name or folder.name,
+        x_train=to_features(x_train),
+        y_train=y_train.astype(np.int32),
+        x_test=to_features(x_test),
+        y_test=y_test.astype(np.int32),
+        num_classes=manifest.num_classes,
+        x_train_uint8=np.array(x_train) if x_train.dtype == np.uint8 else None,
+    )
+
+
+def canonical_info(folder: str | os.PathLike, *, name: str | None = None) -> DatasetInfo:
+    """Sizes of a converted data set, from its manifest alone."""
+    manifest = read_manifest(folder)
+    return DatasetInfo(
+        name=name or Path(folder).name,
+        input_size=manifest.input_size,
+        num_classes=manifest.num_classes,
+        num_train=manifest.num_train,
+        num_test=manifest.num_test,
+        feature_bytes=manifest.feature_bytes,
+    )
+
+
 def mnist_candidates(path: str | os.PathLike | None = None, data_dir=None) -> list[Path]:
     """Where MNIST is looked for, in order."""
     candidates = []
@@ -303,8 +341,19 @@ def resolve_dataset_path(name: str, data_dir: str | os.PathLike | None) -> Path:
     raise DatasetNotFoundError(f"dataset {shown(name)} not found in {directory}")
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load "mnist", "synthetic", or an .npz file named inside data_dir."""
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
+) -> Dataset:
+    """Load "mnist", "synthetic", an .npz file named inside data_dir, or a converted folder.
+
+    Args:
+        folder: a data set in the canonical layout (`load_canonical`), called `name`.
+    """
+    if folder is not None:
+        return load_canonical(folder, name=name)
     if name == "synthetic":
         return synthetic_dataset()
     if name == "mnist":

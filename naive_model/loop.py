@@ -106,15 +106,17 @@ def run_training(
     last_epoch = options.epochs or trainer.config.epochs
     checkpoint_dir = Path(options.checkpoint_dir) if options.checkpoint_dir else None
 
+    remove_leftovers(checkpoint_dir, options.export_dir)
     if checkpoint_dir is not None and options.resume:
-        restored = trainer.restore_checkpoint(checkpoint_dir)
-        if restored is not None:
+        restored = trainer.restore_newest_intact(checkpoint_dir)
+        if restored.path is not None:
             emit(
                 Resumed(
-                    path=restored,
+                    path=restored.path,
                     epoch=trainer.epoch,
                     step=trainer.global_step,
                     step_in_epoch=trainer.step_in_epoch,
+                    damaged=restored.damaged,
                 )
             )
 
@@ -202,6 +204,24 @@ def run_training(
     )
     emit(result)
     return result
+
+
+def remove_leftovers(checkpoint_dir: Path | None, export_dir: str | Path | None) -> None:
+    """Remove what an interrupted save or export left (a full disk, a kill): never read again.
+
+    TensorFlow writes a checkpoint's shards in `ckpt-N_temp*` folders and its
+    list through `checkpoint.tmp*` files; an export stages in `.{name}.tmp`.
+    """
+    if checkpoint_dir is not None and checkpoint_dir.is_dir():
+        for path in checkpoint_dir.iterdir():
+            if (path.name.startswith("ckpt-") and "_temp" in path.name) or ".tmp" in path.name:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+    if export_dir is not None:
+        staging = Path(export_dir).with_name(f".{Path(export_dir).name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_atomically(trainer: Trainer, path: Path) -> None:

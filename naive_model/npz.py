@@ -30,7 +30,16 @@ DATASET_MEMORY_SHARE = 0.5
 
 
 class DatasetError(ValueError):
-    """A data set that cannot be used as it is; the message names the problem."""
+    """A data set that cannot be used as it is; the message names the problem.
+
+    `where` names the place in the data, as a field path: an array
+    ("x_train", "y_test[17]"), a row and column of a table ("rows[41].pixel3"),
+    or "file" for the file as a whole; "" when no one place is at fault.
+    """
+
+    def __init__(self, message: str, *, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass(frozen=True)
@@ -182,12 +191,68 @@ def loading_bytes(headers: dict[str, ArrayHeader]) -> int:
     return stored + images + labels
 
 
-def host_memory_bytes() -> int:
-    """This host's physical memory; 0 where the platform does not say."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+def host_memory_bytes(cgroup_root: Path | None = None, proc_self_cgroup: Path | None = None) -> int:
+    """The memory this process's host gives it: physical, or its container's limit if lower.
+
+    A container under a memory limit is OOM-killed at the limit whatever the
+    host has, so the limit is the memory to plan with. 0 where the platform
+    says neither.
+    """
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 0
+        physical = 0
+    limit = cgroup_memory_limit(cgroup_root, proc_self_cgroup)
+    if limit is not None and (physical == 0 or limit < physical):
+        return limit
+    return physical
+
+
+def cgroup_memory_limit(
+    cgroup_root: Path | None = None, proc_self_cgroup: Path | None = None
+) -> int | None:
+    """The lowest memory limit on this process's cgroup and its ancestors; None if none.
+
+    cgroup v2 keeps it in `memory.max` ("max" for none), v1 in the memory
+    controller's `memory.limit_in_bytes` (a huge number for none). A
+    container usually sees its own cgroup at the root of /sys/fs/cgroup; on a
+    host the process's cgroup is the path /proc/self/cgroup names, and every
+    ancestor's limit applies too.
+    """
+    cgroup_root = CGROUP_ROOT if cgroup_root is None else cgroup_root
+    proc_self_cgroup = PROC_SELF_CGROUP if proc_self_cgroup is None else proc_self_cgroup
+    paths = {"": ""}  # controller ("" for v2) -> the process's cgroup path
+    try:
+        for line in proc_self_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path.strip("/")
+    except (OSError, ValueError):
+        pass
+    candidates = [(cgroup_root, paths[""], "memory.max")]
+    candidates.append((cgroup_root / "memory", paths.get("memory", ""), "memory.limit_in_bytes"))
+    limits = []
+    for base, relative, name in candidates:
+        folder = base / relative if relative else base
+        while True:
+            limits.append(_read_limit(folder / name))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit here
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -88,6 +88,15 @@ class Resumed:
     epoch: int  # epochs complete in the checkpoint
     step: int
     step_in_epoch: int = 0  # > 0: the next epoch continues from this step
+    # Newer checkpoints that did not read, each "ckpt-7 is damaged (why)".
+    damaged: tuple[str, ...] = ()
+
+    def describe_fallback(self) -> str:
+        """One line: which checkpoints were damaged, and the one resumed from ("" if none)."""
+        if not self.damaged:
+            return ""
+        name = self.path.rsplit("/", 1)[-1]
+        return "".join(f"checkpoint {item}; " for item in self.damaged) + f"resumed from {name}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,23 +13,84 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from naive_model.config import TrainConfig
-from naive_model.data import UINT8_SCALE, Dataset
+from naive_model.data import UINT8_SCALE, Dataset, to_features
 from naive_model.distribute import is_chief
 from naive_model.export import export_saved_model
 from naive_model.layers import build_model
 from naive_model.losses import per_example_loss
 from naive_model.optimizers import make_optimizer
 from naive_model.results import EpochResult, Metrics, Progress
+from naive_model.streaming import MappedDataset, read_window, take_rows, window_order
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
 COMPUTE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
+
+
+@dataclass(frozen=True)
+class RestoredCheckpoint:
+    path: str | None  # the checkpoint restored; None: there was none
+    damaged: tuple[str, ...]  # newer ones skipped, each "ckpt-7 is damaged (why)"
+
+
+class CheckpointDamaged(ValueError):
+    """Every checkpoint of a directory fails to read: the message names each and why."""
+
+
+def _checkpoint_candidates(directory: Path) -> list[Path]:
+    """Checkpoint prefixes (`dir/ckpt-7`), newest first: those the list names, and any on disk.
+
+    The `checkpoint` list file may itself be damaged or name files that are
+    gone; both sources are read, and the numbers order them.
+    """
+    prefixes = {path.with_suffix("") for path in directory.glob("ckpt-*.index")}
+    try:
+        state = tf.train.get_checkpoint_state(str(directory))
+    except Exception:  # a garbled list file (a parse error): the files on disk still count
+        state = None
+    if state is not None:
+        for name in (*state.all_model_checkpoint_paths, state.model_checkpoint_path):
+            if name:
+                prefixes.add(directory / Path(name).name)
+
+    def number(prefix: Path) -> int:
+        tail = prefix.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    return sorted(prefixes, key=number, reverse=True)
+
+
+def _unreadable(prefix: Path) -> str | None:
+    """Why the checkpoint at `prefix` does not read whole (every tensor, checksums), or None."""
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # The reader's errors have many types: IndexError for a short read,
+    # DataLossError for a bad checksum, NotFoundError, ValueError, ...
+    except Exception as error:
+        return _first_line(str(error).replace(f"{prefix.parent}/", ""))
+    return None
+
+
+def _set_aside(prefix: Path) -> None:
+    for path in prefix.parent.glob(f"{prefix.name}.*"):
+        if not path.name.endswith(".damaged"):
+            path.rename(path.with_name(path.name + ".damaged"))
+
+
+def _first_line(message: str) -> str:
+    """A reader's message as one short line (some run to several, with C++ frames)."""
+    lines = message.strip().splitlines()
+    line = lines[0] if lines else "unreadable"
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 class TrainingStopped(Exception):
@@ -74,6 +135,9 @@ class Trainer:
         dataset: the data; the model's input and output sizes follow it.
         strategy: where to run; None means the default (current) strategy.
         eager: run the loop without tf.function, for debugging.
+        window_batches: stream the training split a window of this many
+            batches at a time (`naive_model.streaming`) instead of holding it
+            whole on every device; None holds it.
 
     Raises:
         ValueError: an invalid config for this data set and replica count.
@@ -82,11 +146,14 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        dataset: Dataset,
+        dataset: Dataset | MappedDataset,
         strategy: tf.distribute.Strategy | None = None,
         *,
         eager: bool = False,
+        window_batches: int | None = None,
     ):
+        if window_batches is not None and window_batches < 1:
+            raise ValueError(f"window_batches must be positive or None, got {window_batches}")
         self.config = config
         self.dataset = dataset
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -106,9 +173,14 @@ class Trainer:
                 f"batch_size must be at most the {len(dataset.x_train)} training examples, "
                 f"got {config.batch_size}"
             )
+        self.streaming = window_batches is not None
+        # Streaming: the devices hold one window, and a compiled call never crosses one.
+        self.steps_per_window = min(window_batches or self.steps_per_epoch, self.steps_per_epoch)
+        self.window_rows = self.steps_per_window * config.batch_size
         self.steps_per_execution = min(
-            config.steps_per_execution or self.steps_per_epoch, self.steps_per_epoch
+            config.steps_per_execution or self.steps_per_window, self.steps_per_window
         )
+        self._windows: Iterator[tuple[tf.Tensor, tf.Tensor]] | None = None
         self.compute_dtype = COMPUTE_DTYPES[config.precision]
         with self.strategy.scope():
             self.model = build_model(
@@ -132,12 +204,19 @@ class Trainer:
             # int64: TensorFlow's GPU kernels for int32 (the variable's gather,
             # Equal) keep their tensors in host memory, so int32 labels would
             # cross to the host and back on every step.
-            images = dataset.training_images()  # (N, input_size) uint8 or float32
+            # Streaming, they hold the current window of rows, already in the
+            # epoch's order (its `order` stays 0..window_rows - 1).
+            if self.streaming:
+                images = np.zeros(
+                    (self.window_rows, dataset.input_size), dataset.x_train.dtype
+                )  # (window_rows, input_size)
+                labels = np.zeros((self.window_rows,), np.int64)
+            else:
+                images = dataset.training_images()  # (N, input_size) uint8 or float32
+                labels = np.asarray(dataset.y_train, dtype=np.int64)  # (N,)
             self._images = tf.Variable(images, trainable=False)
-            self._labels = tf.Variable(dataset.y_train.astype(np.int64), trainable=False)  # (N,)
-            self._order = tf.Variable(
-                tf.range(len(dataset.x_train), dtype=tf.int64), trainable=False
-            )
+            self._labels = tf.Variable(labels, trainable=False)
+            self._order = tf.Variable(tf.range(len(images), dtype=tf.int64), trainable=False)
             self._loss_sum = _sum_on_read(tf.float32)
             self._correct = _sum_on_read(tf.int64)
         self._checkpoint = tf.train.Checkpoint(
@@ -304,7 +383,7 @@ class Trainer:
             float(self._partial_loss.numpy()),
             int(self._partial_correct.numpy()),
         )
-        self._start_epoch(epoch)
+        self._start_epoch(epoch, start_step)
         step_in_epoch = start_step
         loss = accuracy = 0.0
         while step_in_epoch < self.steps_per_epoch:
@@ -314,8 +393,14 @@ class Trainer:
             if step_in_epoch == start_step and first_call_steps:
                 call_size = min(first_call_steps, call_size)
             steps = min(call_size, self.steps_per_epoch - step_in_epoch)
+            first = step_in_epoch
+            if self.streaming:
+                first = step_in_epoch % self.steps_per_window  # the step in its window
+                if first == 0 or step_in_epoch == start_step:
+                    self._next_window()
+                steps = min(steps, self.steps_per_window - first)
             call_start = time.perf_counter()
-            self._train_loop(tf.constant(step_in_epoch, tf.int64), tf.constant(steps, tf.int64))
+            self._train_loop(tf.constant(first, tf.int64), tf.constant(steps, tf.int64))
             step_in_epoch += steps
             # Reading the accumulators is the one host sync of the call; the
             # divergence check rides on it at no extra cost.
@@ -380,8 +465,10 @@ class Trainer:
                 on_epoch_end(results[-1])
         return results
 
-    def _start_epoch(self, epoch: int) -> None:
-        if self.config.shuffle:
+    def _start_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if self.streaming:
+            self._windows = self._window_stream(epoch, start_step // self.steps_per_window)
+        elif self.config.shuffle:
             # Seeded by (seed, epoch): every worker of a cluster draws the same order.
             # Drawn on the host, where every build of TensorFlow has the kernel.
             with tf.device("/cpu:0"):
@@ -392,6 +479,35 @@ class Trainer:
             self._order.assign(order)
         for accumulator in (self._loss_sum, self._correct):
             accumulator.assign(tf.zeros_like(accumulator.read_value()))
+
+    def _window_stream(self, epoch: int, first_window: int) -> Iterator[tuple]:
+        """The epoch's windows from `first_window` on, read ahead by tf.data.
+
+        Each window is one block of the file, shuffled (`streaming.window_order`).
+        """
+        x, y, rows = self.dataset.x_train, self.dataset.y_train, self.window_rows
+        config = self.config
+        windows = math.ceil(self.steps_per_epoch / self.steps_per_window)
+
+        def read(window):
+            order = window_order(
+                len(x), rows, int(window), seed=config.seed, epoch=epoch, shuffle=config.shuffle
+            )
+            return read_window(x, y, order, rows)
+
+        dtype = tf.as_dtype(x.dtype)
+        stream = (
+            tf.data.Dataset.range(first_window, windows)
+            .map(lambda window: tf.numpy_function(read, [window], (dtype, tf.int64)))
+            .prefetch(1)
+        )
+        return iter(stream)
+
+    def _next_window(self) -> None:
+        assert self._windows is not None
+        images, labels = next(self._windows)  # (window_rows, input_size), (window_rows,)
+        self._images.assign(images)
+        self._labels.assign(labels)
 
     # -- evaluation, checkpoints, export -------------------------------------
 
@@ -412,9 +528,10 @@ class Trainer:
         loss_sum, correct = 0.0, 0
         batch = 2048
         for start in range(0, len(x), batch):
+            rows = np.arange(start, min(start + batch, len(x)))
             batch_loss, batch_correct = self._evaluate_batch(
-                tf.constant(x[start : start + batch], tf.float32),
-                tf.constant(y[start : start + batch], tf.int64),
+                tf.constant(to_features(take_rows(x, rows)), tf.float32),
+                tf.constant(take_rows(y, rows), tf.int64),
             )
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
@@ -442,11 +559,44 @@ class Trainer:
         return path
 
     def restore_checkpoint(self, directory: str | Path) -> str | None:
-        """Restore the newest checkpoint in `directory`; None when there is none."""
-        latest = tf.train.latest_checkpoint(str(directory))
-        if latest is not None:
-            self._checkpoint.restore(latest).assert_existing_objects_matched()
-        return latest
+        """Restore the newest intact checkpoint in `directory`; None when there is none."""
+        return self.restore_newest_intact(directory).path
+
+    def restore_newest_intact(self, directory: str | Path) -> RestoredCheckpoint:
+        """Restore the newest checkpoint that reads whole, newest first, skipping damaged ones.
+
+        A damaged one (a truncated or missing file, flipped bytes) is renamed
+        aside (`ckpt-7.index.damaged`) and the checkpoint list is rewritten
+        without it, so later saves and resumes do not meet it again.
+
+        Raises:
+            CheckpointDamaged: there are checkpoints and none of them reads.
+        """
+        directory = Path(directory)
+        damaged: list[str] = []
+        candidates = _checkpoint_candidates(directory)
+        for index, prefix in enumerate(candidates):
+            # Read every tensor before restoring any: a restore that fails half way
+            # would leave some variables from this checkpoint and some from none.
+            problem = _unreadable(prefix)
+            if problem is not None:
+                damaged.append(f"{prefix.name} is damaged ({problem})")
+                _set_aside(prefix)
+                continue
+            self._checkpoint.restore(str(prefix)).assert_existing_objects_matched()
+            intact = [
+                str(path) for path in candidates[index:] if path.with_suffix(".index").exists()
+            ]
+            if damaged:
+                tf.compat.v1.train.update_checkpoint_state(
+                    str(directory), str(prefix), all_model_checkpoint_paths=intact[::-1]
+                )
+            return RestoredCheckpoint(str(prefix), tuple(damaged))
+        if damaged:
+            raise CheckpointDamaged(
+                f"every checkpoint in {directory} is damaged: {'; '.join(damaged)}"
+            )
+        return RestoredCheckpoint(None, ())
 
     def export(self, path: str | Path) -> None:
         """Write a SavedModel whose serving_default maps inputs to probabilities."""

@@ -35,7 +35,11 @@ class MetricsHttpServer:
         self._thread.join(timeout=5.0)
 
 
-def metrics_app(registry: CollectorRegistry, check_password: Callable[[str, str], bool] | None):
+# check_password(name, password, peer address) -> allowed
+PasswordCheck = Callable[[str, str, str], bool]
+
+
+def metrics_app(registry: CollectorRegistry, check_password: PasswordCheck | None):
     """The WSGI app: the registry at /metrics, 404 elsewhere, and basic auth when asked."""
     exposition = make_wsgi_app(registry)
 
@@ -57,15 +61,18 @@ def metrics_app(registry: CollectorRegistry, check_password: Callable[[str, str]
     return app
 
 
-def _authorized(environ, check_password: Callable[[str, str], bool]) -> bool:
-    scheme, _, encoded = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-    if scheme.lower() != "basic":
-        return False
+def _authorized(environ, check_password: PasswordCheck) -> bool:
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    if not header:
+        return False  # no credentials yet (a browser asks for them after this 401)
+    scheme, _, encoded = header.partition(" ")
     try:
         name, colon, password = base64.b64decode(encoded, validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
-        return False
-    return bool(colon) and check_password(name, password)
+        name, colon, password = "", "", ""
+    if scheme.lower() != "basic" or not colon:
+        name, password = "", ""  # malformed: checked, refused and counted as anyone's
+    return check_password(name, password, environ.get("REMOTE_ADDR", ""))
 
 
 class _Handler(WSGIRequestHandler):
@@ -106,7 +113,7 @@ def start_metrics_server(
     registry: CollectorRegistry,
     *,
     ssl_context: Callable[[], ssl.SSLContext] | None = None,
-    check_password: Callable[[str, str], bool] | None = None,
+    check_password: PasswordCheck | None = None,
 ) -> tuple[MetricsHttpServer, int]:
     """Serve `registry` in the Prometheus text format on http(s)://address:port/metrics.
 
@@ -115,7 +122,8 @@ def start_metrics_server(
     Args:
         ssl_context: returns the server's current TLS context (it may change
             between connections, for certificate reloads); None serves HTTP.
-        check_password: basic auth, (name, password) -> allowed; None serves anyone.
+        check_password: basic auth, (name, password, peer address) -> allowed (it
+            logs refusals); None serves anyone.
 
     Returns:
         The server and the port it bound.

@@ -77,6 +77,12 @@ class JobSpec:
     # (key, value) pairs sorted by key: a tuple, so that the spec stays hashable.
     labels: tuple[tuple[str, str], ...] = ()
     priority: int = 0  # larger is more urgent (PRIORITY_CLASSES)
+    # Set by the server when `dataset` names a pushed data set: NAME@sha256:<digest>,
+    # the version the job trains on whatever is pushed under the name later.
+    dataset_version: str = ""
+    # How the training split is held: "auto" streams it when it passes the
+    # job's data budget, "memory" holds it whole, "stream" always streams.
+    data_mode: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the store."""
@@ -147,6 +153,7 @@ class ModelDescription:
     exported: bool  # the SavedModel is there (the job SUCCEEDED)
     path: Path  # the SavedModel's folder
     signature: str = "serving_default"
+    dataset: str = ""  # what it was trained on: a pushed data set's NAME@sha256:<digest>
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,11 +187,16 @@ class TrainTask:
     cuda_visible_devices: str  # "" hides every GPU; tokens as the server's own list names them
     gpu_names: tuple[str, ...]  # host names of the visible GPUs, in their local order
     data_dir: Path | None
+    # An uploaded data set's converted folder (`spec.dataset` resolved by the
+    # server); None: spec.dataset is a built-in or a file in data_dir.
+    dataset_dir: Path | None = None
     checkpoint_seconds: float | None = None  # also checkpoint mid-epoch this often
     # The job shares its GPU: TensorFlow may use at most this much of it (0: all of it).
     gpu_memory_limit_mb: int = 0
     # How often the worker says it is alive, whatever its compiled calls are doing (0: never).
     heartbeat_seconds: float = 0.0
+    # Training data past this many bytes is streamed (data_mode "auto"); 0: half the host's memory.
+    data_budget_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,12 +206,50 @@ class EvaluateTask:
     dataset: str
     use_checkpoint: bool
     data_dir: Path | None
+    dataset_dir: Path | None = None  # as TrainTask's
 
 
 @dataclass(frozen=True, kw_only=True)
 class PredictTask:
     job_dir: Path
-    inputs: Any  # (examples, input_size) float32 numpy array
+    # (examples, input_size) numpy array: float32, or uint8 pixels the worker scales
+    # as data sets are scaled for training (naive_model.data.to_features).
+    inputs: Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertTask:
+    """Check an uploaded file and convert it into a new folder in the canonical layout.
+
+    Run by `python -m service.worker.conversion`, never in the server: a
+    hostile file costs a worker's memory and time, not the server's.
+    """
+
+    source: Path
+    folder: Path
+    format: str
+    label_column: str = ""
+    test_fraction: float | None = None
+    num_classes: int = 0
+
+
+@dataclass(frozen=True)
+class Converted:
+    """The folder holds the data set; its manifest says what it is."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ConversionFailed:
+    """The file is no usable data set (`where` names the place), or converting it failed.
+
+    kind: "data" (the file's fault), "disk_full", or "error" (anything else).
+    """
+
+    kind: str
+    message: str
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -235,6 +285,7 @@ class Running:
     """Training started: the strategy is built, the model and data are on the devices."""
 
     replicas: int
+    data: str = ""  # how the training data is held, and why ("streamed in windows of ...")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,6 +397,7 @@ class RayTrainTask:
     gpus_per_host: int
     data_dir: Path | None
     storage_path: Path
+    dataset_dir: Path | None = None  # as TrainTask's (shared with the nodes too)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -357,6 +409,7 @@ class RayTrainTask:
                 "gpus_per_host": self.gpus_per_host,
                 "data_dir": None if self.data_dir is None else str(self.data_dir),
                 "storage_path": str(self.storage_path),
+                "dataset_dir": None if self.dataset_dir is None else str(self.dataset_dir),
             }
         )
 
@@ -371,6 +424,7 @@ class RayTrainTask:
             gpus_per_host=data["gpus_per_host"],
             data_dir=None if data["data_dir"] is None else Path(data["data_dir"]),
             storage_path=Path(data["storage_path"]),
+            dataset_dir=Path(data["dataset_dir"]) if data.get("dataset_dir") else None,
         )
 
 

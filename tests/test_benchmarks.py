@@ -172,3 +172,23 @@ def test_memory_peak_reports_a_workers_peak_beside_the_estimate(tmp_path):
     assert entry["peak_mib"] == max(stages.values()) > stages["tensorflow_imported"] > 0
     # The estimate submissions are checked against must not fall below a real peak.
     assert entry["estimate/peak"] >= 1.0
+
+
+def test_datasets_reports_upload_and_conversion_figures(tmp_path):
+    output = tmp_path / "datasets.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.datasets", "--quick", "--only", "upload"]
+        + ["--only", "conversion", "--json", str(output), "--work-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    results = json.loads(output.read_text())
+    upload = results["upload"]
+    assert upload["bytes"] == 64 * 2**20 and upload["MB_per_second"] > 0
+    assert upload["server_rss_mib"]["peak"] >= upload["server_rss_mib"]["idle"] > 0
+    for kind in ("csv", "parquet"):
+        entry = results["conversion"]["entries"][kind]
+        assert entry["rows"] == 6000 and entry["seconds_per_GB"] > 0 and entry["cpu_seconds"] > 0
+    assert len(results["upload"]["load_average"]["before"]) == 3

@@ -16,6 +16,7 @@ from ntrain.v1 import training_pb2 as pb
 
 import ntrain.client as client
 from ntrain.client import Client
+from ntrain.client.channel import channel_options, open_channel
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,36 @@ def test_an_address_with_a_scheme_or_without_a_host_is_refused_in_one_line(given
     with pytest.raises(client.AddressError) as raised:
         client.normalize_address(given)
     assert "\n" not in str(raised.value) and given in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:9", True),
+        ("[::1]:50051", True),
+        ("::1", True),
+        ("localhost:50051", True),
+        ("LOCALHOST", True),
+        ("127.attacker.example:50051", False),  # names that only look like loopback
+        ("127.0.0.1.nip.io:50051", False),
+        ("127.0.0.1.nip.io", False),
+        ("localhost.attacker.example:1", False),
+        ("[::ffff:127.0.0.1]:1", False),
+        ("10.0.0.1:50051", False),
+        ("example.org:7", False),
+    ],
+)
+def test_only_loopback_literals_and_localhost_skip_tls_and_the_proxy(address, loopback):
+    assert client.is_loopback_address(address) is loopback
+    proxy_off = ("grpc.enable_http_proxy", 0) in channel_options(address)
+    assert proxy_off is loopback
+    with_token = client.Credentials(token="ntr_000000000000_" + "a" * 43)
+    if loopback:
+        open_channel(address, with_token).close()
+    else:
+        with pytest.raises(client.CredentialsError, match="refusing to send a token in plaintext"):
+            open_channel(address, with_token)
 
 
 def test_a_job_spec_comes_from_a_message_a_dict_or_a_json_file(tmp_path):
@@ -102,9 +133,11 @@ def test_the_client_and_the_command_line_import_no_tensorflow():
     assert heavy == ""
     # The command line's defaults, input scaling and strategy names come from these
     # numpy-only modules (naive_model.results through service.protocol; naive_model.npz,
-    # the .npz header checks, through naive_model.data).
+    # the .npz header checks, and naive_model.canonical, the converted layout, through
+    # naive_model.data).
     allowed = {
         "naive_model",
+        "naive_model.canonical",
         "naive_model.config",
         "naive_model.data",
         "naive_model.npz",

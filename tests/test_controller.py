@@ -1096,3 +1096,51 @@ def test_the_tracker_sees_one_start_per_run_each_epoch_and_one_end(tmp_path):
         ("epoch", 2),
         ("ended", SUCCEEDED),
     ]
+
+
+def test_a_multi_worker_job_is_never_a_victim(loop):
+    remote = loop.submit(spec("multi_worker", hosts=2, priority=LOW))
+    local = loop.submit(spec(priority=LOW))
+    loop.submit(spec(priority=HIGH))
+    assert loop.runner(remote.job_id).stop_requests == 0  # it holds nothing of this host
+    assert loop.runner(local.job_id).stop_requests == 1
+
+
+def test_one_owner_may_fill_only_its_share_of_the_queue(tmp_path):
+    loop = Harness(tmp_path)
+    loop.controller._max_queue_per_owner = 2
+    loop.submit(owner="alice")  # runs
+    loop.submit(owner="alice")
+    loop.submit(owner="alice")
+    with pytest.raises(ResourceExhausted, match="alice has 2 jobs waiting, its share"):
+        loop.submit(owner="alice")
+    assert loop.submit(owner="bob").state is QUEUED  # the others still get in
+    for _ in range(3):  # a server without authentication has one anonymous owner: no share
+        loop.submit(owner="")
+
+
+def test_a_finished_jobs_wake_up_is_dropped_so_watched_jobs_cost_no_memory_after(loop):
+    job = loop.submit()
+    loop.feed.wait_for_change(job.job_id, loop.record(job.job_id).last_sequence, 0.0)
+    assert job.job_id in loop.feed._conditions
+    loop.runner(job.job_id).end(RunEnd.SUCCEEDED)
+    loop.settle()
+    assert job.job_id not in loop.feed._conditions
+
+
+def test_a_damaged_checkpoint_passed_over_is_said_in_the_jobs_history(loop):
+    from naive_model.results import Resumed
+
+    job = loop.submit()
+    resumed = Resumed(
+        path="/s/jobs/j/checkpoints/ckpt-16",
+        epoch=2,
+        step=16,
+        damaged=("ckpt-24 is damaged (Read less bytes than requested)",),
+    )
+    loop.running(job.job_id, resumed)
+    record = loop.record(job.job_id)
+    assert (record.transitions[-1].state, record.transitions[-1].reason) == (
+        RUNNING,
+        "checkpoint ckpt-24 is damaged (Read less bytes than requested); resumed from ckpt-16",
+    )

@@ -3,7 +3,8 @@
 HOME points at a temporary directory, so the demo finds MNIST only where the
 test puts it (~/.keras/datasets/mnist.npz). Without it, the Keras download is
 sent to a closed local port so it fails at once, with or without internet,
-and the demo must say so in one line and train on the synthetic set.
+and the demo must say so in one line and train on scikit-learn's bundled 8x8
+digits (on the synthetic set when scikit-learn cannot be imported).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def run_demo(home: Path, tmp_path: Path, **extra_env: str) -> subprocess.CompletedProcess:
+def run_demo(
+    home: Path, tmp_path: Path, *flags: str, **extra_env: str
+) -> subprocess.CompletedProcess:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -31,7 +34,7 @@ def run_demo(home: Path, tmp_path: Path, **extra_env: str) -> subprocess.Complet
     }
     env.update(HOME=str(home), TMPDIR=str(tmp_path), **extra_env)
     return subprocess.run(
-        [sys.executable, "-m", "service.cli.demo", "--epochs", "1", "--images", "3"],
+        [sys.executable, "-m", "service.cli.demo", "--images", "3", *(flags or ("--epochs", "1"))],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -75,21 +78,56 @@ def test_demo_trains_on_mnist_found_in_the_keras_cache(tmp_path, mnist_path):
     assert_server_gone(out)
 
 
-def test_demo_without_mnist_says_so_in_one_line_and_uses_synthetic_data(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
+def closed_proxy() -> dict[str, str]:
+    """Proxy settings that send the Keras download to a closed local port: it fails at once."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return {"https_proxy": closed, "HTTPS_PROXY": closed}
 
-    result = run_demo(home, tmp_path, https_proxy=closed, HTTPS_PROXY=closed)
+
+def test_demo_without_mnist_says_so_in_one_line_and_trains_on_the_bundled_digits(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+
+    result = run_demo(home, tmp_path, "--epochs", "20", **closed_proxy())  # the digits' default
 
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    notices = [line for line in lines if "MNIST" in line]
-    assert len(notices) == 1, result.stdout
+    out = result.stdout
+    notices = [line for line in out.splitlines() if "MNIST" in line]
+    assert len(notices) == 1, out
     assert notices[0].startswith("MNIST not found (looked in ")
-    assert notices[0].endswith("Training on the synthetic data set instead.")
+    assert notices[0].endswith(
+        "Training on scikit-learn's 8x8 digits instead (1,797 handwritten digits, bundled: "
+        "no download)."
+    )
+    assert "64 -> 512 relu -> 10 softmax on digits.npz" in out and "epoch 20/20 done" in out
+    assert "3 scikit-learn digits test images and what the model says:" in out
+    assert out.count("true label") == 3
+    # Each 8x8 digit is drawn doubled: 8 text rows of 16 characters between bars.
+    art = [line for line in out.splitlines() if re.fullmatch(r"\|.{16}\|.*", line)]
+    assert len(art) == 3 * 8, out
+    assert final_accuracy(out) >= 90.0  # 96-98% measured; synthetic data gave 100%
+    assert_server_gone(out)
+
+
+def test_demo_without_mnist_or_scikit_learn_uses_synthetic_data(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    no_sklearn = tmp_path / "no-sklearn" / "sklearn"
+    no_sklearn.mkdir(parents=True)
+    (no_sklearn / "__init__.py").write_text("raise ImportError('not installed')\n")
+    path = os.pathsep.join([str(no_sklearn.parent), os.environ.get("PYTHONPATH", "")])
+
+    result = run_demo(home, tmp_path, PYTHONPATH=path, **closed_proxy())
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    notices = [line for line in result.stdout.splitlines() if "MNIST" in line]
+    assert len(notices) == 1, result.stdout
+    assert notices[0].endswith(
+        "Training on the synthetic data set instead "
+        "(for real digits offline: pip install 'ntrain[demo]')."
+    )
     assert "on synthetic" in result.stdout and "synthetic test examples" in result.stdout
     assert final_accuracy(result.stdout) > 50.0
     assert_server_gone(result.stdout)
@@ -98,11 +136,8 @@ def test_demo_without_mnist_says_so_in_one_line_and_uses_synthetic_data(tmp_path
 def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {key: value for key, value in os.environ.items() if key != "NTRAIN_MNIST_PATH"}
-    env.update(HOME=str(home), TMPDIR=str(tmp_path), https_proxy=closed, HTTPS_PROXY=closed)
+    env.update(HOME=str(home), TMPDIR=str(tmp_path), **closed_proxy())
     demo = subprocess.Popen(
         [sys.executable, "-m", "service.cli.demo", "--epochs", "100000"],
         stdout=subprocess.PIPE,

@@ -251,8 +251,18 @@ def test_make_certs_makes_every_secret_compose_mounts_and_renews_in_place(tmp_pa
     files = secret_files(secrets)
     assert all(path.is_file() for path in files.values()), files
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
-    for name in ("ca.key", "client.key", "admin.token", "trainer.token", "viewer.token"):
+    secret_names = ("ca.key", "client.key", "admin.token", "trainer.token", "viewer.token",
+                    "server.key", "tokens", "metrics.password", "metrics-users")  # fmt: skip
+    for name in secret_names:
         assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600, name
+    for name in ("ca.crt", "server.crt"):
+        assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o644, name
+    if os.geteuid() == 0:  # each file the containers read belongs to the user reading it
+        owners = {name: (secrets / name).stat().st_uid for name in secret_names}
+        assert {owners[n] for n in ("server.key", "tokens", "metrics-users")} == {10001}
+        assert owners["metrics.password"] == 65534 and owners["ca.key"] == 0
+    else:
+        assert "sudo chown 10001" in made.stdout
     tokens = TokenTable.load(files[SECRETS_DIR + "ntrain_tokens"])
     assert tokens.names == {"admin", "trainer", "viewer"}
     for role in ("admin", "trainer", "viewer"):

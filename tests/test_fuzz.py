@@ -384,7 +384,34 @@ def corpus(job_id: str, rng: random.Random) -> list[tuple[str, object]]:
         [pb.Example(values=[0.0] * 1_000_000)],
     ):
         cases.append((SERVICE + "Predict", pb.PredictRequest(job_id=job_id, inputs=inputs)))
+    for tensor in bad_tensors():
+        cases.append((SERVICE + "Predict", pb.PredictRequest(job_id=job_id, tensor=tensor)))
     return cases
+
+
+def bad_tensors() -> list[pb.Tensor]:
+    """Tensors the model (20 features) cannot take: bad dtypes, shapes, byte counts, values."""
+    f32, u8 = pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_UINT8
+    nan_row = np.full((1, 20), np.nan, dtype="<f4").tobytes()
+    return [
+        pb.Tensor(),
+        pb.Tensor(dtype=f32),
+        pb.Tensor(dtype=u8, shape=[0, 20]),
+        *(pb.Tensor(dtype=d, shape=[1, 20], content=bytes(20)) for d in (-1, 0, 3, 2**31 - 1)),
+        pb.Tensor(dtype=f32, shape=[1, 20], content=bytes(79)),
+        pb.Tensor(dtype=f32, shape=[1, 20], content=bytes(81)),
+        pb.Tensor(dtype=u8, shape=[1, 20], content=bytes(80)),
+        pb.Tensor(dtype=u8, shape=[20], content=bytes(20)),
+        pb.Tensor(dtype=u8, shape=[1, 1, 20], content=bytes(20)),
+        pb.Tensor(dtype=u8, shape=[1, 21], content=bytes(21)),
+        pb.Tensor(dtype=u8, shape=[-1, -20], content=bytes(20)),
+        pb.Tensor(dtype=u8, shape=[2**62, 2**62], content=bytes(20)),
+        pb.Tensor(dtype=u8, shape=[-(2**63), 2**63 - 1], content=b""),
+        pb.Tensor(dtype=u8, shape=[1] * 10_000 + [20], content=bytes(20)),
+        pb.Tensor(dtype=u8, shape=[10_001, 20], content=bytes(10_001 * 20)),
+        pb.Tensor(dtype=f32, shape=[1, 20], content=nan_row),
+        pb.Tensor(dtype=f32, shape=[1, 20], content=np.full(20, np.inf, "<f4").tobytes()),
+    ]
 
 
 # -- sending it ----------------------------------------------------------------------

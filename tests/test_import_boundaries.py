@@ -49,6 +49,9 @@ ALLOWED = {
     "service.cli": {
         "service.protocol",
         "service.api",
+        # `ntrain store check|repair|backup` work on a state directory, not a server.
+        "service.jobs.reconcile",
+        "service.jobs.lock",
         "naive_model.config",
         "naive_model.data",
         "ntrain",
@@ -139,9 +142,10 @@ def test_the_server_process_imports_no_tensorflow():
         "from pathlib import Path; import tempfile\n"
         "from service.api.server import ServerConfig, TrainingServer\n"
         "import service.cli.app\n"
-        "server = TrainingServer(ServerConfig(port=0, metrics_port=0, warm_worker=False,"
-        " gpu_inventory=(), state_dir=Path(tempfile.mkdtemp())))\n"
-        "server.start(); server.stop(grace=0)"
+        "with tempfile.TemporaryDirectory() as state:\n"
+        "    server = TrainingServer(ServerConfig(port=0, metrics_port=0, warm_worker=False,"
+        " gpu_inventory=(), state_dir=Path(state)))\n"
+        "    server.start(); server.stop(grace=0)"
     )
     print("server process:", len(modules), "modules; grpc:", _loaded(modules, "grpc"))
     assert _loaded(modules, "grpc") and _loaded(modules, "service.api")

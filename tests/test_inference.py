@@ -10,9 +10,11 @@ in-process load's.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -20,10 +22,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from ntrain.v1 import training_pb2 as pb
 from service_harness import RunningServer, child_worker_pids, inference_worker_pids, job_spec
 
-from naive_model.data import synthetic_dataset
+from naive_model.data import synthetic_dataset, to_features
+from ntrain.client import Client
+from ntrain.client.tensors import tensor_array, tensor_message
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +204,66 @@ def test_a_re_exported_model_is_not_served_stale(server, jobs, test_split):
     assert server.manager.models.cache_state().loads == loads + 1
     assert not np.allclose(after, before)
     np.testing.assert_allclose(after, in_process(server, second_job, x), rtol=1e-6, atol=1e-7)
+
+
+def predict_tensor(server: RunningServer, job_id: str, x: np.ndarray) -> np.ndarray:
+    request = pb.PredictRequest(job_id=job_id, tensor=tensor_message(x))
+    response = server.stub.Predict(request, timeout=120)
+    assert not response.predictions  # answered in the form asked
+    return tensor_array(response.probabilities)
+
+
+def test_a_tensor_answers_as_examples_do_and_uint8_is_scaled_as_for_training(server, jobs):
+    first_job, _ = jobs
+    pixels = np.random.default_rng(3).integers(0, 256, size=(5, 784), dtype=np.uint8)
+    scaled = to_features(pixels)  # (5, 784) float32: what training makes of uint8 pixels
+
+    from_uint8 = predict_tensor(server, first_job, pixels)
+
+    assert from_uint8.shape == (5, 10) and from_uint8.dtype == np.float32
+    np.testing.assert_array_equal(from_uint8, predict_tensor(server, first_job, scaled))
+    np.testing.assert_array_equal(from_uint8, predict(server, first_job, scaled))
+    np.testing.assert_allclose(
+        from_uint8, in_process(server, first_job, scaled), rtol=1e-6, atol=1e-7
+    )
+    with Client(f"127.0.0.1:{server.server.port}") as client:
+        np.testing.assert_array_equal(
+            client.predict(first_job, pixels.reshape(5, 28, 28)), from_uint8
+        )
+
+
+def bad_tensor(**fields) -> pb.Tensor:
+    good = {"dtype": pb.DATA_TYPE_FLOAT32, "shape": [2, 784], "content": bytes(2 * 784 * 4)}
+    return pb.Tensor(**{**good, **fields})
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"tensor": bad_tensor(dtype=pb.DATA_TYPE_UNSPECIFIED)}, "tensor.dtype"),
+        ({"tensor": bad_tensor(dtype=7)}, "tensor.dtype"),
+        ({"tensor": bad_tensor(content=bytes(2 * 784 * 4 - 1))}, "tensor.content"),
+        ({"tensor": bad_tensor(shape=[2, 28, 28])}, "tensor.shape"),
+        ({"tensor": bad_tensor(shape=[2 * 784])}, "tensor.shape"),
+        ({"tensor": bad_tensor(shape=[4, 392])}, "tensor.shape"),
+        (
+            {"tensor": bad_tensor(content=struct.pack("<f", math.nan) + bytes(2 * 784 * 4 - 4))},
+            "tensor.content",
+        ),
+        (
+            {"tensor": bad_tensor(), "inputs": [pb.Example(values=[0.0] * 784)]},
+            "inputs",
+        ),
+    ],
+)
+def test_a_bad_tensor_is_invalid_argument_with_a_field_violation(
+    server, jobs, request_fields, field
+):
+    first_job, _ = jobs
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub.Predict(pb.PredictRequest(job_id=first_job, **request_fields), timeout=60)
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(refused.value)
+    (violation,) = error_details_pb2.BadRequest.FromString(status.details[0].value).field_violations
+    assert violation.field == field and violation.description == refused.value.details()

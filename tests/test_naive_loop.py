@@ -1,6 +1,13 @@
-"""The outer loop: events in order, evaluation and checkpoint cadence, resume, stop, export."""
+"""The outer loop: events in order, evaluation and checkpoint cadence, resume, stop, export.
+
+A damaged newest checkpoint (five damages, as a full disk, a crash or a bad
+sector leave it): the loop resumes from the newest intact one and says so in
+one line; leftovers of interrupted saves and exports go when a run starts.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +18,8 @@ from naive_model.data import synthetic_dataset
 from naive_model.distribute import make_strategy
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import CheckpointSaved, EpochEnd, Progress, Resumed, TrainingResult
-from naive_model.trainer import Trainer, TrainingDiverged, TrainingStopped
+from naive_model.trainer import CheckpointDamaged, Trainer, TrainingDiverged, TrainingStopped
+from service.worker.training_log import describe_event
 
 pytestmark = pytest.mark.slow
 
@@ -193,3 +201,98 @@ def test_a_stop_is_seen_between_epochs_of_one_call_each(dataset, one_device, tmp
     assert (stopped.value.epoch, trainer.epoch) == (2, 1)
     saves = [(e.epoch, e.step_in_epoch) for e in events if isinstance(e, CheckpointSaved)]
     assert saves == [(1, 0)]  # the epoch's due checkpoint, not saved twice
+
+
+# -- damaged checkpoints and leftovers ---------------------------------------------------
+
+DATA = "ckpt-24.data-00000-of-00001"
+
+
+def _three_checkpoints(dataset, one_device, folder: Path) -> Path:
+    """ckpt-8, ckpt-16 and ckpt-24: three epochs of 8 steps, one checkpoint each."""
+    run_training(_trainer(dataset, one_device), LoopOptions(checkpoint_dir=folder))
+    assert sorted(path.name for path in folder.glob("*.index")) == [
+        "ckpt-16.index", "ckpt-24.index", "ckpt-8.index",
+    ]  # fmt: skip
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) // 3, len(data) // 3 + 16):
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated data file": lambda folder: _truncate(folder / DATA),
+    "flipped bytes in the data file": lambda folder: _flip(folder / DATA),
+    "flipped bytes in the index": lambda folder: _flip(folder / "ckpt-24.index"),
+    "missing data file": lambda folder: (folder / DATA).unlink(),
+    "missing index file": lambda folder: (folder / "ckpt-24.index").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(
+    damage, dataset, one_device, tmp_path
+):
+    folder = _three_checkpoints(dataset, one_device, tmp_path / "ckpt")
+    DAMAGES[damage](folder)
+
+    events: list = []
+    result = run_training(
+        _trainer(dataset, one_device, epochs=4),
+        LoopOptions(checkpoint_dir=folder),
+        on_event=events.append,
+    )
+    [resumed] = [event for event in events if isinstance(event, Resumed)]
+    line = describe_event(resumed)
+    print(f"\n{damage}: {line}")
+    assert resumed.path.endswith("ckpt-16") and (resumed.epoch, resumed.step) == (2, 16)
+    assert line.startswith("checkpoint ckpt-24 is damaged (")
+    assert "; resumed from ckpt-16; resumed from the checkpoint at epoch 2" in line
+    assert "\n" not in line
+    assert result.steps == 32  # epochs 3 and 4 trained again from ckpt-16
+    assert list(folder.glob("ckpt-24.*.damaged"))  # set aside, not deleted
+    # The save after the fallback wrote ckpt-24 and ckpt-32 anew: a later resume reads them.
+    again = _trainer(dataset, one_device, epochs=4)
+    assert again.restore_newest_intact(folder).path == str(folder / "ckpt-32")
+
+
+def test_every_checkpoint_damaged_fails_with_one_line_naming_each(dataset, one_device, tmp_path):
+    folder = _three_checkpoints(dataset, one_device, tmp_path / "ckpt")
+    for path in folder.glob("*.data-*"):
+        _truncate(path)
+    with pytest.raises(CheckpointDamaged) as failed:
+        run_training(_trainer(dataset, one_device, epochs=4), LoopOptions(checkpoint_dir=folder))
+    message = str(failed.value)
+    assert message.startswith(f"every checkpoint in {folder} is damaged: ckpt-24 is damaged (")
+    assert "ckpt-16 is damaged (" in message and "ckpt-8 is damaged (" in message
+    assert "\n" not in message
+
+
+def test_leftovers_of_interrupted_saves_and_exports_are_removed_when_a_run_starts(
+    dataset, one_device, tmp_path
+):
+    folder = _three_checkpoints(dataset, one_device, tmp_path / "ckpt")
+    (folder / "ckpt-32_temp").mkdir()
+    (folder / "ckpt-32_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x" * 99)
+    (folder / "checkpoint.tmp1f2e3d").write_text("half")
+    staging = tmp_path / ".model.tmp"
+    staging.mkdir()
+    (staging / "saved_model.pb").write_bytes(b"half")
+
+    options = LoopOptions(checkpoint_dir=folder, export_dir=tmp_path / "model")
+    events: list = []
+    run_training(_trainer(dataset, one_device), options, on_event=events.append)
+    assert not (folder / "ckpt-32_temp").exists()
+    assert not (folder / "checkpoint.tmp1f2e3d").exists()
+    assert not staging.exists()
+    assert (tmp_path / "model" / "saved_model.pb").is_file()
+    [resumed] = [event for event in events if isinstance(event, Resumed)]
+    assert resumed.damaged == ()

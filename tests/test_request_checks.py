@@ -210,3 +210,14 @@ def test_a_label_echoed_in_an_error_is_cut(labels):
     with pytest.raises(InvalidArgument) as refused:
         convert.labels_from_proto(labels)
     assert len(refused.value.message) < 500 and len(refused.value.field) < 150
+
+
+def test_a_reason_reaches_clients_as_one_line():
+    from service.protocol import JobState, StateChange
+
+    reason = "worker died (exit -9)\nTraceback (most recent call last):\n  File 'x'\n\tOSError"
+    change = convert.state_change_to_proto(StateChange(state=JobState.FAILED, reason=reason), 0.0)
+    assert (
+        change.reason == "worker died (exit -9) Traceback (most recent call last): File 'x' OSError"
+    )
+    assert convert.reason_line("  already one line ") == "already one line"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 from service_harness import job_spec
-from tls_harness import make_pki
+from tls_harness import make_pki, self_signed
 
 from ntrain.client import Credentials, open_channel
 from service.api.server import ServerConfig, TrainingServer
@@ -291,6 +292,58 @@ def test_client_certificates_are_required_when_asked(tmp_path, pki, other_pki):
         server.stop(grace=0.0)
 
 
+def test_sighup_keeps_the_certificate_when_the_new_one_is_expired_early_or_not_its_keys(
+    tmp_path, pki, other_pki, caplog
+):
+    live = tmp_path / "live"
+    live.mkdir()
+    files = TlsFiles(cert=live / "server.crt", key=live / "server.key")
+    for name in ("server.crt", "server.key"):
+        shutil.copy(pki.dir / name, live / name)
+    config = ServerConfig(
+        port=0, metrics_port=None, state_dir=tmp_path / "state", gpu_inventory=(),
+        warm_worker=False, tls=files, metrics_tls=files,
+    )  # fmt: skip
+    server = TrainingServer(config)
+    server.start()
+    expired = self_signed(tmp_path / "expired", start="20200101000000Z", end="20200102000000Z")
+    early = self_signed(tmp_path / "early", start="20990101000000Z", end="20990102000000Z")
+    try:
+        for cert, key, why in [
+            (expired.cert, expired.key, "the certificate expired on 2020-01-02 00:00 UTC"),
+            (early.cert, early.key, "the certificate is not valid before 2099-01-01 00:00 UTC"),
+            (
+                pki.dir / "server.crt",
+                other_pki.dir / "server.key",
+                "the key does not match the certificate",
+            ),
+        ]:
+            (live / "server.crt").write_bytes(cert.read_bytes())  # in place, as make-certs.sh
+            (live / "server.key").write_bytes(key.read_bytes())
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="service.api.server"):
+                problems = server.reload()
+            assert len(problems) == 2, problems  # the gRPC port's and the metrics endpoint's
+            for what, problem in zip(("TLS", "metrics TLS"), problems, strict=True):
+                assert problem.startswith(
+                    f"kept the old {what} certificate: cannot use the TLS "
+                    f"files {live / 'server.crt'}, {live / 'server.key'}: "
+                )
+                assert problem.endswith(why) and "\n" not in problem
+            assert [r.getMessage() for r in caplog.records] == problems  # and says so
+            # New handshakes still get the old certificate, which clients trust.
+            client, channel = stub(server, pki=pki)
+            assert client.GetServerInfo(pb.GetServerInfoRequest(), timeout=30).version
+            channel.close()
+        for name in ("server.crt", "server.key"):
+            shutil.copy(pki.dir / name, live / name)
+        with caplog.at_level(logging.INFO, logger="service.api.server"):
+            assert server.reload() == []
+        assert "reloaded the TLS certificate (valid until 20" in caplog.text
+    finally:
+        server.stop(grace=0.0)
+
+
 # -- the metrics endpoint -------------------------------------------------------------------
 
 
@@ -443,7 +496,11 @@ def test_serve_reloads_certificates_on_sighup_under_a_running_job_and_logs_no_to
                 process.kill()
                 process.wait()
     log = log_path.read_text()
-    assert "refused /ntrain.v1.TrainingService/SubmitJob" in log  # the attempts are there
+    # The first refusal of the peer, with the method and the reason (not the token).
+    assert (
+        "refused a call from 127.0.0.1: /ntrain.v1.TrainingService/SubmitJob: "
+        "the bearer token is not valid on this server" in log
+    )
     for secret in (*pki.token.values(), wrong_token, pki.metrics_password):
         assert secret not in log and secret not in metrics
     worker_logs = "".join(p.read_text(errors="replace") for p in state.rglob("*.log"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -11,6 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 from service_harness import RunningServer, job_spec
+
+from service.api.auth import new_token, token_hash
+from service.jobs.access import Principal
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +137,91 @@ def test_cancelled_log_follows_give_back_every_place(tmp_path):
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             for call in calls:
                 call.cancel()
+        server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
+    finally:
+        server.stop()
+
+
+def _token_file(path, *principals: tuple[str, str]) -> dict[str, str]:
+    tokens = {name: new_token() for name, _ in principals}
+    path.write_text("".join(f"{n} {role} {token_hash(tokens[n])}\n" for n, role in principals))
+    return tokens
+
+
+def test_one_viewer_cannot_take_the_owners_stream_slots(tmp_path):
+    tokens = _token_file(tmp_path / "tokens", ("alice", "trainer"), ("eve", "viewer"))
+    server = RunningServer(
+        tmp_path / "state", warm_worker=False, max_cpu_jobs=1, auth_tokens=tmp_path / "tokens",
+        max_streams=4, max_streams_per_principal=2,
+    )  # fmt: skip
+    as_alice = [("authorization", f"Bearer {tokens['alice']}")]
+    as_eve = [("authorization", f"Bearer {tokens['eve']}")]
+    try:
+        job = server.stub.SubmitJob(
+            pb.SubmitJobRequest(spec=job_spec(epochs=100_000)), metadata=as_alice, timeout=60
+        )
+        request = pb.WatchJobRequest(job_id=job.job_id)
+        eves = [server.stub.WatchJob(request, metadata=as_eve, timeout=60) for _ in range(2)]
+        for call in eves:
+            next(call)
+        extra = server.stub.WatchJob(request, metadata=as_eve, timeout=60)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(extra)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == (
+            "WatchJob: eve has 2 streams open (WatchJob, GetJobLogs and DownloadModel "
+            "together), its limit of 2 per principal; close one or retry later"
+        )
+        # The owner follows its job and its log all the same.
+        watch = server.stub.WatchJob(request, metadata=as_alice, timeout=60)
+        assert next(watch).sequence >= 1
+        logs = server.stub.GetJobLogs(
+            pb.GetJobLogsRequest(job_id=job.job_id, follow=True), metadata=as_alice, timeout=60
+        )
+        assert server.server.streams.held(Principal(name="alice", role="trainer")) >= 1
+        server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), metadata=as_alice, timeout=60)
+        for call in (*eves, watch, logs):
+            call.cancel()
+    finally:
+        server.stop()
+
+
+def test_a_watcher_that_stops_reading_is_dropped_and_gives_its_slot_back(tmp_path):
+    server = RunningServer(
+        tmp_path, warm_worker=False, max_cpu_jobs=1, stream_send_timeout_seconds=2.0
+    )
+    try:
+        # A progress event a step, many a second: a window fills fast.
+        running = server.submit(job_spec(epochs=100_000, batch_size=8, steps_per_execution=1))
+        server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
+        # A client whose window stays small (no BDP probing grows it): gRPC stops
+        # sending to it once 16 KiB wait unread.
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{server.server.port}",
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)],
+        )
+        stalled = training_pb2_grpc.TrainingServiceStub(channel).WatchJob(
+            pb.WatchJobRequest(job_id=running.job_id), timeout=300
+        )
+        next(stalled)  # open, then never read again
+        deadline = time.monotonic() + 120
+        while len(server.server.streams) > 0:
+            assert time.monotonic() < deadline, "the stalled watcher was not dropped in 120 s"
+            time.sleep(0.2)
+        # A reader that reads all along is not dropped, and the job runs on.
+        events = server.stub.WatchJob(pb.WatchJobRequest(job_id=running.job_id), timeout=60)
+        steps = [e.progress.step for e in itertools.islice(events, 200) if e.HasField("progress")]
+        assert steps and len(server.server.streams) == 1
+        assert (
+            server.stub.GetJob(pb.GetJobRequest(job_id=running.job_id), timeout=10).state
+            == pb.JOB_STATE_RUNNING
+        )
+        with pytest.raises(grpc.RpcError) as dropped:  # what the stalled one reads at last
+            for _ in stalled:
+                pass
+        assert dropped.value.code() == grpc.StatusCode.CANCELLED
+        events.cancel()
+        channel.close()
         server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
     finally:
         server.stop()

@@ -6,6 +6,7 @@ command line are built on it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,8 +123,28 @@ def normalize_address(address: str) -> str:
 
 
 def is_loopback_address(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether `address` (HOST:PORT or HOST) reaches this host and nothing else.
+
+    Only IP literals in 127.0.0.0/8, ::1 and the name `localhost` do: any
+    other name may resolve anywhere, `127.0.0.1.nip.io` and
+    `127.attacker.example` included.
+    """
+    host = address.strip()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]  # [IPv6]:PORT
+    elif host.count(":") == 1:
+        host = host.rpartition(":")[0]  # HOST:PORT; more colons are a bare IPv6 address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
+
+
+def channel_options(address: str) -> list[tuple[str, Any]]:
+    """The channel's options: no proxy for a loopback address (see open_channel)."""
+    return [("grpc.enable_http_proxy", 0)] if is_loopback_address(address) else []
 
 
 def open_channel(address: str, credentials: Credentials | None = None) -> grpc.Channel:
@@ -139,7 +160,7 @@ def open_channel(address: str, credentials: Credentials | None = None) -> grpc.C
     """
     credentials = credentials or Credentials()
     loopback = is_loopback_address(address)
-    options = [("grpc.enable_http_proxy", 0)] if loopback else []
+    options = channel_options(address)
     if credentials.tls:
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=credentials.tls_ca,

@@ -35,6 +35,7 @@ from ntrain.client.exceptions import (
     from_rpc_error,
 )
 from ntrain.client.states import state_value
+from ntrain.client.tensors import tensor_array, tensor_message
 from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
@@ -43,8 +44,21 @@ QUICK_TIMEOUT = 30.0
 MODEL_TIMEOUT = 300.0
 # Downloads of a model whose stream broke off (the server restarted) before giving up.
 DOWNLOAD_ATTEMPTS = 3
-# Predict sends inputs in chunks that stay well under gRPC's 4 MiB message limit.
-PREDICT_CHUNK = 500
+# Predict sends inputs in requests of at most this many bytes of values: gRPC's
+# default 4 MiB message limit, less room for the rest of the message.
+PREDICT_CHUNK_BYTES = 4 * 1024**2 - 64 * 1024
+# The most examples the server takes in one Predict request.
+PREDICT_CHUNK_EXAMPLES = 10_000
+UPLOAD_CHUNK = 2**20  # bytes of a data set file in one UploadDataset message
+# An upload's deadline: a minute, and a second for every 5 MB (conversion included).
+UPLOAD_SECONDS_PER_BYTE = 1 / 5e6
+DATASET_FORMATS = {
+    ".npz": "npz",
+    ".npy": "npy",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 TERMINAL_STATES = frozenset(
     {
         training_pb2.JOB_STATE_SUCCEEDED,
@@ -52,10 +66,6 @@ TERMINAL_STATES = frozenset(
         training_pb2.JOB_STATE_CANCELED,
     }
 )
-
-# The tag of Example.values on the wire: its field number, and wire type 2 (length-delimited,
-# as a packed repeated float is sent).
-_VALUES_TAG = (training_pb2.Example.DESCRIPTOR.fields_by_name["values"].number << 3) | 2
 
 Answer = TypeVar("Answer")
 JobSpecLike = training_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str]
@@ -414,6 +424,75 @@ class Client:
             if file is not None:
                 file.close()
 
+    # -- data sets ---------------------------------------------------------------------------
+
+    def push_dataset(
+        self,
+        files: str | os.PathLike[str] | builtins.list[str | os.PathLike[str]],
+        *,
+        name: str,
+        label_column: str = "",
+        test_fraction: float | None = None,
+        num_classes: int = 0,
+        format: str | None = None,
+    ) -> training_pb2.Dataset:
+        """Upload a data set file (or .npy files: x then y) and return its version.
+
+        The file goes in chunks of 1 MiB after a header with its size and
+        SHA-256; the server checks both and converts the file once. Pushing
+        the same bytes again returns the stored version without sending them.
+
+        Args:
+            files: one .npz, .csv or .parquet file, or .npy files that the
+                server reads as x, y (or x_train, y_train, x_test, y_test).
+            format: npz, npy, csv or parquet; None takes it from the suffix.
+        """
+        paths = [Path(files)] if isinstance(files, str | os.PathLike) else [Path(f) for f in files]
+        if format is None:
+            suffixes = {path.suffix.lower() for path in paths}
+            format = DATASET_FORMATS.get(suffixes.pop()) if len(suffixes) == 1 else None
+            if format is None:
+                raise ValueError(
+                    f"cannot tell the format of {', '.join(map(str, paths))} from its suffix: "
+                    f"pass format= ({', '.join(sorted(set(DATASET_FORMATS.values())))})"
+                )
+        digest, size = _sha256_of(paths)
+        header = training_pb2.DatasetUpload(
+            name=name,
+            size_bytes=size,
+            sha256=digest,
+            format=format,
+            label_column=label_column,
+            num_classes=num_classes,
+        )
+        if test_fraction is not None:
+            header.test_fraction = test_fraction
+
+        def requests() -> Iterator[training_pb2.UploadDatasetRequest]:
+            yield training_pb2.UploadDatasetRequest(header=header)
+            for path in paths:
+                with open(path, "rb") as file:
+                    while chunk := file.read(UPLOAD_CHUNK):
+                        yield training_pb2.UploadDatasetRequest(chunk=chunk)
+
+        timeout = 60.0 + size * UPLOAD_SECONDS_PER_BYTE
+        return self._call(self._stub.UploadDataset, requests(), timeout)
+
+    def datasets(self, name: str = "") -> builtins.list[training_pb2.Dataset]:
+        """Every pushed data set's versions (or `name`'s), newest push first."""
+        request = training_pb2.ListDatasetsRequest(name=name)
+        return builtins.list(self._call(self._stub.ListDatasets, request, self.timeout).datasets)
+
+    def dataset(self, reference: str) -> training_pb2.Dataset:
+        """The version `NAME` (its newest) or `NAME@sha256:<digest>` names."""
+        request = training_pb2.GetDatasetRequest(dataset=reference)
+        return self._call(self._stub.GetDataset, request, self.timeout)
+
+    def delete_dataset(self, reference: str) -> builtins.list[training_pb2.Dataset]:
+        """Delete `NAME@sha256:<digest>`, or every version of `NAME`; returns what went."""
+        request = training_pb2.DeleteDatasetRequest(dataset=reference)
+        return builtins.list(self._call(self._stub.DeleteDataset, request, self.timeout).deleted)
+
     # -- evaluate and predict (in the server's workers) -------------------------------------
 
     def evaluate(
@@ -431,28 +510,30 @@ class Client:
     def predict(self, job_id: str, inputs: Any) -> np.ndarray:
         """Class probabilities, (examples, classes), for `inputs`, (examples, ...).
 
-        Each example is flattened; uint8 pixels are scaled to [0, 1] as the
-        server scales its data sets, other values are sent as they are. The
-        predicted classes are `probabilities.argmax(axis=1)`.
+        Each example is flattened and sent as one tensor: uint8 pixels as they
+        are (the server scales them to [0, 1] as it scales its data sets),
+        other values as float32. The predicted classes are
+        `probabilities.argmax(axis=1)`.
         """
         array = np.asarray(inputs)
         if array.ndim == 1:
             array = array[None, :]
         flat = array.reshape(len(array), -1)  # (examples, features)
-        if flat.dtype == np.uint8:
-            flat = np.divide(flat, np.float32(255), dtype=np.float32)
-        flat = flat.astype(np.float32, copy=False)
-        rows: builtins.list[np.ndarray] = []
-        for start in range(0, len(flat), PREDICT_CHUNK):
+        if flat.dtype != np.uint8:
+            flat = flat.astype(np.float32, copy=False)
+        per_request = max(
+            1, min(PREDICT_CHUNK_EXAMPLES, PREDICT_CHUNK_BYTES // (flat[0:1].nbytes or 1))
+        )
+        parts: builtins.list[np.ndarray] = []
+        for start in range(0, len(flat), per_request):
             request = training_pb2.PredictRequest(
-                job_id=job_id,
-                inputs=example_messages(flat[start : start + PREDICT_CHUNK]),
+                job_id=job_id, tensor=tensor_message(flat[start : start + per_request])
             )
             response = self._call(self._stub.Predict, request, self.model_timeout)
-            rows.extend(np.asarray(p.probabilities, dtype=np.float32) for p in response.predictions)
-        if not rows:
+            parts.append(tensor_array(response.probabilities))
+        if not parts:
             return np.zeros((0, 0), dtype=np.float32)
-        return np.stack(rows)  # (examples, classes)
+        return np.concatenate(parts)  # (examples, classes)
 
     # -- the server ------------------------------------------------------------------------
 
@@ -471,6 +552,17 @@ class Client:
             stub.Check, health_pb2.HealthCheckRequest(service=service), self.timeout
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _sha256_of(paths: builtins.list[Path]) -> tuple[str, int]:
+    """The SHA-256 (hex) and size of the files' bytes, one after another."""
+    digest, size = hashlib.sha256(), 0
+    for path in paths:
+        with open(path, "rb") as file:
+            while chunk := file.read(UPLOAD_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def model_file_destination(folder: Path, path: str) -> Path:
@@ -541,27 +633,3 @@ def _parse_message(spec: Any, message: Message, what: str) -> Any:
         return json_format.ParseDict(fields, message)
     except (json_format.ParseError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"not {what}: {' '.join(str(error).split())}") from None
-
-
-def example_messages(rows: np.ndarray) -> list[training_pb2.Example]:
-    """One `Example` per row of an (examples, features) array, its values as float32.
-
-    Each is parsed from the row's bytes laid out as the wire format sends a
-    packed float field (tag, length, little-endian float32 values), so
-    protobuf copies them in C; `Example(values=row)` converts every numpy
-    value in Python, about 50x slower for 1,024 MNIST images
-    (benchmarks/inference.py).
-    """
-    rows = np.ascontiguousarray(rows, dtype="<f4")  # (examples, features)
-    head = _varint(_VALUES_TAG) + _varint(4 * rows.shape[1])
-    return [training_pb2.Example.FromString(head + row.tobytes()) for row in rows]
-
-
-def _varint(value: int) -> bytes:
-    """`value` as a protobuf varint: 7 bits a byte, low bits first, the high bit for "more"."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)

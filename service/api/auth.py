@@ -8,17 +8,26 @@ parse metadata. Ownership (may this trainer cancel that job?) is the job
 manager's question, asked with the same principal. Without a token file every
 caller is `LOCAL`, the anonymous admin of a loopback server.
 
-The token file (`ntrain serve --auth-tokens FILE`) has one principal a line,
-`NAME ROLE HASH`, blank lines and `#` comments allowed:
+A token is `ntr_<id>_<secret>`: a public identifier (12 hex digits) and 256
+random bits. The token file (`ntrain serve --auth-tokens FILE`) has one
+principal a line, `NAME ROLE HASH`, blank lines and `#` comments allowed:
 
     # ntrain token new alice --role trainer --auth-tokens FILE  appends a line
-    alice   trainer  scrypt$16384$8$1$<salt>$<key>
+    alice   trainer  sha256$<id>$<SHA-256 of the secret>
 
-A token is never stored, only its salted scrypt hash; a presented token is
-hashed with each entry's salt and compared in constant time. Each token that
-matched is remembered (by its SHA-256, in memory) so that a client pays the
-scrypt cost once per server start, not once per call. The metrics endpoint's
-basic-auth file (`--metrics-basic-auth`) is the same with two fields, `NAME HASH`.
+Checking a token is one dictionary lookup by its id and one SHA-256 compared
+in constant time, a few microseconds whoever sends it. A plain SHA-256 is
+enough because the secret is 256 random bits made by `ntrain token new`: a
+stolen file cannot be searched back to a token, so a server key (HMAC) would
+add a secret to keep and rotate and no strength. A slow password hash (scrypt)
+stays for what people choose, the metrics endpoint's basic-auth passwords
+(`--metrics-basic-auth`, `NAME HASH` lines): it costs the same whether the user
+exists or not, and at most `SCRYPT_AT_ONCE` run at once. Token files of the
+scrypt era are refused with a line saying how to reissue each token.
+
+Refusals are counted per peer address (`PeerFailures`): logged (the peer, never
+the token), and past a few a minute answered after a delay, which slows a
+client that guesses while holding at most `MAX_DELAYED` threads.
 No token, password or hash ever appears in a log line, an error or a label.
 """
 
@@ -28,7 +37,11 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +52,21 @@ from ntrain.v1 import training_pb2
 
 from service.jobs.access import LOCAL, NAME_PATTERN, ROLES, Action, Principal, authorize
 from service.jobs.errors import PermissionDenied, Unauthenticated
+from service.protocol import PRIORITY_CLASSES
 
 log = logging.getLogger(__name__)
 
-# scrypt's cost: 16 MiB and some tens of milliseconds a check (OWASP's minimum
-# for scrypt is N=2^17 with r=8 for passwords people choose; tokens made by
-# `ntrain token new` are 256 random bits, so the hash only has to resist a
-# stolen file holding a token someone chose by hand).
+# scrypt's cost for metrics passwords: 16 MiB and some tens of milliseconds a
+# check (OWASP's minimum for scrypt is N=2^17 with r=8; the password that
+# make-certs.sh makes is 192 random bits, so the hash only has to resist a
+# stolen file holding a password someone chose by hand).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_AT_ONCE = 2  # scrypt checks running at once (16 MiB each); others wait
+SCRYPT_WAIT_SECONDS = 10.0  # then the login is refused as a failure
 _SCHEME = "scrypt"
 _KEY_BYTES = 32
+TOKEN_SCHEME = "sha256"
+TOKEN_PATTERN = re.compile(r"ntr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 
 SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 # Open to everyone: the standard health service, for probes.
@@ -70,6 +88,10 @@ METHOD_ACTIONS: dict[str, Action] = {
     f"/{SERVICE}/ListExperiments": Action.READ,
     f"/{SERVICE}/WatchExperiment": Action.READ,
     f"/{SERVICE}/CancelExperiment": Action.CANCEL,
+    f"/{SERVICE}/UploadDataset": Action.PUSH_DATA,
+    f"/{SERVICE}/ListDatasets": Action.READ,
+    f"/{SERVICE}/GetDataset": Action.READ,
+    f"/{SERVICE}/DeleteDataset": Action.DELETE_DATA,
     # Reflection describes the API: any authenticated principal may read it.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Action.READ,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Action.READ,
@@ -86,8 +108,25 @@ def is_valid_name(name: str) -> bool:
 
 
 def new_token() -> str:
-    """A fresh bearer token: 256 random bits, URL-safe text."""
-    return secrets.token_urlsafe(32)
+    """A fresh bearer token, `ntr_<id>_<secret>`: a public id and 256 random bits."""
+    return f"ntr_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def token_hash(token: str) -> str:
+    """`sha256$<id>$<key>`, what the token file keeps of a `new_token()`.
+
+    Raises:
+        ValueError: the token is not one `new_token()` makes.
+    """
+    match = TOKEN_PATTERN.fullmatch(token)
+    if match is None:
+        raise ValueError("a token is ntr_<id>_<secret>, as ntrain token new makes")
+    token_id, secret = match.groups()
+    return f"{TOKEN_SCHEME}${token_id}${_b64(_sha256(secret))}"
+
+
+def _sha256(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
 
 
 def _b64(data: bytes) -> str:
@@ -99,7 +138,7 @@ def _unb64(text: str) -> bytes:
 
 
 def hash_secret(secret: str) -> str:
-    """`scrypt$N$r$p$salt$key` for a token or password, with a fresh random salt."""
+    """`scrypt$N$r$p$salt$key` for a password, with a fresh random salt."""
     salt = secrets.token_bytes(16)
     key = hashlib.scrypt(
         secret.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=_KEY_BYTES
@@ -142,12 +181,30 @@ class _Hash:
         return hmac.compare_digest(key, self.key)
 
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+def _token_key(text: str) -> tuple[str, bytes]:
+    """(id, SHA-256 of the secret) of a token_hash(); ValueError saying nothing of the text."""
+    scheme, _, rest = text.partition("$")
+    token_id, _, key = rest.partition("$")
+    try:
+        digest = _unb64(key)
+    except ValueError:
+        digest = b""
+    if (
+        scheme != TOKEN_SCHEME
+        or re.fullmatch(r"[0-9a-f]{12}", token_id) is None
+        or len(digest) != hashlib.sha256().digest_size
+    ):
+        raise ValueError("the hash is not sha256$<id>$<key> (ntrain token new writes it)")
+    return token_id, digest
 
 
-def _entries(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of each entry; ValueError naming the line, never its text."""
+def _entries(
+    path: Path, fields: Sequence[str], optional: int = 0
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each entry; ValueError naming the line, never its text.
+
+    Up to `optional` more fields may follow the required ones.
+    """
     try:
         text = path.read_text()
     except OSError as error:
@@ -156,7 +213,7 @@ def _entries(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, list[str]
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         values = line.split()
-        if len(values) != len(fields):
+        if not len(fields) <= len(values) <= len(fields) + optional:
             raise ValueError(f"{path}:{number}: expected {' '.join(fields)}")
         yield number, values
 
@@ -165,22 +222,33 @@ def _entries(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, list[str]
 
 
 class TokenTable:
-    """The principals of a token file and their token hashes."""
+    """The principals of a token file, found by their tokens' ids."""
 
     def __init__(self, entries: Sequence[tuple[Principal, str]]):
-        self._entries = [(principal, _Hash.parse(text)) for principal, text in entries]
-        self._known: dict[bytes, Principal] = {}  # SHA-256 of a token that matched
+        self._by_id: dict[str, tuple[Principal, bytes]] = {}
+        for principal, text in entries:
+            token_id, digest = _token_key(text)
+            if token_id in self._by_id:
+                raise ValueError(f"{principal.name}'s token id is another principal's too")
+            self._by_id[token_id] = (principal, digest)
+        self._unknown = _sha256(secrets.token_urlsafe(32))  # compared for an unknown id
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
-        """Read `NAME ROLE HASH` lines.
+        """Read `NAME ROLE HASH [max-priority=N]` lines.
+
+        max-priority: the highest priority a trainer may submit at (a number,
+        or low, normal, high); without it, high.
 
         Raises:
-            ValueError: the file is unreadable or a line is malformed (file:line).
+            ValueError: the file is unreadable, a line is malformed (file:line), or
+                it holds a scrypt hash of the old tokens (saying how to reissue them).
         """
         entries: list[tuple[Principal, str]] = []
         names: set[str] = set()
-        for number, (name, role, text) in _entries(path, ("NAME", "ROLE", "HASH")):
+        for number, (name, role, text, *options) in _entries(
+            path, ("NAME", "ROLE", "HASH"), optional=1
+        ):
             where = f"{path}:{number}"
             if not is_valid_name(name):
                 raise ValueError(f"{where}: a name is letters, digits and ._@- (64 at most)")
@@ -188,40 +256,78 @@ class TokenTable:
                 raise ValueError(f"{where}: the role must be one of {', '.join(ROLES)}")
             if name in names:
                 raise ValueError(f"{where}: {name} is listed twice")
+            if text.startswith(f"{_SCHEME}$"):
+                raise ValueError(
+                    f"{where}: {name}'s token is of the old kind (a scrypt hash), which this "
+                    f"server no longer accepts; reissue it: delete the line, then run ntrain "
+                    f"token new {name} --role {role} --auth-tokens {path}"
+                )
             try:
-                _Hash.parse(text)
+                _token_key(text)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
+            max_priority = None
+            for option in options:
+                key, _, value = option.partition("=")
+                try:
+                    if key != "max-priority":
+                        raise ValueError
+                    max_priority = PRIORITY_CLASSES.get(value)
+                    if max_priority is None:
+                        max_priority = int(value)
+                except ValueError:
+                    raise ValueError(
+                        f"{where}: after the hash only max-priority=N (a number, or "
+                        f"{', '.join(PRIORITY_CLASSES)}) may follow"
+                    ) from None
             names.add(name)
-            entries.append((Principal(name=name, role=role), text))
-        return cls(entries)
+            entries.append((Principal(name=name, role=role, max_priority=max_priority), text))
+        try:
+            return cls(entries)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._by_id)
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset(principal.name for principal, _ in self._entries)
+        return frozenset(principal.name for principal, _ in self._by_id.values())
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal whose token this is, or None."""
-        digest = _digest(token)
-        known = self._known.get(digest)
-        if known is not None:
-            return known
-        for principal, hashed in self._entries:
-            if hashed.matches(token):
-                self._known[digest] = principal
-                return principal
+        """The principal whose token this is, or None: one lookup and one SHA-256."""
+        match = TOKEN_PATTERN.fullmatch(token)
+        if match is None:
+            return None
+        token_id, secret = match.groups()
+        principal, expected = self._by_id.get(token_id, (None, self._unknown))
+        # The same work for an unknown id as for a known one.
+        if hmac.compare_digest(_sha256(secret), expected) and principal is not None:
+            return principal
         return None
 
 
 class PasswordTable:
-    """Basic-auth users and their password hashes (`NAME HASH` lines)."""
+    """Basic-auth users and their scrypt password hashes (`NAME HASH` lines).
+
+    A check costs one scrypt whether the user exists or not (an unknown user's
+    password is checked against a dummy hash as costly as the dearest real
+    one), so its time does not tell which users exist; `SCRYPT_AT_ONCE` bound
+    the memory of concurrent checks.
+    """
 
     def __init__(self, entries: dict[str, str]):
         self._entries = {name: _Hash.parse(text) for name, text in entries.items()}
-        self._known: set[tuple[str, bytes]] = set()
+        self._known: set[tuple[str, bytes]] = set()  # (name, SHA-256) of passwords that matched
+        dearest = max(
+            self._entries.values(),
+            key=lambda hashed: hashed.n * hashed.r * hashed.p,
+            default=_Hash(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"", b""),
+        )
+        self._dummy = _Hash(
+            dearest.n, dearest.r, dearest.p, secrets.token_bytes(16), secrets.token_bytes(32)
+        )
+        self._slots = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
 
     @classmethod
     def load(cls, path: Path) -> PasswordTable:
@@ -235,17 +341,116 @@ class PasswordTable:
             entries[name] = text
         return cls(entries)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
     def check(self, name: str, password: str) -> bool:
         hashed = self._entries.get(name)
-        if hashed is None:
-            return False
-        remembered = (name, _digest(password))
-        if remembered in self._known:
+        remembered = (name, _sha256(password))
+        if hashed is not None and remembered in self._known:
             return True
-        if hashed.matches(password):
+        if not self._slots.acquire(timeout=SCRYPT_WAIT_SECONDS):
+            log.warning("metrics login refused: %d password checks already running", SCRYPT_AT_ONCE)
+            return False
+        try:
+            matched = (hashed or self._dummy).matches(password)
+        finally:
+            self._slots.release()
+        if matched and hashed is not None:
             self._known.add(remembered)
             return True
         return False
+
+
+# -- refusals per peer ---------------------------------------------------------------------
+
+FAILURE_WINDOW_SECONDS = 60.0
+FREE_FAILURES = 5  # refusals a peer gets per window before they are delayed
+FAILURE_DELAY_SECONDS = 1.0
+MAX_DELAYED = 16  # refusals held back at once, each holding a thread; others answer at once
+MAX_PEERS = 4096  # peers remembered, the least recent forgotten first
+
+
+def peer_host(peer: str) -> str:
+    """The address of a gRPC peer (`ipv4:1.2.3.4:5678`, `ipv6:[::1]:5678`) without its port."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or rest
+    return peer
+
+
+@dataclass
+class _PeerRecord:
+    window_start: float
+    count: int = 0
+
+
+class PeerFailures:
+    """Failed authentications per peer address: logged, and repeated ones slowed down.
+
+    The first refusal of a peer in each `FAILURE_WINDOW_SECONDS` is logged
+    with its reason, and the count of the window before when it had more; past
+    `FREE_FAILURES` in a window each refusal is answered `FAILURE_DELAY_SECONDS`
+    late, at most `MAX_DELAYED` at once (a delay holds a thread, so past that a
+    refusal is answered at once). A peer's right token is never delayed.
+
+    Args:
+        what: what was refused, for the log (e.g. "token", "metrics login").
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.what = what
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._peers: OrderedDict[str, _PeerRecord] = OrderedDict()
+        self._delayed = 0
+
+    def failed(self, peer: str, reason: str) -> None:
+        """Count a refusal of `peer` (host only, its port dropped); may sleep before returning."""
+        host, now = peer_host(peer), self._clock()
+        with self._lock:
+            record = self._peers.get(host)
+            earlier = 0
+            if record is None or now - record.window_start >= FAILURE_WINDOW_SECONDS:
+                earlier = record.count if record is not None else 0
+                record = self._peers[host] = _PeerRecord(window_start=now)
+            self._peers.move_to_end(host)
+            while len(self._peers) > MAX_PEERS:
+                self._peers.popitem(last=False)
+            record.count += 1
+            count = record.count
+            delay = count > FREE_FAILURES and self._delayed < MAX_DELAYED
+            if delay:
+                self._delayed += 1
+        if earlier > 1:
+            log.warning("refused %d %ss from %s in the minute before", earlier, self.what, host)
+        if count == 1:
+            log.warning("refused a %s from %s: %s", self.what, host, reason)
+        elif count == FREE_FAILURES + 1:
+            log.warning(
+                "refused %d %ss from %s within %.0f s: its refusals are now answered %.0f s late",
+                count, self.what, host, FAILURE_WINDOW_SECONDS, FAILURE_DELAY_SECONDS,
+            )  # fmt: skip
+        if delay:
+            try:
+                self._sleep(FAILURE_DELAY_SECONDS)
+            finally:
+                with self._lock:
+                    self._delayed -= 1
+
+    def count(self, peer: str) -> int:
+        """Refusals of the peer's address in its current window."""
+        with self._lock:
+            record = self._peers.get(peer_host(peer))
+            return 0 if record is None else record.count
 
 
 # -- the interceptor -----------------------------------------------------------------------
@@ -285,12 +490,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     Errors are raised as `Unauthenticated` and `PermissionDenied`; the
     ExceptionToStatusInterceptor outside this one turns them into status codes.
-    The check runs in the RPC's worker thread, where the scrypt of a new
-    token does not hold up the server's other calls.
+    Refusals go to `failures` (logged per peer, repeated ones delayed).
     """
 
-    def __init__(self, tokens: Callable[[], TokenTable | None]):
+    def __init__(
+        self,
+        tokens: Callable[[], TokenTable | None],
+        failures: PeerFailures | None = None,
+    ):
         self._tokens = tokens
+        self.failures = failures or PeerFailures("call")
 
     def intercept_service(
         self,
@@ -323,7 +532,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 raise Unauthenticated("the bearer token is not valid on this server")
         except Unauthenticated as error:
             # The peer and the reason, never the token.
-            log.warning("refused %s from %s: %s", method, context.peer(), error.message)
+            self.failures.failed(context.peer(), f"{method}: {error.message}")
             raise
         return principal
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import cast
 
@@ -18,6 +19,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
+from ntrain.client.tensors import DTYPES, tensor_array, tensor_message
+from service.jobs.dataset_store import DatasetVersion
+from service.jobs.dataset_uploads import UploadHeader
 from service.jobs.errors import InvalidArgument
 from service.jobs.server_status import ServerStatus
 from service.jobs.store import Event, JobRecord
@@ -34,6 +38,9 @@ from service.protocol import (
     StateChange,
     TrainingResult,
 )
+
+# A tensor's dimensions: Predict takes 2; numpy refuses more than 64.
+MAX_TENSOR_RANK = 8
 
 # -- requests -> protocol ----------------------------------------------------------
 
@@ -96,6 +103,7 @@ def job_spec_from_proto(message: pb.JobSpec) -> JobSpec:
         name=message.name,
         labels=tuple(sorted(message.labels.items())),
         priority=message.priority,
+        data_mode=message.data_mode or "auto",
     )
 
 
@@ -163,6 +171,34 @@ def predict_rows(request: pb.PredictRequest) -> list[np.ndarray]:
     return [np.asarray(example.values, dtype=np.float32) for example in request.inputs]
 
 
+def tensor_from_proto(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """The tensor's values as a read-only array over its bytes (no value is converted).
+
+    Raises:
+        InvalidArgument: an unknown dtype, too many or negative dimensions, or content whose
+            size is not the shape's; the field violation names `field.dtype`,
+            `field.shape` or `field.content`.
+    """
+    dtype = DTYPES.get(tensor.dtype)
+    if dtype is None:
+        known = ", ".join(pb.DataType.Name(value) for value in DTYPES)
+        raise InvalidArgument(f"{field}.dtype must be one of {known}, got {tensor.dtype}")
+    if len(tensor.shape) > MAX_TENSOR_RANK:  # before the sizes are read or shown
+        raise InvalidArgument(
+            f"{field}.shape must have at most {MAX_TENSOR_RANK} dimensions, got {len(tensor.shape)}"
+        )
+    shape = list(tensor.shape)
+    if any(size < 0 for size in shape):
+        raise InvalidArgument(f"{field}.shape must hold no negative size, got {shape}")
+    expected = math.prod(shape) * dtype.itemsize  # a Python int: no overflow, however large
+    if len(tensor.content) != expected:
+        raise InvalidArgument(
+            f"{field}.content must hold {expected} bytes ({shape} of "
+            f"{pb.DataType.Name(tensor.dtype)}), got {len(tensor.content)}"
+        )
+    return tensor_array(tensor)
+
+
 # -- protocol -> responses ---------------------------------------------------------
 
 
@@ -201,6 +237,7 @@ def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         name=spec.name,
         labels=dict(spec.labels),
         priority=spec.priority,
+        data_mode=spec.data_mode,
     )
 
 
@@ -210,9 +247,16 @@ def job_state_to_proto(state: JobState) -> pb.JobState:
     return cast(pb.JobState, pb.JobState.Value(f"JOB_STATE_{state.name}"))
 
 
+def reason_line(reason: str) -> str:
+    """A reason as clients show it: one line (a worker traceback may have many)."""
+    return " ".join(reason.split())
+
+
 def state_change_to_proto(change: StateChange, time: float) -> pb.StateTransition:
     return pb.StateTransition(
-        state=job_state_to_proto(change.state), time=timestamp(time), reason=change.reason
+        state=job_state_to_proto(change.state),
+        time=timestamp(time),
+        reason=reason_line(change.reason),
     )
 
 
@@ -267,6 +311,7 @@ def model_to_proto(model: ModelDescription) -> pb.ModelInfo:
         exported=model.exported,
         path=str(model.path),
         signature=model.signature,
+        dataset=model.dataset,
     )
 
 
@@ -281,11 +326,12 @@ def job_to_proto(record: JobRecord, model: ModelDescription | None = None) -> pb
             for t in record.transitions
         ],
         create_time=timestamp(record.create_time),
-        failure_reason=record.failure_reason,
+        failure_reason=reason_line(record.failure_reason),
         devices=list(record.devices),
         strategy=record.strategy,
         restarts=record.restarts,
         preemptions=record.preemptions,
+        dataset_version=record.spec.dataset_version,
         owner=record.owner,
     )
     if record.progress is not None:
@@ -334,8 +380,10 @@ def evaluation_to_proto(evaluation: Evaluation) -> pb.EvaluateResponse:
     )
 
 
-def predictions_to_proto(probabilities) -> pb.PredictResponse:
-    """(examples, classes) probabilities -> one Prediction per example."""
+def predictions_to_proto(probabilities: np.ndarray, *, as_tensor: bool) -> pb.PredictResponse:
+    """(examples, classes) probabilities: one tensor, or one Prediction per example."""
+    if as_tensor:
+        return pb.PredictResponse(probabilities=tensor_message(probabilities))
     return pb.PredictResponse(
         predictions=[
             pb.Prediction(label=int(row.argmax()), probabilities=row.tolist())
@@ -372,4 +420,39 @@ def server_info_to_proto(status: ServerStatus) -> pb.ServerInfo:
         queue_length=status.queue_length,
         running_jobs=status.running_jobs,
         warm_workers=status.warm_workers,
+    )
+
+
+# -- data sets -----------------------------------------------------------------------
+
+
+def upload_header_from_proto(message: pb.DatasetUpload) -> UploadHeader:
+    return UploadHeader(
+        name=message.name,
+        size_bytes=message.size_bytes,
+        sha256=message.sha256,
+        format=message.format,
+        label_column=message.label_column,
+        test_fraction=message.test_fraction if message.HasField("test_fraction") else None,
+        num_classes=message.num_classes,
+    )
+
+
+def dataset_to_proto(version: DatasetVersion) -> pb.Dataset:
+    manifest = version.manifest
+    return pb.Dataset(
+        name=version.name,
+        digest=f"sha256:{version.digest}",
+        owner=version.owner,
+        create_time=timestamp(version.create_time),
+        format=manifest.source_format,
+        size_bytes=version.size_bytes,
+        input_size=manifest.input_size,
+        num_classes=manifest.num_classes,
+        num_train=manifest.num_train,
+        num_test=manifest.num_test,
+        feature_dtype=manifest.feature_dtype,
+        label_column=manifest.label_column,
+        test_fraction=manifest.test_fraction or 0.0,
+        stored_bytes=manifest.stored_bytes,
     )

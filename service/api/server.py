@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
-from service.api.auth import AuthInterceptor, PasswordTable, TokenTable
+from service.api.auth import AuthInterceptor, PasswordTable, PeerFailures, TokenTable
 from service.api.grpc_metrics import MetricsServerInterceptor
 from service.api.server_config import (  # noqa: F401 - ServerConfig is this module's API too
     ServerConfig,
@@ -40,13 +40,17 @@ from service.api.server_config import (  # noqa: F401 - ServerConfig is this mod
 )
 from service.api.servicer import TrainingServicer
 from service.api.status_codes import ExceptionToStatusInterceptor
-from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext
+from service.api.streams import StreamSlots
+from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
 from service.devices import DeviceInventory, cpu_description, probe_devices
 from service.jobs.controller import JobObserver
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.experiments import ExperimentManager
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
+from service.jobs.reconcile import open_checked
 from service.jobs.server_status import package_version
 from service.jobs.store import Store
 from service.jobs.tracking import MlflowTracker, TrackingObserver
@@ -63,6 +67,7 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 # on top of these (ServerConfig.max_streams), so streams cannot starve them.
 UNARY_THREADS = 32
 HOUSEKEEPING_SECONDS = 2.0  # warm-worker gauge and expired per-job series
+# Jobs that hold on to their data set: a version they use cannot be deleted.
 
 
 class TrainingServer:
@@ -78,6 +83,7 @@ class TrainingServer:
         self._health: health.HealthServicer | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._store: Store | None = None
+        self._datasets: DatasetStore | None = None
         self._lock: StateDirLock | None = None
         self._stopped = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -86,6 +92,9 @@ class TrainingServer:
         self._tokens: TokenTable | None = None
         self._passwords: PasswordTable | None = None
         self._tracker: MlflowTracker | None = None
+        self._token_failures = PeerFailures("call")
+        self._metrics_failures = PeerFailures("metrics login")
+        self.streams: StreamSlots | None = None
 
     def start(self) -> None:
         """Open the state, find the devices, and start serving on the configured ports.
@@ -117,7 +126,8 @@ class TrainingServer:
         # Before anything touches the directory: one server owns it.
         self._lock = StateDirLock(config.state_dir)
         self._lock.acquire()
-        self._store = Store(config.state_dir)
+        # Checked against the job folders' journals; rebuilt where that loses nothing.
+        self._store = open_checked(config.state_dir)
         if config.gpu_inventory is None:
             inventory = probe_devices()
         else:
@@ -133,6 +143,10 @@ class TrainingServer:
             python_version=platform.python_version(),
         )
         self.metrics.set_devices(inventory.counts)
+        # Who uses a version is the jobs' business: the manager answers, in its loop.
+        self._datasets = DatasetStore(
+            config.state_dir, users_of=lambda digest: self._jobs().jobs_using(digest)
+        )
         # Told of every trial's events by the job loop; started after it, below.
         self.experiments = ExperimentManager(config.state_dir, metrics=self.metrics)
         observers: list[JobObserver] = [self.experiments]
@@ -142,10 +156,13 @@ class TrainingServer:
         self.manager = JobManager(
             self._store,
             observers=observers,
+            datasets=self._datasets,
+            data_budget_bytes=config.data_budget_bytes,
             inventory=inventory,
             metrics=self.metrics,
             data_dir=config.data_dir,
             max_queue=config.max_queue,
+            max_queue_per_owner=config.max_queue_per_principal,
             max_cpu_jobs=config.max_cpu_jobs,
             max_model_tasks=config.max_model_tasks,
             model_cache=config.model_cache,
@@ -173,14 +190,20 @@ class TrainingServer:
             interceptors=[
                 MetricsServerInterceptor(self.metrics.registry),
                 ExceptionToStatusInterceptor(),
-                AuthInterceptor(lambda: self._tokens),
+                AuthInterceptor(lambda: self._tokens, self._token_failures),
             ],
             # A second server on a taken port must fail, not share it silently.
             options=[("grpc.so_reuseport", 0)],
         )
+        uploads = DatasetUploads(self._datasets, max_bytes=config.max_dataset_bytes)
+        self.streams = StreamSlots(
+            config.max_streams,
+            config.max_streams_per_principal,
+            send_timeout=config.stream_send_timeout_seconds,
+        )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
             TrainingServicer(
-                self.manager, max_streams=config.max_streams, experiments=self.experiments
+                self.manager, uploads, streams=self.streams, experiments=self.experiments
             ),
             server,
         )
@@ -206,6 +229,7 @@ class TrainingServer:
         self.experiments.start(self.manager)
         server.start()
         self._server = server
+        self.streams.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port is not None:
@@ -231,8 +255,18 @@ class TrainingServer:
             principals,
         )
 
-    def _check_metrics_password(self, name: str, password: str) -> bool:
-        return self._passwords is not None and self._passwords.check(name, password)
+    def _jobs(self) -> JobManager:
+        assert self.manager is not None  # the data sets are served after it is built
+        return self.manager
+
+    def _check_metrics_password(self, name: str, password: str, peer: str) -> bool:
+        passwords = self._passwords
+        if passwords is not None and passwords.check(name, password):
+            return True
+        # A user name from the file may be logged; anything else might be a password.
+        who = f"user {name}" if passwords is not None and name in passwords else "an unknown user"
+        self._metrics_failures.failed(peer, f"wrong password for {who}")
+        return False
 
     def reload(self) -> list[str]:
         """Re-read the certificates, the token file and the metrics password file.
@@ -242,23 +276,34 @@ class TrainingServer:
         that could not be read (and was kept as it was).
         """
         config, problems = self.config, []
-        steps: list[tuple[str, Callable[[], None]]] = []
+        # (what, re-read it, its TLS files): a certificate that is expired, not yet
+        # valid or not its key's is refused (TlsFiles.ssl_context), since every new
+        # handshake would fail with it.
+        steps: list[tuple[str, Callable[[], None], TlsFiles | None]] = []
         if self._credentials is not None:
-            steps.append(("TLS certificate", self._credentials.reload))
+            credentials = self._credentials
+            steps.append(("TLS certificate", credentials.reload, credentials.files))
         if self._metrics_ssl is not None:
-            steps.append(("metrics TLS certificate", self._metrics_ssl.reload))
+            metrics_ssl = self._metrics_ssl
+            steps.append(("metrics TLS certificate", metrics_ssl.reload, metrics_ssl.files))
         if config.auth_tokens is not None:
             path = config.auth_tokens
-            steps.append(("tokens", lambda: setattr(self, "_tokens", TokenTable.load(path))))
+            steps.append(("tokens", lambda: setattr(self, "_tokens", TokenTable.load(path)), None))
         if config.metrics_basic_auth is not None:
             users = config.metrics_basic_auth
             steps.append(
-                ("metrics users", lambda: setattr(self, "_passwords", PasswordTable.load(users)))
+                (
+                    "metrics users",
+                    lambda: setattr(self, "_passwords", PasswordTable.load(users)),
+                    None,
+                )
             )
-        for what, step in steps:
+        for what, step, files in steps:
             try:
                 step()
-                log.info("reloaded the %s", what)
+                until = files.valid_until() if files is not None else None
+                valid = "" if until is None else f" (valid until {until:%Y-%m-%d})"
+                log.info("reloaded the %s%s", what, valid)
             except ValueError as error:
                 problems.append(f"kept the old {what}: {error}")
                 log.error("kept the old %s: %s", what, error)
@@ -304,10 +349,14 @@ class TrainingServer:
             log.warning("MLflow: events queued for %.0f s were not sent", TRACKER_CLOSE_SECONDS)
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.streams is not None:
+            self.streams.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self._store is not None:
             self._store.close()
+        if self._datasets is not None:
+            self._datasets.close()
         if self._lock is not None:
             self._lock.release()
 

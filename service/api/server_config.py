@@ -17,6 +17,7 @@ from pathlib import Path
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
 from service.jobs.controller import HANG_SECONDS, MIN_RUN_SECONDS, PREEMPTION_GRACE_SECONDS
+from service.jobs.dataset_uploads import DEFAULT_MAX_DATASET_BYTES
 from service.jobs.model_tasks import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
 
@@ -31,6 +32,10 @@ class ServerConfig:
         (None: every caller is the anonymous local admin).
     metrics_tls, metrics_basic_auth: the same for the metrics endpoint.
     insecure: serve on an address other than loopback without all of those.
+    max_streams, max_streams_per_principal: WatchJob, GetJobLogs and DownloadModel
+        streams open at once, and of one principal (service.api.streams).
+    stream_send_timeout_seconds: a stream whose client has not taken a message
+        for this long is dropped.
     ray_address: Ray Jobs' address (http://HOST:8265) for multi_worker jobs;
         None refuses them. ray_token_file: the token of Ray's token auth mode.
     mlflow_tracking_uri: an MLflow tracking server (http://HOST:PORT) that gets one
@@ -42,7 +47,13 @@ class ServerConfig:
     metrics_port: int | None = 9101
     state_dir: Path = Path("var")
     data_dir: Path | None = None
+    # The largest data set file UploadDataset takes.
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
+    # A job's training split past this many bytes is streamed (data_mode auto);
+    # 0: half the host's memory, as admission sees it.
+    data_budget_bytes: int = 0
     max_queue: int = 64
+    max_queue_per_principal: int = 32  # with authentication: one principal's share of it
     max_cpu_jobs: int = 1
     max_model_tasks: int = DEFAULT_MAX_TASKS
     model_cache: int = DEFAULT_MODEL_CACHE  # models the inference worker keeps loaded
@@ -64,6 +75,8 @@ class ServerConfig:
     checkpoint_seconds: float = 300.0
     shutdown_grace_seconds: float = 30.0
     max_streams: int = 512
+    max_streams_per_principal: int = 128  # at most max_streams
+    stream_send_timeout_seconds: float = 30.0
     ray_address: str | None = None
     ray_token_file: Path | None = None
     mlflow_tracking_uri: str | None = None
@@ -126,6 +139,12 @@ def check_config(config: ServerConfig) -> None:
     for name, port in ports.items():
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be in 0..65535, got {port}")
+    for name in ("max_streams", "max_streams_per_principal"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    timeout = config.stream_send_timeout_seconds
+    if not timeout > 0:
+        raise ValueError(f"stream_send_timeout_seconds must be positive, got {timeout}")
     if config.ray_address is not None:
         parsed = urllib.parse.urlsplit(config.ray_address)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:

@@ -8,8 +8,6 @@ caller before the handler runs, and the handler passes its principal on.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -19,9 +17,12 @@ from ntrain.v1 import training_pb2_grpc
 
 from service.api import convert, experiment_convert
 from service.api.auth import principal_of
+from service.api.streams import StreamSlots
 from service.jobs import validation
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.datasets import check_dataset_name
-from service.jobs.errors import ResourceExhausted, Unavailable
+from service.jobs.errors import InvalidArgument, Unavailable
 from service.jobs.experiment_spec import check_experiment_id
 from service.jobs.experiments import ExperimentManager
 from service.jobs.manager import JobManager
@@ -29,8 +30,11 @@ from service.jobs.manager import JobManager
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Args:
-    max_streams: WatchJob, GetJobLogs and DownloadModel streams open at once;
-        past it, RESOURCE_EXHAUSTED.
+    streams: the slots of WatchJob, GetJobLogs and DownloadModel streams (past
+        a principal's share or the server's total, RESOURCE_EXHAUSTED), which
+        also note how long each stream's client keeps a message waiting.
+
+    uploads: receives UploadDataset's files into its store of data sets.
     experiments: runs SubmitExperiment and the other experiment RPCs (None:
         they are UNAVAILABLE).
     """
@@ -38,14 +42,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def __init__(
         self,
         manager: JobManager,
+        uploads: DatasetUploads,
         *,
-        max_streams: int = 512,
+        streams: StreamSlots,
         experiments: ExperimentManager | None = None,
     ):
         self.manager = manager
         self._experiments = experiments
-        self.max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams)
+        self.uploads = uploads
+        self.datasets: DatasetStore = uploads.store
+        self.streams = streams
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_request_id(request.request_id)
@@ -86,9 +92,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         events = self.manager.watch(
             request.job_id, request.after_sequence, is_active=context.is_active
         )
-        with self._stream_slot("WatchJob"):
-            for event in events:
-                yield convert.event_to_proto(event)
+        with self.streams.slot("WatchJob", principal_of(context), context) as stream:
+            yield from self.streams.send(stream, map(convert.event_to_proto, events))
 
     def GetJobLogs(
         self, request: pb.GetJobLogsRequest, context: grpc.ServicerContext
@@ -97,33 +102,19 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         pieces = self.manager.logs(
             request.job_id, request.offset, follow=request.follow, is_active=context.is_active
         )
-        with self._stream_slot("GetJobLogs"):
-            for lines in pieces:
-                yield convert.log_lines_to_proto(lines)
+        with self.streams.slot("GetJobLogs", principal_of(context), context) as stream:
+            yield from self.streams.send(stream, map(convert.log_lines_to_proto, pieces))
 
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelChunk]:
         validation.check_job_id(request.job_id)
         parts = self.manager.model_files(request.job_id, principal=principal_of(context))
-        with self._stream_slot("DownloadModel"):
-            for part in parts:
+        with self.streams.slot("DownloadModel", principal_of(context), context) as stream:
+            for chunk in self.streams.send(stream, map(convert.model_part_to_proto, parts)):
                 if not context.is_active():
                     return  # the client went away: read no more of the model
-                yield convert.model_part_to_proto(part)
-
-    @contextlib.contextmanager
-    def _stream_slot(self, method: str) -> Iterator[None]:
-        """One of the server's `max_streams` slots, held while a stream is open."""
-        if not self._streams.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"{method}: {self.max_streams} streams are open (WatchJob, GetJobLogs and "
-                "DownloadModel together), the server's limit; retry later"
-            )
-        try:
-            yield
-        finally:
-            self._streams.release()
+                yield chunk
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         validation.check_job_id(request.job_id)
@@ -151,12 +142,53 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_job_id(request.job_id)
         principal = principal_of(context)
         input_size = self.manager.model_input_size(request.job_id, principal=principal)
-        validation.check_predict_count(len(request.inputs))  # before converting a value
-        rows = convert.predict_rows(request)
-        validation.check_predict_inputs(rows, input_size)
-        inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)
+        as_tensor = request.HasField("tensor")
+        if as_tensor:
+            if request.inputs:
+                raise InvalidArgument("inputs must be empty when tensor is set: send one of them")
+            # (examples, input_size) uint8 or float32; the worker scales uint8 as for training.
+            inputs = convert.tensor_from_proto(request.tensor, "tensor")
+            validation.check_predict_tensor(inputs, input_size)
+        else:
+            validation.check_predict_count(len(request.inputs))  # before converting a value
+            rows = convert.predict_rows(request)
+            validation.check_predict_inputs(rows, input_size)
+            inputs = np.asarray(rows, dtype=np.float32)  # (examples, input_size)
         predictions = self.manager.predict(request.job_id, inputs, principal=principal)
-        return convert.predictions_to_proto(predictions.probabilities)
+        return convert.predictions_to_proto(predictions.probabilities, as_tensor=as_tensor)
+
+    def UploadDataset(
+        self, requests: Iterator[pb.UploadDatasetRequest], context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        first = next(requests, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument(
+                "header must come first: a DatasetUpload naming the file's name, size, "
+                "SHA-256 and format",
+                field="header",
+            )
+        header = convert.upload_header_from_proto(first.header)
+        version = self.uploads.upload(
+            header, _upload_chunks(requests), principal=principal_of(context)
+        )
+        return convert.dataset_to_proto(version)
+
+    def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        versions = self.datasets.versions(request.name)
+        return pb.ListDatasetsResponse(datasets=[convert.dataset_to_proto(v) for v in versions])
+
+    def GetDataset(
+        self, request: pb.GetDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        return convert.dataset_to_proto(self.datasets.resolve(request.dataset))
+
+    def DeleteDataset(
+        self, request: pb.DeleteDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteDatasetResponse:
+        deleted = self.manager.delete_dataset(request.dataset, principal=principal_of(context))
+        return pb.DeleteDatasetResponse(deleted=[convert.dataset_to_proto(v) for v in deleted])
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
@@ -205,10 +237,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self.experiments.get(request.experiment_id, principal=principal_of(context))
         records = self.experiments.watch(request.experiment_id, is_active=context.is_active)
         principal = principal_of(context)
-        with self._stream_slot("WatchExperiment"):
-            for record in records:
-                record = self.experiments.get(record.experiment_id, principal=principal)
-                yield experiment_convert.experiment_to_proto(record)
+        with self.streams.slot("WatchExperiment", principal, context) as stream:
+            yield from self.streams.send(
+                stream,
+                (
+                    experiment_convert.experiment_to_proto(
+                        self.experiments.get(record.experiment_id, principal=principal)
+                    )
+                    for record in records
+                ),
+            )
 
     def CancelExperiment(
         self, request: pb.CancelExperimentRequest, context: grpc.ServicerContext
@@ -216,3 +254,15 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         check_experiment_id(request.experiment_id)
         record = self.experiments.cancel(request.experiment_id, principal=principal_of(context))
         return experiment_convert.experiment_to_proto(record)
+
+def _upload_chunks(requests: Iterator[pb.UploadDatasetRequest]) -> Iterator[bytes]:
+    """The file's bytes, from the messages after the header."""
+    try:
+        for request in requests:
+            if request.HasField("header"):
+                raise InvalidArgument(
+                    "header must come once, first; a second one came", field="header"
+                )
+            yield request.chunk
+    except grpc.RpcError:  # the client cancelled or went away: no traceback for that
+        raise Unavailable("the upload was cut off before its last byte") from None

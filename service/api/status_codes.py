@@ -104,13 +104,19 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_unary is not None:  # UploadDataset
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(_wrap_request_stream(handler.stream_unary), method),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:  # reflection: refused with UNAUTHENTICATED too
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(_wrap_request_stream(handler.stream_stream), method),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # no client-streaming RPCs here
+        return handler
 
 
 class _Undecodable:
@@ -177,7 +183,9 @@ def _wrap_stream(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
     return wrapped
 
 
-def _wrap_request_stream(behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any]):
+def _wrap_request_stream(
+    behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any],
+) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
     """A handler of a request stream whose undecodable requests end the call."""
 
     def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def build_job_spec(args: argparse.Namespace) -> training_pb2.JobSpec:
         (spec, "jit_compile", args.jit),
         (spec, "seed", args.seed),
         (spec, "precision", args.precision),
+        (spec, "data_mode", args.data_mode),
         (spec, "checkpoint_every_epochs", args.checkpoint_every),
         (spec, "max_runtime_seconds", args.max_runtime),
         (spec, "max_restarts", args.max_restarts),
@@ -146,12 +148,15 @@ def cmd_jobs(args) -> int:
     jobs = args.client.list(
         states=args.state or (), labels=dict(args.label or ()), limit=args.limit
     )
+    return _print_listing(args, jobs, cli_output.jobs_table, "no jobs")
+
+
+def _print_listing(args, items: list, table: Callable[[list], str], nothing: str) -> int:
+    """A list of messages as JSON (--json), as a table, or a line saying there are none."""
     if args.json:
-        print(cli_output.to_json(jobs))
-    elif jobs:
-        print(cli_output.jobs_table(jobs))
+        print(cli_output.to_json(items))
     else:
-        print("no jobs")
+        print(table(items) if items else nothing)
     return EXIT_OK
 
 
@@ -192,6 +197,44 @@ def cmd_model(args) -> int:
         f"{cli_output.format_bytes(size)}); serve it with "
         f"--model_base_path={folder.parent.resolve()}"
     )
+    return EXIT_OK
+
+
+def cmd_data_push(args) -> int:
+    try:
+        pushed = args.client.push_dataset(
+            args.files if len(args.files) > 1 else args.files[0],
+            name=args.name,
+            label_column=args.label_column,
+            test_fraction=args.test_fraction,
+            num_classes=args.num_classes,
+            format=args.format,
+        )
+    except OSError as error:
+        raise CliError(f"cannot read the file: {error}") from None
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    print(cli_output.to_json(pushed) if args.json else cli_output.describe_dataset(pushed))
+    return EXIT_OK
+
+
+def cmd_data_ls(args) -> int:
+    datasets = args.client.datasets(args.name)
+    return _print_listing(args, datasets, cli_output.datasets_table, "no data sets")
+
+
+def cmd_data_describe(args) -> int:
+    dataset = args.client.dataset(args.dataset)
+    print(cli_output.to_json(dataset) if args.json else cli_output.describe_dataset(dataset))
+    return EXIT_OK
+
+
+def cmd_data_rm(args) -> int:
+    deleted = args.client.delete_dataset(args.dataset)
+    if args.json:
+        print(cli_output.to_json(deleted))
+    for dataset in [] if args.json else deleted:
+        print(f"deleted {dataset.name}@{dataset.digest}")
     return EXIT_OK
 
 
@@ -283,7 +326,7 @@ def cmd_health(args) -> int:
 
 
 def cmd_token_new(args) -> int:
-    from service.api.auth import TokenTable, hash_secret, is_valid_name, new_token
+    from service.api.auth import TokenTable, is_valid_name, new_token, token_hash
 
     if not is_valid_name(args.name):
         raise CliError("a name is letters, digits and ._@- (64 at most)", EXIT_USAGE)
@@ -296,7 +339,10 @@ def cmd_token_new(args) -> int:
         # 0600 when new: the hashes are not the tokens, but nobody else needs them.
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(descriptor, "a") as tokens:
-            tokens.write(f"{args.name} {args.role} {hash_secret(token)}\n")
+            line = f"{args.name} {args.role} {token_hash(token)}"
+            if args.max_priority is not None:
+                line += f" max-priority={args.max_priority}"
+            tokens.write(line + "\n")
     except (OSError, ValueError) as error:
         raise CliError(f"cannot add {args.name} to {path}: {error}") from None
     print(token)
@@ -308,7 +354,7 @@ def cmd_token_hash(args) -> int:
 
     secret = sys.stdin.readline().strip()
     if not secret:
-        raise CliError("no token or password on standard input", EXIT_USAGE)
+        raise CliError("no password on standard input", EXIT_USAGE)
     print(hash_secret(secret))
     return EXIT_OK
 
@@ -347,7 +393,10 @@ def cmd_serve(args) -> int:
         "metrics_port": args.metrics_port,
         "state_dir": Path(args.state_dir) if args.state_dir else None,
         "data_dir": Path(args.data_dir) if args.data_dir else None,
+        "max_dataset_bytes": args.max_dataset_bytes,
+        "data_budget_bytes": args.data_budget_bytes,
         "max_queue": args.max_queue,
+        "max_queue_per_principal": args.max_queue_per_principal,
         "max_cpu_jobs": args.max_cpu_jobs,
         "max_model_tasks": args.max_model_tasks,
         "model_cache": args.model_cache,
@@ -361,6 +410,8 @@ def cmd_serve(args) -> int:
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,
         "max_streams": args.max_streams,
+        "max_streams_per_principal": args.max_streams_per_principal,
+        "stream_send_timeout_seconds": args.stream_send_timeout,
         "shutdown_grace_seconds": args.shutdown_grace,
         "tls": tls,
         "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,

@@ -221,3 +221,43 @@ def predictions_table(
             row += [labels[index], "" if labels[index] == prediction.label else "wrong"]
         rows.append(row)
     return format_table(headers, rows)
+
+
+def datasets_table(datasets: Sequence[training_pb2.Dataset]) -> str:
+    rows = [
+        (
+            dataset.name,
+            dataset.digest.removeprefix("sha256:")[:12],
+            dataset.format,
+            f"{dataset.num_train}+{dataset.num_test}",
+            dataset.input_size,
+            dataset.num_classes,
+            format_bytes(dataset.size_bytes),
+            dataset.owner or "-",
+            format_time(dataset.create_time),
+        )
+        for dataset in datasets
+    ]
+    headers = ("NAME", "DIGEST", "FORMAT", "ROWS", "FEATURES", "CLASSES", "SIZE", "OWNER", "PUSHED")
+    return format_table(headers, rows)
+
+
+def describe_dataset(dataset: training_pb2.Dataset) -> str:
+    split = (
+        f"a seeded {format_percent(dataset.test_fraction)} of the rows"
+        if dataset.test_fraction
+        else "the file's own"
+    )
+    lines = [
+        f"{dataset.name}@{dataset.digest}",
+        f"  format        {dataset.format}"
+        + (f", label column {dataset.label_column!r}" if dataset.label_column else ""),
+        f"  rows          {dataset.num_train} train, {dataset.num_test} test ({split})",
+        f"  features      {dataset.input_size} {dataset.feature_dtype}",
+        f"  classes       {dataset.num_classes}",
+        f"  size          {format_bytes(dataset.size_bytes)} pushed, "
+        f"{format_bytes(dataset.stored_bytes)} stored",
+        f"  owner         {dataset.owner or '-'}",
+        f"  pushed        {format_time(dataset.create_time)}",
+    ]
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ from service.cli import commands, experiment_commands
 from service.cli.exit_status import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.cli.serve_parser import add_serve_parser
+from service.cli.store_admin import add_store_parser
 from service.cli.types import label, positive_int, priority_value
 from service.protocol import SERVICE_STRATEGIES
 
@@ -110,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     add_serve_parser(subcommands)
+    add_store_parser(subcommands)
 
     token = subcommands.add_parser(
-        "token", help="make bearer tokens and the hashes the server keeps of them"
+        "token", help="make bearer tokens, and the hashes of metrics passwords"
     )
     token_commands = token.add_subparsers(
         dest="token_command", metavar="ACTION", parser_class=_OneLineParser
@@ -132,14 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     new_token.add_argument(
         "--auth-tokens", metavar="FILE", required=True, help="the server's token file"
     )
+    new_token.add_argument(
+        "--max-priority",
+        metavar="CLASS|N",
+        type=priority_value,
+        default=None,
+        help="the highest priority its jobs may have (a trainer's; default high)",
+    )
     new_token.set_defaults(run=commands.cmd_token_new)
     hash_token = token_commands.add_parser(
         "hash",
-        help="print the hash of a token or password read from standard input",
-        description="For a token you made yourself (NAME ROLE HASH in --auth-tokens) or a "
-        "metrics password (NAME HASH in --metrics-basic-auth).",
+        help="print the scrypt hash of a metrics password read from standard input",
+        description="For NAME HASH lines of --metrics-basic-auth. Bearer tokens come from "
+        "ntrain token new only: the server checks them by a fast hash, safe for their 256 "
+        "random bits and not for a token chosen by hand.",
     )
     hash_token.set_defaults(run=commands.cmd_token_hash)
+
+    _add_data_parser(subcommands, client, as_json)
 
     defaults = TrainConfig()
     train = subcommands.add_parser(
@@ -248,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default=None,
         help=f"compute dtype; weights stay float32 (default {defaults.precision})",
+    )
+    train.add_argument(
+        "--data-mode",
+        choices=("auto", "memory", "stream"),
+        default=None,
+        help="hold the training data whole, or stream it from its files in windows "
+        "(default auto: stream when it passes the job's data budget)",
     )
     train.add_argument("--seed", metavar="N", type=int, default=None, help="(default 0)")
     train.add_argument(
@@ -448,3 +467,50 @@ def build_parser() -> argparse.ArgumentParser:
     completion.add_argument("shell", choices=("bash", "zsh"))
     completion.set_defaults(run=lambda args: commands.cmd_completion(args, parser))
     return parser
+
+
+def _add_data_parser(subcommands, client, as_json) -> None:
+    """`ntrain data push|ls|describe|rm`: the data sets pushed to the server."""
+    data = subcommands.add_parser("data", help="push, list, describe and delete data sets")
+    actions = data.add_subparsers(
+        dest="data_command", metavar="ACTION", parser_class=_OneLineParser
+    )
+    actions.required = True
+    push = actions.add_parser(
+        "push",
+        parents=[client, as_json],
+        help="upload a data set file (.npz, .npy x and y, .csv, .parquet)",
+        description="Uploads the file; the server checks it, converts it once and names the "
+        "version NAME@sha256:<digest>. A job's --dataset NAME trains on the newest version.",
+    )
+    push.add_argument("files", metavar="FILE", nargs="+", help="one file, or .npy files x y")
+    push.add_argument("--name", required=True, help="the data set's name")
+    push.add_argument("--label-column", default="", help="csv and parquet: the label column")
+    push.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="share of rows held out for testing when the file has no test split (default 0.1)",
+    )
+    push.add_argument(
+        "--num-classes", type=int, default=0, help="labels lie in [0, N) (default: the largest + 1)"
+    )
+    push.add_argument(
+        "--format", choices=("npz", "npy", "csv", "parquet"), help="default: from the suffix"
+    )
+    push.set_defaults(run=commands.cmd_data_push)
+    listing = actions.add_parser(
+        "ls", parents=[client, as_json], help="list data sets, newest push first"
+    )
+    listing.add_argument("name", metavar="NAME", nargs="?", default="", help="only its versions")
+    listing.set_defaults(run=commands.cmd_data_ls)
+    describe = actions.add_parser(
+        "describe", parents=[client, as_json], help="one data set version in full"
+    )
+    describe.add_argument("dataset", metavar="NAME[@sha256:DIGEST]")
+    describe.set_defaults(run=commands.cmd_data_describe)
+    remove = actions.add_parser(
+        "rm", parents=[client, as_json], help="delete a version, or every version of a name"
+    )
+    remove.add_argument("dataset", metavar="NAME[@sha256:DIGEST]")
+    remove.set_defaults(run=commands.cmd_data_rm)

@@ -36,11 +36,35 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", default=None, help="directory of .npz data sets jobs may name"
     )
     serve.add_argument(
+        "--max-dataset-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        default=None,
+        help="the largest data set file a client may push (default 8 GiB)",
+    )
+    serve.add_argument(
+        "--data-budget-bytes",
+        metavar="N",
+        type=int,
+        default=None,
+        help="a job whose training split takes more than this is streamed from its files in "
+        "windows, not held whole on every device (data mode auto; default 0: half the "
+        "host's memory)",
+    )
+    serve.add_argument(
         "--max-queue",
         metavar="N",
         type=positive_int,
         default=None,
         help="queued jobs before submissions are refused (default 64)",
+    )
+    serve.add_argument(
+        "--max-queue-per-principal",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="of those, the jobs one principal may have waiting, so that none fills the "
+        "queue for the others (default 32; with --auth-tokens only)",
     )
     serve.add_argument(
         "--max-cpu-jobs",
@@ -133,6 +157,22 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         default=None,
         help="WatchJob, GetJobLogs and DownloadModel streams open at once, each on a thread "
         "of its own (default 512)",
+    )
+    serve.add_argument(
+        "--max-streams-per-principal",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="of those, the streams one principal may hold, so that none locks the others "
+        "out (default 128, at most --max-streams; without --auth-tokens every caller is one)",
+    )
+    serve.add_argument(
+        "--stream-send-timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=None,
+        help="drop a stream whose client has taken no message for this long: a reader that "
+        "stopped reading holds a thread and a slot until then (default 30)",
     )
     serve.add_argument(
         "--checkpoint-seconds",

@@ -67,7 +67,9 @@ def _train(task, strategy, chief: bool, events, start: float) -> None:
         if restored is not None:  # the group restarted: every worker resumes from Ray's copy
             with restored.as_directory() as directory:
                 shutil.copytree(directory, checkpoints)
-        dataset = load_dataset(task.spec.dataset, data_dir=task.data_dir)
+        dataset = load_dataset(
+            task.spec.dataset, data_dir=task.data_dir, folder=task.dataset_dir
+        )
         trainer = Trainer(task.spec.train, dataset, strategy)
         _log(f"rank {rank}: data and model ready after {time.monotonic() - start:.1f} s")
         if chief:

@@ -5,9 +5,10 @@ Plain data, no gRPC: the API's auth interceptor turns a bearer token into a
 job manager asks again with the job's owner where ownership matters (cancel,
 evaluate, predict). Roles nest:
 
-    viewer   read: get, list and watch any job, server info
-    trainer  also submit, and cancel, evaluate and predict on its own jobs
-    admin    everything, on any job
+    viewer   read: get, list and watch any job and data set, server info
+    trainer  also submit and push data sets, and cancel, evaluate and predict
+             on its own jobs, delete its own data sets
+    admin    everything, on any job and data set
 
 A job's owner is the name of the principal that submitted it; "" means
 anonymous (jobs submitted with authentication off, or before jobs had owners),
@@ -42,15 +43,26 @@ class Action(enum.Enum):
     SUBMIT = "submit jobs"
     CANCEL = "cancel"
     USE_MODEL = "evaluate or predict with"
+    PUSH_DATA = "push data sets"
+    DELETE_DATA = "delete"
 
 
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     VIEWER: frozenset({Action.READ}),
-    TRAINER: frozenset({Action.READ, Action.SUBMIT, Action.CANCEL, Action.USE_MODEL}),
+    TRAINER: frozenset(
+        {
+            Action.READ,
+            Action.SUBMIT,
+            Action.CANCEL,
+            Action.USE_MODEL,
+            Action.PUSH_DATA,
+            Action.DELETE_DATA,
+        }
+    ),
     ADMIN: frozenset(Action),
 }
-# Actions on one job that a trainer may take only on the jobs it owns.
-OWNED_ACTIONS = frozenset({Action.CANCEL, Action.USE_MODEL})
+# Actions on one job (or data set) that a trainer may take only on those it owns.
+OWNED_ACTIONS = frozenset({Action.CANCEL, Action.USE_MODEL, Action.DELETE_DATA})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,20 +94,23 @@ class Principal:
 LOCAL = Principal(name="", role=ADMIN)
 
 
-def authorize(principal: Principal, action: Action, owner: str | None = None) -> None:
-    """Allow `action` for `principal`, on a job owned by `owner` when one is named.
+def authorize(
+    principal: Principal, action: Action, owner: str | None = None, *, resource: str = "job"
+) -> None:
+    """Allow `action` for `principal`, on a job (or other `resource`) owned by `owner`.
 
     Raises:
         PermissionDenied: the role does not allow it, or the job is another's.
     """
     if action not in ROLE_ACTIONS[principal.role]:
-        raise PermissionDenied(f"{principal.describe()} may not {action.value}")
+        what = "" if resource == "job" else f" {resource}s"
+        raise PermissionDenied(f"{principal.describe()} may not {action.value}{what}")
     if owner is None or principal.role == ADMIN or action not in OWNED_ACTIONS:
         return
     if principal.anonymous or owner != principal.name:
         whose = f"owned by {owner!r}" if owner else "that has no owner"
         raise PermissionDenied(
-            f"{principal.describe()} may not {action.value} a job {whose}; only its owner "
+            f"{principal.describe()} may not {action.value} a {resource} {whose}; only its owner "
             "or an admin may"
         )
 

@@ -29,11 +29,18 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from service.jobs.errors import AlreadyExists, FailedPrecondition, Unavailable, reason_line
+from naive_model.config import shown
+from service.jobs.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    reason_line,
+)
 from service.jobs.feed import JobFeed
 from service.jobs.reporting import JobMetrics, report_metrics
 from service.jobs.runner import CANCEL, OnEnd, OnEvent, RunEnd, Runner, RunOutcome, Stop
@@ -46,6 +53,7 @@ from service.protocol import (
     JobSpec,
     JobState,
     Progress,
+    Resumed,
     Running,
     StateChange,
     TrainingResult,
@@ -151,6 +159,17 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class InLoop:
+    """Run `decide` on the loop's thread: a decision that must not interleave with the loop's.
+
+    (Deleting a data set's version: no submission is admitted on it between
+    the check that no job uses it and the delete.)
+    """
+
+    decide: Callable[[], Any]
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: enforce deadlines and dispatch what waiting alone lets start."""
 
@@ -165,7 +184,9 @@ class StopRuns:
     """The shutdown's grace is over: end the runs still going (they resume on the next start)."""
 
 
-Message = SubmitJob | CancelJob | WorkerReported | RunEnded | Tick | StopAdmitting | StopRuns
+Message = (
+    SubmitJob | CancelJob | WorkerReported | RunEnded | Tick | StopAdmitting | StopRuns | InLoop
+)
 
 
 @dataclass(frozen=True)
@@ -215,6 +236,11 @@ class JobController:
             before its run is this old (no thrash).
         hang_seconds: a local run whose worker sent nothing for this long is killed
             and handled as a worker death (0: never).
+        max_queue_per_owner: jobs one owner may have waiting, so that none fills
+            the queue for the others (0: no share; the anonymous owner of a
+            server without authentication has none).
+        dataset_exists: whether a pushed data set's version (NAME@sha256:...) is
+            still stored, asked as a job pinned to one is admitted.
     """
 
     def __init__(
@@ -232,6 +258,8 @@ class JobController:
         preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
         min_run_seconds: float = MIN_RUN_SECONDS,
         hang_seconds: float = HANG_SECONDS,
+        max_queue_per_owner: int = 0,
+        dataset_exists: Callable[[str], bool] = lambda reference: True,
     ):
         self.store = store
         self.scheduler = scheduler
@@ -245,6 +273,8 @@ class JobController:
         self._preemption_grace = preemption_grace_seconds
         self._min_run = min_run_seconds
         self._hang = hang_seconds
+        self._max_queue_per_owner = max_queue_per_owner
+        self._dataset_exists = dataset_exists
         # Jobs whose end could not be recorded (the store failed), and why they end.
         self._unsettled: dict[str, str] = {}
         self._settle_again: float | None = None
@@ -427,6 +457,8 @@ class JobController:
             return self._stop_admitting()
         if isinstance(message, StopRuns):
             return self._stop_runs()
+        if isinstance(message, InLoop):
+            return message.decide()
         raise TypeError(f"the job controller takes no {message!r}")
 
     def _publish(self) -> None:
@@ -438,9 +470,12 @@ class JobController:
             queue_length=self.scheduler.queue_length,
         )
         if self._counts_changed:
-            self._counts_changed = False
-            self.metrics.set_jobs_by_state(self.store.count_by_state())
-            self.metrics.set_queue_length(self.scheduler.queue_length)
+            try:
+                self.metrics.set_jobs_by_state(self.store.count_by_state())
+                self.metrics.set_queue_length(self.scheduler.queue_length)
+                self._counts_changed = False
+            except Exception:  # a store that cannot be read: the loop goes on, counts later
+                log.exception("could not count the jobs by state")
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -448,7 +483,11 @@ class JobController:
         if message.request_id:
             existing = self.store.find_by_request_id(message.owner, message.request_id)
             if existing is not None:
-                if existing.spec != message.spec:
+                # The same request names the same job, whichever version its data
+                # set's name pointed at then and now.
+                if existing.spec != replace(
+                    message.spec, dataset_version=existing.spec.dataset_version
+                ):
                     raise AlreadyExists(
                         f"request_id {message.request_id!r} was used for job "
                         f"{existing.job_id} with a different spec"
@@ -457,6 +496,12 @@ class JobController:
         if self._closed:
             raise Unavailable("the server is shutting down")
         self.scheduler.check_admission(message.demand)
+        self._check_share(message.owner)
+        version = message.spec.dataset_version
+        if version and not self._dataset_exists(version):
+            raise FailedPrecondition(
+                f"data set {shown(version)} was deleted as the job was submitted; submit it again"
+            )
         now = self._clock.time()
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         record = JobRecord(
@@ -472,6 +517,20 @@ class JobController:
         self.scheduler.enqueue(job_id, message.demand, priority=message.spec.priority)
         self._dispatch()
         return self.feed.record(job_id)
+
+    def _check_share(self, owner: str) -> None:
+        """Refuse a job whose owner has its share of the queue waiting already."""
+        share = self._max_queue_per_owner
+        if not share or not owner:
+            return
+        waiting = sum(
+            1 for job_id in self.scheduler.waiting if self.feed.record(job_id).owner == owner
+        )
+        if waiting >= share:
+            raise ResourceExhausted(
+                f"{owner} has {waiting} jobs waiting, its share of the queue "
+                f"(--max-queue-per-principal {share}); retry when some have started"
+            )
 
     def _cancel(self, job_id: str) -> JobRecord:
         record = self.feed.record(job_id)
@@ -664,7 +723,12 @@ class JobController:
         run.last_heard = self._clock.monotonic()
         if isinstance(event, Running):
             if self.feed.record(job_id).state is JobState.STARTING:  # not when a cancel came first
-                self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s)")
+                data = f"; data {event.data}" if event.data else ""
+                self._transition(job_id, JobState.RUNNING, f"{event.replicas} replica(s){data}")
+        elif isinstance(event, Resumed) and event.damaged:
+            # Its newest checkpoint was damaged: the job's history says which, and from where.
+            record = self.feed.record(job_id)
+            self._transition(job_id, record.state, event.describe_fallback())
         elif isinstance(event, Progress):
             run.step = event.step
             if not run.progressed:

@@ -1,5 +1,9 @@
 """Sizes of the data sets jobs name, looked up without TensorFlow and cached.
 
+A name is a built-in ("mnist", "synthetic"), a data set pushed with
+UploadDataset ("NAME", its newest version, or "NAME@sha256:<digest>"), or a
+file in the server's data directory, looked for in that order.
+
 Validating a job needs its data set's input size, class count and split
 sizes. Reading an .npz's labels takes a fraction of a second, so the answer
 is cached per file identity (path, mtime, size): a resubmission, or the next
@@ -10,17 +14,20 @@ from __future__ import annotations
 
 import functools
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from naive_model.config import shown
 from naive_model.data import (
     DatasetInfo,
     DatasetNotFoundError,
+    canonical_info,
     dataset_info,
     find_mnist,
     is_plain_file_name,
     mnist_candidates,
 )
+from service.jobs.dataset_store import NAME_PATTERN, DatasetStore, DatasetVersion, is_reference
 from service.jobs.errors import InvalidArgument
 
 BUILTIN_DATASETS = ("mnist", "synthetic")
@@ -49,12 +56,62 @@ def check_dataset_name(name: str, field: str = "dataset") -> None:
         )
 
 
-def lookup_dataset(name: str, data_dir: Path | None, field: str = "dataset") -> DatasetInfo:
-    """Sizes of a named data set, without loading TensorFlow.
+@dataclass(frozen=True)
+class ResolvedDataset:
+    """What a data set name means now: its sizes and, for a pushed one, its version.
+
+    A job records `version.reference` (its digest) so that it, and a rerun of
+    it, trains on exactly these bytes whatever is pushed under the name later;
+    its worker reads `version.folder`.
+    """
+
+    info: DatasetInfo
+    version: DatasetVersion | None = None  # None: a built-in or a data_dir file
+
+
+def resolve_dataset(
+    name: str,
+    data_dir: Path | None,
+    field: str = "dataset",
+    *,
+    datasets: DatasetStore | None = None,
+) -> ResolvedDataset:
+    """The data set a name means: a built-in, a pushed version, or a data_dir file.
+
+    Raises:
+        InvalidArgument: a bad name, a file that is missing or not a data set,
+            a pushed name or version that is not stored.
+    """
+    check_dataset_name(name, field)
+    if name not in BUILTIN_DATASETS and (datasets is not None or is_reference(name)):
+        version = None
+        if datasets is not None and (is_reference(name) or NAME_PATTERN.fullmatch(name)):
+            version = datasets.find(name)
+        if version is not None:
+            return ResolvedDataset(canonical_info(version.folder, name=name), version)
+        if is_reference(name):
+            where = "" if datasets is not None else " (this server stores no pushed data sets)"
+            raise InvalidArgument(f"{field}: data set {shown(name)} was not pushed{where}")
+    return ResolvedDataset(lookup_file_dataset(name, data_dir, field))
+
+
+def lookup_dataset(
+    name: str,
+    data_dir: Path | None,
+    field: str = "dataset",
+    *,
+    datasets: DatasetStore | None = None,
+) -> DatasetInfo:
+    """Sizes of a named data set, without loading TensorFlow (see `resolve_dataset`).
 
     Raises:
         InvalidArgument: a bad name, a file that is missing or not a data set.
     """
+    return resolve_dataset(name, data_dir, field, datasets=datasets).info
+
+
+def lookup_file_dataset(name: str, data_dir: Path | None, field: str = "dataset") -> DatasetInfo:
+    """Sizes of a built-in data set or a file in data_dir."""
     check_dataset_name(name, field)
     if name == "mnist" and find_mnist(data_dir=data_dir) is None:
         return MNIST_INFO  # the worker downloads it, or fails the job saying where it looked

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from service.jobs.errors import NotFound
 from service.jobs.store import Event, JobRecord, Store
+from service.protocol import StateChange
 
 # Job records kept in memory for GetJob and watchers (each dropped when its job changes).
 RECORD_CACHE_SIZE = 1024
@@ -95,6 +96,9 @@ class JobFeed:
             if len(self._recent) > RECENT_EVENT_JOBS:
                 self._recent.popitem(last=False)
         self.changed(event.job_id)
+        if isinstance(event.payload, StateChange) and event.payload.state.finished:
+            with self._lock:  # its watchers were woken and see the end: none waits again
+                self._conditions.pop(event.job_id, None)
 
     def changed(self, job_id: str) -> None:
         """The job changed: drop its cached record and wake its watchers."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from service.devices import DeviceInventory
 from service.jobs.controller import Placement
+from service.jobs.dataset_store import DatasetStore
 from service.jobs.local_runner import LocalRunner
 from service.jobs.ray_jobs import RayJobsClient, RayJobsError
 from service.jobs.ray_runner import STORED_EVENTS, RayRunner
@@ -37,6 +38,8 @@ class Launcher:
         checkpoint_seconds: float | None,
         ray: RayJobsClient | None,
         heartbeat_seconds: float = 0.0,
+        datasets: DatasetStore | None = None,
+        data_budget_bytes: int = 0,
     ):
         self.store = store
         self.inventory = inventory
@@ -45,6 +48,14 @@ class Launcher:
         self.checkpoint_seconds = checkpoint_seconds
         self.ray = ray
         self.heartbeat_seconds = heartbeat_seconds
+        self.datasets = datasets
+        self.data_budget_bytes = data_budget_bytes
+
+    def _dataset_dir(self, record: JobRecord) -> Path | None:
+        """The canonical folder of the pushed data set version the job is pinned to."""
+        if self.datasets is None or not record.spec.dataset_version:
+            return None
+        return self.datasets.resolve(record.spec.dataset_version).folder
 
     def placement(self, record: JobRecord, assignment: Assignment) -> Placement:
         if assignment.strategy == "multi_worker":
@@ -76,6 +87,8 @@ class Launcher:
             checkpoint_seconds=self.checkpoint_seconds,
             gpu_memory_limit_mb=assignment.memory_limit_bytes // 1024**2,
             heartbeat_seconds=self.heartbeat_seconds,
+            dataset_dir=self._dataset_dir(record),
+            data_budget_bytes=self.data_budget_bytes,
         )
         return LocalRunner(task, take_worker=self.pool.take, on_event=on_event, on_end=on_end)
 
@@ -91,6 +104,7 @@ class Launcher:
             gpus_per_host=record.spec.gpus_per_host,
             data_dir=None if self.data_dir is None else self.data_dir.resolve(),
             storage_path=job_dir / "ray",
+            dataset_dir=self._dataset_dir(record),
         )
         return RayRunner(
             task,

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import platform
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -40,12 +41,14 @@ from service.jobs.controller import (
     PREEMPTION_GRACE_SECONDS,
     CancelJob,
     Clock,
+    InLoop,
     JobController,
     JobObserver,
     SubmitJob,
     SystemClock,
 )
-from service.jobs.datasets import lookup_dataset
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.datasets import lookup_dataset, resolve_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument, Unavailable
 from service.jobs.feed import JobFeed
 from service.jobs.launcher import Launcher
@@ -104,6 +107,7 @@ class JobManager:
         metrics: JobMetrics,
         data_dir: Path | None = None,
         max_queue: int = 64,
+        max_queue_per_owner: int = 0,
         max_cpu_jobs: int = 1,
         jobs_per_gpu: int = 1,
         backfill_seconds: float = BACKFILL_SECONDS,
@@ -119,6 +123,8 @@ class JobManager:
         ray: RayJobsClient | None = None,
         clock: Clock | None = None,
         observers: Sequence[JobObserver] = (),
+        datasets: DatasetStore | None = None,
+        data_budget_bytes: int = 0,
     ):
         clock = clock or SystemClock()
         self.store = store
@@ -126,12 +132,21 @@ class JobManager:
         self.inventory = inventory
         self.metrics = metrics
         self.data_dir = data_dir
+        self.datasets = datasets  # the data sets pushed to this server
+        self.data_budget_bytes = data_budget_bytes
+        # Workers' temporary files (TensorFlow's autograph writes some) stay in the
+        # state directory: each worker's folder goes with it, and what a killed
+        # server's workers left goes now (they ended before its lock was free).
+        temp_root = store.state_dir / "tmp"
+        shutil.rmtree(temp_root, ignore_errors=True)
+        temp_root.mkdir(mode=0o700)
         self.pool = WorkerPool(
             warm=warm_worker,
             log_path=store.state_dir / "workers.log",
             # The default data set of `ntrain train`, loaded by the warm worker as it waits.
             dataset=("mnist", data_dir),
             held_fds=worker_held_fds,
+            temp_root=temp_root,
         )
         self.gpu_memory_bytes = min((gpu.memory_bytes for gpu in inventory.gpus), default=0)
         self.scheduler = Scheduler(
@@ -158,6 +173,8 @@ class JobManager:
                 data_dir=data_dir,
                 checkpoint_seconds=checkpoint_seconds,
                 ray=ray,
+                datasets=datasets,
+                data_budget_bytes=data_budget_bytes,
                 # Several beats to a hang limit, at most one every 5 s (0: no limit, no beats).
                 heartbeat_seconds=min(5.0, hang_seconds / 4),
             ),
@@ -167,6 +184,8 @@ class JobManager:
             clock=clock,
             on_idle=self._warm_up,
             observers=observers,
+            dataset_exists=self._dataset_exists,
+            max_queue_per_owner=max_queue_per_owner,
             preemption_grace_seconds=preemption_grace_seconds,
             min_run_seconds=min_run_seconds,
             hang_seconds=hang_seconds,
@@ -179,9 +198,11 @@ class JobManager:
                 log_path=store.state_dir / "inference.log",
                 dataset=("mnist", data_dir),  # the default data set's test split, for Evaluate
                 held_fds=worker_held_fds,
+                temp_root=temp_root,
             ),
             data_dir=data_dir,
             max_tasks=max_model_tasks,
+            datasets=datasets,
         )
 
     # -- start and stop -------------------------------------------------------
@@ -202,17 +223,59 @@ class JobManager:
     def _demand(self, spec: JobSpec) -> Demand:
         """What the job needs of this host; validating the spec against it finds that out."""
         demand, _ = validate_job_spec(
-            spec,
+            # A job pinned to a pushed version is checked against that version.
+            dataclasses.replace(spec, dataset=spec.dataset_version or spec.dataset),
             data_dir=self.data_dir,
             host_gpus=len(self.inventory.gpus),
             gpu_memory_bytes=self.gpu_memory_bytes,
             ray_enabled=self.ray is not None,
+            datasets=self.datasets,
+            data_budget_bytes=self.data_budget_bytes,
         )
         return demand
 
     def check_spec(self, spec: JobSpec) -> None:
         """Raise InvalidArgument (or FailedPrecondition) when this host would refuse the job."""
         self._demand(spec)
+
+    def _pinned(self, spec: JobSpec) -> JobSpec:
+        """The spec with the version of the pushed data set it names, if it names one."""
+        if self.datasets is None or spec.dataset_version:
+            return spec
+        resolved = resolve_dataset(spec.dataset, self.data_dir, datasets=self.datasets)
+        if resolved.version is None:
+            return spec  # a built-in, or a file of the data directory
+        return dataclasses.replace(spec, dataset_version=resolved.version.reference)
+
+    def _dataset_exists(self, reference: str) -> bool:
+        return self.datasets is not None and self.datasets.find(reference) is not None
+
+    def jobs_using(self, digest: str) -> list[str]:
+        """The queued and running jobs pinned to the data set version `digest`."""
+        unfinished = tuple(state for state in JobState if not state.finished)
+        records, _ = self.store.list_jobs(states=unfinished, limit=1_000_000)
+        return [
+            record.job_id
+            for record in records
+            if record.spec.dataset_version.endswith(f"@sha256:{digest}")
+        ]
+
+    def delete_dataset(self, reference: str, *, principal: Principal = LOCAL) -> list:
+        """Delete a pushed data set's version (or every version of a name).
+
+        Decided in the control loop, so no job is admitted on the version
+        between the check that no queued or running job uses it and the delete.
+
+        Raises:
+            NotFound, PermissionDenied, FailedPrecondition: see `DatasetStore.delete`.
+            FailedPrecondition: this server takes no pushed data sets.
+        """
+        if self.datasets is None:
+            raise FailedPrecondition("this server keeps no pushed data sets")
+        datasets = self.datasets
+        return self.controller.call(
+            InLoop(lambda: datasets.delete(reference, principal=principal))
+        )
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop serving jobs; running ones checkpoint and resume on the next start.
@@ -252,6 +315,7 @@ class JobManager:
         """
         authorize(principal, Action.SUBMIT)
         authorize_priority(principal, spec.priority)
+        spec = self._pinned(spec)
         demand = self._demand(spec)
         record = self.controller.call(
             SubmitJob(spec=spec, demand=demand, owner=principal.name, request_id=request_id)
@@ -360,7 +424,8 @@ class JobManager:
             info = ModelInfo(**json.loads(files.model_info.read_text()))
         except (OSError, ValueError, TypeError):
             return None  # not written yet (or being written as training starts)
-        return describe_model(info, record.spec.train, files.model)
+        spec = record.spec
+        return describe_model(info, spec.train, files.model, spec.dataset_version or spec.dataset)
 
     def logs(
         self,

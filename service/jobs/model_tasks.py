@@ -18,7 +18,8 @@ from typing import TypeVar
 
 from naive_model.config import RUNTIME_BYTES, shown
 from naive_model.npz import host_memory_bytes
-from service.jobs.datasets import lookup_dataset
+from service.jobs.dataset_store import DatasetStore
+from service.jobs.datasets import lookup_dataset, resolve_dataset
 from service.jobs.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -84,12 +85,14 @@ class ModelTasks:
         *,
         data_dir: Path | None,
         max_tasks: int = DEFAULT_MAX_TASKS,
+        datasets: DatasetStore | None = None,
     ):
         if max_tasks < 1:
             raise ValueError(f"max_tasks must be at least 1, got {max_tasks}")
         self.store = store
         self.worker = worker
         self.data_dir = data_dir
+        self.datasets = datasets  # the pushed data sets a job or an Evaluate may name
         self.max_tasks = max_tasks
         self._slots = threading.BoundedSemaphore(max_tasks)
 
@@ -119,14 +122,18 @@ class ModelTasks:
         """Loss and accuracy of the job's model (or latest checkpoint) on a test split."""
         job_id = record.job_id
         spec = record.spec
-        name = dataset or spec.dataset
-        info = lookup_dataset(name, self.data_dir, field="dataset")
+        # By default, the very version of its data set the job trained on.
+        name = dataset or spec.dataset_version or spec.dataset
+        resolved = resolve_dataset(name, self.data_dir, field="dataset", datasets=self.datasets)
+        info = resolved.info
         units = spec.train.layers[-1].units
         model_info = self._model_info(record)
         if model_info is not None:
             input_size = model_info.input_size
         else:
-            input_size = lookup_dataset(spec.dataset, self.data_dir).input_size
+            input_size = lookup_dataset(
+                spec.dataset_version or spec.dataset, self.data_dir, datasets=self.datasets
+            ).input_size
         if info.input_size != input_size:
             raise InvalidArgument(
                 f"dataset {shown(name)} has {info.input_size} features per example; "
@@ -151,6 +158,7 @@ class ModelTasks:
             dataset=name,
             use_checkpoint=use_checkpoint,
             data_dir=self.data_dir,
+            dataset_dir=None if resolved.version is None else resolved.version.folder,
         )
         return self._run_task(task, Evaluation)
 

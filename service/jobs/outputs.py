@@ -141,8 +141,13 @@ def _model_parts(model_dir: Path) -> Iterator[ModelFilePart]:
                     data = following
 
 
-def describe_model(info: ModelInfo, train: TrainConfig, model_dir: Path) -> ModelDescription:
-    """The model of a job whose training started (`info` is what its worker wrote)."""
+def describe_model(
+    info: ModelInfo, train: TrainConfig, model_dir: Path, dataset: str = ""
+) -> ModelDescription:
+    """The model of a job whose training started (`info` is what its worker wrote).
+
+    dataset: what it was trained on (a pushed data set's NAME@sha256:<digest>).
+    """
     parameters, inputs = 0, info.input_size
     for layer in train.layers:
         parameters += inputs * layer.units + layer.units  # W (inputs, units) and b (units,)
@@ -154,4 +159,5 @@ def describe_model(info: ModelInfo, train: TrainConfig, model_dir: Path) -> Mode
         parameters=parameters,
         exported=(model_dir / "saved_model.pb").is_file(),
         path=model_dir,
+        dataset=dataset,
     )

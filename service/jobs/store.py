@@ -1,7 +1,10 @@
 """Jobs, their state transitions and their event history in SQLite.
 
 One database, `state-dir/ntrain.db` (WAL), and one folder per job,
-`state-dir/jobs/<job_id>/`, for its checkpoints, SavedModel and log. Every
+`state-dir/jobs/<job_id>/`, for its checkpoints, SavedModel and log, and its
+journal (`service.jobs.journal`): every write goes to the journal first and
+then to the database, so the database can be rebuilt from the folders
+(`service.jobs.reconcile`). Every
 event a job emits (state change, progress, end of epoch, result) is a row with
 a per-job sequence number that starts at 1 and has no gaps; WatchJob replays
 those rows, and the job's transitions are its state-change events. The job row
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sqlite3
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.jobs import journal
 from service.jobs.errors import ResourceExhausted, Unavailable
 from service.jobs.schema import (
     ADD_PREEMPTIONS,
@@ -122,10 +127,12 @@ class Store:
     """SQLite storage for jobs and events, safe to use from many threads.
 
     `in_memory` keeps the database in memory (job folders stay under
-    `state_dir`): the control loop's tests run on it in milliseconds.
+    `state_dir`) and writes no journal, since there is nothing durable to
+    rebuild: the control loop's tests run on it in milliseconds.
     """
 
     def __init__(self, state_dir: str | Path, *, in_memory: bool = False):
+        self.journaled = not in_memory
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
         # Jobs' models, logs and request_ids are their owners' business: the
@@ -196,29 +203,26 @@ class Store:
         files = self.job_files(job_id)
         return files.model if files.has_model() else None
 
-    # -- writes ---------------------------------------------------------------
+    # -- writes: the job's journal first, then the database --------------------
 
     def create_job(self, record: JobRecord, time: float) -> Event:
         """Insert a new job with its first event, the change to `record.state`."""
         payload = StateChange(state=record.state)
-        with self._lock, self._writing(), self._transaction():
-            self._db.execute(
-                "INSERT INTO jobs (job_id, owner, request_id, spec, state, create_time,"
-                " last_sequence) VALUES (?, ?, ?, ?, ?, ?, 1)",
-                (
-                    record.job_id,
-                    record.owner,
-                    record.request_id,
-                    json.dumps(record.spec.to_dict(), sort_keys=True),
-                    record.state.name,
-                    record.create_time,
-                ),
-            )
-            self._db.executemany(
-                "INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
-                [(record.job_id, key, value) for key, value in record.spec.labels],
-            )
-            self._insert_event(record.job_id, 1, time, payload)
+        kind, data = encode_payload(payload)
+        job_dir = self.job_dir(record.job_id)
+        with self._lock, self._writing(job_dir):
+            if self.journaled:
+                journal.write_job_file(job_dir, job_file_fields(record))
+                journal.append(job_dir, journal.event_line(1, time, kind, data, {}))
+            try:
+                with self._transaction():
+                    self._insert_job(record, state=record.state.name, last_sequence=1)
+                    self._insert_event(record.job_id, 1, time, kind, data)
+            except BaseException:
+                if self.journaled:  # the store refused it: nor does the folder hold it
+                    for name in (journal.JOURNAL_FILE, journal.JOB_FILE):
+                        (job_dir / name).unlink(missing_ok=True)
+                raise
         return Event(record.job_id, 1, time, payload)
 
     def append_event(
@@ -237,41 +241,55 @@ class Store:
         becomes the job's latest progress or result. The keyword arguments set
         the job's other columns when given.
         """
-        updates: dict[str, Any] = {}
-        if isinstance(payload, StateChange):
-            updates["state"] = payload.state.name
-        elif isinstance(payload, Progress):
-            updates["progress"] = encode_payload(payload)[1]
-        elif isinstance(payload, TrainingResult):
-            updates["result"] = encode_payload(payload)[1]
+        kind, data = encode_payload(payload)
+        columns: dict[str, Any] = {}
         if strategy is not None:
-            updates["strategy"] = strategy
+            columns["strategy"] = strategy
         if devices is not None:
-            updates["devices"] = json.dumps(list(devices))
+            columns["devices"] = list(devices)
         if failure_reason is not None:
-            updates["failure_reason"] = failure_reason
-        with self._lock, self._writing(), self._transaction():
+            columns["failure_reason"] = failure_reason
+        job_dir = self.job_dir(job_id)
+        with self._lock, self._writing(job_dir):
+            # The lock orders every write: no other can take this sequence meanwhile.
             row = self._db.execute(
                 "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
             ).fetchone()
             if row is None:
                 raise KeyError(job_id)
             sequence = row["last_sequence"] + 1
-            self._insert_event(job_id, sequence, time, payload)
-            updates["last_sequence"] = sequence
-            assignments = ", ".join(f"{column} = ?" for column in updates)
-            self._db.execute(
-                f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*updates.values(), job_id)
-            )
+            line = journal.event_line(sequence, time, kind, data, columns)
+            with self._journaled(job_dir, line), self._transaction():
+                self._apply_event(job_id, sequence, time, kind, data, columns)
         return Event(job_id, sequence, time, payload)
+
+    def _apply_event(
+        self, job_id: str, sequence: int, time: float, kind: str, data: str, columns: dict
+    ) -> None:
+        """Insert an event and set the job's columns it changes (inside a transaction)."""
+        self._insert_event(job_id, sequence, time, kind, data)
+        updates: dict[str, Any] = {"last_sequence": sequence}
+        if kind == "state":
+            updates["state"] = json.loads(data)["state"]
+        elif kind in ("progress", "result"):
+            updates[kind] = data
+        for column, value in columns.items():
+            updates[column] = json.dumps(value) if column == "devices" else value
+        assignments = ", ".join(f"{column} = ?" for column in updates)
+        self._db.execute(
+            f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*updates.values(), job_id)
+        )
 
     def record_checkpoint(self, job_id: str, checkpoint: CheckpointSaved) -> None:
         """Remember the job's latest checkpoint (not an event: watchers are not told)."""
-        with self._lock, self._writing():
-            self._db.execute(
-                "UPDATE jobs SET checkpoint = ? WHERE job_id = ?",
-                (json.dumps(dataclasses.asdict(checkpoint)), job_id),
-            )
+        job_dir = self.job_dir(job_id)
+        line = journal.checkpoint_line(checkpoint)
+        with self._lock, self._writing(job_dir):
+            with self._journaled(job_dir, line), self._transaction():
+                self._db.execute(
+                    "UPDATE jobs SET checkpoint = ? WHERE job_id = ?",
+                    (json.dumps(dataclasses.asdict(checkpoint)), job_id),
+                )
 
     def count_preemption(self, job_id: str) -> int:
         """Add one to the job's preemptions; returns the new count."""
@@ -282,17 +300,53 @@ class Store:
         return self._count(job_id, "restarts")
 
     def _count(self, job_id: str, column: str) -> int:
-        with self._lock, self._writing(), self._transaction():
-            self._db.execute(
-                f"UPDATE jobs SET {column} = {column} + 1 WHERE job_id = ?", (job_id,)
-            )
+        job_dir = self.job_dir(job_id)
+        with self._lock, self._writing(job_dir):
             row = self._db.execute(f"SELECT {column} FROM jobs WHERE job_id = ?", (job_id,))
-            return row.fetchone()[0]
+            found = row.fetchone()
+            if found is None:
+                raise KeyError(job_id)
+            count = found[0] + 1
+            # The journal keeps the new value, not "+1": a line read twice does no harm.
+            with self._journaled(job_dir, {column: count}), self._transaction():
+                self._db.execute(f"UPDATE jobs SET {column} = ? WHERE job_id = ?", (count, job_id))
+            return count
 
-    def _insert_event(
-        self, job_id: str, sequence: int, time: float, payload: JobEventPayload
-    ) -> None:
-        kind, data = encode_payload(payload)
+    @contextlib.contextmanager
+    def _journaled(self, job_dir: Path, line: dict[str, Any]) -> Iterator[None]:
+        """Append `line` to the job's journal; cut it off again if the database write fails."""
+        if not self.journaled:
+            yield
+            return
+        if not journal.has_journal(job_dir):  # a job from before journals (or its folder lost)
+            journal.rewrite(job_dir, *self._journal_of(job_dir.name))
+        size = journal.append(job_dir, line)
+        try:
+            yield
+        except BaseException:
+            journal.truncate(job_dir, size)
+            raise
+
+    def _insert_job(self, record: JobRecord, *, state: str, last_sequence: int) -> None:
+        self._db.execute(
+            "INSERT INTO jobs (job_id, owner, request_id, spec, state, create_time,"
+            " last_sequence) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.job_id,
+                record.owner,
+                record.request_id,
+                json.dumps(record.spec.to_dict(), sort_keys=True),
+                state,
+                record.create_time,
+                last_sequence,
+            ),
+        )
+        self._db.executemany(
+            "INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
+            [(record.job_id, key, value) for key, value in record.spec.labels],
+        )
+
+    def _insert_event(self, job_id: str, sequence: int, time: float, kind: str, data: str) -> None:
         self._db.execute(
             "INSERT INTO events (job_id, sequence, time, kind, data) VALUES (?, ?, ?, ?, ?)",
             (job_id, sequence, time, kind, data),
@@ -302,8 +356,8 @@ class Store:
         return _Transaction(self._db)
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """SQLite's write errors as the service's: one line naming the file."""
+    def _writing(self, job_dir: Path) -> Iterator[None]:
+        """Database and journal write errors as the service's: one line naming the file."""
         try:
             yield
         except sqlite3.OperationalError as error:
@@ -312,6 +366,91 @@ class Store:
                     f"the state directory {self.state_dir} is full: {error}"
                 ) from error
             raise Unavailable(f"cannot write the job store {self.path}: {error}") from error
+        except OSError as error:  # the journal's
+            where = error.filename or job_dir
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"the state directory is full: cannot write {where}"
+                ) from error
+            raise Unavailable(f"cannot write the job journal {where}: {error.strerror}") from error
+
+    # -- rebuilding: service.jobs.reconcile's ------------------------------------
+
+    def journal_of(self, job_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The job file and journal lines that its record holds (to write them anew)."""
+        with self._lock:
+            return self._journal_of(job_id)
+
+    def _journal_of(self, job_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        events = self._db.execute(
+            "SELECT * FROM events WHERE job_id = ? ORDER BY sequence", (job_id,)
+        ).fetchall()
+        record = self._record(row)
+        lines = [
+            journal.event_line(event["sequence"], event["time"], event["kind"], event["data"], {})
+            for event in events
+        ]
+        # The columns a state change set are known only as their latest values:
+        # they go on the last state change, which is what a rebuild reads them from.
+        states = [line for line in lines if line["kind"] == "state"]
+        if states:
+            states[-1].update(
+                strategy=record.strategy,
+                devices=list(record.devices),
+                failure_reason=record.failure_reason,
+            )
+        if record.checkpoint is not None:
+            lines.append(journal.checkpoint_line(record.checkpoint))
+        lines += [{"restarts": record.restarts}, {"preemptions": record.preemptions}]
+        return job_file_fields(record), lines
+
+    def rebuild_job(self, contents: journal.JournalContents) -> JobRecord:
+        """Replace the job's record and history with what its journal holds."""
+        job = contents.job
+        spec = JobSpec.from_dict(job["spec"])
+        record = JobRecord(
+            job_id=job["job_id"],
+            request_id=job["request_id"],
+            spec=spec,
+            state=JobState.QUEUED,
+            create_time=job["create_time"],
+            owner=job["owner"],
+        )
+        with self._lock, self._writing(self.job_dir(record.job_id)), self._transaction():
+            for table in ("events", "job_labels", "jobs"):
+                self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (record.job_id,))
+            self._insert_job(record, state=JobState.QUEUED.name, last_sequence=0)
+            for event in contents.events:
+                self._apply_event(
+                    record.job_id, event.sequence, event.time, event.kind, event.data, event.columns
+                )
+            self._db.execute(
+                "UPDATE jobs SET checkpoint = ?, restarts = ?, preemptions = ? WHERE job_id = ?",
+                (
+                    json.dumps(dataclasses.asdict(contents.checkpoint))
+                    if contents.checkpoint
+                    else None,
+                    contents.restarts,
+                    contents.preemptions,
+                    record.job_id,
+                ),
+            )
+        rebuilt = self.get_job(record.job_id)
+        assert rebuilt is not None
+        return rebuilt
+
+    def integrity_problem(self) -> str:
+        """SQLite's quick_check: "" when the database file is sound, else its first finding."""
+        with self._lock:
+            rows = self._db.execute("PRAGMA quick_check(1)").fetchall()
+        return "" if rows and rows[0][0] == "ok" else "; ".join(str(row[0]) for row in rows)
+
+    def job_ids(self) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT job_id FROM jobs ORDER BY seq")]
 
     # -- reads ----------------------------------------------------------------
 
@@ -438,6 +577,17 @@ class Store:
             )
             for row in rows
         ]
+
+
+def job_file_fields(record: JobRecord) -> dict[str, Any]:
+    """What a job's job.json holds: the parts of its record no event changes."""
+    return {
+        "job_id": record.job_id,
+        "owner": record.owner,
+        "request_id": record.request_id,
+        "create_time": record.create_time,
+        "spec": record.spec.to_dict(),
+    }
 
 
 class _Transaction:

@@ -23,6 +23,8 @@ import numpy as np
 from naive_model import data
 from naive_model.config import shown
 from naive_model.data import DatasetInfo
+from naive_model.streaming import DATA_MODES, WINDOWS_HELD, plan_data
+from service.jobs.dataset_store import DatasetStore
 from service.jobs.datasets import lookup_dataset
 from service.jobs.errors import FailedPrecondition, InvalidArgument
 from service.jobs.scheduler import Demand, demand_for
@@ -64,6 +66,8 @@ def validate_job_spec(
     gpu_memory_bytes: int = 0,
     host_memory_bytes: int | None = None,
     ray_enabled: bool = False,
+    datasets: DatasetStore | None = None,
+    data_budget_bytes: int = 0,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
@@ -73,6 +77,10 @@ def validate_job_spec(
         host_memory_bytes: the host's physical memory; None reads it, 0 skips
             the check.
         ray_enabled: the server submits multi_worker jobs to a Ray cluster.
+        datasets: the pushed data sets `spec.dataset` may name.
+        data_budget_bytes: training data past this is streamed (data_mode
+            "auto"), and admission counts the streaming window instead; 0
+            means half the host's memory, as the worker takes it.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
@@ -92,7 +100,11 @@ def validate_job_spec(
         )
     check_name(spec.name)
     check_labels(spec.labels)
-    info = lookup_dataset(spec.dataset, data_dir)
+    if spec.data_mode not in DATA_MODES:
+        raise InvalidArgument(
+            f"data_mode must be one of {', '.join(DATA_MODES)}, got {shown(spec.data_mode)}"
+        )
+    info = lookup_dataset(spec.dataset, data_dir, datasets=datasets)
     demand = demand_for(
         spec.strategy,
         spec.device_count,
@@ -122,12 +134,14 @@ def validate_job_spec(
             f"{activation_bytes / 1024**3:.1f} GiB of activations per step, more than the "
             f"{MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB limit"
         )
+    # A streamed job holds windows of rows, not the data set: admission counts those.
+    held = admitted_data(info, spec, data_budget_bytes or data.host_memory_bytes() // 2)
     # Each replica holds the model, its share of the activations and a whole
-    # copy of the training data (images, int64 labels and order).
+    # copy of the training data (images, int64 labels and order), or its window.
     needed = (
         spec.train.model_bytes(info.input_size)
         + activation_bytes // max(demand.replicas, 1)
-        + info.device_bytes
+        + held.device_bytes
     )
     if demand.gpus:
         demand = dataclasses.replace(demand, memory_bytes=needed)
@@ -159,8 +173,23 @@ def validate_job_spec(
                 "start it with ntrain serve --ray-address http://HOST:8265"
             )
         return demand, info
-    _check_memory(spec, info, demand, gpu_memory_bytes, host_memory_bytes)
+    _check_memory(spec, held, demand, gpu_memory_bytes, host_memory_bytes)
     return demand, info
+
+
+def admitted_data(info: DatasetInfo, spec: JobSpec, budget_bytes: int) -> DatasetInfo:
+    """The data a job holds as admission counts it: the data set, or a streamed run's windows.
+
+    A streamed run holds `WINDOWS_HELD` windows of rows and none of the test
+    split (it is read a batch at a time): counted as a data set of that size.
+    """
+    plan = plan_data(
+        info, batch_size=spec.train.batch_size, mode=spec.data_mode, budget_bytes=budget_bytes
+    )
+    if plan.window_batches is None:
+        return info
+    rows = WINDOWS_HELD * plan.window_batches * spec.train.batch_size
+    return dataclasses.replace(info, num_train=min(info.num_train, rows), num_test=0)
 
 
 def _check_memory(
@@ -307,13 +336,13 @@ def _cursor_of(page_token: str) -> int:
     return cursor
 
 
-def check_predict_count(count: int) -> None:
+def check_predict_count(count: int, field: str = "inputs") -> None:
     """How many examples a Predict request holds: checked before anything is converted."""
     if not count:
-        raise InvalidArgument("inputs must hold at least one example, got none")
+        raise InvalidArgument(f"{field} must hold at least one example, got none")
     if count > MAX_PREDICT_INPUTS:
         raise InvalidArgument(
-            f"inputs must hold at most {MAX_PREDICT_INPUTS} examples, got {count}"
+            f"{field} must hold at most {MAX_PREDICT_INPUTS} examples, got {count}"
         )
 
 
@@ -327,3 +356,21 @@ def check_predict_inputs(rows: Sequence[Sequence[float] | np.ndarray], input_siz
             )
         if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
             raise InvalidArgument(f"inputs[{index}] holds a non-finite value")
+
+
+def check_predict_tensor(inputs: np.ndarray, input_size: int) -> None:
+    """A Predict request's tensor: (examples, input_size), every value finite.
+
+    Its dtype and byte count were checked as it was read (`service.api.convert`).
+    """
+    if inputs.ndim != 2 or inputs.shape[1] != input_size:
+        raise InvalidArgument(
+            f"tensor.shape must be [examples, {input_size}] (the model's input size), "
+            f"got {list(inputs.shape)}"
+        )
+    check_predict_count(inputs.shape[0], "tensor.shape")
+    if inputs.dtype.kind == "f":
+        finite = np.isfinite(inputs).all(axis=1)  # (examples,)
+        if not finite.all():
+            index = int(np.flatnonzero(~finite)[0])
+            raise InvalidArgument(f"tensor.content holds a non-finite value in example {index}")

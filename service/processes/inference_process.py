@@ -45,6 +45,7 @@ class InferenceWorker:
         log_path: the process's output (its own tracebacks too).
         dataset: (name, data_dir) of the data set whose test split it loads ahead.
         held_fds: descriptors it inherits and keeps open (the state directory's lock).
+        temp_root: where its temporary folder goes (spawn_worker).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class InferenceWorker:
         log_path: Path | None = None,
         dataset: tuple[str, Path | None] | None = None,
         held_fds: tuple[int, ...] = (),
+        temp_root: Path | None = None,
     ):
         if model_cache < 1:
             raise ValueError(f"model_cache must be at least 1, got {model_cache}")
@@ -63,6 +65,7 @@ class InferenceWorker:
         self.log_path = log_path
         self.dataset = dataset
         self.held_fds = held_fds
+        self.temp_root = temp_root
         self.started = 0  # processes started so far
         self._task_lock = threading.Lock()  # held from sending a task to its answer
         self._lock = threading.Lock()  # guards _process and _closed
@@ -141,6 +144,7 @@ class InferenceWorker:
             held_fds=self.held_fds,
             model_cache=self.model_cache,
             cache_bytes=self.cache_bytes,
+            temp_root=self.temp_root,
         )
         self.started += 1
         return self._process

@@ -25,9 +25,11 @@ class WorkerPool:
         log_path: Path | None = None,
         dataset: tuple[str, Path | None] | None = None,
         held_fds: tuple[int, ...] = (),
+        temp_root: Path | None = None,
     ):
         self.warm_enabled = warm
         self.held_fds = held_fds
+        self.temp_root = temp_root  # where workers' temporary folders go (spawn_worker)
         self.log_path = log_path
         self.dataset = dataset
         self._lock = threading.Lock()
@@ -49,7 +51,12 @@ class WorkerPool:
             return worker  # even one still importing is ahead of a cold start
         if worker is not None:
             log.warning("the warm worker died (exit code %s); starting a cold one", worker.stop())
-        return spawn_worker(preload=False, log_path=self.log_path, held_fds=self.held_fds)
+        return spawn_worker(
+            preload=False,
+            log_path=self.log_path,
+            held_fds=self.held_fds,
+            temp_root=self.temp_root,
+        )
 
     def refill(self) -> None:
         """Start a warm worker unless one is there (call it when the machine is idle)."""
@@ -61,7 +68,11 @@ class WorkerPool:
             if self._warm is not None:
                 self._warm.stop()
             self._warm = spawn_worker(
-                preload=True, log_path=self.log_path, dataset=self.dataset, held_fds=self.held_fds
+                preload=True,
+                log_path=self.log_path,
+                dataset=self.dataset,
+                held_fds=self.held_fds,
+                temp_root=self.temp_root,
             )
 
     def close(self) -> None:

@@ -8,14 +8,21 @@ The two ends talk over a socket pair wrapped in multiprocessing's
 `Connection`, which sends the protocol's dataclasses pickled. A crash or an
 out-of-memory kill takes only that worker down, and its GPU memory is freed
 when it ends.
+
+Each worker has its own temporary folder (its TMPDIR), removed when the
+server reaps it: TensorFlow writes files there that a killed process never
+removes (autograph's `__autograph_generated_file*.py`, one per traced
+function, are deleted only by an atexit hook that SIGTERM and SIGKILL skip).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -25,12 +32,15 @@ STOP_GRACE_SECONDS = 5.0
 
 
 class WorkerProcess:
-    """One worker and the server's end of its pipe."""
+    """One worker, the server's end of its pipe, and the worker's temporary folder."""
 
-    def __init__(self, process: subprocess.Popen, conn: Connection, warm: bool):
+    def __init__(
+        self, process: subprocess.Popen, conn: Connection, warm: bool, temp_dir: Path | None = None
+    ):
         self.process = process
         self.conn = conn
         self.warm = warm
+        self.temp_dir = temp_dir
         self._ready = not warm
 
     @property
@@ -74,7 +84,7 @@ class WorkerProcess:
             self.process.kill()
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> int | None:
-        """End the process (SIGTERM, then SIGKILL after `grace`) and reap it.
+        """End the process (SIGTERM, then SIGKILL after `grace`), reap it, remove its temp folder.
 
         Returns:
             Its exit code: negative for the signal that ended it.
@@ -87,6 +97,8 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self.conn.close()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # nothing in it outlives the process
         return self.process.returncode
 
     def wait(self, timeout: float) -> int | None:
@@ -106,6 +118,7 @@ def spawn_worker(
     held_fds: tuple[int, ...] = (),
     model_cache: int = 0,
     cache_bytes: int = 0,
+    temp_root: Path | None = None,
 ) -> WorkerProcess:
     """Start a worker process; with `preload` it imports TensorFlow right away.
 
@@ -117,7 +130,12 @@ def spawn_worker(
         model_cache: when positive, the process is the inference worker and
             keeps this many models loaded (service.worker.serving), and their
             weights and its test splits within `cache_bytes`.
+        temp_root: where the worker's temporary folder is made (the system's
+            temporary directory when None); `WorkerProcess.stop` removes it.
     """
+    if temp_root is not None:
+        temp_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="ntrain-worker-", dir=temp_root))
     server_end, worker_end = socket.socketpair()
     command = [sys.executable, "-m", "service.worker.entry", "--fd", str(worker_end.fileno())]
     if preload:
@@ -133,17 +151,25 @@ def spawn_worker(
         command += ["--model-cache", str(model_cache), "--cache-bytes", str(cache_bytes)]
     # The worker finds this package as the server does, installed or not.
     path = [_source_root(), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(part for part in path if part))
-    process = subprocess.Popen(
-        command,
-        pass_fds=(worker_end.fileno(), *held_fds),
-        stdin=subprocess.DEVNULL,
-        env=env,
-        close_fds=True,
-        umask=0o077,  # checkpoints, models and logs readable by the server's user only
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(part for part in path if part), TMPDIR=str(temp_dir)
     )
+    try:
+        process = subprocess.Popen(
+            command,
+            pass_fds=(worker_end.fileno(), *held_fds),
+            stdin=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+            umask=0o077,  # checkpoints, models and logs readable by the server's user only
+        )
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        server_end.close()
+        worker_end.close()
+        raise
     worker_end.close()  # so that the server sees EOF when the worker ends
-    return WorkerProcess(process, Connection(server_end.detach()), warm=preload)
+    return WorkerProcess(process, Connection(server_end.detach()), warm=preload, temp_dir=temp_dir)
 
 
 def _source_root() -> str:

@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from naive_model.data import DatasetError, find_mnist, load_dataset, mnist_candidates
+from naive_model.canonical import open_split
+from naive_model.data import (
+    DatasetError,
+    find_mnist,
+    load_dataset,
+    mnist_candidates,
+    to_features,
+)
 from naive_model.export import evaluate_saved_model, load_saved_model, predict_saved_model
 from service.protocol import (
     DescribeCache,
@@ -137,7 +144,7 @@ class ModelServer:
             return Failed(reason=f"{type(error).__name__}: {error}")
 
     def predict(self, task: PredictTask) -> Predictions:
-        inputs = np.asarray(task.inputs, dtype=np.float32)  # (examples, input_size)
+        inputs = to_features(np.asarray(task.inputs))  # (examples, input_size) float32
         serve = self._model(JobFiles(task.job_dir).model)
         return Predictions(probabilities=predict_saved_model(serve, inputs))
 
@@ -145,7 +152,7 @@ class ModelServer:
         if task.use_checkpoint:
             # A checkpoint changes while its job trains: restored for each request.
             return tasks.evaluate(task)
-        x_test, y_test = self._test_split(task.dataset, task.data_dir)
+        x_test, y_test = self._test_split(task.dataset, task.data_dir, task.dataset_dir)
         metrics = evaluate_saved_model(self._model(JobFiles(task.job_dir).model), x_test, y_test)
         return Evaluation(
             loss=metrics.loss,
@@ -175,16 +182,26 @@ class ModelServer:
         size = model_bytes(model_dir)
         return self.models.get(str(model_dir), model_version(model_dir), load, size)
 
-    def _test_split(self, name: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
-        """(x_test, y_test) of a data set; the training split is not kept."""
+    def _test_split(
+        self, name: str, data_dir: Path | None, folder: Path | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(x_test, y_test) of a data set; the training split is not kept.
+
+        An uploaded data set's `folder` is named by its content: its key never goes stale.
+        """
 
         def load():
-            dataset = load_dataset(name, data_dir=data_dir)
-            split = dataset.x_test, dataset.y_test
-            return split, dataset.x_test.nbytes + dataset.y_test.nbytes
+            if folder is not None:
+                x, y = open_split(folder, "test")
+                split = to_features(x), y.astype(np.int32)
+            else:
+                dataset = load_dataset(name, data_dir=data_dir)
+                split = dataset.x_test, dataset.y_test
+            return split, split[0].nbytes + split[1].nbytes
 
+        if folder is not None:
+            return self.test_splits.get(str(folder), (), load)
         return self.test_splits.get((name, str(data_dir)), dataset_version(name, data_dir), load)
-
 
 def serve(conn: Connection, server: ModelServer) -> None:
     """Answer the server's messages until it closes the socket."""

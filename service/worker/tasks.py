@@ -17,10 +17,20 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from naive_model.config import StrategyConfig
-from naive_model.data import Dataset, find_mnist, load_dataset
+from naive_model.data import (
+    DATASET_MEMORY_SHARE,
+    Dataset,
+    find_mnist,
+    host_memory_bytes,
+    load_dataset,
+    to_features,
+)
 from naive_model.loop import LoopOptions, run_training
 from naive_model.results import EpochEnd
+from naive_model.streaming import MappedDataset, map_canonical, plan_data
 from naive_model.tensorboard import TensorBoardWriter
 from naive_model.trainer import TrainingDiverged, TrainingStopped
 from service.protocol import (
@@ -114,14 +124,23 @@ def train(
     )
     strategy = _strategy(task)
     _log(f"strategy: {describe_strategy(strategy)}")
-    dataset = _load_dataset(spec.dataset, task.data_dir)
+    dataset: Dataset | MappedDataset
+    if task.dataset_dir is not None:  # a pushed data set: read from its files as needed
+        dataset = map_canonical(task.dataset_dir, name=spec.dataset)
+    else:
+        dataset = _load_dataset(spec.dataset, task.data_dir)
     _log(f"data set {spec.dataset} ready after {time.perf_counter() - start:.2f} s")
-    trainer = Trainer(spec.train, dataset, strategy)
+    budget = task.data_budget_bytes or int(DATASET_MEMORY_SHARE * host_memory_bytes())
+    plan = plan_data(
+        dataset.info, batch_size=spec.train.batch_size, mode=spec.data_mode, budget_bytes=budget
+    )
+    _log(f"data: {plan.reason}")
+    trainer = Trainer(spec.train, dataset, strategy, window_batches=plan.window_batches)
     _log(f"model built after {time.perf_counter() - start:.2f} s")
     _log(f"data on: {json.dumps(trainer.data_devices)}; precision {spec.train.precision}")
     info = ModelInfo(input_size=dataset.input_size, num_classes=dataset.num_classes)
     files.model_info.write_text(json.dumps(asdict(info)))
-    send(Running(replicas=trainer.num_replicas))
+    send(Running(replicas=trainer.num_replicas, data=plan.reason))
     # A restarted job writes into the same folder; the writer continues its steps.
     tensorboard = TensorBoardWriter(files.tensorboard, learning_rate=spec.train.learning_rate)
 
@@ -184,12 +203,17 @@ def _reset_gpu_peaks(gpu_names: tuple[str, ...]) -> None:
 
 
 def evaluate(task: EvaluateTask) -> Evaluation:
-    dataset = _load_dataset(task.dataset, task.data_dir)
+    dataset: Dataset | MappedDataset
+    if task.dataset_dir is not None:  # read as needed: a checkpoint's trainer holds one batch
+        dataset = map_canonical(task.dataset_dir, name=task.dataset)
+    else:
+        dataset = _load_dataset(task.dataset, task.data_dir)
     files = JobFiles(task.job_dir)
     if task.use_checkpoint:
         from naive_model.trainer import Trainer
 
-        trainer = Trainer(task.spec.train, dataset)
+        window = 1 if isinstance(dataset, MappedDataset) else None
+        trainer = Trainer(task.spec.train, dataset, window_batches=window)
         source = trainer.restore_checkpoint(files.checkpoints)
         if source is None:
             raise FileNotFoundError(f"no checkpoint in {files.checkpoints}")
@@ -198,7 +222,8 @@ def evaluate(task: EvaluateTask) -> Evaluation:
         from naive_model.export import evaluate_saved_model
 
         source = "model"
-        metrics = evaluate_saved_model(files.model, dataset.x_test, dataset.y_test)
+        x_test = to_features(np.asarray(dataset.x_test))  # (num_test, input_size) float32
+        metrics = evaluate_saved_model(files.model, x_test, np.asarray(dataset.y_test))
     return Evaluation(
         loss=metrics.loss,
         accuracy=metrics.accuracy,

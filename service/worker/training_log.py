@@ -48,9 +48,10 @@ def describe_event(event: LoopEvent) -> str:
             where = f"epoch {event.epoch}" + (
                 f" + {event.step_in_epoch} steps" if event.step_in_epoch else ""
             )
-            return (
+            line = (
                 f"resumed from the checkpoint at {where} (global step {event.step}): {event.path}"
             )
+            return f"{event.describe_fallback()}; {line}" if event.damaged else line
         case TrainingResult():
             return (
                 f"training finished: test loss {event.test_loss:.4f} accuracy "

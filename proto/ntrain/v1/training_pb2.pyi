@@ -21,6 +21,12 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELED: _ClassVar[JobState]
 
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_UINT8: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+
 class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXPERIMENT_STATE_UNSPECIFIED: _ClassVar[ExperimentState]
@@ -47,6 +53,9 @@ JOB_STATE_CANCELLING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELED: JobState
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_UINT8: DataType
+DATA_TYPE_FLOAT32: DataType
 EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
 EXPERIMENT_STATE_RUNNING: ExperimentState
 EXPERIMENT_STATE_SUCCEEDED: ExperimentState
@@ -92,7 +101,7 @@ class StrategySpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device_count: _Optional[int] = ..., hosts: _Optional[int] = ..., gpus_per_host: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels", "priority")
+    __slots__ = ("layers", "initializer", "optimizer", "batch_size", "epochs", "dataset", "strategy", "steps_per_execution", "jit_compile", "seed", "checkpoint_every_epochs", "max_runtime_seconds", "max_restarts", "precision", "name", "labels", "priority", "data_mode")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +126,7 @@ class JobSpec(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DATA_MODE_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
     initializer: str
     optimizer: OptimizerSpec
@@ -134,7 +144,8 @@ class JobSpec(_message.Message):
     name: str
     labels: _containers.ScalarMap[str, str]
     priority: int
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ...) -> None: ...
+    data_mode: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., initializer: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[StrategySpec, _Mapping]] = ..., steps_per_execution: _Optional[int] = ..., jit_compile: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpoint_every_epochs: _Optional[int] = ..., max_runtime_seconds: _Optional[float] = ..., max_restarts: _Optional[int] = ..., precision: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., data_mode: _Optional[str] = ...) -> None: ...
 
 class StateTransition(_message.Message):
     __slots__ = ("state", "time", "reason")
@@ -205,7 +216,7 @@ class JobResult(_message.Message):
     def __init__(self, train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., has_model: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "owner", "restarts", "preemptions", "model")
+    __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "owner", "restarts", "preemptions", "dataset_version", "model")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +231,7 @@ class Job(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
@@ -235,11 +247,12 @@ class Job(_message.Message):
     owner: str
     restarts: int
     preemptions: int
+    dataset_version: str
     model: ModelInfo
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., transitions: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., owner: _Optional[str] = ..., restarts: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., transitions: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., owner: _Optional[str] = ..., restarts: _Optional[int] = ..., preemptions: _Optional[int] = ..., dataset_version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("input_size", "num_classes", "layers", "parameters", "exported", "path", "signature")
+    __slots__ = ("input_size", "num_classes", "layers", "parameters", "exported", "path", "signature", "dataset")
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +260,7 @@ class ModelInfo(_message.Message):
     EXPORTED_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     input_size: int
     num_classes: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
@@ -254,7 +268,8 @@ class ModelInfo(_message.Message):
     exported: bool
     path: str
     signature: str
-    def __init__(self, input_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., exported: _Optional[bool] = ..., path: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
+    dataset: str
+    def __init__(self, input_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., exported: _Optional[bool] = ..., path: _Optional[str] = ..., signature: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "time", "state_change", "progress", "epoch_end", "result")
@@ -353,6 +368,16 @@ class EvaluateResponse(_message.Message):
     source: str
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., examples: _Optional[int] = ..., dataset: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "content")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    content: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., content: _Optional[bytes] = ...) -> None: ...
+
 class Example(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -360,12 +385,14 @@ class Example(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("job_id", "inputs")
+    __slots__ = ("job_id", "inputs", "tensor")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Example]
-    def __init__(self, job_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
+    tensor: Tensor
+    def __init__(self, job_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "probabilities")
@@ -376,10 +403,12 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions",)
+    __slots__ = ("predictions", "probabilities")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    probabilities: Tensor
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetJobLogsRequest(_message.Message):
     __slots__ = ("job_id", "follow", "offset")
@@ -625,3 +654,91 @@ class CancelExperimentRequest(_message.Message):
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class DatasetUpload(_message.Message):
+    __slots__ = ("name", "size_bytes", "sha256", "format", "label_column", "test_fraction", "num_classes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    sha256: str
+    format: str
+    label_column: str
+    test_fraction: float
+    num_classes: int
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., label_column: _Optional[str] = ..., test_fraction: _Optional[float] = ..., num_classes: _Optional[int] = ...) -> None: ...
+
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: DatasetUpload
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[DatasetUpload, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("name", "digest", "owner", "create_time", "format", "size_bytes", "input_size", "num_classes", "num_train", "num_test", "feature_dtype", "label_column", "test_fraction", "stored_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TEST_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    owner: str
+    create_time: _timestamp_pb2.Timestamp
+    format: str
+    size_bytes: int
+    input_size: int
+    num_classes: int
+    num_train: int
+    num_test: int
+    feature_dtype: str
+    label_column: str
+    test_fraction: float
+    stored_bytes: int
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., input_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., num_train: _Optional[int] = ..., num_test: _Optional[int] = ..., feature_dtype: _Optional[str] = ..., label_column: _Optional[str] = ..., test_fraction: _Optional[float] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...
+
+class GetDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedCompositeFieldContainer[Dataset]
+    def __init__(self, deleted: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...

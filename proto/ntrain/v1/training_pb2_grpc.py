@@ -109,6 +109,26 @@ class TrainingServiceStub:
                 request_serializer=ntrain_dot_v1_dot_training__pb2.CancelExperimentRequest.SerializeToString,
                 response_deserializer=ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
                 _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/ntrain.v1.TrainingService/UploadDataset',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/ntrain.v1.TrainingService/ListDatasets',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/ntrain.v1.TrainingService/GetDataset',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/ntrain.v1.TrainingService/DeleteDataset',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -230,6 +250,43 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadDataset(self, request_iterator, context):
+        """Push a data set: the first message is the header (name, size, SHA-256,
+        format), then the file's bytes in chunks of about 1 MiB. The server checks
+        the size and digest, converts the file once into its canonical layout and
+        answers the version. The same bytes again name the same version at once
+        (the server answers after the header). Bad data is INVALID_ARGUMENT with a
+        field violation naming the place ("file.rows[41].pixel3",
+        "file.x_train[7][12]", "header.sha256"); a file over the server's
+        --max-dataset-bytes too. Nothing of an upload that fails or is cut off
+        remains.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Newest push first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Removes NAME@sha256:<digest>, or with NAME every version of the name.
+        FAILED_PRECONDITION, naming the job, while a queued or running job uses a
+        version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +364,26 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.CancelExperiment,
                     request_deserializer=ntrain_dot_v1_dot_training__pb2.CancelExperimentRequest.FromString,
                     response_serializer=ntrain_dot_v1_dot_training__pb2.Experiment.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.GetDatasetRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.Dataset.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.DeleteDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -714,6 +791,114 @@ class TrainingService:
             '/ntrain.v1.TrainingService/CancelExperiment',
             ntrain_dot_v1_dot_training__pb2.CancelExperimentRequest.SerializeToString,
             ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ntrain.v1.TrainingService/UploadDataset',
+            ntrain_dot_v1_dot_training__pb2.UploadDatasetRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/ListDatasets',
+            ntrain_dot_v1_dot_training__pb2.ListDatasetsRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/GetDataset',
+            ntrain_dot_v1_dot_training__pb2.GetDatasetRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/DeleteDataset',
+            ntrain_dot_v1_dot_training__pb2.DeleteDatasetRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
