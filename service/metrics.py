@@ -10,6 +10,13 @@ Training series carry a `job_id` label. To keep the number of series bounded
 by recent jobs rather than by every job ever run, a job's series are removed
 `job_series_retention_seconds` after `job_finished`; the removal runs on each
 scrape and whenever the server calls `remove_expired_job_series`.
+
+Experiment series carry an `experiment_id` label, bounded the same way: at
+most MAX_RUNNING_EXPERIMENTS experiments run at once (service.jobs.experiments
+refuses more), and an ended experiment's series are removed once the same
+retention window has passed after `experiment_ended`. So there are at most
+7 trial-state series and 1 best-metric series per running or recently ended
+experiment.
 """
 
 from __future__ import annotations
@@ -63,6 +70,13 @@ class _JobSeries:
     expires_at: float | None = None
 
 
+@dataclass
+class _ExperimentSeries:
+    states: set[str] = field(default_factory=set)
+    metrics: set[str] = field(default_factory=set)
+    expires_at: float | None = None
+
+
 class _ExpireOnScrape:
     """A collector with no metrics of its own: it drops expired job series before a scrape.
 
@@ -77,6 +91,7 @@ class _ExpireOnScrape:
 
     def collect(self) -> Iterable:
         self._metrics.remove_expired_job_series()
+        self._metrics.remove_expired_experiment_series()
         return ()
 
 
@@ -105,6 +120,8 @@ class ServiceMetrics:
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[str, _JobSeries] = {}
+        # Experiments with series: their label values, and when an ended one's expire.
+        self._experiments: dict[str, _ExperimentSeries] = {}
         self.registry.register(_ExpireOnScrape(self))
         r = self.registry
         # The standard series of every Python exporter, unprefixed as everywhere:
@@ -229,6 +246,20 @@ class ServiceMetrics:
             "Worker processes with TensorFlow loaded, ready for a job.",
             registry=r,
         )
+        # Experiments, per experiment; removed once an ended one's retention passes.
+        self.experiment_trials = Gauge(
+            "ntrain_experiment_trials",
+            "Trials of an experiment by state (pending, queued, running, succeeded, "
+            "stopped_early, failed, canceled).",
+            ("experiment_id", "state"),
+            registry=r,
+        )
+        self.experiment_best_metric = Gauge(
+            "ntrain_experiment_best_metric",
+            "The best final metric of an experiment's finished trials so far.",
+            ("experiment_id", "metric"),
+            registry=r,
+        )
         self.build_info = Gauge(
             "ntrain_build_info",
             "Always 1; the labels name the versions this server runs.",
@@ -274,6 +305,47 @@ class ServiceMetrics:
     def mlflow_log_failed(self) -> None:
         """One call to the MLflow tracking server failed or was dropped (`MlflowTracker`)."""
         self.mlflow_log_failures.inc()
+
+    # -- experiments -----------------------------------------------------------------
+
+    def set_experiment_trials(self, experiment_id: str, counts: Mapping[str, int]) -> None:
+        """An experiment's trials by state (lower-case state names)."""
+        with self._lock:
+            series = self._experiments.setdefault(experiment_id, _ExperimentSeries())
+            series.states.update(counts)
+            series.expires_at = None
+        for state, count in counts.items():
+            self.experiment_trials.labels(experiment_id, state).set(count)
+
+    def set_experiment_best(self, experiment_id: str, metric: str, value: float) -> None:
+        """The best final `metric` ("eval_accuracy", "eval_loss") of its trials so far."""
+        with self._lock:
+            series = self._experiments.setdefault(experiment_id, _ExperimentSeries())
+            series.metrics.add(metric)
+        self.experiment_best_metric.labels(experiment_id, metric).set(value)
+
+    def experiment_ended(self, experiment_id: str) -> None:
+        """Start the retention window of an ended (and settled) experiment's series."""
+        with self._lock:
+            series = self._experiments.get(experiment_id)
+            if series is not None and series.expires_at is None:
+                series.expires_at = self._clock() + self.retention_seconds
+
+    def remove_expired_experiment_series(self) -> int:
+        """Remove the series of experiments whose retention window has passed."""
+        now = self._clock()
+        with self._lock:
+            expired = [
+                (experiment_id, self._experiments.pop(experiment_id))
+                for experiment_id, series in list(self._experiments.items())
+                if series.expires_at is not None and series.expires_at <= now
+            ]
+        for experiment_id, series in expired:
+            for state in series.states:
+                self.experiment_trials.remove(experiment_id, state)
+            for metric in series.metrics:
+                self.experiment_best_metric.remove(experiment_id, metric)
+        return len(expired)
 
     # -- jobs ----------------------------------------------------------------------
 

@@ -61,11 +61,12 @@ ALLOWED = {
 }
 PROJECT = ("naive_model", "service", "ntrain")
 THIRD_PARTY_BANNED = {
-    "naive_model": {"grpc", "prometheus_client", "google.protobuf"},
+    "naive_model": {"grpc", "prometheus_client", "google.protobuf", "optuna"},
     "service.protocol": {"grpc", "google.protobuf", "tensorflow", "numpy"},
-    "service.worker": {"grpc", "google.protobuf", "prometheus_client"},
+    # Experiments' search (Optuna) runs in the server only, never in a worker.
+    "service.worker": {"grpc", "google.protobuf", "prometheus_client", "optuna"},
     "service.processes": {"grpc", "google.protobuf", "prometheus_client", "tensorflow", "numpy"},
-    "service.driver": {"grpc", "google.protobuf", "prometheus_client"},
+    "service.driver": {"grpc", "google.protobuf", "prometheus_client", "optuna"},
     # The server talks to Ray Jobs over plain HTTP.
     "service.jobs": {"grpc", "google.protobuf", "tensorflow", "prometheus_client", "ray"},
     "service.api": {"tensorflow", "ray"},
@@ -172,7 +173,7 @@ def test_the_worker_imports_no_grpc_nor_generated_protobuf_code():
     assert _loaded(modules, "tensorflow")
     # TensorFlow itself uses google.protobuf for its own messages; the worker
     # never loads gRPC, ntrain's generated code, or the server's stages.
-    for banned in ("grpc", "ntrain", "prometheus_client", "service.api", "service.jobs"):
+    for banned in ("grpc", "ntrain", "prometheus_client", "service.api", "service.jobs", "optuna"):
         assert not _loaded(modules, banned), banned
     print("worker process:", len(modules), "modules, none of grpc, ntrain.v1, service.api/jobs")
 

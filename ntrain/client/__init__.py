@@ -28,6 +28,7 @@ from ntrain.client.client import (
     QUICK_TIMEOUT,
     TERMINAL_STATES,
     Client,
+    experiment_spec,
     job_spec,
     model_file_destination,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "Unimplemented",
     "describe_rpc_error",
     "is_loopback_address",
+    "experiment_spec",
     "job_spec",
     "load_credentials",
     "model_file_destination",

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from ntrain.client.channel import (
     ADDRESS_ENV,
@@ -26,7 +27,13 @@ from ntrain.client.channel import (
     normalize_address,
     open_channel,
 )
-from ntrain.client.exceptions import DownloadError, InvalidArgument, Unavailable, from_rpc_error
+from ntrain.client.exceptions import (
+    DownloadError,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    from_rpc_error,
+)
 from ntrain.client.states import state_value
 from ntrain.client.tensors import tensor_array, tensor_message
 from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
@@ -62,6 +69,7 @@ TERMINAL_STATES = frozenset(
 
 Answer = TypeVar("Answer")
 JobSpecLike = training_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str]
+ExperimentSpecLike = training_pb2.ExperimentSpec | Mapping[str, Any] | str | os.PathLike[str]
 
 
 class Client:
@@ -261,6 +269,76 @@ class Client:
             on_reconnect=on_reconnect,
         )
         return self._stream(lines, timeout)
+
+    # -- experiments -----------------------------------------------------------------------
+
+    def submit_experiment(
+        self, spec: ExperimentSpecLike, *, request_id: str | None = None
+    ) -> training_pb2.Experiment:
+        """Start a hyperparameter search whose trials are jobs.
+
+        Args:
+            spec: an `ExperimentSpec`, a dict in the proto3 JSON mapping, or the
+                path of a .json or .yaml file holding one (README: "Experiments").
+            request_id: idempotency key; default a fresh random one.
+        """
+        request = training_pb2.SubmitExperimentRequest(
+            spec=experiment_spec(spec), request_id=request_id or uuid.uuid4().hex
+        )
+        return self._call(self._stub.SubmitExperiment, request, self.timeout)
+
+    def get_experiment(self, experiment_id: str) -> training_pb2.Experiment:
+        """The experiment as it stands, with its trials."""
+        request = training_pb2.GetExperimentRequest(experiment_id=experiment_id)
+        return self._call(self._stub.GetExperiment, request, self.timeout)
+
+    def list_experiments(self, *, limit: int = 50) -> builtins.list[training_pb2.Experiment]:
+        """Experiments, newest first."""
+        request = training_pb2.ListExperimentsRequest(page_size=limit)
+        return builtins.list(
+            self._call(self._stub.ListExperiments, request, self.timeout).experiments
+        )
+
+    def watch_experiment(self, experiment_id: str) -> Iterator[training_pb2.Experiment]:
+        """The experiment now, then each time it changes, until it and its trials ended."""
+        request = training_pb2.WatchExperimentRequest(experiment_id=experiment_id)
+        return self._stream(self._stub.WatchExperiment(request), None)
+
+    def wait_experiment(self, experiment_id: str) -> training_pb2.Experiment:
+        """Follow an experiment until it and its trials have ended; it as it ended."""
+        for _ in self.watch_experiment(experiment_id):
+            pass
+        return self.get_experiment(experiment_id)
+
+    def cancel_experiment(self, experiment_id: str) -> training_pb2.Experiment:
+        """End a running experiment; its queued and running trials are canceled.
+
+        Raises:
+            FailedPrecondition: it has already ended.
+        """
+        request = training_pb2.CancelExperimentRequest(experiment_id=experiment_id)
+        return self._call(self._stub.CancelExperiment, request, self.timeout)
+
+    def best_trial(self, experiment_id: str) -> training_pb2.Trial:
+        """The experiment's best trial that ran to its end.
+
+        Raises:
+            FailedPrecondition: no trial has finished yet.
+        """
+        experiment = self.get_experiment(experiment_id)
+        if not experiment.HasField("best_trial"):
+            raise FailedPrecondition(
+                f"experiment {experiment_id} has no finished trial yet "
+                f"({len(experiment.trials)} asked)"
+            )
+        return experiment.trials[experiment.best_trial]
+
+    def download_best_model(
+        self, experiment_id: str, directory: str | os.PathLike[str], *, version: int = 1
+    ) -> Path:
+        """Download the best trial's SavedModel (as `download_model` does)."""
+        trial = self.best_trial(experiment_id)
+        return self.download_model(trial.job_id, directory, version=version)
 
     # -- models ----------------------------------------------------------------------------
 
@@ -518,6 +596,21 @@ def job_spec(spec: JobSpecLike) -> training_pb2.JobSpec:
     """
     if isinstance(spec, training_pb2.JobSpec):
         return spec
+    return _parse_message(spec, training_pb2.JobSpec(), "a job spec")
+
+
+def experiment_spec(spec: ExperimentSpecLike) -> training_pb2.ExperimentSpec:
+    """An ExperimentSpec from one, a dict in the proto3 JSON mapping, or a .json/.yaml file.
+
+    Raises:
+        InvalidArgument: the file cannot be read or the fields do not fit an ExperimentSpec.
+    """
+    if isinstance(spec, training_pb2.ExperimentSpec):
+        return spec
+    return _parse_message(spec, training_pb2.ExperimentSpec(), "an experiment spec")
+
+
+def _parse_message(spec: Any, message: Message, what: str) -> Any:
     if isinstance(spec, Mapping):
         fields: Any = spec
     else:
@@ -529,15 +622,14 @@ def job_spec(spec: JobSpecLike) -> training_pb2.JobSpec:
                     import yaml  # only for YAML files: PyYAML is not one of the client's needs
                 except ImportError:
                     raise InvalidArgument(
-                        f"reading {path} needs PyYAML (pip install pyyaml); "
-                        "or give the job spec as .json"
+                        f"reading {path} needs PyYAML (pip install pyyaml); or give {what} as .json"
                     ) from None
                 fields = yaml.safe_load(text)
             else:
                 fields = json.loads(text)
         except (OSError, ValueError, ImportError) as error:
-            raise InvalidArgument(f"cannot read a job spec from {path}: {error}") from None
+            raise InvalidArgument(f"cannot read {what} from {path}: {error}") from None
     try:
-        return json_format.ParseDict(fields, training_pb2.JobSpec())
+        return json_format.ParseDict(fields, message)
     except (json_format.ParseError, TypeError, AttributeError) as error:
-        raise InvalidArgument(f"not a job spec: {' '.join(str(error).split())}") from None
+        raise InvalidArgument(f"not {what}: {' '.join(str(error).split())}") from None

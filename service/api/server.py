@@ -43,8 +43,10 @@ from service.api.status_codes import ExceptionToStatusInterceptor
 from service.api.streams import StreamSlots
 from service.api.tls import ReloadableGrpcCredentials, ReloadableSslContext, TlsFiles
 from service.devices import DeviceInventory, cpu_description, probe_devices
+from service.jobs.controller import JobObserver
 from service.jobs.dataset_store import DatasetStore
 from service.jobs.dataset_uploads import DatasetUploads
+from service.jobs.experiments import ExperimentManager
 from service.jobs.lock import StateDirLock
 from service.jobs.manager import JobManager
 from service.jobs.ray_jobs import RayJobsClient
@@ -76,6 +78,7 @@ class TrainingServer:
         self.port: int = 0
         self.metrics_port: int | None = None
         self.manager: JobManager | None = None
+        self.experiments: ExperimentManager | None = None
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._metrics_http: MetricsHttpServer | None = None
@@ -144,7 +147,9 @@ class TrainingServer:
         self._datasets = DatasetStore(
             config.state_dir, users_of=lambda digest: self._jobs().jobs_using(digest)
         )
-        observers = []
+        # Told of every trial's events by the job loop; started after it, below.
+        self.experiments = ExperimentManager(config.state_dir, metrics=self.metrics)
+        observers: list[JobObserver] = [self.experiments]
         if config.mlflow_tracking_uri is not None:
             self._tracker = self._start_tracker(config.mlflow_tracking_uri, self._store)
             observers.append(TrackingObserver(self._tracker, self._store.exported_model))
@@ -197,7 +202,10 @@ class TrainingServer:
             send_timeout=config.stream_send_timeout_seconds,
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(self.manager, uploads, streams=self.streams), server
+            TrainingServicer(
+                self.manager, uploads, streams=self.streams, experiments=self.experiments
+            ),
+            server,
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -218,6 +226,7 @@ class TrainingServer:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {host_port(config.bind_address, config.port)}")
         self.manager.start()
+        self.experiments.start(self.manager)
         server.start()
         self._server = server
         self.streams.start()
@@ -332,6 +341,8 @@ class TrainingServer:
         self._stopped.set()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
+        if self.experiments is not None:  # first: no trial is submitted as jobs stop
+            self.experiments.stop()
         if self.manager is not None:
             self.manager.shutdown(self.config.shutdown_grace_seconds)
         if self._tracker is not None and not self._tracker.close(TRACKER_CLOSE_SECONDS):

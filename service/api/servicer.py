@@ -15,7 +15,7 @@ import numpy as np
 from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
-from service.api import convert
+from service.api import convert, experiment_convert
 from service.api.auth import principal_of
 from service.api.streams import StreamSlots
 from service.jobs import validation
@@ -23,6 +23,8 @@ from service.jobs.dataset_store import DatasetStore
 from service.jobs.dataset_uploads import DatasetUploads
 from service.jobs.datasets import check_dataset_name
 from service.jobs.errors import InvalidArgument, Unavailable
+from service.jobs.experiment_spec import check_experiment_id
+from service.jobs.experiments import ExperimentManager
 from service.jobs.manager import JobManager
 
 
@@ -33,10 +35,20 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         also note how long each stream's client keeps a message waiting.
 
     uploads: receives UploadDataset's files into its store of data sets.
+    experiments: runs SubmitExperiment and the other experiment RPCs (None:
+        they are UNAVAILABLE).
     """
 
-    def __init__(self, manager: JobManager, uploads: DatasetUploads, *, streams: StreamSlots):
+    def __init__(
+        self,
+        manager: JobManager,
+        uploads: DatasetUploads,
+        *,
+        streams: StreamSlots,
+        experiments: ExperimentManager | None = None,
+    ):
         self.manager = manager
+        self._experiments = experiments
         self.uploads = uploads
         self.datasets: DatasetStore = uploads.store
         self.streams = streams
@@ -183,6 +195,65 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     ) -> pb.ServerInfo:
         return convert.server_info_to_proto(self.manager.status())
 
+    # -- experiments ---------------------------------------------------------------
+
+    @property
+    def experiments(self) -> ExperimentManager:
+        if self._experiments is None:
+            raise Unavailable("this server runs no experiments")
+        return self._experiments
+
+    def SubmitExperiment(
+        self, request: pb.SubmitExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        validation.check_request_id(request.request_id)
+        with convert.fields_under("spec"):
+            spec = experiment_convert.experiment_spec_from_proto(request.spec)
+            record = self.experiments.submit(
+                spec, request.request_id, principal=principal_of(context)
+            )
+        return experiment_convert.experiment_to_proto(record)
+
+    def GetExperiment(
+        self, request: pb.GetExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        check_experiment_id(request.experiment_id)
+        record = self.experiments.get(request.experiment_id, principal=principal_of(context))
+        return experiment_convert.experiment_to_proto(record)
+
+    def ListExperiments(
+        self, request: pb.ListExperimentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListExperimentsResponse:
+        page_size, _ = validation.check_page(request.page_size, "")
+        records = self.experiments.list(limit=page_size, principal=principal_of(context))
+        return pb.ListExperimentsResponse(
+            experiments=[experiment_convert.experiment_to_proto(record) for record in records]
+        )
+
+    def WatchExperiment(
+        self, request: pb.WatchExperimentRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Experiment]:
+        check_experiment_id(request.experiment_id)
+        self.experiments.get(request.experiment_id, principal=principal_of(context))
+        records = self.experiments.watch(request.experiment_id, is_active=context.is_active)
+        principal = principal_of(context)
+        with self.streams.slot("WatchExperiment", principal, context) as stream:
+            yield from self.streams.send(
+                stream,
+                (
+                    experiment_convert.experiment_to_proto(
+                        self.experiments.get(record.experiment_id, principal=principal)
+                    )
+                    for record in records
+                ),
+            )
+
+    def CancelExperiment(
+        self, request: pb.CancelExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        check_experiment_id(request.experiment_id)
+        record = self.experiments.cancel(request.experiment_id, principal=principal_of(context))
+        return experiment_convert.experiment_to_proto(record)
 
 def _upload_chunks(requests: Iterator[pb.UploadDatasetRequest]) -> Iterator[bytes]:
     """The file's bytes, from the messages after the header."""

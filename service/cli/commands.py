@@ -21,6 +21,7 @@ import numpy as np
 from ntrain.v1 import training_pb2
 
 from ntrain.client import Client, FailedPrecondition, job_spec
+from service.cli import experiment_commands
 from service.cli import output as cli_output
 from service.cli.describe import describe_job
 from service.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
@@ -160,6 +161,8 @@ def _print_listing(args, items: list, table: Callable[[list], str], nothing: str
 
 
 def cmd_describe(args) -> int:
+    if experiment_commands.is_experiment_id(args.job_id):
+        return experiment_commands.cmd_describe_experiment(args)
     job = args.client.get(args.job_id)
     print(cli_output.to_json(job) if args.json else describe_job(job))
     return EXIT_OK
@@ -181,6 +184,8 @@ def cmd_logs(args) -> int:
 
 
 def cmd_model(args) -> int:
+    if experiment_commands.is_experiment_id(args.job_id):
+        return experiment_commands.cmd_model_of_experiment(args)
     try:
         folder = args.client.download_model(args.job_id, args.output, version=args.version)
     except OSError as error:
@@ -245,6 +250,8 @@ def cmd_completion(args, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_cancel(args) -> int:
+    if experiment_commands.is_experiment_id(args.job_id):
+        return experiment_commands.cmd_cancel_experiment(args)
     job = args.client.cancel(args.job_id)
     print(f"job {job.job_id}: {cli_output.state_name(job.state)}")
     return EXIT_OK

@@ -15,7 +15,7 @@ from ntrain.client.channel import (
     TOKEN_FILE_ENV,
 )
 from ntrain.client.states import STATE_NAMES
-from service.cli import commands
+from service.cli import commands, experiment_commands
 from service.cli.exit_status import EXIT_USAGE
 from service.cli.inputs import format_layers, parse_layers
 from service.cli.serve_parser import add_serve_parser
@@ -327,12 +327,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.set_defaults(run=commands.cmd_jobs)
 
+    sweep = subcommands.add_parser(
+        "sweep",
+        parents=[client],
+        help="run a hyperparameter search (an experiment) from a sweep file",
+        description="Each trial is a job labelled experiment=EXP and trial=N. The file is an "
+        "ExperimentSpec in the proto3 JSON mapping, as YAML or JSON (README: Experiments).",
+    )
+    sweep.add_argument("-f", "--file", metavar="FILE", required=True, help="the sweep file")
+    sweep.add_argument("--name", default=None, help="a name for people (over the file's)")
+    sweep.add_argument("--detach", action="store_true", help="print the experiment id and return")
+    sweep.set_defaults(run=experiment_commands.cmd_sweep)
+
+    experiments = subcommands.add_parser(
+        "experiments", parents=[client, as_json], help="list experiments, newest first"
+    )
+    experiments.add_argument(
+        "--limit", metavar="N", type=positive_int, default=20, help="at most N (default 20)"
+    )
+    experiments.set_defaults(run=experiment_commands.cmd_experiments)
+
     describe = subcommands.add_parser(
         "describe",
         parents=[client, as_json],
-        help="one job in full: spec, states and why, progress, result, model",
+        help="one job in full (spec, states and why, progress, result, model), or one "
+        "experiment with its trials sorted by the metric",
     )
-    describe.add_argument("job_id", metavar="JOB")
+    describe.add_argument("job_id", metavar="JOB|EXP")
     describe.set_defaults(run=commands.cmd_describe)
 
     logs = subcommands.add_parser(
@@ -350,11 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = subcommands.add_parser(
         "model",
         parents=[client],
-        help="download a job's SavedModel, laid out as TF Serving expects",
+        help="download a job's SavedModel (an experiment's: its best trial's), laid out as "
+        "TF Serving expects",
         description="Writes DIR/VERSION/saved_model.pb and DIR/VERSION/variables/: point "
         "TF Serving's --model_base_path at DIR, or tf.saved_model.load(DIR/VERSION).",
     )
-    model.add_argument("job_id", metavar="JOB")
+    model.add_argument("job_id", metavar="JOB|EXP")
     model.add_argument(
         "-o", "--output", metavar="DIR", required=True, help="the model's base folder"
     )
@@ -372,9 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.set_defaults(run=commands.cmd_watch)
 
     cancel = subcommands.add_parser(
-        "cancel", parents=[client], help="cancel a queued or running job"
+        "cancel",
+        parents=[client],
+        help="cancel a queued or running job, or an experiment (and its running trials)",
     )
-    cancel.add_argument("job_id", metavar="JOB")
+    cancel.add_argument("job_id", metavar="JOB|EXP")
     cancel.set_defaults(run=commands.cmd_cancel)
 
     evaluate = subcommands.add_parser(

@@ -234,6 +234,10 @@ class JobManager:
         )
         return demand
 
+    def check_spec(self, spec: JobSpec) -> None:
+        """Raise InvalidArgument (or FailedPrecondition) when this host would refuse the job."""
+        self._demand(spec)
+
     def _pinned(self, spec: JobSpec) -> JobSpec:
         """The spec with the version of the pushed data set it names, if it names one."""
         if self.datasets is None or spec.dataset_version:

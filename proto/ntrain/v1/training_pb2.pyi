@@ -26,6 +26,25 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
     DATA_TYPE_UINT8: _ClassVar[DataType]
     DATA_TYPE_FLOAT32: _ClassVar[DataType]
+
+class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERIMENT_STATE_UNSPECIFIED: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_RUNNING: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_SUCCEEDED: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_FAILED: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_CANCELED: _ClassVar[ExperimentState]
+
+class TrialState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRIAL_STATE_UNSPECIFIED: _ClassVar[TrialState]
+    TRIAL_STATE_PENDING: _ClassVar[TrialState]
+    TRIAL_STATE_QUEUED: _ClassVar[TrialState]
+    TRIAL_STATE_RUNNING: _ClassVar[TrialState]
+    TRIAL_STATE_SUCCEEDED: _ClassVar[TrialState]
+    TRIAL_STATE_STOPPED_EARLY: _ClassVar[TrialState]
+    TRIAL_STATE_FAILED: _ClassVar[TrialState]
+    TRIAL_STATE_CANCELED: _ClassVar[TrialState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_STARTING: JobState
@@ -37,6 +56,19 @@ JOB_STATE_CANCELED: JobState
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_UINT8: DataType
 DATA_TYPE_FLOAT32: DataType
+EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
+EXPERIMENT_STATE_RUNNING: ExperimentState
+EXPERIMENT_STATE_SUCCEEDED: ExperimentState
+EXPERIMENT_STATE_FAILED: ExperimentState
+EXPERIMENT_STATE_CANCELED: ExperimentState
+TRIAL_STATE_UNSPECIFIED: TrialState
+TRIAL_STATE_PENDING: TrialState
+TRIAL_STATE_QUEUED: TrialState
+TRIAL_STATE_RUNNING: TrialState
+TRIAL_STATE_SUCCEEDED: TrialState
+TRIAL_STATE_STOPPED_EARLY: TrialState
+TRIAL_STATE_FAILED: TrialState
+TRIAL_STATE_CANCELED: TrialState
 
 class LayerSpec(_message.Message):
     __slots__ = ("units", "activation")
@@ -451,6 +483,177 @@ class ServerInfo(_message.Message):
     warm_workers: int
     python_version: str
     def __init__(self, version: _Optional[str] = ..., tensorflow_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., strategies: _Optional[_Iterable[str]] = ..., queue_length: _Optional[int] = ..., running_jobs: _Optional[int] = ..., warm_workers: _Optional[int] = ..., python_version: _Optional[str] = ...) -> None: ...
+
+class SearchParameter(_message.Message):
+    __slots__ = ("name", "int_range", "float_range", "categorical")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INT_RANGE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_RANGE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    int_range: IntRange
+    float_range: FloatRange
+    categorical: CategoricalValues
+    def __init__(self, name: _Optional[str] = ..., int_range: _Optional[_Union[IntRange, _Mapping]] = ..., float_range: _Optional[_Union[FloatRange, _Mapping]] = ..., categorical: _Optional[_Union[CategoricalValues, _Mapping]] = ...) -> None: ...
+
+class IntRange(_message.Message):
+    __slots__ = ("low", "high", "step", "log")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    low: int
+    high: int
+    step: int
+    log: bool
+    def __init__(self, low: _Optional[int] = ..., high: _Optional[int] = ..., step: _Optional[int] = ..., log: _Optional[bool] = ...) -> None: ...
+
+class FloatRange(_message.Message):
+    __slots__ = ("low", "high", "log", "grid_points")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    GRID_POINTS_FIELD_NUMBER: _ClassVar[int]
+    low: float
+    high: float
+    log: bool
+    grid_points: int
+    def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ..., log: _Optional[bool] = ..., grid_points: _Optional[int] = ...) -> None: ...
+
+class CategoricalValues(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EarlyStopping(_message.Message):
+    __slots__ = ("kind", "min_epochs", "reduction_factor")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MIN_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    min_epochs: int
+    reduction_factor: int
+    def __init__(self, kind: _Optional[str] = ..., min_epochs: _Optional[int] = ..., reduction_factor: _Optional[int] = ...) -> None: ...
+
+class ExperimentSpec(_message.Message):
+    __slots__ = ("base", "parameters", "metric", "direction", "searcher", "early_stopping", "max_trials", "max_concurrent_trials", "max_failed_trials", "target", "seed", "name", "trial_priority")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SEARCHER_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILED_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    base: JobSpec
+    parameters: _containers.RepeatedCompositeFieldContainer[SearchParameter]
+    metric: str
+    direction: str
+    searcher: str
+    early_stopping: EarlyStopping
+    max_trials: int
+    max_concurrent_trials: int
+    max_failed_trials: int
+    target: float
+    seed: int
+    name: str
+    trial_priority: int
+    def __init__(self, base: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[SearchParameter, _Mapping]]] = ..., metric: _Optional[str] = ..., direction: _Optional[str] = ..., searcher: _Optional[str] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., max_trials: _Optional[int] = ..., max_concurrent_trials: _Optional[int] = ..., max_failed_trials: _Optional[int] = ..., target: _Optional[float] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., trial_priority: _Optional[int] = ...) -> None: ...
+
+class Trial(_message.Message):
+    __slots__ = ("number", "params", "job_id", "state", "epochs", "metric", "stopped_early_at", "reason")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    params: _containers.ScalarMap[str, str]
+    job_id: str
+    state: TrialState
+    epochs: int
+    metric: float
+    stopped_early_at: int
+    reason: str
+    def __init__(self, number: _Optional[int] = ..., params: _Optional[_Mapping[str, str]] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TrialState, str]] = ..., epochs: _Optional[int] = ..., metric: _Optional[float] = ..., stopped_early_at: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("experiment_id", "request_id", "spec", "state", "reason", "create_time", "end_time", "owner", "trials", "best_trial")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    BEST_TRIAL_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    request_id: str
+    spec: ExperimentSpec
+    state: ExperimentState
+    reason: str
+    create_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    owner: str
+    trials: _containers.RepeatedCompositeFieldContainer[Trial]
+    best_trial: int
+    def __init__(self, experiment_id: _Optional[str] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best_trial: _Optional[int] = ...) -> None: ...
+
+class SubmitExperimentRequest(_message.Message):
+    __slots__ = ("spec", "request_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: ExperimentSpec
+    request_id: str
+    def __init__(self, spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class ListExperimentsRequest(_message.Message):
+    __slots__ = ("page_size",)
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    def __init__(self, page_size: _Optional[int] = ...) -> None: ...
+
+class ListExperimentsResponse(_message.Message):
+    __slots__ = ("experiments",)
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
+
+class WatchExperimentRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class CancelExperimentRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
 
 class DatasetUpload(_message.Message):
     __slots__ = ("name", "size_bytes", "sha256", "format", "label_column", "test_fraction", "num_classes")

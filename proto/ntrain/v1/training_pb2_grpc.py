@@ -84,6 +84,31 @@ class TrainingServiceStub:
                 request_serializer=ntrain_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=ntrain_dot_v1_dot_training__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.SubmitExperiment = channel.unary_unary(
+                '/ntrain.v1.TrainingService/SubmitExperiment',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.SubmitExperimentRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/ntrain.v1.TrainingService/GetExperiment',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/ntrain.v1.TrainingService/ListExperiments',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.WatchExperiment = channel.unary_stream(
+                '/ntrain.v1.TrainingService/WatchExperiment',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.WatchExperimentRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.CancelExperiment = channel.unary_unary(
+                '/ntrain.v1.TrainingService/CancelExperiment',
+                request_serializer=ntrain_dot_v1_dot_training__pb2.CancelExperimentRequest.SerializeToString,
+                response_deserializer=ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/ntrain.v1.TrainingService/UploadDataset',
                 request_serializer=ntrain_dot_v1_dot_training__pb2.UploadDatasetRequest.SerializeToString,
@@ -185,6 +210,46 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitExperiment(self, request, context):
+        """-- experiments: a hyperparameter search whose trials are jobs ------------
+        Start a search. Idempotent on request_id, per caller, as SubmitJob.
+        RESOURCE_EXHAUSTED when the server runs its most experiments already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchExperiment(self, request, context):
+        """The experiment now, then again each time it or one of its trials changes;
+        the stream ends once it and every trial have ended. Counts against the
+        server's --max-streams with WatchJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExperiment(self, request, context):
+        """Ends a running experiment: no trial is started after it, and its queued
+        and running trials' jobs are canceled (they end CANCELED shortly after).
+        One that has already ended is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """Push a data set: the first message is the header (name, size, SHA-256,
         format), then the file's bytes in chunks of about 1 MiB. The server checks
@@ -274,6 +339,31 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=ntrain_dot_v1_dot_training__pb2.DownloadModelRequest.FromString,
                     response_serializer=ntrain_dot_v1_dot_training__pb2.ModelChunk.SerializeToString,
+            ),
+            'SubmitExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitExperiment,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.SubmitExperimentRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.Experiment.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.GetExperimentRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.Experiment.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'WatchExperiment': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExperiment,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.WatchExperimentRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.Experiment.SerializeToString,
+            ),
+            'CancelExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExperiment,
+                    request_deserializer=ntrain_dot_v1_dot_training__pb2.CancelExperimentRequest.FromString,
+                    response_serializer=ntrain_dot_v1_dot_training__pb2.Experiment.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
@@ -566,6 +656,141 @@ class TrainingService:
             '/ntrain.v1.TrainingService/DownloadModel',
             ntrain_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
             ntrain_dot_v1_dot_training__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/SubmitExperiment',
+            ntrain_dot_v1_dot_training__pb2.SubmitExperimentRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/GetExperiment',
+            ntrain_dot_v1_dot_training__pb2.GetExperimentRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/ListExperiments',
+            ntrain_dot_v1_dot_training__pb2.ListExperimentsRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/WatchExperiment',
+            ntrain_dot_v1_dot_training__pb2.WatchExperimentRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ntrain.v1.TrainingService/CancelExperiment',
+            ntrain_dot_v1_dot_training__pb2.CancelExperimentRequest.SerializeToString,
+            ntrain_dot_v1_dot_training__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
