@@ -90,7 +90,8 @@ def test_the_token_file_is_read_and_its_errors_name_the_line_not_the_text(tmp_pa
     for line, message in [
         (f"carol trainer {secret}", "the hash is not sha256"),  # a token pasted by mistake
         (f"carol root {token_hash(secret)}", "the role must be one of viewer, trainer, admin"),
-        (f"carol trainer {token_hash(secret)} {secret}", "expected NAME ROLE HASH"),
+        (f"carol trainer {token_hash(secret)} {secret}", "after the hash only max-priority=N"),
+        (f"carol trainer {token_hash(secret)} max-priority=1 {secret}", "expected NAME ROLE HASH"),
         (f"car/ol trainer {token_hash(secret)}", "a name is letters, digits"),
         (f"alice admin {token_hash(secret)}", "alice is listed twice"),
         (f"carol admin {token_hash(alice)}", "carol's token id is another principal's too"),
