@@ -181,6 +181,7 @@ class JobManager(JobLifecycle):
             host_gpus=len(self.inventory.gpus),
             gpu_memory_bytes=self.gpu_memory_bytes,
             ray_enabled=self.ray is not None,
+            runtime_bytes=self.pool.runtime_bytes,
         )
         return demand
 

@@ -1,7 +1,10 @@
 """The warm pool: one worker with TensorFlow imported, ready while the machine is idle.
 
 `WorkerPool` hands out that warm worker, so the next job does not pay the
-import, or a cold one when there is none.
+import, or a cold one when there is none. Every worker it starts reports its
+resident size once TensorFlow is imported (`Ready.resident_bytes`), and the
+pool keeps the largest: what the runtime takes in this install, which
+admission counts for each job (`WorkerPool.runtime_bytes`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import threading
 from pathlib import Path
 
+from naive_model.config import RUNTIME_FALLBACK_BYTES
 from service.processes.worker_process import WorkerProcess, spawn_worker
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,23 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._warm: WorkerProcess | None = None
         self._closed = False
+        self._runtime_bytes = 0  # the largest a worker reported; 0 before the first
+
+    @property
+    def runtime_bytes(self) -> int:
+        """A worker's resident bytes after its imports: the largest measured so far.
+
+        Before any worker has reported (the warm worker is still importing, or
+        is disabled and no job has run yet), `RUNTIME_FALLBACK_BYTES`, which is
+        above every install measured; with the warm worker disabled the first
+        job's cold worker measures it.
+        """
+        with self._lock:
+            return self._runtime_bytes or RUNTIME_FALLBACK_BYTES
+
+    def _measured(self, resident_bytes: int) -> None:
+        with self._lock:
+            self._runtime_bytes = max(self._runtime_bytes, resident_bytes)
 
     @property
     def warm_ready(self) -> int:
@@ -49,7 +70,9 @@ class WorkerPool:
             return worker  # even one still importing is ahead of a cold start
         if worker is not None:
             log.warning("the warm worker died (exit code %s); starting a cold one", worker.stop())
-        return spawn_worker(preload=False, log_path=self.log_path, held_fds=self.held_fds)
+        return spawn_worker(
+            preload=False, log_path=self.log_path, held_fds=self.held_fds, on_ready=self._measured
+        )
 
     def refill(self) -> None:
         """Start a warm worker unless one is there (call it when the machine is idle)."""
@@ -61,7 +84,11 @@ class WorkerPool:
             if self._warm is not None:
                 self._warm.stop()
             self._warm = spawn_worker(
-                preload=True, log_path=self.log_path, dataset=self.dataset, held_fds=self.held_fds
+                preload=True,
+                log_path=self.log_path,
+                dataset=self.dataset,
+                held_fds=self.held_fds,
+                on_ready=self._measured,
             )
 
     def close(self) -> None:

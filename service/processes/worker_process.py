@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -25,12 +26,24 @@ STOP_GRACE_SECONDS = 5.0
 
 
 class WorkerProcess:
-    """One worker and the server's end of its pipe."""
+    """One worker and the server's end of its pipe.
 
-    def __init__(self, process: subprocess.Popen, conn: Connection, warm: bool):
+    Args:
+        on_ready: called with the runtime's resident bytes from the worker's
+            `Ready` (a warm one's at start, a cold one's before its task).
+    """
+
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        conn: Connection,
+        warm: bool,
+        on_ready: Callable[[int], None] | None = None,
+    ):
         self.process = process
         self.conn = conn
         self.warm = warm
+        self.on_ready = on_ready
         self._ready = not warm
 
     @property
@@ -44,7 +57,9 @@ class WorkerProcess:
     def ready(self) -> bool:
         """Whether a warm worker has finished importing TensorFlow."""
         if not self._ready and self.is_alive() and self.conn.poll(0):
-            self._ready = isinstance(self.conn.recv(), Ready)
+            event = self.conn.recv()
+            if isinstance(event, Ready):
+                self._saw_ready(event)
         return self._ready
 
     def send(self, message: ServerMessage) -> None:
@@ -60,10 +75,15 @@ class WorkerProcess:
             if timeout is not None and not self.conn.poll(timeout):
                 return None
             event = self.conn.recv()
-            if isinstance(event, Ready):  # a warm worker's hello; the task follows
-                self._ready = True
+            if isinstance(event, Ready):  # the runtime's measurement; the task's events follow
+                self._saw_ready(event)
                 continue
             return event
+
+    def _saw_ready(self, ready: Ready) -> None:
+        self._ready = True
+        if self.on_ready is not None:
+            self.on_ready(ready.resident_bytes)
 
     def kill(self) -> None:
         """SIGKILL, at once: the thread reading its pipe then sees EOF."""
@@ -103,6 +123,7 @@ def spawn_worker(
     held_fds: tuple[int, ...] = (),
     model_cache: int = 0,
     cache_bytes: int = 0,
+    on_ready: Callable[[int], None] | None = None,
 ) -> WorkerProcess:
     """Start a worker process; with `preload` it imports TensorFlow right away.
 
@@ -114,6 +135,8 @@ def spawn_worker(
         model_cache: when positive, the process is the inference worker and
             keeps this many models loaded (service.worker.serving), and their
             weights and its test splits within `cache_bytes`.
+        on_ready: called with the runtime's resident bytes the worker
+            reports once it has imported TensorFlow.
     """
     server_end, worker_end = socket.socketpair()
     command = [sys.executable, "-m", "service.worker.entry", "--fd", str(worker_end.fileno())]
@@ -140,7 +163,7 @@ def spawn_worker(
         umask=0o077,  # checkpoints, models and logs readable by the server's user only
     )
     worker_end.close()  # so that the server sees EOF when the worker ends
-    return WorkerProcess(process, Connection(server_end.detach()), warm=preload)
+    return WorkerProcess(process, Connection(server_end.detach()), warm=preload, on_ready=on_ready)
 
 
 def _source_root() -> str:
