@@ -18,11 +18,11 @@ from service.protocol import Ready, Running
 MIB = 1024**2
 
 
-def _fake_worker(on_ready) -> tuple[WorkerProcess, Connection]:
+def _fake_worker(on_ready, *, warm: bool = False) -> tuple[WorkerProcess, Connection]:
     """A WorkerProcess over a socket pair and a sleeping process; the other end plays the worker."""
     server_end, worker_end = socket.socketpair()
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    worker = WorkerProcess(process, Connection(server_end.detach()), warm=False, on_ready=on_ready)
+    worker = WorkerProcess(process, Connection(server_end.detach()), warm=warm, on_ready=on_ready)
     return worker, Connection(worker_end.detach())
 
 
@@ -41,6 +41,22 @@ def test_a_workers_ready_hands_its_runtime_to_the_pool_and_the_largest_counts():
         assert pool.runtime_bytes == 600 * MIB  # the largest seen
     finally:
         worker.stop(grace=0.1)
+        other_end.close()
+
+
+def test_the_warm_workers_ready_is_measured_as_the_pool_polls_it():
+    pool = WorkerPool(warm=True)
+    pool._warm, other_end = _fake_worker(pool._measured, warm=True)
+    try:
+        assert pool.warm_ready == 0
+        other_end.send(Ready(resident_bytes=700 * MIB))
+        deadline = time.monotonic() + 10
+        while not pool.warm_ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.warm_ready == 1
+        assert pool.runtime_bytes == 700 * MIB
+    finally:
+        pool.close()
         other_end.close()
 
 

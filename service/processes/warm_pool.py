@@ -37,7 +37,10 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._warm: WorkerProcess | None = None
         self._closed = False
-        self._runtime_bytes = 0  # the largest a worker reported; 0 before the first
+        # The largest runtime a worker reported, 0 before the first. Its own lock:
+        # a Ready is read (and reported here) while `_lock` is held, in warm_ready.
+        self._runtime_lock = threading.Lock()
+        self._runtime_bytes = 0
 
     @property
     def runtime_bytes(self) -> int:
@@ -48,11 +51,11 @@ class WorkerPool:
         above every install measured; with the warm worker disabled the first
         job's cold worker measures it.
         """
-        with self._lock:
+        with self._runtime_lock:
             return self._runtime_bytes or RUNTIME_FALLBACK_BYTES
 
     def _measured(self, resident_bytes: int) -> None:
-        with self._lock:
+        with self._runtime_lock:
             self._runtime_bytes = max(self._runtime_bytes, resident_bytes)
 
     @property
