@@ -256,9 +256,10 @@ class MemoryEstimate:
     Calibrated against the peak resident memory of worker processes
     (benchmarks/memory_peak.py, every config, in each documented install:
     the server extra, with Ray's, and with the dev, Ray and bench extras):
-    with the server extra alone (a 589 MiB runtime) the estimate is 1.04 to
-    1.22 times the peak: the large SGD models' export closest, the wide
-    activations' step farthest.
+    1.035 to 1.22 times the peak with the server extra alone (a 589 MiB
+    runtime; [300000, 10] SGD's export closest, the wide activations' step
+    farthest), 1.075 to 1.235 with Ray's (634 MiB), 1.21 for the wide
+    activations with all extras (750 MiB).
     """
 
     weights: int  # one float32 copy of the weights and biases

@@ -98,6 +98,10 @@ MEASURED = {
         "wide_activations": (634, 1014),
         "sgd_100k": (634, 1916),
         "adam_100k": (634, 2515),
+        "sgd_100k_mirrored_2": (634, 2487),
+    },
+    "server,dev,ray,bench": {
+        "wide_activations": (750, 1132),
     },
 }
 
