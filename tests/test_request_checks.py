@@ -102,6 +102,7 @@ MEASURED = {
     },
     "server,dev,ray,bench": {
         "wide_activations": (750, 1132),
+        "sgd_100k": (753, 2023),
     },
 }
 
