@@ -99,6 +99,7 @@ MEASURED = {
         "sgd_100k": (634, 1916),
         "adam_100k": (634, 2515),
         "sgd_100k_mirrored_2": (634, 2487),
+        "sgd_300k": (633, 4341),
     },
     "server,dev,ray,bench": {
         "wide_activations": (750, 1132),
