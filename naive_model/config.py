@@ -258,8 +258,8 @@ class MemoryEstimate:
     the server extra, with Ray's, and with the dev, Ray and bench extras):
     1.035 to 1.22 times the peak with the server extra alone (a 589 MiB
     runtime; [300000, 10] SGD's export closest, the wide activations' step
-    farthest), 1.033 to 1.236 with Ray's (634 MiB), 1.077 and 1.209 with
-    all extras (750 MiB; [100000, 10] SGD and the wide activations).
+    farthest), 1.033 to 1.236 with Ray's (634 MiB), 1.077 to 1.209 with
+    all extras (750 MiB; the mirrored and [300000, 10] runs not measured).
     """
 
     weights: int  # one float32 copy of the weights and biases

@@ -104,6 +104,8 @@ MEASURED = {
     "server,dev,ray,bench": {
         "wide_activations": (750, 1132),
         "sgd_100k": (753, 2023),
+        "adam_100k": (753, 2655),
+        "book_mnist": (752, 1117),
     },
 }
 
