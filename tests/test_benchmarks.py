@@ -174,7 +174,7 @@ def test_memory_peak_reports_a_workers_peak_beside_the_estimate(tmp_path):
     assert entry["peak_mib"] == max(stages.values()) > stages["tensorflow_imported"] > 0
     # The runtime is what the worker measured after its imports, in this install.
     runtime = entry["runtime_bytes"]
-    assert 0 < runtime / MIB <= stages["tensorflow_imported"]
+    assert 0 < runtime / MIB < stages["tensorflow_imported"] + 1  # VmHWM in whole MiB, floored
     estimate = train_config("wide_activations").memory_estimate(
         input_size=784, num_train=2048, num_test=512
     )
