@@ -1,14 +1,21 @@
 """The service's memory estimate against the peak a worker really reaches.
 
     python -m benchmarks.memory_peak --json FILE [--quick] [--config NAME]...
+    python -m benchmarks.memory_peak --estimate-from SAVED.json [--json FILE]
 
 Each configuration runs the worker's own train task (`service.worker.tasks.train`:
 load the data, build, one epoch with its test evaluation, a checkpoint, the
 SavedModel export) in a fresh interpreter, which reports its peak resident
-memory (VmHWM) after each stage. Beside it stands what
-`TrainConfig.memory_estimate(...).host_bytes()` predicts, which submissions are
-checked against (`service.jobs.validation`). A full run takes about 15 minutes
-here (the [300000, 10] model alone about 6); `--quick` about one.
+memory (VmHWM) after each stage, and the runtime's resident size right after
+its imports, measured as a worker measures it for the server
+(`service.worker.tasks.import_tensorflow`, `Ready.resident_bytes`). Beside it
+stands what `TrainConfig.memory_estimate(...).host_bytes(runtime_bytes=...)`
+predicts with that runtime, which submissions are checked against
+(`service.jobs.validation`): a table of estimate/peak per config, then the
+JSON. A full run takes about 15 minutes here (the [300000, 10] model alone
+about 6); `--quick` about one. `--estimate-from` measures nothing: it sets
+the formula as it is now beside a saved run's peaks and runtime, for
+calibrating it against installs measured before.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ CONFIGS = {
     "sgd_300k": ((300_000, 10), "sgd", 128, 1, "synthetic"),  # the issue's 4.52 GiB worker
 }
 QUICK = ("book_mnist", "wide_activations")
-DATASET_SIZES = {"mnist": (784, 60000, 10000), "synthetic": (784, 2048, 512)}
+# data set: (input size, train and test examples, bytes per feature as it comes)
+DATASET_SIZES = {"mnist": (784, 60000, 10000, 1), "synthetic": (784, 2048, 512, 4)}
 MIB = 1024**2
 
 
@@ -61,7 +69,9 @@ def run_child(name: str, data_dir: Path) -> None:
     from service.worker import tasks
 
     _, _, _, replicas, dataset = CONFIGS[name]
-    tasks.import_tensorflow()
+    # The runtime as the server counts it: the resident size a worker reports
+    # in its Ready, measured by the same call.
+    runtime_bytes = tasks.import_tensorflow()
     peaks["tensorflow_imported"] = _peak_mib()
     strategy = "mirrored" if replicas > 1 else "cpu"
     spec = JobSpec(train=train_config(name), dataset=dataset, strategy=strategy)
@@ -85,10 +95,11 @@ def run_child(name: str, data_dir: Path) -> None:
                 peaks[kind] = _peak_mib()
 
         tasks.train(task, send, lambda: False)
-    print(json.dumps(peaks))
+    print(json.dumps({"runtime_bytes": runtime_bytes, "peaks": peaks}))
 
 
 def measure(name: str, data_dir: Path) -> dict:
+    """Run one configuration in a fresh worker-like process; its peaks beside the estimate."""
     start = time.perf_counter()
     completed = subprocess.run(
         [
@@ -105,22 +116,34 @@ def measure(name: str, data_dir: Path) -> dict:
         check=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES=""),
     )
-    peaks = json.loads(completed.stdout.strip().splitlines()[-1])
+    child = json.loads(completed.stdout.strip().splitlines()[-1])
+    entry = estimated(name, child["runtime_bytes"], child["peaks"])
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    return entry
+
+
+def estimated(name: str, runtime_bytes: int, peaks: dict[str, int]) -> dict:
+    """A configuration's measured peaks beside the estimate for the runtime measured with them."""
     _, _, _, replicas, dataset = CONFIGS[name]
-    input_size, num_train, num_test = DATASET_SIZES[dataset]
+    input_size, num_train, num_test, feature_bytes = DATASET_SIZES[dataset]
     estimate = train_config(name).memory_estimate(
-        input_size=input_size, num_train=num_train, num_test=num_test, num_replicas=replicas
+        input_size=input_size,
+        num_train=num_train,
+        num_test=num_test,
+        num_replicas=replicas,
+        feature_bytes=feature_bytes,
     )
     peak = max(peaks.values())
-    estimated = estimate.host_bytes() / MIB
+    estimate_mib = estimate.host_bytes(runtime_bytes=runtime_bytes) / MIB
     return {
         "peak_mib": peak,
-        "estimate_mib": round(estimated),
-        "estimate/peak": round(estimated / peak, 3),
+        "estimate_mib": round(estimate_mib),
+        "estimate/peak": round(estimate_mib / peak, 3),
+        "runtime_mib": round(runtime_bytes / MIB),
+        "runtime_bytes": runtime_bytes,
         "peak_mib_by_stage": peaks,
         "weights_mib": round(estimate.weights / MIB, 1),
         "replicas": replicas,
-        "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -132,19 +155,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=SHARED_MNIST.parent, help="holds mnist.npz"
     )
+    parser.add_argument(
+        "--estimate-from",
+        type=Path,
+        help="measure nothing: the estimate of today's formula beside a saved run's peaks",
+    )
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         run_child(args.child, args.data_dir)
         return
-    names = args.config or (QUICK if args.quick else tuple(CONFIGS))
-    entries = {name: measure(name, args.data_dir) for name in names}
-    ratios = [entry["estimate/peak"] for entry in entries.values()]
+    if args.estimate_from:
+        saved = json.loads(args.estimate_from.read_text())
+        measured = {
+            name: estimated(name, entry["runtime_bytes"], entry["peak_mib_by_stage"])
+            for name, entry in saved["entries"].items()
+        }
+        machine_info = saved["machine"]
+    else:
+        names = args.config or (QUICK if args.quick else tuple(CONFIGS))
+        measured = {name: measure(name, args.data_dir) for name in names}
+        machine_info = machine()
+    print(f"{'config':<22}{'runtime':>9}{'peak':>7}{'estimate':>10}{'estimate/peak':>15}  (MiB)")
+    for name, entry in measured.items():
+        print(
+            f"{name:<22}{entry['runtime_mib']:>9}{entry['peak_mib']:>7}"
+            f"{entry['estimate_mib']:>10}{entry['estimate/peak']:>15}"
+        )
+    ratios = [entry["estimate/peak"] for entry in measured.values()]
     publish(
         {
-            "entries": entries,
+            "entries": measured,
             "estimate/peak": {"min": min(ratios), "max": max(ratios)},
-            "machine": machine(),
+            "machine": machine_info,
         },
         args.json,
     )

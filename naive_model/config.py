@@ -35,11 +35,19 @@ FLOAT32_MAX = 3.4028234663852886e38
 # fails itself (gRPC's metadata limit) and floods the logs.
 SHOWN_CHARACTERS = 100
 
-# TensorFlow imported and running in a process: 575 MiB resident right after
-# the import (TensorFlow 2.21 on a CPU host), 690 MiB where JAX and SciPy are
-# installed and 750 MiB where pandas and pyarrow are (Ray's extra brings them;
-# Keras imports whichever it finds), plus its allocator's working set.
-RUNTIME_BYTES = 768 * 1024**2
+# The runtime (Python, TensorFlow and what Keras imports beside it) is measured,
+# not assumed: each worker reports its resident size right after its imports
+# (`Ready.resident_bytes`), and admission counts the largest seen. Until a worker
+# has reported, this stands in: above every install measured (TensorFlow 2.21 on
+# a CPU host: 575 MiB with the server extra alone, about 690 with JAX and SciPy,
+# 760 where Ray's extra brings pandas and pyarrow; Keras imports what it finds).
+RUNTIME_FALLBACK_BYTES = 1024 * 1024**2
+# What a run allocates beyond its import whatever its model: the traced step's
+# graph and kernels, the strategy's devices, and the checkpoint and SavedModel
+# code, imported on first use, with their buffers; malloc keeps some freed
+# memory besides. Measured: peaks exceed the model's and data's own bytes by
+# 40-60 MiB, and the same model's peak differs by up to 10% between runs.
+FIRST_USE_BYTES = 192 * 1024**2
 
 # Variables the optimizer keeps per weight (slots), used to size the model.
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}
@@ -191,9 +199,20 @@ class TrainConfig:
         return 4 * copies * self.parameter_count(input_size)
 
     def memory_estimate(
-        self, *, input_size: int, num_train: int, num_test: int, num_replicas: int = 1
+        self,
+        *,
+        input_size: int,
+        num_train: int,
+        num_test: int,
+        num_replicas: int = 1,
+        feature_bytes: int = 4,
     ) -> MemoryEstimate:
-        """What a training run of this config needs at its peak; see `MemoryEstimate`."""
+        """What a training run of this config needs at its peak; see `MemoryEstimate`.
+
+        Args:
+            feature_bytes: per feature of the training images as they came: 1
+                for uint8 pixels (kept so on the device), 4 for float32.
+        """
         weights = 4 * self.parameter_count(input_size)
         slots = _OPTIMIZER_SLOTS.get(self.optimizer, 2)
         per_replica_batch = -(-self.batch_size // max(num_replicas, 1))
@@ -206,11 +225,12 @@ class TrainConfig:
             step=(1 + max(1, slots)) * weights + activations,
             # The initializer's random draw, its scaled form and the variable.
             variable_copies=3 * weights,
-            # The training split as each replica's variables: float32 images,
-            # int32 labels and the int64 epoch order.
-            device_data=num_train * (4 * input_size + 4 + 8),
-            # The arrays as loaded (float32 at worst) and their float32 and int32 forms.
-            host_data=(num_train + num_test) * (8 * input_size + 8 + 4),
+            # The training split as each replica's variables: its images as
+            # they came (uint8 or float32), int64 labels and the int64 epoch order.
+            device_data=num_train * (feature_bytes * input_size + 8 + 8),
+            # The images as loaded and their float32 form (a uint8 training
+            # split keeps both), the labels as loaded (int64 at worst) and as int32.
+            host_data=(num_train + num_test) * ((feature_bytes + 4) * input_size + 8 + 4),
             replicas=max(num_replicas, 1),
         )
 
@@ -230,9 +250,16 @@ class MemoryEstimate:
     replica's gradients, the optimizer's temporaries and the activations) or
     the creation of variables when the model is built or exported (the
     initializer's random draw and its scaled form beside the new variable,
-    once per run). Calibrated against the peak resident memory of worker
-    processes (benchmarks/memory_peak.py): the estimate is 0 to 11% above
-    every configuration measured there.
+    once per run). Beside them the host holds the runtime, as a worker
+    measured it after its imports (`host_bytes(runtime_bytes=...)`), and what
+    the run allocates on first use whatever its model (`first_use`).
+    Calibrated against the peak resident memory of worker processes
+    (benchmarks/memory_peak.py, every config, in each documented install:
+    the server extra, with Ray's, and with the dev, Ray and bench extras):
+    1.035 to 1.22 times the peak with the server extra alone (a 589 MiB
+    runtime; [300000, 10] SGD's export closest, the wide activations' step
+    farthest), 1.033 to 1.236 with Ray's (634 MiB), 1.077 to 1.209 with
+    all extras (750 MiB; the mirrored and [300000, 10] runs not measured).
     """
 
     weights: int  # one float32 copy of the weights and biases
@@ -242,6 +269,7 @@ class MemoryEstimate:
     device_data: int  # per replica: the training split held in variables
     host_data: int  # the data set loaded on the host
     replicas: int
+    first_use: int = FIRST_USE_BYTES  # on the host: graphs, writers, allocator slack
 
     @property
     def per_device(self) -> int:
@@ -253,9 +281,15 @@ class MemoryEstimate:
             + max(self.variable_copies, self.step)
         )
 
-    def host_bytes(self, *, on_gpus: bool = False) -> int:
-        """What the host needs: TensorFlow, the data, and the replicas when they are on it."""
-        host = RUNTIME_BYTES + self.host_data
+    def host_bytes(self, *, runtime_bytes: int, on_gpus: bool = False) -> int:
+        """What the host needs: the runtime, the data, and the replicas when they are on it.
+
+        Args:
+            runtime_bytes: a worker's resident size after its imports, as
+                measured in this install (`Ready.resident_bytes`).
+            on_gpus: the replicas' tensors are on GPUs, not in host memory.
+        """
+        host = runtime_bytes + self.first_use + self.host_data
         if on_gpus:
             return host
         persistent = self.weights + self.optimizer_slots + self.device_data

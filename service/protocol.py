@@ -270,9 +270,16 @@ ServerMessage = TrainTask | EvaluateTask | PredictTask | StopTraining | Describe
 # -- events: what a worker tells the server ------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ready:
-    """A warm worker has TensorFlow imported and waits for its task."""
+    """A worker has TensorFlow imported; a warm one now waits for its task.
+
+    resident_bytes: the process's resident size right after the imports,
+        before any data or model: what the runtime itself takes in this
+        install, which admission counts for every job (WorkerPool.runtime_bytes).
+    """
+
+    resident_bytes: int
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from naive_model.config import RUNTIME_BYTES
+from naive_model.config import RUNTIME_FALLBACK_BYTES
 from service.cli.app import main as cli_main
 from service.jobs.model_tasks import model_cache_bytes
 from service.jobs.validation import HOST_MEMORY_SHARE
@@ -38,6 +38,7 @@ def test_serve_refuses_a_model_cache_below_one(capsys):
 
 def test_kept_models_take_a_jobs_share_of_the_host_less_tensorflow():
     host = 16 * 1024**3
-    assert model_cache_bytes(host) == int(HOST_MEMORY_SHARE * host) - RUNTIME_BYTES
-    assert model_cache_bytes(RUNTIME_BYTES) == 1  # a tiny host: no model fits, each is loaded
+    assert model_cache_bytes(host) == int(HOST_MEMORY_SHARE * host) - RUNTIME_FALLBACK_BYTES
+    # A tiny host: no model fits, each is loaded.
+    assert model_cache_bytes(RUNTIME_FALLBACK_BYTES) == 1
     assert model_cache_bytes(0) == 0  # unknown: bounded by the model count alone

@@ -64,19 +64,36 @@ def test_weights_and_optimizer_state_stay_float32_and_training_learns(
         assert not isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
+# What reduced precision may cost against float32 over one epoch of the small model:
+# bfloat16 keeps 8 bits of mantissa, so single weights differ by more than their
+# updates (a per-weight tolerance over an epoch fails on some weight by chance);
+# what holds is the training itself: its mean loss and what it learned.
+LOSS_BOUND = 0.05  # relative, to float32's mean loss over the epoch
+ACCURACY_AFTER_ONE_EPOCH = 0.85  # on the synthetic set's test split; it is learnable
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mirrored_and_xla_run_in_reduced_precision(dataset, one_device, precision):
     mirrored = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
-    single = Trainer(_config(precision=precision, epochs=1), dataset, one_device)
-    replicated = Trainer(_config(precision=precision, epochs=1), dataset, mirrored)
-    jitted = Trainer(_config(precision=precision, epochs=1, jit_compile=True), dataset, one_device)
-    results = [trainer.train_epoch() for trainer in (single, replicated, jitted)]
-    # Reduced precision rounds differently in each path: close, not equal.
-    for result in results[1:]:
-        assert result.loss == pytest.approx(results[0].loss, rel=0.05)
-    for trainer in (replicated, jitted):
-        for a, b in zip(trainer.model.weights, single.model.weights, strict=True):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0.1, atol=0.02)
+    reference = Trainer(_config(epochs=1), dataset, one_device)
+    trainers = {
+        "one device": Trainer(_config(precision=precision, epochs=1), dataset, one_device),
+        "mirrored": Trainer(_config(precision=precision, epochs=1), dataset, mirrored),
+        "xla": Trainer(
+            _config(precision=precision, epochs=1, jit_compile=True), dataset, one_device
+        ),
+    }
+    float32_loss = reference.train_epoch().loss
+    for path, trainer in trainers.items():
+        assert trainer.compute_dtype == getattr(tf, precision), path
+        loss = trainer.train_epoch().loss
+        assert loss == pytest.approx(float32_loss, rel=LOSS_BOUND), path
+        assert trainer.evaluate().accuracy > ACCURACY_AFTER_ONE_EPOCH, path
+        assert all(weight.dtype == tf.float32 for weight in trainer.model.weights), path
+    # The replicas hold one set of weights, whatever the rounding.
+    for weight in trainers["mirrored"].model.weights:
+        copies = [value.numpy() for value in weight.values]
+        np.testing.assert_array_equal(copies[0], copies[1])
 
 
 def test_bfloat16_mnist_accuracy_is_within_0_3_points_of_float32(mnist_path, one_device):

@@ -231,6 +231,7 @@ class JobManager:
             ray_enabled=self.ray is not None,
             datasets=self.datasets,
             data_budget_bytes=self.data_budget_bytes,
+            runtime_bytes=self.pool.runtime_bytes,
         )
         return demand
 

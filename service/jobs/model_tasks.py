@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import TypeVar
 
-from naive_model.config import RUNTIME_BYTES, shown
+from naive_model.config import RUNTIME_FALLBACK_BYTES, shown
 from naive_model.npz import host_memory_bytes
 from service.jobs.dataset_store import DatasetStore
 from service.jobs.datasets import lookup_dataset, resolve_dataset
@@ -59,13 +59,14 @@ def model_cache_bytes(host_bytes: int | None = None) -> int:
     """What the inference worker's kept models and test splits may take.
 
     A job's share of the host (as validation allows a training job) less
-    TensorFlow's own footprint: the worker is counted as one more job. 0 when
-    the host's memory is unknown (no bound but the model count).
+    the runtime's own footprint: the worker is counted as one more job. 0 when
+    the host's memory is unknown (no bound but the model count). The process
+    starts before any worker has measured the runtime, so its fallback counts.
     """
     host = host_memory_bytes() if host_bytes is None else host_bytes
     if not host:
         return 0
-    return max(1, int(HOST_MEMORY_SHARE * host) - RUNTIME_BYTES)
+    return max(1, int(HOST_MEMORY_SHARE * host) - RUNTIME_FALLBACK_BYTES)
 
 
 class ModelTasks:

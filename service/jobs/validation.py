@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from naive_model import data
-from naive_model.config import shown
+from naive_model.config import RUNTIME_FALLBACK_BYTES, shown
 from naive_model.data import DatasetInfo
 from naive_model.streaming import DATA_MODES, WINDOWS_HELD, plan_data
 from service.jobs.dataset_store import DatasetStore
@@ -68,6 +68,7 @@ def validate_job_spec(
     ray_enabled: bool = False,
     datasets: DatasetStore | None = None,
     data_budget_bytes: int = 0,
+    runtime_bytes: int = RUNTIME_FALLBACK_BYTES,
 ) -> tuple[Demand, DatasetInfo]:
     """Check every field of `spec` against the data set and the host.
 
@@ -81,6 +82,9 @@ def validate_job_spec(
         data_budget_bytes: training data past this is streamed (data_mode
             "auto"), and admission counts the streaming window instead; 0
             means half the host's memory, as the worker takes it.
+        runtime_bytes: a worker's resident size after its imports, as measured
+            on this host (`WorkerPool.runtime_bytes`); the documented fallback
+            until a worker has reported.
 
     Returns:
         What the job needs from the scheduler, and its data set's sizes.
@@ -173,7 +177,7 @@ def validate_job_spec(
                 "start it with ntrain serve --ray-address http://HOST:8265"
             )
         return demand, info
-    _check_memory(spec, held, demand, gpu_memory_bytes, host_memory_bytes)
+    _check_memory(spec, held, demand, gpu_memory_bytes, host_memory_bytes, runtime_bytes)
     return demand, info
 
 
@@ -198,6 +202,7 @@ def _check_memory(
     demand: Demand,
     gpu_memory_bytes: int,
     host_memory_bytes: int | None,
+    runtime_bytes: int,
 ) -> None:
     """Refuse a job whose estimated peak memory exceeds its share of the host or a GPU."""
     estimate = spec.train.memory_estimate(
@@ -205,13 +210,16 @@ def _check_memory(
         num_train=info.num_train,
         num_test=info.num_test,
         num_replicas=demand.replicas,
+        feature_bytes=info.feature_bytes,
     )
     units = shown([layer.units for layer in spec.train.layers])
     on = f"{spec.train.optimizer}, batch {spec.train.batch_size}, {demand.replicas} replica(s)"
     if host_memory_bytes is None:
         host_memory_bytes = data.host_memory_bytes()
     # An auto job runs on the CPU when no GPU is free: the host must hold it all then.
-    host_needed = estimate.host_bytes(on_gpus=bool(demand.gpus) and not demand.flexible)
+    host_needed = estimate.host_bytes(
+        runtime_bytes=runtime_bytes, on_gpus=bool(demand.gpus) and not demand.flexible
+    )
     host_limit = int(HOST_MEMORY_SHARE * host_memory_bytes)
     if host_limit and host_needed > host_limit:
         raise FailedPrecondition(

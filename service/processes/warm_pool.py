@@ -1,7 +1,10 @@
 """The warm pool: one worker with TensorFlow imported, ready while the machine is idle.
 
 `WorkerPool` hands out that warm worker, so the next job does not pay the
-import, or a cold one when there is none.
+import, or a cold one when there is none. Every worker it starts reports its
+resident size once TensorFlow is imported (`Ready.resident_bytes`), and the
+pool keeps the largest: what the runtime takes in this install, which
+admission counts for each job (`WorkerPool.runtime_bytes`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import threading
 from pathlib import Path
 
+from naive_model.config import RUNTIME_FALLBACK_BYTES
 from service.processes.worker_process import WorkerProcess, spawn_worker
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,26 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._warm: WorkerProcess | None = None
         self._closed = False
+        # The largest runtime a worker reported, 0 before the first. Its own lock:
+        # a Ready is read (and reported here) while `_lock` is held, in warm_ready.
+        self._runtime_lock = threading.Lock()
+        self._runtime_bytes = 0
+
+    @property
+    def runtime_bytes(self) -> int:
+        """A worker's resident bytes after its imports: the largest measured so far.
+
+        Before any worker has reported (the warm worker is still importing, or
+        is disabled and no job has run yet), `RUNTIME_FALLBACK_BYTES`, which is
+        above every install measured; with the warm worker disabled the first
+        job's cold worker measures it.
+        """
+        with self._runtime_lock:
+            return self._runtime_bytes or RUNTIME_FALLBACK_BYTES
+
+    def _measured(self, resident_bytes: int) -> None:
+        with self._runtime_lock:
+            self._runtime_bytes = max(self._runtime_bytes, resident_bytes)
 
     @property
     def warm_ready(self) -> int:
@@ -56,6 +80,7 @@ class WorkerPool:
             log_path=self.log_path,
             held_fds=self.held_fds,
             temp_root=self.temp_root,
+            on_ready=self._measured,
         )
 
     def refill(self) -> None:
@@ -73,6 +98,7 @@ class WorkerPool:
                 dataset=self.dataset,
                 held_fds=self.held_fds,
                 temp_root=self.temp_root,
+                on_ready=self._measured,
             )
 
     def close(self) -> None:

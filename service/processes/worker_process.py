@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -32,15 +33,26 @@ STOP_GRACE_SECONDS = 5.0
 
 
 class WorkerProcess:
-    """One worker, the server's end of its pipe, and the worker's temporary folder."""
+    """One worker, the server's end of its pipe, and the worker's temporary folder.
+
+    Args:
+        on_ready: called with the runtime's resident bytes from the worker's
+            `Ready` (a warm one's at start, a cold one's before its task).
+    """
 
     def __init__(
-        self, process: subprocess.Popen, conn: Connection, warm: bool, temp_dir: Path | None = None
+        self,
+        process: subprocess.Popen,
+        conn: Connection,
+        warm: bool,
+        temp_dir: Path | None = None,
+        on_ready: Callable[[int], None] | None = None,
     ):
         self.process = process
         self.conn = conn
         self.warm = warm
         self.temp_dir = temp_dir
+        self.on_ready = on_ready
         self._ready = not warm
 
     @property
@@ -55,7 +67,9 @@ class WorkerProcess:
         """Whether a warm worker has finished importing TensorFlow."""
         try:
             if not self._ready and self.is_alive() and self.conn.poll(0):
-                self._ready = isinstance(self.conn.recv(), Ready)
+                event = self.conn.recv()
+                if isinstance(event, Ready):
+                    self._saw_ready(event)
         except (EOFError, OSError):  # it died as it started: not ready, and never will be
             return False
         return self._ready
@@ -73,10 +87,15 @@ class WorkerProcess:
             if timeout is not None and not self.conn.poll(timeout):
                 return None
             event = self.conn.recv()
-            if isinstance(event, Ready):  # a warm worker's hello; the task follows
-                self._ready = True
+            if isinstance(event, Ready):  # the runtime's measurement; the task's events follow
+                self._saw_ready(event)
                 continue
             return event
+
+    def _saw_ready(self, ready: Ready) -> None:
+        self._ready = True
+        if self.on_ready is not None:
+            self.on_ready(ready.resident_bytes)
 
     def kill(self) -> None:
         """SIGKILL, at once: the thread reading its pipe then sees EOF."""
@@ -119,6 +138,7 @@ def spawn_worker(
     model_cache: int = 0,
     cache_bytes: int = 0,
     temp_root: Path | None = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> WorkerProcess:
     """Start a worker process; with `preload` it imports TensorFlow right away.
 
@@ -132,6 +152,8 @@ def spawn_worker(
             weights and its test splits within `cache_bytes`.
         temp_root: where the worker's temporary folder is made (the system's
             temporary directory when None); `WorkerProcess.stop` removes it.
+        on_ready: called with the runtime's resident bytes the worker
+            reports once it has imported TensorFlow.
     """
     if temp_root is not None:
         temp_root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -169,7 +191,13 @@ def spawn_worker(
         worker_end.close()
         raise
     worker_end.close()  # so that the server sees EOF when the worker ends
-    return WorkerProcess(process, Connection(server_end.detach()), warm=preload, temp_dir=temp_dir)
+    return WorkerProcess(
+        process,
+        Connection(server_end.detach()),
+        warm=preload,
+        temp_dir=temp_dir,
+        on_ready=on_ready,
+    )
 
 
 def _source_root() -> str:

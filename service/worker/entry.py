@@ -7,7 +7,9 @@ The server starts one per job. With `--model-cache` the process is the
 inference worker instead (service.worker.serving): it answers Evaluate and
 Predict tasks one after another, keeping models loaded, until the server
 closes its socket. A warm worker
-(`--preload`) imports TensorFlow first, says `Ready`, and waits; TensorFlow is
+(`--preload`) imports TensorFlow first, says `Ready` with its resident size
+then (what the runtime takes, which admission counts), and waits; a cold one
+says it once it has imported TensorFlow for its task. TensorFlow is
 imported but not initialised, so the task can still choose its GPUs
 (CUDA_VISIBLE_DEVICES) and split the CPU into logical devices. This module
 imports nothing heavy, so a cold worker pays the import only once it knows its
@@ -54,30 +56,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.preload:
         from service.worker import tasks  # imports TensorFlow: the point of a warm worker
 
-        tasks.import_tensorflow()
+        runtime_bytes = tasks.import_tensorflow()  # measured before the data set is loaded
         if args.dataset is not None:
             tasks.preload_dataset(args.dataset, Path(args.data_dir) if args.data_dir else None)
-        conn.send(Ready())
+        conn.send(Ready(resident_bytes=runtime_bytes))
     try:
         task = conn.recv()
     except EOFError:
         return  # the server let this warm worker go
-    train(conn, task)
+    train(conn, task, measured=args.preload)
 
 
 def _serve_models(conn: Connection, args: argparse.Namespace) -> None:
     """The inference worker: on the CPU, warmed up, then answering until the server lets go."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Evaluate and Predict run on the CPU
-    from service.worker import serving  # imports TensorFlow
+    from service.worker import serving, tasks  # imports TensorFlow
 
+    runtime_bytes = tasks.resident_bytes()
     server = serving.ModelServer(max_models=args.model_cache, cache_bytes=args.cache_bytes)
     server.warm_up(args.dataset, Path(args.data_dir) if args.data_dir else None)
-    conn.send(Ready())
+    conn.send(Ready(resident_bytes=runtime_bytes))
     serving.serve(conn, server)
 
 
-def train(conn: Connection, task: TrainTask) -> None:
-    """Run one training, sending its events to `conn`; a failure is sent as `Failed`."""
+def train(conn: Connection, task: TrainTask, *, measured: bool) -> None:
+    """Run one training, sending its events to `conn`; a failure is sent as `Failed`.
+
+    Args:
+        measured: this worker said `Ready` already (a warm one, before its data set).
+    """
     # Before TensorFlow touches a device: which GPUs this process may see,
     # named as the server's device probe named them (service.devices): in
     # PCI bus order, nvidia-smi's, unless the server's environment set one.
@@ -91,6 +98,8 @@ def train(conn: Connection, task: TrainTask) -> None:
     from service.worker import tasks
 
     try:
+        if not measured:  # a cold worker: the runtime now, before the task's data and model
+            send(Ready(resident_bytes=tasks.import_tensorflow()))
         tasks.train(task, send, _listen_for_stop(conn).is_set)
     except FileNotFoundError as error:  # a data set that is not there: the request's fault
         traceback.print_exc()

@@ -57,10 +57,30 @@ _preloaded: tuple[str, Path | None, Dataset] | None = None
 LOG_PLACEMENT_ENV = "NTRAIN_LOG_DEVICE_PLACEMENT"
 
 
-def import_tensorflow() -> None:
-    """What a warm worker does while it waits: the imports every task needs."""
+def import_tensorflow() -> int:
+    """What a warm worker does while it waits: the imports every task needs.
+
+    Returns:
+        The process's resident bytes after them: the runtime's own footprint,
+        which depends on what else is installed (Keras imports pandas, JAX or
+        torch when it finds them). Admission counts it (`Ready.resident_bytes`).
+    """
     import naive_model.export  # noqa: F401
     import naive_model.trainer  # noqa: F401
+
+    return resident_bytes()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now, in bytes."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no procfs (macOS): the peak so far, an upper bound of it
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes there, KiB on Linux
 
 
 def preload_dataset(name: str, data_dir: Path | None) -> None:
