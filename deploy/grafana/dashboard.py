@@ -277,6 +277,35 @@ def service_row() -> list[timeseries.Panel | stat.Panel]:
     ]
 
 
+def scheduling_row() -> list[timeseries.Panel]:
+    return [
+        graph(
+            "Preemptions",
+            "Jobs stopped at a step boundary for a job of higher priority, per interval; each "
+            "resumes where it stood. An alert fires for one preempted 3 times in an hour.",
+            (
+                f"sum by (job_id) (increase(ntrain_job_preemptions_total{{{JOB}}}"
+                "[$__rate_interval])) or vector(0)",
+                "{{job_id}}",
+            ),
+            width=12,
+        ).decimals(0),
+        graph(
+            "Experiments: trials by state",
+            "The trials of every running experiment (hyperparameter searches), by state; "
+            "stopped_early are those successive halving ended.",
+            ("sum by (state) (ntrain_experiment_trials)", "{{state}}"),
+            width=6,
+        ).decimals(0),
+        graph(
+            "Experiments: best metric",
+            "The best value of each experiment's metric so far.",
+            ("max by (experiment_id, metric) (ntrain_experiment_best_metric)", "{{experiment_id}}"),
+            width=6,
+        ),
+    ]
+
+
 def grpc_row() -> list[timeseries.Panel]:
     handled = f"grpc_server_handled_total{{{SCRAPED}"
     return [
@@ -349,6 +378,7 @@ def process_row() -> list[timeseries.Panel]:
 ROWS = (
     ("Training (per job)", training_row),
     ("Service", service_row),
+    ("Scheduling and experiments", scheduling_row),
     ("gRPC", grpc_row),
     ("Server process", process_row),
 )
