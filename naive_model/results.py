@@ -91,6 +91,10 @@ class Resumed:
     # Newer checkpoints that did not read, each "ckpt-7 is damaged (why)".
     damaged: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A tuple however it came (JSON, the Ray driver's event lines, gives a list).
+        object.__setattr__(self, "damaged", tuple(self.damaged))
+
     def describe_fallback(self) -> str:
         """One line: which checkpoints were damaged, and the one resumed from ("" if none)."""
         if not self.damaged:

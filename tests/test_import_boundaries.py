@@ -29,7 +29,7 @@ ALLOWED = {
     "service.protocol": {"naive_model.config", "naive_model.results"},
     "service.worker": {"service.protocol", "naive_model"},
     # The server's side of worker processes: starts, feeds and reaps them.
-    "service.processes": {"service.protocol"},
+    "service.processes": {"service.protocol", "naive_model.config"},
     # The Ray job of a multi_worker job: runs on the cluster, imports ray and TensorFlow.
     "service.driver": {"service.protocol", "naive_model"},
     "service.jobs": {"service.protocol", "service.processes", "service.devices", "naive_model"},
