@@ -249,6 +249,27 @@ def mnist_candidates(path: str | os.PathLike | None = None, data_dir=None) -> li
     return candidates
 
 
+def dataset_file_identity(name: str, data_dir: Path | None) -> tuple:
+    """What changes when the file behind a data set name changes (nothing for synthetic).
+
+    The path, inode, modification time and size of the file the name resolves
+    to: a cache keyed by it reads a replaced file anew.
+    """
+    if name == "synthetic":
+        return ()
+    if name == "mnist":
+        paths = mnist_candidates(data_dir=data_dir)
+    else:
+        paths = [Path(data_dir) / name, Path(data_dir) / f"{name}.npz"] if data_dir else []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        return (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return ()
+
+
 def find_mnist(path: str | os.PathLike | None = None, data_dir=None) -> Path | None:
     """The first MNIST file on disk among `mnist_candidates`; None when there is none."""
     return next((p for p in mnist_candidates(path, data_dir) if p.is_file()), None)

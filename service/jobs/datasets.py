@@ -22,10 +22,10 @@ from naive_model.data import (
     DatasetInfo,
     DatasetNotFoundError,
     canonical_info,
+    dataset_file_identity,
     dataset_info,
     find_mnist,
     is_plain_file_name,
-    mnist_candidates,
 )
 from service.jobs.dataset_store import NAME_PATTERN, DatasetStore, DatasetVersion, is_reference
 from service.jobs.errors import InvalidArgument
@@ -116,28 +116,11 @@ def lookup_file_dataset(name: str, data_dir: Path | None, field: str = "dataset"
     if name == "mnist" and find_mnist(data_dir=data_dir) is None:
         return MNIST_INFO  # the worker downloads it, or fails the job saying where it looked
     try:
-        return _cached_info(name, data_dir, _file_identity(name, data_dir))
+        return _cached_info(name, data_dir, dataset_file_identity(name, data_dir))
     except DatasetNotFoundError as error:
         raise InvalidArgument(f"{field}: {error}") from None
     except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
         raise InvalidArgument(f"{field} {shown(name)} is not a usable data set: {error}") from None
-
-
-def _file_identity(name: str, data_dir: Path | None) -> tuple:
-    """What changes when the file behind a data set name changes (nothing for synthetic)."""
-    if name == "synthetic":
-        return ()
-    if name == "mnist":
-        paths = mnist_candidates(data_dir=data_dir)
-    else:
-        paths = [Path(data_dir) / name, Path(data_dir) / f"{name}.npz"] if data_dir else []
-    for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        return (str(path), stat.st_mtime_ns, stat.st_size)
-    return ()
 
 
 @functools.lru_cache(maxsize=64)

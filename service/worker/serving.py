@@ -28,9 +28,9 @@ import numpy as np
 from naive_model.canonical import open_split
 from naive_model.data import (
     DatasetError,
+    dataset_file_identity,
     find_mnist,
     load_dataset,
-    mnist_candidates,
     to_features,
 )
 from naive_model.export import evaluate_saved_model, load_saved_model, predict_saved_model
@@ -62,23 +62,6 @@ def model_version(model_dir: Path) -> tuple:
 def model_bytes(model_dir: Path) -> int:
     """The weights as saved: what the loaded model's variables hold, about."""
     return sum(path.stat().st_size for path in (model_dir / "variables").iterdir())
-
-
-def dataset_version(name: str, data_dir: Path | None) -> tuple:
-    """What changes when the file behind a data set name changes (nothing for synthetic)."""
-    if name == "synthetic":
-        return ()
-    if name == "mnist":
-        paths = mnist_candidates(data_dir=data_dir)
-    else:
-        paths = [Path(data_dir) / name, Path(data_dir) / f"{name}.npz"] if data_dir else []
-    for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        return (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    return ()
 
 
 class ModelServer:
@@ -201,7 +184,10 @@ class ModelServer:
 
         if folder is not None:
             return self.test_splits.get(str(folder), (), load)
-        return self.test_splits.get((name, str(data_dir)), dataset_version(name, data_dir), load)
+        return self.test_splits.get(
+            (name, str(data_dir)), dataset_file_identity(name, data_dir), load
+        )
+
 
 def serve(conn: Connection, server: ModelServer) -> None:
     """Answer the server's messages until it closes the socket."""
