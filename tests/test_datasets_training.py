@@ -139,5 +139,5 @@ def test_a_worker_trains_evaluates_and_predicts_on_a_pushed_file(tmp_path, kind)
         )
     )
     assert from_checkpoint.accuracy == pytest.approx(result.test_accuracy)
-    predictions = tasks.predict(PredictTask(job_dir=job_dir, inputs=centers))
+    predictions = server.predict(PredictTask(job_dir=job_dir, inputs=centers))
     assert list(predictions.probabilities.argmax(axis=1)) == [0, 1, 2]
