@@ -6,8 +6,11 @@ format). Images of any shape are flattened; uint8 pixels are scaled to [0, 1].
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,11 @@ from naive_model.npz import (  # noqa: F401 - part of this module's API
 
 MNIST_ENV = "NTRAIN_MNIST_PATH"
 KERAS_CACHE = Path("~/.keras/datasets/mnist.npz")
+# Where keras.datasets.mnist.load_data fetches MNIST from, and the file's SHA-256
+# it checks: the same file, fetched without importing Keras and TensorFlow.
+MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+MNIST_DOWNLOAD_SECONDS = 300.0
 
 # uint8 pixels p become p / UINT8_SCALE: here, and inside the training step.
 UINT8_SCALE = 255.0
@@ -291,17 +299,48 @@ def load_mnist(path: str | os.PathLike | None = None, *, data_dir=None, download
     reason = "download not attempted"
     if download:
         try:
-            from keras.datasets import mnist  # imported late: it pulls in TensorFlow
-
-            (x_train, y_train), (x_test, y_test) = mnist.load_data()
-            return from_arrays("mnist", x_train, y_train, x_test, y_test)
-        except Exception as error:  # the download has many ways to fail; report the one we saw
-            reason = f"Keras download failed: {type(error).__name__}: {error}"
+            return load_npz(download_mnist(), name="mnist")
+        except OSError as error:  # urllib's errors are OSErrors; so is a wrong digest
+            reason = f"download failed: {type(error).__name__}: {error}"
     places = ", ".join(str(candidate) for candidate in tried)
     raise DatasetNotFoundError(
         f"MNIST not found (looked in {places}; {reason}). Put Keras's mnist.npz in one of those "
         f"places or set {MNIST_ENV}=/path/to/mnist.npz."
     )
+
+
+def download_mnist(
+    destination: str | os.PathLike = KERAS_CACHE, *, seconds: float = MNIST_DOWNLOAD_SECONDS
+) -> Path:
+    """Fetch Keras's mnist.npz to `destination` (Keras's cache), checked by its SHA-256.
+
+    The file appears whole or not at all: it is written beside its destination
+    and renamed once its digest matches. Proxies come from the environment, as
+    for any urllib request.
+
+    Raises:
+        OSError: the download failed, took more than `seconds`, or its digest
+            is not MNIST's.
+    """
+    destination = Path(destination).expanduser()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f".{destination.name}.part")
+    deadline = time.monotonic() + seconds
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(MNIST_URL, timeout=min(seconds, 30.0)) as answer:
+            with partial.open("wb") as out:
+                while chunk := answer.read(1 << 20):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the download took more than {seconds:.0f} s")
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != MNIST_SHA256:
+            raise OSError(f"{MNIST_URL} is not MNIST: its SHA-256 is {digest.hexdigest()}")
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+    return destination
 
 
 def synthetic_dataset(

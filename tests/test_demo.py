@@ -1,7 +1,7 @@
 """`make demo` end to end: `python -m service.cli.demo` in a child process.
 
 HOME points at a temporary directory, so the demo finds MNIST only where the
-test puts it (~/.keras/datasets/mnist.npz). Without it, the Keras download is
+test puts it (~/.keras/datasets/mnist.npz). Without it, the download of Keras's copy is
 sent to a closed local port so it fails at once, with or without internet,
 and the demo must say so in one line and train on scikit-learn's bundled 8x8
 digits (on the synthetic set when scikit-learn cannot be imported).
@@ -79,7 +79,7 @@ def test_demo_trains_on_mnist_found_in_the_keras_cache(tmp_path, mnist_path):
 
 
 def closed_proxy() -> dict[str, str]:
-    """Proxy settings that send the Keras download to a closed local port: it fails at once."""
+    """Proxy settings that send the MNIST download to a closed local port: it fails at once."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -1,6 +1,7 @@
 """Data loading, the BatchGenerator, and the clear errors bad data gets."""
 
 import dataclasses
+import socket
 
 import numpy as np
 import pytest
@@ -147,22 +148,69 @@ def test_mnist_is_found_by_path_environment_and_keras_cache(mnist_path, tmp_path
     assert load_mnist(download=False).y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
-def test_mnist_missing_everywhere_says_where_it_looked(tmp_path, monkeypatch):
-    import keras
+def closed_loopback_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/mnist.npz"
 
+
+def test_mnist_missing_everywhere_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv(data.MNIST_ENV, raising=False)
+    monkeypatch.setattr(data, "MNIST_URL", closed_loopback_url())  # refused at once
 
-    def no_network():
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(keras.datasets.mnist, "load_data", no_network)
     with pytest.raises(DatasetNotFoundError) as error:
         load_mnist(data_dir=tmp_path / "data")
     message = str(error.value)
     assert str(tmp_path / "data" / "mnist.npz") in message
     assert str(tmp_path / ".keras" / "datasets" / "mnist.npz") in message
-    assert "network is unreachable" in message and data.MNIST_ENV in message
+    assert "download failed" in message and "refused" in message and data.MNIST_ENV in message
+    assert not (tmp_path / ".keras" / "datasets").exists() or not any(
+        (tmp_path / ".keras" / "datasets").iterdir()
+    )
+
+
+@pytest.fixture
+def served_file(tmp_path):
+    """A file served over HTTP on loopback for one test: (its URL, its bytes)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    content = np.arange(100_000, dtype=np.uint8).tobytes()
+    (folder / "mnist.npz").write_bytes(content)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/mnist.npz", content
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_download_mnist_writes_the_file_only_when_its_digest_is_mnists(
+    tmp_path, monkeypatch, served_file
+):
+    import hashlib
+
+    url, content = served_file
+    monkeypatch.setattr(data, "MNIST_URL", url)
+    destination = tmp_path / "cache" / "mnist.npz"
+
+    with pytest.raises(OSError, match="is not MNIST: its SHA-256 is"):
+        data.download_mnist(destination)
+    assert list(destination.parent.iterdir()) == []  # nothing half-written is left
+
+    monkeypatch.setattr(data, "MNIST_SHA256", hashlib.sha256(content).hexdigest())
+    assert data.download_mnist(destination) == destination
+    assert destination.read_bytes() == content
+    assert list(destination.parent.iterdir()) == [destination]
 
 
 def write_npz_with_headers(path, shapes, dtype="<f4", data=b"\0" * 64):
