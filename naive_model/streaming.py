@@ -134,15 +134,17 @@ def _mib(count: int) -> str:
     return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
-def window_order(
+def window_block(
     num_rows: int, window_rows: int, window: int, *, seed: int, epoch: int, shuffle: bool = True
-) -> np.ndarray:
-    """The rows of an epoch's `window`th window, in the order they train, (rows,).
+) -> tuple[int, np.ndarray]:
+    """An epoch's `window`th window: its block's first row, and the order its rows train in.
 
     Block b holds rows [b * window_rows, (b + 1) * window_rows). An epoch's
     windows are its full blocks in an order drawn from (seed, epoch), then
     the short last block; block b's rows are shuffled with (seed, epoch, b).
-    Nothing the size of the data set is built: a window is found by itself.
+    The order is of rows within the block, (rows,): the block is read as it
+    lies in the file and the devices gather its rows in this order. Nothing
+    the size of the data set is built: a window is found by itself.
     """
     full = num_rows // window_rows
     if window < full:
@@ -153,8 +155,8 @@ def window_order(
     start = block * window_rows
     count = min(window_rows, num_rows - start)
     if not shuffle:
-        return np.arange(start, start + count, dtype=np.int64)
-    return start + np.random.default_rng([seed, epoch, block]).permutation(count)
+        return start, np.arange(count, dtype=np.int64)
+    return start, np.random.default_rng([seed, epoch, block]).permutation(count)
 
 
 def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -183,12 +185,28 @@ def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_window(
-    x: np.ndarray, y: np.ndarray, rows: np.ndarray, window_rows: int
+def read_block(
+    x: np.ndarray, y: np.ndarray, start: int, count: int, window_rows: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x[rows] and y[rows], padded with zeros to `window_rows` rows."""
+    """Rows [start, start + count) of x and y, padded with zeros to `window_rows` rows.
+
+    One contiguous read straight into the window's buffer: from the file with
+    a plain read when x is a memory map (so its pages do not stay resident).
+    """
     images = np.zeros((window_rows, *x.shape[1:]), dtype=x.dtype)  # (window_rows, input_size)
     labels = np.zeros((window_rows,), dtype=np.int64)
-    images[: len(rows)] = take_rows(x, rows)
-    labels[: len(rows)] = take_rows(y, rows)
+    rows = images[:count]  # C-contiguous: the leading rows
+    if isinstance(x, np.memmap) and x.filename is not None and count:
+        view = memoryview(rows.data).cast("B")
+        with open(x.filename, "rb", buffering=0) as file:
+            file.seek(x.offset + start * rows[0].nbytes)
+            done = 0
+            while done < len(view):
+                read = file.readinto(view[done:])
+                if not read:
+                    raise EOFError(f"{x.filename} ends before row {start + count}")
+                done += read
+    else:
+        rows[...] = x[start : start + count]
+    labels[:count] = y[start : start + count]
     return images, labels

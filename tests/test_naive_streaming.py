@@ -13,16 +13,16 @@ import pytest
 
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
 from naive_model.formats import ConvertOptions, convert
-from naive_model.streaming import map_canonical, read_window, take_rows, window_order
+from naive_model.streaming import map_canonical, read_block, take_rows, window_block
 
 SMALL = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
 
 
 def _epoch(num_rows, window_rows, **seeds):
+    """The rows of an epoch in the order they train."""
     windows = -(-num_rows // window_rows)
-    return np.concatenate(
-        [window_order(num_rows, window_rows, w, **seeds) for w in range(windows)]
-    )
+    blocks = [window_block(num_rows, window_rows, w, **seeds) for w in range(windows)]
+    return np.concatenate([start + order for start, order in blocks])
 
 
 def test_an_epoch_order_is_seeded_by_seed_and_epoch_and_visits_every_row_once():
@@ -44,9 +44,12 @@ def test_rows_read_from_the_file_equal_rows_read_through_the_mapping(tmp_path):
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
     rows = rng.permutation(500)[:300]
     assert np.array_equal(take_rows(mapped, rows), x[rows])
-    images, labels = read_window(mapped, np.arange(500), rows[:100], 128)
-    assert np.array_equal(images[:100], x[rows[:100]]) and np.array_equal(labels[:100], rows[:100])
-    assert not images[100:].any()  # past the rows: padding
+    images, labels = read_block(mapped, np.arange(500), 400, 100, 128)  # the short last block
+    assert np.array_equal(images[:100], x[400:])
+    assert np.array_equal(labels[:100], np.arange(400, 500))
+    assert not images[100:].any() and not labels[100:].any()  # past the rows: padding
+    images, labels = read_block(x, np.arange(500), 128, 128, 128)  # an array in memory
+    assert np.array_equal(images, x[128:256]) and np.array_equal(labels, np.arange(128, 256))
 
 
 @pytest.fixture(scope="module")
