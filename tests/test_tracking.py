@@ -27,6 +27,8 @@ from conftest import IN_CI, require_tool
 
 from naive_model.config import LayerSpec, TrainConfig
 from naive_model.results import EpochEnd, Progress, TrainingResult
+from service.jobs.experiment_spec import ExperimentSpec, FloatParameter
+from service.jobs.experiments import ExperimentRecord, ExperimentState, TrialRecord, TrialState
 from service.jobs.store import JobRecord
 from service.jobs.tracking import RUN_ID_FILE, MlflowTracker, flatten
 from service.protocol import JobSpec, JobState
@@ -219,6 +221,73 @@ def test_a_job_is_one_run_with_its_spec_tags_epochs_status_and_model(tracking_se
     downloaded = Path(client.download_artifacts(run_id, "model", str(tmp_path / "download")))
     assert (downloaded / "saved_model.pb").read_bytes() == b"a saved model"
     assert (downloaded / "variables" / "variables.index").read_bytes() == b"weights"
+
+
+def _experiment(state: ExperimentState, trials: tuple[TrialRecord, ...], best: int | None):
+    base = _record().spec
+    spec = ExperimentSpec(
+        base=base,
+        parameters=(FloatParameter(name="train.learning_rate", low=1e-4, high=1e-1, log=True),),
+        max_trials=2,
+        name="lr search",
+    )
+    return ExperimentRecord(
+        experiment_id="exp-0123456789ab",
+        request_id="",
+        owner="alice",
+        spec=spec,
+        state=state,
+        reason="all 2 trials ran" if state is not ExperimentState.RUNNING else "",
+        create_time=time.time(),
+        end_time=None,
+        trials=trials,
+        best_trial=best,
+    )
+
+
+@pytest.mark.slow
+def test_an_experiments_trials_are_runs_nested_under_its_own_run(tracking_server, tmp_path):
+    failures = Failures()
+    tracker = MlflowTracker(
+        tracking_server, on_failure=failures, job_dir=lambda job_id: tmp_path / job_id
+    )
+    trials = [
+        _record(spec=dataclasses.replace(
+            _record().spec, labels=(("experiment", "exp-0123456789ab"), ("trial", str(n)))
+        ))
+        for n in range(2)
+    ]  # fmt: skip
+    running = _experiment(ExperimentState.RUNNING, (), None)
+    tracker.experiment_changed(running)
+    done = []
+    for number, trial in enumerate(trials):
+        tracker.job_started(trial)
+        tracker.epoch_end(trial.job_id, _epoch(1))
+        tracker.job_ended(_ended(trial, JobState.SUCCEEDED), None)
+        done.append(TrialRecord(
+            number=number, params=(("train.learning_rate", 0.01),), job_id=trial.job_id,
+            state=TrialState.SUCCEEDED, epochs=1, metric=0.5 + number / 10,
+        ))  # fmt: skip
+        tracker.experiment_changed(_experiment(ExperimentState.RUNNING, tuple(done), best=number))
+    tracker.experiment_changed(_experiment(ExperimentState.SUCCEEDED, tuple(done), best=1))
+    assert tracker.close(60)
+    assert failures.calls == []
+
+    client = mlflow_tracking.MlflowClient(tracking_server)
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`ntrain.experiment_id` = 'exp-0123456789ab'",
+    )
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "lr search"
+    assert parent.data.tags["mlflow.user"] == "alice"
+    assert parent.data.params["max_trials"] == "2"
+    assert parent.data.params["parameters.0.name"] == "train.learning_rate"
+    # The best metric so far, on the axis of trials finished.
+    assert _steps(client, parent.info.run_id, "best_eval_accuracy") == [(1, 0.5), (2, 0.6)]
+    for trial in trials:
+        (run,) = _runs_of(client, trial.job_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
 
 
 @pytest.mark.slow

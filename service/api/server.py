@@ -147,11 +147,16 @@ class TrainingServer:
         self._datasets = DatasetStore(
             config.state_dir, users_of=lambda digest: self._jobs().jobs_using(digest)
         )
-        # Told of every trial's events by the job loop; started after it, below.
-        self.experiments = ExperimentManager(config.state_dir, metrics=self.metrics)
-        observers: list[JobObserver] = [self.experiments]
         if config.mlflow_tracking_uri is not None:
             self._tracker = self._start_tracker(config.mlflow_tracking_uri, self._store)
+        # Told of every trial's events by the job loop; started after it, below.
+        self.experiments = ExperimentManager(
+            config.state_dir,
+            metrics=self.metrics,
+            on_change=self._tracker.experiment_changed if self._tracker is not None else None,
+        )
+        observers: list[JobObserver] = [self.experiments]
+        if self._tracker is not None:
             observers.append(TrackingObserver(self._tracker, self._store.exported_model))
         self.manager = JobManager(
             self._store,
@@ -315,6 +320,9 @@ class TrainingServer:
         def on_failure(job_id: str, message: str) -> None:
             # From the tracker's thread, or the loop's when its queue is full: never waits.
             self.metrics.mlflow_log_failed()
+            if not store.job_dir(job_id).is_dir():  # an experiment's run: no job log
+                log.warning("%s: %s", job_id, message)
+                return
             try:
                 with open(store.job_files(job_id).train_log, "a") as job_log:
                     job_log.write(f"{time.strftime('%H:%M:%S')} server: {message}\n")

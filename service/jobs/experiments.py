@@ -221,6 +221,9 @@ class ExperimentManager:
         state_dir: the server's state directory; the search's storage is
             `experiments.db` in it.
         metrics: trials by state and the best metric, per experiment.
+        on_change: called with each new snapshot of an experiment, on this
+            loop's thread (the MLflow tracker's `experiment_changed`: it only
+            queues); it must not block or raise.
         pause_at: the test hook described in the module's docstring.
     """
 
@@ -229,12 +232,14 @@ class ExperimentManager:
         state_dir: Path,
         *,
         metrics: ExperimentMetrics | None = None,
+        on_change: Callable[[ExperimentRecord], None] | None = None,
         pause_at: str | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.state_dir = Path(state_dir)
         self._storage_url = f"sqlite:///{self.state_dir / 'experiments.db'}"
         self._metrics = metrics
+        self._on_change = on_change
         self._pause_at = os.environ.get(PAUSE_ENV, "") if pause_at is None else pause_at
         self._clock = clock
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -715,6 +720,8 @@ class ExperimentManager:
             self._changed.notify_all()
         if self._metrics is not None:
             self._report_metrics(record)
+        if self._on_change is not None:
+            self._on_change(record)
 
     def _report_metrics(self, record: ExperimentRecord) -> None:
         assert self._metrics is not None

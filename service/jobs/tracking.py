@@ -16,6 +16,12 @@ in the job's folder (`mlflow_run_id`) and as the run's `ntrain.job_id` tag, so
 a restarted server finds the run again instead of opening a second one.
 
 A job opts out with the label `mlflow=off`.
+
+An experiment is a run too, and its trials' runs are nested under it (MLflow's
+`mlflow.parentRunId` tag): the experiment's run holds its spec as parameters,
+the best metric so far (its step: trials finished) and, once every trial has
+ended, the experiment's status. It is found again by its `ntrain.experiment_id`
+tag, so a restarted server nests later trials under the same run.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from naive_model.results import EpochEnd
 from service.protocol import JobState, StateChange
 
 if TYPE_CHECKING:
+    from service.jobs.experiments import ExperimentRecord
     from service.jobs.store import Event, JobRecord
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,11 @@ log = logging.getLogger(__name__)
 OPT_OUT_LABEL = ("mlflow", "off")
 RUN_ID_FILE = "mlflow_run_id"
 JOB_ID_TAG = "ntrain.job_id"
+EXPERIMENT_ID_TAG = "ntrain.experiment_id"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
+TRIAL_LABELS = ("experiment", "trial")  # a trial's job carries both
+# The experiment run's status for each end of an experiment (ExperimentState's names).
+EXPERIMENT_RUN_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}
 # The run's status for each end of a job.
 RUN_STATUS = {
     JobState.SUCCEEDED: "FINISHED",
@@ -82,7 +94,13 @@ class _Ended:
     time_ms: int
 
 
-_Event = _Started | _Epoch | _Ended
+@dataclass(frozen=True)
+class _ExperimentChanged:
+    record: ExperimentRecord
+    time_ms: int
+
+
+_Event = _Started | _Epoch | _Ended | _ExperimentChanged
 _STOP = object()
 
 
@@ -109,6 +127,19 @@ def run_params(record: JobRecord) -> list[tuple[str, str]]:
     spec = record.spec.to_dict()
     spec.pop("name", None)
     spec.pop("labels", None)
+    return list(flatten(spec))
+
+
+def experiment_of(record: JobRecord) -> str | None:
+    """The experiment a trial's job belongs to; None for any other job."""
+    labels = dict(record.spec.labels)
+    return labels["experiment"] if all(key in labels for key in TRIAL_LABELS) else None
+
+
+def experiment_params(record: ExperimentRecord) -> list[tuple[str, str]]:
+    """The experiment's spec as parameters; its name is the run's name instead."""
+    spec = record.spec.to_dict()
+    spec.pop("name", None)
     return list(flatten(spec))
 
 
@@ -176,6 +207,8 @@ class MlflowTracker:
         self._records: dict[str, JobRecord] = {}
         self._runs: dict[str, str] = {}
         self._skipped: set[str] = set()
+        self._experiment_runs: dict[str, str] = {}  # experiment id -> its run
+        self._experiment_logged: dict[str, tuple] = {}  # what was logged of each, last
         self._thread = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -192,6 +225,10 @@ class MlflowTracker:
     def job_ended(self, record: JobRecord, model_dir: Path | None) -> None:
         """The job reached a final state; `model_dir` is its exported model, if any."""
         self._put(_Ended(record, model_dir, _now_ms()))
+
+    def experiment_changed(self, record: ExperimentRecord) -> None:
+        """An experiment's snapshot: its run's parameters, best metric and, once settled, end."""
+        self._put(_ExperimentChanged(record, _now_ms()))
 
     def close(self, timeout: float = 10.0) -> bool:
         """Take no more calls and send what is queued, for `timeout` seconds at most.
@@ -264,16 +301,22 @@ class MlflowTracker:
                     self._end_run(record, model_dir, time_ms)
                 finally:
                     self._forget(job_id)
+            case _ExperimentChanged(record, time_ms):
+                self._log_experiment(record, time_ms)
 
     def _start_run(self, record: JobRecord) -> None:
         """Open the job's run, or find it again, and log its parameters and tags."""
         from mlflow.entities import Param, RunTag
 
+        tags_of_run = run_tags(record)
+        experiment_id = experiment_of(record)
+        if experiment_id is not None:
+            tags_of_run[PARENT_RUN_TAG] = self._experiment_run(experiment_id, record.owner)
         run_id = self._runs.get(record.job_id) or self._find_run(record.job_id)
         if run_id is None:
             run = self._client.create_run(
                 self._experiment(),
-                tags=run_tags(record),
+                tags=tags_of_run,
                 run_name=record.spec.name or record.job_id,
             )
             run_id = run.info.run_id
@@ -284,7 +327,7 @@ class MlflowTracker:
         # Again on a resume: logging a parameter with the value it has is allowed,
         # and it completes a start that failed half-way.
         params = [Param(key, value) for key, value in run_params(record)]
-        tags = [RunTag(key, value) for key, value in run_tags(record).items()]
+        tags = [RunTag(key, value) for key, value in tags_of_run.items()]
         for start in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):
             self._client.log_batch(
                 run_id,
@@ -319,6 +362,63 @@ class MlflowTracker:
         self._client.set_terminated(
             run_id, status=RUN_STATUS.get(record.state, "FAILED"), end_time=time_ms
         )
+
+    def _experiment_run(self, experiment_id: str, owner: str) -> str:
+        """The experiment's run: known, found by its tag (an earlier server's), or opened now."""
+        if experiment_id in self._experiment_runs:
+            return self._experiment_runs[experiment_id]
+        found: list[Any] = []
+        if _JOB_ID.fullmatch(experiment_id):
+            found = self._client.search_runs(
+                [self._experiment()],
+                filter_string=f"tags.`{EXPERIMENT_ID_TAG}` = '{experiment_id}'",
+                max_results=1,
+            )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            tags = {EXPERIMENT_ID_TAG: experiment_id}
+            if owner:
+                tags.update({"ntrain.owner": owner, "mlflow.user": owner})
+            run_id = self._client.create_run(
+                self._experiment(), tags=tags, run_name=experiment_id
+            ).info.run_id
+        self._experiment_runs[experiment_id] = run_id
+        return run_id
+
+    def _log_experiment(self, record: ExperimentRecord, time_ms: int) -> None:
+        """Log what changed of an experiment: its spec once, its best metric, its end."""
+        from mlflow.entities import Param, RunTag
+
+        experiment_id = record.experiment_id
+        run_id = self._experiment_run(experiment_id, record.owner)
+        logged = self._experiment_logged.get(experiment_id)
+        if logged is None:  # once per server: the same values again are allowed
+            params = [Param(key, value) for key, value in experiment_params(record)]
+            tags = [RunTag(EXPERIMENT_ID_TAG, experiment_id)]
+            if record.spec.name:
+                tags.append(RunTag("mlflow.runName", record.spec.name))
+            for start in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):
+                self._client.log_batch(
+                    run_id,
+                    params=params[start : start + MAX_PARAMS_PER_BATCH],
+                    tags=tags if start == 0 else [],
+                )
+            logged = ()
+        finished = sum(trial.state.finished for trial in record.trials)
+        best = record.trials[record.best_trial] if record.best_trial is not None else None
+        now = (finished, None if best is None else (best.number, best.metric))
+        if best is not None and best.metric is not None and now != logged:
+            values = {f"best_{record.spec.metric}": best.metric, "best_trial": best.number}
+            self._log_metrics(run_id, values, time_ms, finished)
+        self._experiment_logged[experiment_id] = now
+        if record.settled:
+            status = EXPERIMENT_RUN_STATUS.get(record.state.name, "FAILED")
+            if record.reason:
+                self._client.log_batch(run_id, tags=[RunTag("ntrain.reason", record.reason)])
+            self._client.set_terminated(run_id, status=status, end_time=time_ms)
+            self._experiment_runs.pop(experiment_id, None)
+            self._experiment_logged.pop(experiment_id, None)
 
     def _log_metrics(self, run_id: str, values: dict[str, float], time_ms: int, step: int):
         from mlflow.entities import Metric
@@ -410,12 +510,19 @@ def epoch_metrics(epoch: EpochEnd) -> dict[str, float]:
 
 
 def event_job_id(event: _Event) -> str:
-    return event.job_id if isinstance(event, _Epoch) else event.record.job_id
+    """The job whose log hears of the event's failure (an experiment's: its id)."""
+    if isinstance(event, _Epoch):
+        return event.job_id
+    if isinstance(event, _ExperimentChanged):
+        return event.record.experiment_id
+    return event.record.job_id
 
 
 def describe(event: _Event) -> str:
     if isinstance(event, _Epoch):
         return f"epoch {event.epoch.epoch}"
+    if isinstance(event, _ExperimentChanged):
+        return "the experiment's run"
     return "the run's start" if isinstance(event, _Started) else "the run's end"
 
 
@@ -452,4 +559,3 @@ class TrackingObserver:
             self.tracker.job_started(record)
         if isinstance(payload, EpochEnd):
             self.tracker.epoch_end(record.job_id, payload)
-
