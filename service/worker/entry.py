@@ -20,6 +20,7 @@ protocol. The server ends a job by ending this process; nothing here polls for i
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import threading
@@ -186,5 +187,22 @@ def _redirect_output(path: Path) -> None:
     os.close(log)
 
 
+def _exit_now() -> None:
+    """End the process without the interpreter's and TensorFlow's teardown.
+
+    By now the task's files are written and closed and its answer sent. A
+    normal exit of a process that ran TensorFlow takes about a second
+    (1.05 s measured, against 0.05 s this way): a second longer before a
+    preempted job's devices are free, a stopping server exits, or the next
+    job on a slot starts. The atexit hooks still run: autograph's temporary
+    files, logging's flush.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    _exit_now()
