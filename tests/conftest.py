@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,20 @@ collect_ignore = (
 
 # Keep TensorFlow's C++ start-up chatter out of test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The suite's own temporary files (autograph's generated modules from this
+# process and every child it starts, which a killed child cannot remove) go to
+# one folder, removed when the session ends: a suite run leaves nothing in the
+# system's temporary directory. Set before any test module imports TensorFlow.
+# pytest's tmp_path folders stay where pytest keeps them (its last three runs).
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SUITE_TEMP_DIR = Path(tempfile.mkdtemp(prefix="ntrain-tests-"))
+os.environ["TMPDIR"] = str(SUITE_TEMP_DIR)
+tempfile.tempdir = str(SUITE_TEMP_DIR)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SUITE_TEMP_DIR, ignore_errors=True)
 
 
 def pytest_collection_finish(session):
