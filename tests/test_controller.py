@@ -1144,3 +1144,20 @@ def test_a_damaged_checkpoint_passed_over_is_said_in_the_jobs_history(loop):
         RUNNING,
         "checkpoint ckpt-24 is damaged (Read less bytes than requested); resumed from ckpt-16",
     )
+
+
+def test_a_cancel_is_handled_before_the_reports_already_waiting(tmp_path):
+    """A job that floods the loop with events cannot hold its cancel back behind them."""
+    recorder = Recorder()
+    loop = Harness(tmp_path, observers=(recorder,))
+    job = loop.submit()
+    runner = loop.running(job.job_id)
+    runner.report(*(progress(step) for step in range(1, 501)))  # waiting, not handled yet
+    loop.controller.post(CancelJob(job.job_id))
+    loop.settle()
+    kinds = [(state, kind) for _, state, kind in recorder.seen[3:]]
+    assert kinds[0] == (CANCELLING, StateChange) and runner.stops == [CANCEL]
+    assert kinds[1:] == [(CANCELLING, Progress)] * 500  # every report still stored, in order
+    stored = loop.store.events_after(job.job_id, 0)
+    steps = [event.payload.step for event in stored if isinstance(event.payload, Progress)]
+    assert steps == list(range(1, 501))

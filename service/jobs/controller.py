@@ -11,7 +11,10 @@ no lock of this module is taken by another (Kubernetes controllers and
 Kueue's scheduler work this way: one queue of events, one reconcile loop).
 
 Runners report on their own threads by posting `WorkerReported` and, last,
-`RunEnded`; a runner's events are handled in the order it sent them. The
+`RunEnded`; a runner's events are handled in the order it sent them. What
+callers ask (submit, cancel, shutdown, `InLoop`) is handled before runners'
+reports already waiting: a job that floods the loop with events (thousands
+of tiny epochs on a loaded machine) cannot hold a cancel back behind them. The
 loop wakes by itself when time alone changes an answer: an `auto` job's wait
 for a GPU ends, or a run reaches its max_runtime_seconds.
 
@@ -22,6 +25,7 @@ posted, and `FakeClock` moves time (tests/test_controller.py).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -187,6 +191,9 @@ class StopRuns:
 Message = (
     SubmitJob | CancelJob | WorkerReported | RunEnded | Tick | StopAdmitting | StopRuns | InLoop
 )
+# The inbox's order: callers' requests first, then runners' reports and timers
+# (among themselves first come, first handled, so a runner's events keep their order).
+ASKED, REPORTED = 0, 1
 
 
 @dataclass(frozen=True)
@@ -278,7 +285,9 @@ class JobController:
         # Jobs whose end could not be recorded (the store failed), and why they end.
         self._unsettled: dict[str, str] = {}
         self._settle_again: float | None = None
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # (ASKED or REPORTED, arrival number, (message, future) or _QUIT)
+        self._inbox: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()  # thread-safe enough: next() holds the GIL
         self._runs: dict[str, _Run] = {}
         self._closed = False
         self._counts_changed = True
@@ -290,7 +299,8 @@ class JobController:
     def post(self, message: Message) -> Future:
         """Hand the loop a message; the future holds its answer once handled."""
         future: Future = Future()
-        self._inbox.put((message, future))
+        rank = REPORTED if isinstance(message, WorkerReported | RunEnded | Tick) else ASKED
+        self._inbox.put((rank, next(self._arrivals), (message, future)))
         return future
 
     def call(self, message: Message, timeout: float | None = None) -> Any:
@@ -308,7 +318,7 @@ class JobController:
         handled = 0
         while True:
             try:
-                item = self._inbox.get_nowait()
+                *_, item = self._inbox.get_nowait()
             except queue.Empty:
                 return handled
             if item is not _QUIT:
@@ -349,7 +359,7 @@ class JobController:
         for runner in runners:
             runner.join(STOPPED_RUNNER_SECONDS)
         if self._thread is not None:
-            self._inbox.put(_QUIT)
+            self._inbox.put((REPORTED, next(self._arrivals), _QUIT))
             self._thread.join(STOPPED_RUNNER_SECONDS)
         # Nothing runs for this server any more: every watcher may end.
         self.snapshot = LoopSnapshot(closed=True, queue_length=self.scheduler.queue_length)
@@ -358,7 +368,7 @@ class JobController:
     def _serve(self) -> None:
         while True:
             try:
-                item = self._inbox.get(timeout=self._seconds_to_next_deadline())
+                *_, item = self._inbox.get(timeout=self._seconds_to_next_deadline())
             except queue.Empty:
                 item = (Tick(), None)
             if item is _QUIT:
