@@ -1161,3 +1161,22 @@ def test_a_cancel_is_handled_before_the_reports_already_waiting(tmp_path):
     stored = loop.store.events_after(job.job_id, 0)
     steps = [event.payload.step for event in stored if isinstance(event.payload, Progress)]
     assert steps == list(range(1, 501))
+
+
+def test_a_jobs_end_is_seen_only_once_its_devices_are_free(tmp_path):
+    """An observer of the end (as a client told CANCELED is) finds the job no longer running."""
+    seen_running: list[dict] = []
+
+    class AtTheEnd:
+        def job_event(self, record, event) -> None:
+            if record.finished:
+                seen_running.append(dict(loop.controller.snapshot.running))
+
+    loop = Harness(tmp_path, observers=(AtTheEnd(),))
+    job = loop.submit()
+    loop.running(job.job_id)
+    loop.controller.call(CancelJob(job.job_id))
+    loop.runner(job.job_id).end(RunEnd.CANCELED, "canceled")
+    loop.settle()
+    assert loop.record(job.job_id).state is CANCELED
+    assert seen_running == [{}]

@@ -757,6 +757,9 @@ class JobController:
         """A run is over: free its devices, then record the job's end, or queue it again."""
         run = self._runs.pop(job_id, None)
         self.scheduler.release(job_id)
+        # Readers see the devices free before they can see the job's end: a
+        # client told CANCELED or SUCCEEDED never finds the job still running.
+        self._publish()
         record = self.feed.record(job_id)
         run_seconds = self._clock.monotonic() - run.started if run else 0.0
         if record.finished:
