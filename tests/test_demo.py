@@ -49,24 +49,31 @@ def final_accuracy(output: str) -> float:
     return float(match.group(1))
 
 
+def pids_mentioning(folder: Path) -> list[int]:
+    """The processes whose command line names `folder`."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder) in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # the process ended while we looked
+    return pids
+
+
 def assert_server_gone(output: str) -> None:
     """The demo's temporary state is removed, and no process still uses it."""
     state_dir = Path(re.search(r"log (\S+)/server\.log\)", output).group(1))
     assert not state_dir.exists()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            assert str(state_dir) not in cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            continue  # the process ended while we looked
+    assert pids_mentioning(state_dir) == []
 
 
 def kill_processes_mentioning(folder: Path) -> None:
     """SIGKILL every process whose command line names `folder` (this test's own)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for pid in pids_mentioning(folder):
         try:
-            if str(folder) in cmdline.read_bytes().decode(errors="replace"):
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             continue  # it ended while we looked
 
 
