@@ -306,8 +306,6 @@ class MlflowTracker:
 
     def _start_run(self, record: JobRecord) -> None:
         """Open the job's run, or find it again, and log its parameters and tags."""
-        from mlflow.entities import Param, RunTag
-
         tags_of_run = run_tags(record)
         experiment_id = experiment_of(record)
         if experiment_id is not None:
@@ -326,14 +324,7 @@ class MlflowTracker:
             self._client.update_run(run_id, status="RUNNING")
         # Again on a resume: logging a parameter with the value it has is allowed,
         # and it completes a start that failed half-way.
-        params = [Param(key, value) for key, value in run_params(record)]
-        tags = [RunTag(key, value) for key, value in tags_of_run.items()]
-        for start in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(
-                run_id,
-                params=params[start : start + MAX_PARAMS_PER_BATCH],
-                tags=tags if start == 0 else [],
-            )
+        self._log_params(run_id, run_params(record), tags_of_run)
 
     def _end_run(self, record: JobRecord, model_dir: Path | None, time_ms: int) -> None:
         from mlflow.entities import RunTag
@@ -367,16 +358,8 @@ class MlflowTracker:
         """The experiment's run: known, found by its tag (an earlier server's), or opened now."""
         if experiment_id in self._experiment_runs:
             return self._experiment_runs[experiment_id]
-        found: list[Any] = []
-        if _JOB_ID.fullmatch(experiment_id):
-            found = self._client.search_runs(
-                [self._experiment()],
-                filter_string=f"tags.`{EXPERIMENT_ID_TAG}` = '{experiment_id}'",
-                max_results=1,
-            )
-        if found:
-            run_id = found[0].info.run_id
-        else:
+        run_id = self._run_tagged(EXPERIMENT_ID_TAG, experiment_id)
+        if run_id is None:
             tags = {EXPERIMENT_ID_TAG: experiment_id}
             if owner:
                 tags.update({"ntrain.owner": owner, "mlflow.user": owner})
@@ -388,22 +371,16 @@ class MlflowTracker:
 
     def _log_experiment(self, record: ExperimentRecord, time_ms: int) -> None:
         """Log what changed of an experiment: its spec once, its best metric, its end."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         experiment_id = record.experiment_id
         run_id = self._experiment_run(experiment_id, record.owner)
         logged = self._experiment_logged.get(experiment_id)
         if logged is None:  # once per server: the same values again are allowed
-            params = [Param(key, value) for key, value in experiment_params(record)]
-            tags = [RunTag(EXPERIMENT_ID_TAG, experiment_id)]
+            tags = {EXPERIMENT_ID_TAG: experiment_id}
             if record.spec.name:
-                tags.append(RunTag("mlflow.runName", record.spec.name))
-            for start in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):
-                self._client.log_batch(
-                    run_id,
-                    params=params[start : start + MAX_PARAMS_PER_BATCH],
-                    tags=tags if start == 0 else [],
-                )
+                tags["mlflow.runName"] = record.spec.name
+            self._log_params(run_id, experiment_params(record), tags)
             logged = ()
         finished = sum(trial.state.finished for trial in record.trials)
         best = record.trials[record.best_trial] if record.best_trial is not None else None
@@ -419,6 +396,19 @@ class MlflowTracker:
             self._client.set_terminated(run_id, status=status, end_time=time_ms)
             self._experiment_runs.pop(experiment_id, None)
             self._experiment_logged.pop(experiment_id, None)
+
+    def _log_params(self, run_id: str, params: list[tuple[str, str]], tags: dict[str, str]):
+        """Parameters and tags, in as many requests as the tracking server's batch limit needs."""
+        from mlflow.entities import Param, RunTag
+
+        param_entities = [Param(key, value) for key, value in params]
+        tag_entities = [RunTag(key, value) for key, value in tags.items()]
+        for start in range(0, max(len(param_entities), 1), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(
+                run_id,
+                params=param_entities[start : start + MAX_PARAMS_PER_BATCH],
+                tags=tag_entities if start == 0 else [],
+            )
 
     def _log_metrics(self, run_id: str, values: dict[str, float], time_ms: int, step: int):
         from mlflow.entities import Metric
@@ -447,25 +437,27 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         path = self._job_dir(job_id) / RUN_ID_FILE
-        run_id = path.read_text().strip() if path.is_file() else ""
-        if run_id:
+        kept = path.read_text().strip() if path.is_file() else ""
+        if kept:
             try:
-                if self._client.get_run(run_id).info.lifecycle_stage == "active":
-                    return run_id
+                if self._client.get_run(kept).info.lifecycle_stage == "active":
+                    return kept
             except MlflowException as error:  # another tracking server's run, or deleted
                 if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-        if not _JOB_ID.fullmatch(job_id):
+        run_id = self._run_tagged(JOB_ID_TAG, job_id)
+        if run_id is not None:
+            self._remember(job_id, run_id)
+        return run_id
+
+    def _run_tagged(self, tag: str, value: str) -> str | None:
+        """The run whose `tag` is `value` (a job's or an experiment's id), if there is one."""
+        if not _JOB_ID.fullmatch(value):  # only ids that are safe inside the filter's quotes
             return None
         runs = self._client.search_runs(
-            [self._experiment()],
-            filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'",
-            max_results=1,
+            [self._experiment()], filter_string=f"tags.`{tag}` = '{value}'", max_results=1
         )
-        if not runs:
-            return None
-        self._remember(job_id, runs[0].info.run_id)
-        return runs[0].info.run_id
+        return runs[0].info.run_id if runs else None
 
     def _remember(self, job_id: str, run_id: str) -> None:
         self._runs[job_id] = run_id
