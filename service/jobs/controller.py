@@ -473,12 +473,7 @@ class JobController:
 
     def _publish(self) -> None:
         """Replace the snapshot readers see, and the job counts when states changed."""
-        running = self.scheduler.running
-        self.snapshot = LoopSnapshot(
-            closed=self._closed,
-            running=MappingProxyType(running),
-            queue_length=self.scheduler.queue_length,
-        )
+        self._publish_snapshot()
         if self._counts_changed:
             try:
                 self.metrics.set_jobs_by_state(self.store.count_by_state())
@@ -486,6 +481,13 @@ class JobController:
                 self._counts_changed = False
             except Exception:  # a store that cannot be read: the loop goes on, counts later
                 log.exception("could not count the jobs by state")
+
+    def _publish_snapshot(self) -> None:
+        self.snapshot = LoopSnapshot(
+            closed=self._closed,
+            running=MappingProxyType(self.scheduler.running),
+            queue_length=self.scheduler.queue_length,
+        )
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -759,7 +761,7 @@ class JobController:
         self.scheduler.release(job_id)
         # Readers see the devices free before they can see the job's end: a
         # client told CANCELED or SUCCEEDED never finds the job still running.
-        self._publish()
+        self._publish_snapshot()
         record = self.feed.record(job_id)
         run_seconds = self._clock.monotonic() - run.started if run else 0.0
         if record.finished:
