@@ -159,29 +159,31 @@ def window_block(
     return start, np.random.default_rng([seed, epoch, block]).permutation(count)
 
 
-def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """array[rows], read from the file with plain reads when `array` is a memory map.
+def read_rows(
+    array: np.ndarray, start: int, stop: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """array[start:stop], into `out` (C-contiguous) when given, else into a new array.
 
-    The rows are read a contiguous run at a time (a window's rows come from
-    one or two blocks), so a window costs a few large reads.
+    A memory map is read from its file with one plain read, so its pages do
+    not stay in this process's resident memory (a window's block, a batch of
+    the test split); an array in memory is copied.
     """
-    if not isinstance(array, np.memmap) or array.filename is None or not len(rows):
-        return np.asarray(array[rows])
-    row_shape = array.shape[1:]
-    row_items = math.prod(row_shape)
-    out = np.empty((len(rows), *row_shape), dtype=array.dtype)
-    order = np.argsort(rows, kind="stable")
-    ordered = rows[order]
-    # Runs of rows whose gaps are small enough that reading across them is cheaper.
-    breaks = np.flatnonzero(np.diff(ordered) > 64) + 1
-    with open(array.filename, "rb") as file:
-        for run in np.split(np.arange(len(ordered)), breaks):
-            first, last = int(ordered[run[0]]), int(ordered[run[-1]])
-            file.seek(array.offset + first * row_items * array.dtype.itemsize)
-            count = (last - first + 1) * row_items
-            span = np.fromfile(file, dtype=array.dtype, count=count)
-            span = span.reshape(last - first + 1, *row_shape)
-            out[order[run]] = span[ordered[run] - first]
+    count = max(0, min(stop, len(array)) - start)
+    if out is None:
+        out = np.empty((count, *array.shape[1:]), dtype=array.dtype)
+    if isinstance(array, np.memmap) and array.filename is not None and count:
+        row_bytes = math.prod(array.shape[1:]) * array.dtype.itemsize
+        view = memoryview(out.data).cast("B")
+        with open(array.filename, "rb", buffering=0) as file:
+            file.seek(array.offset + start * row_bytes)
+            done = 0
+            while done < len(view):
+                read = file.readinto(view[done:])
+                if not read:
+                    raise EOFError(f"{array.filename} ends before row {start + count}")
+                done += read
+    else:
+        out[...] = array[start : start + count]
     return out
 
 
@@ -190,23 +192,10 @@ def read_block(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows [start, start + count) of x and y, padded with zeros to `window_rows` rows.
 
-    One contiguous read straight into the window's buffer: from the file with
-    a plain read when x is a memory map (so its pages do not stay resident).
+    The images are read straight into the window's buffer (`read_rows`).
     """
     images = np.zeros((window_rows, *x.shape[1:]), dtype=x.dtype)  # (window_rows, input_size)
     labels = np.zeros((window_rows,), dtype=np.int64)
-    rows = images[:count]  # C-contiguous: the leading rows
-    if isinstance(x, np.memmap) and x.filename is not None and count:
-        view = memoryview(rows.data).cast("B")
-        with open(x.filename, "rb", buffering=0) as file:
-            file.seek(x.offset + start * rows[0].nbytes)
-            done = 0
-            while done < len(view):
-                read = file.readinto(view[done:])
-                if not read:
-                    raise EOFError(f"{x.filename} ends before row {start + count}")
-                done += read
-    else:
-        rows[...] = x[start : start + count]
-    labels[:count] = y[start : start + count]
+    read_rows(x, start, start + count, out=images[:count])  # the leading rows: C-contiguous
+    labels[:count] = read_rows(y, start, start + count)
     return images, labels

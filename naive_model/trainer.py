@@ -28,7 +28,7 @@ from naive_model.layers import build_model
 from naive_model.losses import per_example_loss
 from naive_model.optimizers import make_optimizer
 from naive_model.results import EpochResult, Metrics, Progress
-from naive_model.streaming import MappedDataset, read_block, take_rows, window_block
+from naive_model.streaming import MappedDataset, read_block, read_rows, window_block
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
 COMPUTE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
@@ -548,10 +548,9 @@ class Trainer:
         loss_sum, correct = 0.0, 0
         batch = 2048
         for start in range(0, len(x), batch):
-            rows = np.arange(start, min(start + batch, len(x)))
             batch_loss, batch_correct = self._evaluate_batch(
-                tf.constant(to_features(take_rows(x, rows)), tf.float32),
-                tf.constant(take_rows(y, rows), tf.int64),
+                tf.constant(to_features(read_rows(x, start, start + batch)), tf.float32),
+                tf.constant(read_rows(y, start, start + batch), tf.int64),
             )
             loss_sum += float(batch_loss)
             correct += int(batch_correct)

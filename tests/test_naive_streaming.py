@@ -13,7 +13,7 @@ import pytest
 
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
 from naive_model.formats import ConvertOptions, convert
-from naive_model.streaming import map_canonical, read_block, take_rows, window_block
+from naive_model.streaming import map_canonical, read_block, read_rows, window_block
 
 SMALL = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
 
@@ -42,8 +42,10 @@ def test_rows_read_from_the_file_equal_rows_read_through_the_mapping(tmp_path):
     x = rng.integers(0, 256, (500, 7), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    rows = rng.permutation(500)[:300]
-    assert np.array_equal(take_rows(mapped, rows), x[rows])
+    assert np.array_equal(read_rows(mapped, 0, 300), x[:300])
+    assert np.array_equal(read_rows(mapped, 300, 900), x[300:])  # past the end: to the end
+    out = np.zeros((100, 7), dtype=np.uint8)
+    assert read_rows(mapped, 200, 300, out=out) is out and np.array_equal(out, x[200:300])
     images, labels = read_block(mapped, np.arange(500), 400, 100, 128)  # the short last block
     assert np.array_equal(images[:100], x[400:])
     assert np.array_equal(labels[:100], np.arange(400, 500))
