@@ -7,6 +7,7 @@ format). Images of any shape are flattened; uint8 pixels are scaled to [0, 1].
 from __future__ import annotations
 
 import hashlib
+import http.client
 import math
 import os
 import time
@@ -328,13 +329,16 @@ def download_mnist(
     deadline = time.monotonic() + seconds
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(MNIST_URL, timeout=min(seconds, 30.0)) as answer:
-            with partial.open("wb") as out:
-                while chunk := answer.read(1 << 20):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the download took more than {seconds:.0f} s")
-                    digest.update(chunk)
-                    out.write(chunk)
+        try:
+            with urllib.request.urlopen(MNIST_URL, timeout=min(seconds, 30.0)) as answer:
+                with partial.open("wb") as out:
+                    while chunk := answer.read(1 << 20):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"the download took more than {seconds:.0f} s")
+                        digest.update(chunk)
+                        out.write(chunk)
+        except http.client.HTTPException as error:  # a cut-off body: not an OSError
+            raise OSError(f"{type(error).__name__}: {error}") from error
         if digest.hexdigest() != MNIST_SHA256:
             raise OSError(f"{MNIST_URL} is not MNIST: its SHA-256 is {digest.hexdigest()}")
         os.replace(partial, destination)

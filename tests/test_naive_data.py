@@ -310,3 +310,28 @@ def test_a_link_out_of_the_data_directory_is_refused(tmp_path):
     (inside / "alias.npz").symlink_to(inside / "real.npz")
     (tmp_path / "linked").symlink_to(inside, target_is_directory=True)
     assert dataset_info("alias", data_dir=tmp_path / "linked").num_train == 12
+
+
+def test_a_malformed_http_answer_is_an_oserror_and_leaves_nothing(tmp_path, monkeypatch):
+    """http.client's own errors (here BadStatusLine) are no OSError until download_mnist says so."""
+    import socketserver
+    import threading
+
+    class NotHttp(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            self.wfile.write(b"this is not an HTTP status line\r\n\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), NotHttp)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(data, "MNIST_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+        destination = tmp_path / "cache" / "mnist.npz"
+        with pytest.raises(OSError, match="BadStatusLine"):
+            data.download_mnist(destination)
+        assert list(destination.parent.iterdir()) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
