@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -43,6 +45,10 @@ class NetnsRayCluster:
     def __init__(self, work_dir: Path):
         self.namespace = f"ntrain-ray-{os.getpid()}"
         self.work_dir = work_dir
+        # Ray's session folder holds its Unix sockets, whose paths may not pass 107
+        # bytes; under pytest's (or xdist's) deep tmp_path they would. So it is
+        # short, and removed by stop().
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ntrain-ray-", dir="/tmp"))
         self.nodes: list[subprocess.Popen] = []
         self._created = False
         bin_dir = str(Path(sys.executable).parent)
@@ -71,7 +77,7 @@ class NetnsRayCluster:
             "--port=6379",
             f"--dashboard-host={HEAD_IP}",
             "--dashboard-port=8265",
-            f"--temp-dir={self.work_dir / 'ray'}",
+            f"--temp-dir={self.temp_dir}",
             *common,
         )
         self._node(
@@ -130,6 +136,11 @@ class NetnsRayCluster:
         if self._created:
             subprocess.run(["ip", "netns", "delete", self.namespace], check=False)
             self._created = False
+        # Its logs stay beside the scenario's, for a failure's post-mortem.
+        logs = self.temp_dir / "session_latest" / "logs"
+        if logs.is_dir():
+            shutil.copytree(logs, self.work_dir / "ray-logs", dirs_exist_ok=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 # -- a scenario on the cluster: its data, its run, its server -----------------------------
