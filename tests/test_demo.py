@@ -155,14 +155,22 @@ def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "NTRAIN_MNIST_PATH"}
     env.update(HOME=str(home), TMPDIR=str(tmp_path), **closed_proxy())
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "service.cli.demo", "--epochs", "100000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-        env=env,
-    )
+    # A child inherits an ignored SIGINT, and a suite started in the background by
+    # a non-interactive shell (`make test &`) has it ignored: the demo would never
+    # see this Ctrl-C. It starts with SIGINT as an interactive shell leaves it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "service.cli.demo", "--epochs", "100000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+    finally:
+        if previous is not None:  # None: a handler not set from Python, left as is
+            signal.signal(signal.SIGINT, previous)
     try:
         seen = []
         for line in demo.stdout:  # bounded: the demo ends, or we stop reading at RUNNING
