@@ -28,8 +28,12 @@ $(DEMO_STAMP): pyproject.toml
 demo: $(DEMO_STAMP)
 	$(PY) -m service.cli.demo
 
+# Two processes, each taking whole files (a file's module fixtures, such as the Ray
+# cluster, start once); more would only contend for a 2-core CI machine.
+TEST_WORKERS ?= 2
+
 test: $(RAY_STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The quick loop while editing: no worker processes, servers or trainings.
 test-fast: $(STAMP)
