@@ -42,6 +42,7 @@ from service.jobs.errors import (
     AlreadyExists,
     FailedPrecondition,
     ResourceExhausted,
+    ServiceError,
     Unavailable,
     reason_line,
 )
@@ -409,8 +410,17 @@ class JobController:
         except Exception as error:
             if future is None or isinstance(message, WorkerReported | RunEnded | Tick):
                 # Runners and timers wait for no answer: the failure is logged, and
-                # the job it concerns still gets an owner's answer.
-                log.exception("the job controller failed on %s", type(message).__name__)
+                # the job it concerns still gets an owner's answer. A ServiceError
+                # (a full disk) is one line: its reason says it all.
+                if isinstance(error, ServiceError):
+                    log.warning(
+                        "job %s: the job controller could not handle %s: %s",
+                        getattr(message, "job_id", "-"),
+                        type(message).__name__,
+                        error,
+                    )
+                else:
+                    log.exception("the job controller failed on %s", type(message).__name__)
             if isinstance(message, WorkerReported | RunEnded):
                 self._after_failure(message.job_id, error)
             if future is not None:

@@ -102,20 +102,37 @@ def train(conn: Connection, task: TrainTask, *, measured: bool) -> None:
         if not measured:  # a cold worker: the runtime now, before the task's data and model
             send(Ready(resident_bytes=tasks.import_tensorflow()))
         tasks.train(task, send, _listen_for_stop(conn).is_set)
+    # Each failure is reported before its traceback is logged: the log is on the
+    # state directory's disk, and when that disk is full the traceback cannot be
+    # written, and the server would hear only an exit code.
     except FileNotFoundError as error:  # a data set that is not there: the request's fault
-        traceback.print_exc()
         send(Failed(reason=str(error), data_missing=True))
+        _log_traceback()
     except DatasetError as error:  # a file that is no usable data set: named in the request
-        traceback.print_exc()
         send(Failed(reason=str(error), data_unusable=True))
+        _log_traceback()
     except Exception as error:  # reported to the server, which fails the job with it
-        traceback.print_exc()
         send(Failed(reason=f"{type(error).__name__}: {error}"))
+        _log_traceback()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_output()
         with send.lock:  # no heartbeat half-written into a closed socket
             conn.close()
+
+
+def _log_traceback() -> None:
+    try:
+        traceback.print_exc()
+    except OSError:  # a full disk: the server has the failure already
+        pass
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
 
 
 class _LockedSend:
