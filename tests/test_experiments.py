@@ -144,6 +144,8 @@ class Service:
         self.metrics = ServiceMetrics(self.registry)
         self.runners = ScriptedRunners(fail_if, epoch_seconds)
         self.stopped = False
+        # The job running when a warm worker was asked for, at each ask.
+        self.prewarmed_beside: list[list[str]] = []
         self.experiments = ExperimentManager(state_dir, metrics=self.metrics, pause_at="")
         self.controller = JobController(
             self.store,
@@ -166,6 +168,10 @@ class Service:
         return self.controller.call(
             SubmitJob(spec, self.demand_of(spec), principal.name, request_id)
         )
+
+    def prewarm(self) -> None:
+        running = self.store.list_jobs(states=(JobState.RUNNING,), limit=1000)[0]
+        self.prewarmed_beside.append([job.request_id for job in running])
 
     def check_spec(self, spec: JobSpec) -> None:
         try:
@@ -249,6 +255,18 @@ def test_random_search_runs_every_trial_as_a_labelled_job(service):
     # The same request_id answers with the same experiment.
     again = service.experiments.submit(experiment(), "sweep-1", principal=ADMIN)
     assert again.experiment_id == record.experiment_id
+
+
+def test_a_running_trial_with_more_to_come_has_a_worker_warmed_beside_it(start):
+    # Trials of 9 x 0.1 s: the experiments' loop sees each running, however busy the host.
+    service = start(max_cpu_jobs=1, epoch_seconds=0.1)
+    spec = experiment(max_trials=3, max_concurrent_trials=1)
+    record = service.experiments.submit(spec, principal=ADMIN)
+    done = service.wait(record.experiment_id)
+    assert done.state is ExperimentState.SUCCEEDED, done.reason
+    # Once for each of trials 0 and 1, while it ran; none for trial 2, the last.
+    trial = f"{record.experiment_id}-trial-"
+    assert service.prewarmed_beside == [[trial + "0"], [trial + "1"]]
 
 
 def test_successive_halving_stops_trials_at_a_rung(start):

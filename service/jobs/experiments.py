@@ -170,6 +170,7 @@ class TrialJobs(Protocol):
 
     def submit(self, spec: JobSpec, request_id: str = "", *, principal: Principal) -> JobRecord: ...
     def check_spec(self, spec: JobSpec) -> None: ...
+    def prewarm(self) -> None: ...
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -212,6 +213,7 @@ class _Experiment:
     # Per trial's job: the last event read, and the metric of each epoch read so far.
     epoch_metrics: dict[str, tuple[int, dict[int, float]]] = field(default_factory=dict)
     waiting: bool = False  # a trial's submission was refused for now (a full queue)
+    prewarmed: set[str] = field(default_factory=set)  # trials' jobs a worker was warmed beside
 
 
 class ExperimentManager:
@@ -546,6 +548,8 @@ class ExperimentManager:
         if not job.finished:
             if stopped_at is not None or experiment.state is not ExperimentState.RUNNING:
                 self._cancel_job(experiment, job.job_id)
+            elif job.state is JobState.RUNNING:
+                self._prewarm_beside(experiment, job.job_id)
             return
         if job.state is JobState.SUCCEEDED:
             final = _final_metric(experiment.spec, job)
@@ -560,6 +564,21 @@ class ExperimentManager:
         else:
             self._tell_ended(experiment, trial, "failed", job.failure_reason)
         self._pause("told", trial.number)
+
+    def _prewarm_beside(self, experiment: _Experiment, job_id: str) -> None:
+        """A trial started and another will follow: have a worker ready for it.
+
+        The warm pool otherwise refills only when nothing runs or waits, which
+        in a search is the moment the next trial is submitted: each trial would
+        pay TensorFlow's import and the data set's load (two thirds of a
+        successive-halving search's wall time in benchmarks/sweep.py).
+        """
+        assert self._jobs is not None
+        if job_id in experiment.prewarmed:
+            return
+        experiment.prewarmed.add(job_id)
+        if len(experiment.study.get_trials(deepcopy=False)) < _budget(experiment.spec):
+            self._jobs.prewarm()
 
     def _tell_ended(
         self, experiment: _Experiment, trial: FrozenTrial, end: str, reason: str
