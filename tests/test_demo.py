@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,14 +151,15 @@ def test_demo_without_mnist_or_scikit_learn_uses_synthetic_data(tmp_path):
     assert_server_gone(result.stdout)
 
 
-def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
+def start_demo_until_running(tmp_path) -> tuple[subprocess.Popen, list[str]]:
+    """A demo training for 100,000 epochs, read until its job is RUNNING, and its lines so far."""
     home = tmp_path / "home"
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "NTRAIN_MNIST_PATH"}
     env.update(HOME=str(home), TMPDIR=str(tmp_path), **closed_proxy())
     # A child inherits an ignored SIGINT, and a suite started in the background by
     # a non-interactive shell (`make test &`) has it ignored: the demo would never
-    # see this Ctrl-C. It starts with SIGINT as an interactive shell leaves it.
+    # see a test's Ctrl-C. It starts with SIGINT as an interactive shell leaves it.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         demo = subprocess.Popen(
@@ -171,13 +173,20 @@ def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
     finally:
         if previous is not None:  # None: a handler not set from Python, left as is
             signal.signal(signal.SIGINT, previous)
+    seen = []
+    for line in demo.stdout:  # bounded: the demo ends, or we stop reading at RUNNING
+        seen.append(line)
+        if " RUNNING" in line:
+            break
+    if not any(" RUNNING" in line for line in seen):
+        demo.kill()
+        raise AssertionError("".join(seen) + demo.stderr.read())
+    return demo, seen
+
+
+def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
+    demo, seen = start_demo_until_running(tmp_path)
     try:
-        seen = []
-        for line in demo.stdout:  # bounded: the demo ends, or we stop reading at RUNNING
-            seen.append(line)
-            if " RUNNING" in line:
-                break
-        assert any(" RUNNING" in line for line in seen), "".join(seen) + demo.stderr.read()
         demo.send_signal(signal.SIGINT)
         out, err = demo.communicate(timeout=120)
     finally:
@@ -190,3 +199,21 @@ def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
     assert "cancelling job" in output and "stopping the server" in output
     assert err.strip() == "ntrain demo: interrupted; the server was stopped"
     assert_server_gone(output)
+
+
+def test_a_demo_killed_with_sigkill_leaves_no_server_behind(tmp_path):
+    demo, seen = start_demo_until_running(tmp_path)
+    state_dir = Path(re.search(r"log (\S+)/server\.log\)", "".join(seen)).group(1))
+    try:
+        server = [pid for pid in pids_mentioning(state_dir) if pid != demo.pid]
+        assert server, "".join(seen)
+        demo.kill()  # no clean-up of its own: the server notices its parent gone
+        demo.wait()
+        deadline = time.monotonic() + 120
+        while pids_mentioning(state_dir):
+            assert time.monotonic() < deadline, f"left running: {pids_mentioning(state_dir)}"
+            time.sleep(0.2)
+        log = (state_dir / "server.log").read_text()
+        assert f"ntrain: shutting down: the process that started it ({demo.pid}) ended" in log
+    finally:
+        kill_processes_mentioning(tmp_path)

@@ -376,7 +376,8 @@ def serve(
     config: ServerConfig,
     *,
     on_ready: Callable[[TrainingServer], None] = lambda server: None,
-    on_stopping: Callable[[], None] = lambda: None,
+    on_stopping: Callable[[str], None] = lambda why: None,
+    parent_pid: int | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then stop it gracefully; SIGHUP reloads.
 
@@ -385,7 +386,9 @@ def serve(
 
     Args:
         on_ready: called once the server listens (to announce it, write a port file).
-        on_stopping: called when a signal came, before the server stops.
+        on_stopping: called with why (a signal came, the parent ended) before the server stops.
+        parent_pid: stop, as on SIGTERM, once this process is no longer the parent
+            (it ended: this one was handed to init or a subreaper).
 
     Raises:
         Exception: the server could not start; whatever had started is stopped.
@@ -393,8 +396,15 @@ def serve(
     os.umask(0o077)
     server = TrainingServer(config)
     stop, reload = threading.Event(), threading.Event()
+    why = ""
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal why
+        why = signal.Signals(signum).name
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
         server.start()
@@ -403,6 +413,9 @@ def serve(
             if reload.is_set():
                 reload.clear()
                 server.reload()
-        on_stopping()
+            if parent_pid is not None and os.getppid() != parent_pid:
+                why = f"the process that started it ({parent_pid}) ended"
+                break
+        on_stopping(why)
     finally:
         server.stop()

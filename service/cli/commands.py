@@ -449,14 +449,19 @@ def cmd_serve(args) -> int:
             flush=True,
         )
 
-    def on_stopping() -> None:
-        print("ntrain: shutting down", file=sys.stderr, flush=True)
+    def on_stopping(why: str) -> None:
+        print(f"ntrain: shutting down: {why}", file=sys.stderr, flush=True)
 
     if args.port_file:
         _check_port_file_folder(Path(args.port_file))
 
     try:
-        serve(config, on_ready=on_ready, on_stopping=on_stopping)
+        serve(
+            config,
+            on_ready=on_ready,
+            on_stopping=on_stopping,
+            parent_pid=os.getppid() if args.exit_with_parent else None,
+        )
     except Exception as error:
         metrics = (
             "no metrics" if config.metrics_port is None else f"metrics port {config.metrics_port}"

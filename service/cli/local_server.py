@@ -27,6 +27,9 @@ class ServerStartError(RuntimeError):
 class LocalServer:
     """`ntrain serve --state-dir STATE_DIR --port 0 --metrics-port 0 ARGS...` until `stop`.
 
+    The server is started with `--exit-with-parent`: if this process ends
+    without stopping it (SIGKILL), it stops itself, as on SIGTERM.
+
     Args:
         args: more flags for `ntrain serve`; later flags win over the ones above
             (`--no-metrics` turns the metrics endpoint off).
@@ -58,7 +61,8 @@ class LocalServer:
         port_file.unlink(missing_ok=True)  # an earlier server on this state directory left it
         command = [
             *executable, "serve", "--port", "0", "--metrics-port", "0",
-            "--state-dir", str(self.state_dir), "--port-file", str(port_file), *args,
+            "--state-dir", str(self.state_dir), "--port-file", str(port_file),
+            "--exit-with-parent", *args,
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

@@ -195,6 +195,12 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         default=None,
         help="write the bound gRPC port to this file once serving",
     )
+    serve.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop as on SIGTERM when the process that started this one ends (for a "
+        "wrapper such as the demo, which cannot stop its server when it is SIGKILLed)",
+    )
     ray = serve.add_argument_group(
         "ray",
         "multi_worker jobs run on a Ray cluster; the state directory must be shared "
