@@ -62,9 +62,14 @@ def pids_mentioning(folder: Path) -> list[int]:
     return pids
 
 
+def demo_state_dir(output: str) -> Path:
+    """The temporary state directory the demo's output names (beside its server log)."""
+    return Path(re.search(r"log (\S+)/server\.log\)", output).group(1))
+
+
 def assert_server_gone(output: str) -> None:
     """The demo's temporary state is removed, and no process still uses it."""
-    state_dir = Path(re.search(r"log (\S+)/server\.log\)", output).group(1))
+    state_dir = demo_state_dir(output)
     assert not state_dir.exists()
     assert pids_mentioning(state_dir) == []
 
@@ -203,7 +208,7 @@ def test_ctrl_c_cancels_the_job_and_stops_the_server(tmp_path):
 
 def test_a_demo_killed_with_sigkill_leaves_no_server_behind(tmp_path):
     demo, seen = start_demo_until_running(tmp_path)
-    state_dir = Path(re.search(r"log (\S+)/server\.log\)", "".join(seen)).group(1))
+    state_dir = demo_state_dir("".join(seen))
     try:
         server = [pid for pid in pids_mentioning(state_dir) if pid != demo.pid]
         assert server, "".join(seen)
