@@ -3,6 +3,8 @@
 Version 4 added `job_labels`; a version 3 database gains the (empty) table when
 SCHEMA runs on it, since no job had labels before: nothing else changes.
 Version 5 added `jobs.preemptions` (ADD_PREEMPTIONS; 0 for every older job).
+The index `events_state_changes` came later without a new version: SCHEMA
+creates it on an older file, and an older server ignores it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,                     -- JSON of the payload dataclass of `kind`
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
+-- A job's state changes, for its record's transitions: without it, reading a
+-- record scans every progress event of the job (7.6 ms at 100,000 events).
+CREATE INDEX IF NOT EXISTS events_state_changes ON events (job_id, sequence)
+    WHERE kind = 'state';
 -- A job's labels (also in its spec), one row each, for ListJobs' label filter.
 CREATE TABLE IF NOT EXISTS job_labels (
     job_id TEXT NOT NULL REFERENCES jobs (job_id),

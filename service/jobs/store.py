@@ -546,7 +546,8 @@ class Store:
         if rows:
             marks = ", ".join("?" for _ in transitions)
             for event in self._db.execute(
-                "SELECT job_id, time, data FROM events WHERE kind = 'state'"
+                "SELECT job_id, time, data FROM events INDEXED BY events_state_changes"
+                " WHERE kind = 'state'"
                 f" AND job_id IN ({marks}) ORDER BY job_id, sequence",
                 tuple(transitions),
             ):
