@@ -483,6 +483,19 @@ def test_serve_passes_the_job_series_retention_to_the_server(served_configs, cap
     assert error.value.code == 2
 
 
+def test_serve_passes_the_progress_interval_to_the_server(served_configs):
+    from service.cli import main
+    from service.jobs.controller import PROGRESS_INTERVAL_SECONDS
+
+    seen = served_configs
+    assert main(["serve", "--progress-interval", "0", "--no-metrics"]) == 1
+    assert main(["serve", "--no-metrics"]) == 1
+    assert [config.progress_interval_seconds for config in seen] == [0.0, PROGRESS_INTERVAL_SECONDS]
+    with pytest.raises(SystemExit) as error:
+        main(["serve", "--progress-interval", "-1"])
+    assert error.value.code == 2
+
+
 def test_serve_passes_the_mlflow_tracking_uri_and_refuses_one_that_is_no_url(served_configs):
     from service.cli import main
 

@@ -9,6 +9,7 @@ or decision of the job state table (service/protocol.py `JobState`).
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 from ntrain.v1 import training_pb2 as pb
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from naive_model.config import TrainConfig
 from naive_model.results import CheckpointSaved, EpochEnd, Progress, TrainingResult
 from service.jobs.controller import (
+    PROGRESS_INTERVAL_SECONDS,
     SHUTDOWN,
     STARTUP_SECONDS,
     CancelJob,
@@ -160,7 +162,14 @@ class Harness:
     """A controller over an in-memory store, as a server would build it, with fakes."""
 
     def __init__(
-        self, tmp_path, *, gpus: int = 0, store: Store | None = None, observers=(), **scheduling
+        self,
+        tmp_path,
+        *,
+        gpus: int = 0,
+        store: Store | None = None,
+        observers=(),
+        progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
+        **scheduling,
     ):
         self.clock = FakeClock()
         self.store = store or Store(tmp_path, in_memory=True)
@@ -180,6 +189,7 @@ class Harness:
             clock=self.clock,
             on_idle=self._idle,
             observers=observers,
+            progress_interval_seconds=progress_interval_seconds,
         )
 
     def _idle(self) -> None:
@@ -976,8 +986,7 @@ def test_a_worker_that_sends_nothing_past_the_limit_is_killed_and_restarted(tmp_
     record = loop.record(job.job_id)
     assert record.restarts == 1 and record.state is STARTING
     assert record.transitions[-2].reason == (
-        "the worker sent nothing for 30 s: it hung, and was killed; restart 1 of 2, "
-        "from epoch 1"
+        "the worker sent nothing for 30 s: it hung, and was killed; restart 1 of 2, from epoch 1"
     )
 
 
@@ -1149,7 +1158,8 @@ def test_a_damaged_checkpoint_passed_over_is_said_in_the_jobs_history(loop):
 def test_a_cancel_is_handled_before_the_reports_already_waiting(tmp_path):
     """A job that floods the loop with events cannot hold its cancel back behind them."""
     recorder = Recorder()
-    loop = Harness(tmp_path, observers=(recorder,))
+    # Every Progress stored (no interval), so that the order of all 500 shows.
+    loop = Harness(tmp_path, observers=(recorder,), progress_interval_seconds=0)
     job = loop.submit()
     runner = loop.running(job.job_id)
     runner.report(*(progress(step) for step in range(1, 501)))  # waiting, not handled yet
@@ -1161,6 +1171,63 @@ def test_a_cancel_is_handled_before_the_reports_already_waiting(tmp_path):
     stored = loop.store.events_after(job.job_id, 0)
     steps = [event.payload.step for event in stored if isinstance(event.payload, Progress)]
     assert steps == list(range(1, 501))
+
+
+def stored_progress(loop, job_id: str) -> list:
+    events = loop.store.events_after(job_id, 0)
+    return [
+        event.payload.step if isinstance(event.payload, Progress) else type(event.payload).__name__
+        for event in events
+        if not isinstance(event.payload, StateChange) or event.sequence > 3
+    ]
+
+
+def test_the_history_keeps_a_progress_per_interval_and_every_epochs_last(loop):
+    job = loop.submit()
+    # Five calls in one instant: the first is stored, the others held, the newest
+    # replacing the older, until the epoch's end stores it before itself.
+    calls = [replace(progress(step), call_steps=1) for step in range(1, 6)]
+    runner = loop.running(job.job_id, *calls)
+    assert stored_progress(loop, job.job_id) == [1]
+    assert loop.record(job.job_id).progress.step == 1
+    runner.report(epoch_end(1))
+    loop.settle()
+    assert stored_progress(loop, job.job_id) == [1, 5, "EpochEnd"]
+    assert loop.sample("ntrain_train_batches_total", job_id=job.job_id, strategy="cpu") == 5
+    # Past the interval, the next call's Progress is stored at once.
+    loop.clock.advance(PROGRESS_INTERVAL_SECONDS)
+    runner.report(progress(6, 2))
+    loop.settle()
+    assert stored_progress(loop, job.job_id) == [1, 5, "EpochEnd", 6]
+
+
+def test_a_held_progress_is_stored_when_its_interval_is_over(loop):
+    job = loop.submit()
+    loop.running(job.job_id, progress(1), progress(2), progress(3))
+    assert loop.controller._seconds_to_next_deadline() == PROGRESS_INTERVAL_SECONDS
+    loop.clock.advance(PROGRESS_INTERVAL_SECONDS)
+    loop.controller.tick()
+    assert stored_progress(loop, job.job_id) == [1, 3]
+    assert loop.record(job.job_id).progress.step == 3  # GetJob is at most an interval behind
+    # Nothing more is held: the next deadline is the hang limit's.
+    assert loop.controller._seconds_to_next_deadline() > PROGRESS_INTERVAL_SECONDS
+
+
+def test_a_held_progress_comes_before_what_happened_to_the_job(loop):
+    job = loop.submit()
+    runner = loop.running(job.job_id, progress(1), progress(2))
+    loop.controller.call(CancelJob(job.job_id))
+    runner.report(progress(3))
+    runner.end(RunEnd.CANCELED, "canceled")
+    loop.settle()
+    events = loop.store.events_after(job.job_id, 0)
+    tail = [
+        e.payload.step if isinstance(e.payload, Progress) else e.payload.state
+        for e in events
+        if e.sequence > 3
+    ]
+    assert tail == [1, 2, CANCELLING, 3, CANCELED]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
 
 
 def test_a_jobs_end_is_seen_only_once_its_devices_are_free(tmp_path):

@@ -177,6 +177,7 @@ class TrainingServer:
             preemption_grace_seconds=config.preemption_grace_seconds,
             min_run_seconds=config.min_run_seconds,
             hang_seconds=config.hang_seconds,
+            progress_interval_seconds=config.progress_interval_seconds,
             warm_worker=config.warm_worker,
             checkpoint_seconds=config.checkpoint_seconds,
             # Workers hold the state directory's lock too: see service.jobs.lock.

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
-from service.jobs.controller import HANG_SECONDS, MIN_RUN_SECONDS, PREEMPTION_GRACE_SECONDS
+from service.jobs.controller import (
+    HANG_SECONDS,
+    MIN_RUN_SECONDS,
+    PREEMPTION_GRACE_SECONDS,
+    PROGRESS_INTERVAL_SECONDS,
+)
 from service.jobs.dataset_uploads import DEFAULT_MAX_DATASET_BYTES
 from service.jobs.model_tasks import DEFAULT_MAX_TASKS, DEFAULT_MODEL_CACHE
 from service.jobs.scheduler import AUTO_GPU_WAIT_SECONDS, BACKFILL_SECONDS
@@ -63,6 +68,7 @@ class ServerConfig:
     preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS
     min_run_seconds: float = MIN_RUN_SECONDS
     hang_seconds: float = HANG_SECONDS
+    progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS
     warm_worker: bool = True
     gpu_inventory: tuple[GpuDevice, ...] | None = None
     job_series_retention_seconds: float = 600.0

@@ -406,6 +406,7 @@ def cmd_serve(args) -> int:
         "preemption_grace_seconds": args.preemption_grace,
         "min_run_seconds": args.min_run,
         "hang_seconds": args.hang_seconds,
+        "progress_interval_seconds": args.progress_interval,
         "warm_worker": False if args.no_warm_worker else None,
         "job_series_retention_seconds": args.job_series_retention,
         "checkpoint_seconds": args.checkpoint_seconds,

@@ -132,6 +132,15 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "(default 120; 0: never)",
     )
     serve.add_argument(
+        "--progress-interval",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="a job's history (WatchJob, GetJob) keeps at most one progress report per this "
+        "many seconds, and every epoch's last; Prometheus counts every compiled call "
+        "(default 0.25; 0: every report)",
+    )
+    serve.add_argument(
         "--auto-gpu-wait",
         metavar="SECONDS",
         type=float,

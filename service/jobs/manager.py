@@ -39,6 +39,7 @@ from service.jobs.controller import (
     HANG_SECONDS,
     MIN_RUN_SECONDS,
     PREEMPTION_GRACE_SECONDS,
+    PROGRESS_INTERVAL_SECONDS,
     CancelJob,
     Clock,
     InLoop,
@@ -115,6 +116,7 @@ class JobManager:
         preemption_grace_seconds: float = PREEMPTION_GRACE_SECONDS,
         min_run_seconds: float = MIN_RUN_SECONDS,
         hang_seconds: float = HANG_SECONDS,
+        progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
         warm_worker: bool = True,
         checkpoint_seconds: float | None = 300.0,
         max_model_tasks: int = DEFAULT_MAX_TASKS,
@@ -189,6 +191,7 @@ class JobManager:
             preemption_grace_seconds=preemption_grace_seconds,
             min_run_seconds=min_run_seconds,
             hang_seconds=hang_seconds,
+            progress_interval_seconds=progress_interval_seconds,
         )
         self.models = ModelTasks(
             store,
@@ -274,9 +277,7 @@ class JobManager:
         if self.datasets is None:
             raise FailedPrecondition("this server keeps no pushed data sets")
         datasets = self.datasets
-        return self.controller.call(
-            InLoop(lambda: datasets.delete(reference, principal=principal))
-        )
+        return self.controller.call(InLoop(lambda: datasets.delete(reference, principal=principal)))
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop serving jobs; running ones checkpoint and resume on the next start.
