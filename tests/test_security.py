@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import io
 import logging
 import os
@@ -38,7 +39,7 @@ from tls_harness import make_pki, self_signed
 
 from ntrain.client import Credentials, open_channel
 from service.api.server import ServerConfig, TrainingServer
-from service.api.tls import TlsFiles
+from service.api.tls import Certificate, TlsFiles
 from service.cli import exit_status as cli_errors
 from service.cli.app import main as cli_main
 
@@ -292,6 +293,27 @@ def test_client_certificates_are_required_when_asked(tmp_path, pki, other_pki):
         server.stop(grace=0.0)
 
 
+def test_a_certificate_covers_its_names_and_a_wildcard_one_label():
+    certificate = Certificate(
+        not_before=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC),
+        not_after=datetime.datetime(2099, 1, 1, tzinfo=datetime.UTC),
+        names=frozenset({"*.example.com", "trainer", "127.0.0.1"}),
+    )
+    asked = frozenset({"a.example.com", "trainer", "127.0.0.1"})
+    assert certificate.lacks(asked) == []
+    deeper = frozenset({"a.b.example.com", "example.com", ".example.com", "::1"})
+    assert certificate.lacks(asked | deeper) == [
+        ".example.com",
+        "::1",
+        "a.b.example.com",
+        "example.com",
+    ]
+
+
+def test_the_names_of_a_certificate_from_make_certs(pki):
+    assert pki.server.names() == {"trainer", "localhost", "127.0.0.1", "::1"}
+
+
 def test_sighup_keeps_the_certificate_when_the_new_one_is_expired_early_or_not_its_keys(
     tmp_path, pki, other_pki, caplog
 ):
@@ -308,6 +330,8 @@ def test_sighup_keeps_the_certificate_when_the_new_one_is_expired_early_or_not_i
     server.start()
     expired = self_signed(tmp_path / "expired", start="20200101000000Z", end="20200102000000Z")
     early = self_signed(tmp_path / "early", start="20990101000000Z", end="20990102000000Z")
+    # Valid now and its key's, but for localhost alone: not trainer, 127.0.0.1 or ::1.
+    renamed = self_signed(tmp_path / "renamed", start="20200101000000Z", end="20990102000000Z")
     try:
         for cert, key, why in [
             (expired.cert, expired.key, "the certificate expired on 2020-01-02 00:00 UTC"),
@@ -316,6 +340,13 @@ def test_sighup_keeps_the_certificate_when_the_new_one_is_expired_early_or_not_i
                 pki.dir / "server.crt",
                 other_pki.dir / "server.key",
                 "the key does not match the certificate",
+            ),
+            (
+                renamed.cert,
+                renamed.key,
+                "the certificate does not name 127.0.0.1, ::1, trainer, as the one in use "
+                "does, so clients that connect by that name would refuse it (restart the "
+                "server to change its names)",
             ),
         ]:
             (live / "server.crt").write_bytes(cert.read_bytes())  # in place, as make-certs.sh

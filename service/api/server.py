@@ -283,8 +283,8 @@ class TrainingServer:
         """
         config, problems = self.config, []
         # (what, re-read it, its TLS files): a certificate that is expired, not yet
-        # valid or not its key's is refused (TlsFiles.ssl_context), since every new
-        # handshake would fail with it.
+        # valid, not its key's or without a name the one in use has is refused
+        # (TlsFiles.ssl_context), since new handshakes would fail with it.
         steps: list[tuple[str, Callable[[], None], TlsFiles | None]] = []
         if self._credentials is not None:
             credentials = self._credentials

@@ -6,8 +6,10 @@ configuration at each handshake, so after `reload()` new connections get the
 new certificate while open ones (a WatchJob stream, a client following its
 job) carry on; the metrics endpoint takes a fresh `ssl.SSLContext` the same
 way. A reload that fails (a half-written file, a key that does not match, a
-certificate expired or not yet valid) raises, and the certificates in use stay:
-every client would fail the handshake with such a certificate.
+certificate expired or not yet valid, or one that drops a name the one in
+use has) raises, and the certificates in use stay: every client (or every
+client that connects by that name) would fail the handshake with it. The
+certificate is read with `cryptography`'s X.509 parser.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 # OpenSSL's reasons, in words an operator reads in the log.
 _REASONS = {"KEY_VALUES_MISMATCH": "the key does not match the certificate"}
@@ -35,11 +39,14 @@ class TlsFiles:
     key: Path
     client_ca: Path | None = None
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, keep_names: frozenset[str] | None = None) -> ssl.SSLContext:
         """A server-side context for these files (checks that the key fits the certificate).
 
+        keep_names: names the certificate must cover (those of the one it replaces).
+
         Raises:
-            ValueError: a file is missing or unreadable, or the key does not fit.
+            ValueError: a file is missing or unreadable, the key does not fit, the
+                certificate is not valid now, or it lacks one of `keep_names`.
         """
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -49,87 +56,99 @@ class TlsFiles:
             if self.client_ca is not None:
                 context.load_verify_locations(cafile=self.client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
-            not_before, not_after = certificate_validity(self.cert)
+            certificate = read_certificate(self.cert)
         except (OSError, ssl.SSLError, ValueError) as error:
             reason = _REASONS.get(str(getattr(error, "reason", None)))
             reason = reason or getattr(error, "strerror", None) or error.args[-1]
             raise ValueError(f"cannot use the TLS files {named}: {reason}") from None
         now = datetime.datetime.now(datetime.UTC)
-        if now < not_before:
+        if now < certificate.not_before:
             raise ValueError(
                 f"cannot use the TLS files {named}: the certificate is not valid before "
-                f"{not_before:%Y-%m-%d %H:%M} UTC"
+                f"{certificate.not_before:%Y-%m-%d %H:%M} UTC"
             )
-        if now >= not_after:
+        if now >= certificate.not_after:
             raise ValueError(
                 f"cannot use the TLS files {named}: the certificate expired on "
-                f"{not_after:%Y-%m-%d %H:%M} UTC"
+                f"{certificate.not_after:%Y-%m-%d %H:%M} UTC"
+            )
+        if keep_names is not None and (lacking := certificate.lacks(keep_names)):
+            raise ValueError(
+                f"cannot use the TLS files {named}: the certificate does not name "
+                f"{', '.join(lacking)}, as the one in use does, so clients that connect by "
+                "that name would refuse it (restart the server to change its names)"
             )
         return context
+
+    def names(self) -> frozenset[str]:
+        """The names the certificate is valid for (empty if it does not read)."""
+        try:
+            return read_certificate(self.cert).names
+        except (OSError, ValueError):
+            return frozenset()
 
     def valid_until(self) -> datetime.datetime | None:
         """When the certificate expires (UTC); None if it does not read."""
         try:
-            return certificate_validity(self.cert)[1]
+            return read_certificate(self.cert).not_after
         except (OSError, ValueError):
             return None
 
-    def grpc_configuration(self) -> grpc.ServerCertificateConfiguration:
-        self.ssl_context()  # the same checks, with a message that names the files
+    def grpc_configuration(
+        self, keep_names: frozenset[str] | None = None
+    ) -> grpc.ServerCertificateConfiguration:
+        self.ssl_context(keep_names)  # the same checks, with a message that names the files
         key, cert = self.key.read_bytes(), self.cert.read_bytes()
         root = self.client_ca.read_bytes() if self.client_ca is not None else None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
 
 
-def certificate_validity(path: Path) -> tuple[datetime.datetime, datetime.datetime]:
-    """(not before, not after), in UTC, of the first certificate of a PEM file.
+@dataclass(frozen=True)
+class Certificate:
+    """What the server checks of its certificate: when it is valid, and for which names."""
 
-    Read from the DER with a few lines of ASN.1, since the standard library
-    decodes a certificate only while verifying a peer.
+    not_before: datetime.datetime  # UTC
+    not_after: datetime.datetime  # UTC
+    # Its subjectAltName's DNS names (lower case) and IP addresses, or its
+    # subject's common name when it has none (as clients then match it).
+    names: frozenset[str]
+
+    def lacks(self, names: frozenset[str]) -> list[str]:
+        """The `names` this certificate does not cover, sorted (a wildcard covers one label)."""
+        return sorted(name for name in names if not any(_covers(own, name) for own in self.names))
+
+
+def read_certificate(path: Path) -> Certificate:
+    """The first certificate of a PEM file (with the `cryptography` package's X.509 parser).
 
     Raises:
         OSError: the file does not read.
         ValueError: it holds no certificate that parses.
     """
-    text = Path(path).read_text(errors="replace")
-    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
-    if begin not in text or end not in text.split(begin, 1)[1]:
-        raise ValueError("no PEM certificate in it")
-    der = ssl.PEM_cert_to_DER_cert(begin + text.split(begin, 1)[1].split(end, 1)[0] + end)
     try:
-        certificate = _der_items(_der_items(der)[0][1])  # Certificate ::= SEQUENCE {tbs, ...}
-        fields = _der_items(certificate[0][1])  # TBSCertificate
-        if fields[0][0] == 0xA0:  # [0] version, present in v2 and v3
-            fields = fields[1:]
-        validity = _der_items(fields[3][1])  # serial, signature, issuer, validity
-        return _der_time(*validity[0]), _der_time(*validity[1])
-    except (IndexError, ValueError):
-        raise ValueError("the certificate's validity does not parse") from None
+        certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except ValueError:
+        raise ValueError("no PEM certificate in it") from None
+    try:
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        names = {str(attribute.value).lower() for attribute in common}
+    else:
+        dns = alternative.value.get_values_for_type(x509.DNSName)
+        addresses = alternative.value.get_values_for_type(x509.IPAddress)
+        names = {name.lower() for name in dns} | {str(address) for address in addresses}
+    return Certificate(
+        certificate.not_valid_before_utc, certificate.not_valid_after_utc, frozenset(names)
+    )
 
 
-def _der_items(data: bytes) -> list[tuple[int, bytes]]:
-    """The (tag, contents) of the DER elements one after another in `data`."""
-    items, at = [], 0
-    while at < len(data):
-        tag, length, at = data[at], data[at + 1], at + 2
-        if length & 0x80:  # long form: the next (length & 0x7F) bytes hold the length
-            count = length & 0x7F
-            length, at = int.from_bytes(data[at : at + count], "big"), at + count
-        if at + length > len(data):
-            raise ValueError("a DER element runs past its end")
-        items.append((tag, data[at : at + length]))
-        at += length
-    return items
-
-
-def _der_time(tag: int, value: bytes) -> datetime.datetime:
-    text = value.decode("ascii")
-    if tag == 0x17:  # UTCTime, YYMMDDHHMMSSZ: RFC 5280 reads YY >= 50 as 19YY
-        text = ("19" if int(text[:2]) >= 50 else "20") + text
-    elif tag != 0x18:  # GeneralizedTime, YYYYMMDDHHMMSSZ
-        raise ValueError("not a time")
-    parsed = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ")
-    return parsed.replace(tzinfo=datetime.UTC)
+def _covers(own: str, name: str) -> bool:
+    if own == name:
+        return True
+    # RFC 6125: "*.example.com" matches exactly one label in front of example.com.
+    head, _, rest = name.partition(".")
+    return own.startswith("*.") and bool(head) and own[2:] == rest
 
 
 class ReloadableGrpcCredentials:
@@ -137,6 +156,7 @@ class ReloadableGrpcCredentials:
 
     def __init__(self, files: TlsFiles):
         self.files = files
+        self.names = files.names()  # of the certificate in use
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.credentials = grpc.dynamic_ssl_server_credentials(
@@ -147,9 +167,10 @@ class ReloadableGrpcCredentials:
 
     def reload(self) -> None:
         """Read the files again; the next handshake uses them. Raises ValueError."""
-        configuration = self.files.grpc_configuration()
+        configuration = self.files.grpc_configuration(keep_names=self.names)
         with self._lock:
             self._pending = configuration
+        self.names = self.files.names()
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # gRPC calls this before each handshake; None keeps the configuration it has.
@@ -164,9 +185,11 @@ class ReloadableSslContext:
     def __init__(self, files: TlsFiles):
         self.files = files
         self.context = files.ssl_context()
+        self.names = files.names()  # of the certificate in use
 
     def reload(self) -> None:
-        self.context = self.files.ssl_context()
+        self.context = self.files.ssl_context(keep_names=self.names)
+        self.names = self.files.names()
 
     def __call__(self) -> ssl.SSLContext:
         return self.context
