@@ -11,6 +11,10 @@ import io
 import numpy as np
 import pytest
 
+# Imported at collection, so that tests/conftest.py splits the CPU into the two
+# logical devices the mirrored tests replicate over.
+import tensorflow  # noqa: F401
+
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
 from naive_model.formats import ConvertOptions, convert
 from naive_model.streaming import map_canonical, read_block, read_rows, window_block
@@ -71,15 +75,23 @@ def mapped(tmp_path_factory):
     return map_canonical(folder / "out")
 
 
-def _trainer(data, **overrides):
+def _trainer(data, *, strategy=None, **overrides):
     from naive_model.distribute import make_strategy
     from naive_model.trainer import Trainer
 
     window = overrides.pop("window_batches", 4)
     fields = dict(layers=SMALL, batch_size=32, optimizer="adam", epochs=2, seed=5)
     fields.update(overrides)
-    strategy = make_strategy(StrategyConfig(kind="cpu"))
+    strategy = strategy or make_strategy(StrategyConfig(kind="cpu"))
     return Trainer(TrainConfig(**fields), data, strategy, window_batches=window)
+
+
+def _mirrored():
+    from naive_model.distribute import make_strategy
+
+    strategy = make_strategy(StrategyConfig(kind="mirrored", num_devices=2))
+    assert strategy.num_replicas_in_sync == 2  # two logical CPUs (tests/conftest.py)
+    return strategy
 
 
 @pytest.mark.slow
@@ -115,6 +127,49 @@ def test_a_stop_mid_window_resumes_bitwise_equal(mapped, tmp_path):
             should_stop=lambda: sum(isinstance(e, Progress) for e in events) >= 18,
         )
     resumed = _trainer(mapped, steps_per_execution=3)
+    resumed_events: list = []
+    run_training(resumed, LoopOptions(checkpoint_dir=tmp_path), on_event=resumed_events.append)
+    start = resumed_events[0]
+    assert isinstance(start, Resumed) and start.step_in_epoch % 4 != 0  # mid-window
+    for after, before in zip(resumed.model.weights, straight.model.weights, strict=True):
+        np.testing.assert_array_equal(after.numpy(), before.numpy())
+
+
+@pytest.mark.slow
+def test_streaming_under_mirrored_replicas_trains_as_one_device_does(mapped):
+    # Two replicas on logical CPUs: each window is assigned to every replica's copy of
+    # the window variables, and each replica gathers its half of every batch from it.
+    from naive_model.loop import run_training
+
+    config = dict(epochs=2, steps_per_execution=3, learning_rate=0.01)
+    mirrored = _trainer(mapped, strategy=_mirrored(), **config)
+    one_device = _trainer(mapped, **config)
+    results = [run_training(trainer) for trainer in (mirrored, one_device)]
+    assert [r.steps for r in results] == [2 * (1000 // 32)] * 2
+    for a, b in zip(mirrored.model.weights, one_device.model.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    assert results[0].test_accuracy == pytest.approx(results[1].test_accuracy, abs=0.01)
+    copies = [value.numpy() for value in mirrored.model.weights[0].values]
+    np.testing.assert_array_equal(copies[0], copies[1])  # the replicas agree
+
+
+@pytest.mark.slow
+def test_a_mirrored_stop_mid_window_resumes_bitwise_equal(mapped, tmp_path):
+    from naive_model.loop import LoopOptions, run_training
+    from naive_model.results import Progress, Resumed
+    from naive_model.trainer import TrainingStopped
+
+    straight = _trainer(mapped, strategy=_mirrored(), steps_per_execution=3)
+    run_training(straight)
+    events: list = []
+    with pytest.raises(TrainingStopped):
+        run_training(
+            _trainer(mapped, strategy=_mirrored(), steps_per_execution=3),
+            LoopOptions(checkpoint_dir=tmp_path),
+            on_event=events.append,
+            should_stop=lambda: sum(isinstance(e, Progress) for e in events) >= 18,
+        )
+    resumed = _trainer(mapped, strategy=_mirrored(), steps_per_execution=3)
     resumed_events: list = []
     run_training(resumed, LoopOptions(checkpoint_dir=tmp_path), on_event=resumed_events.append)
     start = resumed_events[0]
