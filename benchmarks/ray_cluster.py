@@ -227,6 +227,7 @@ def follow(client: Client, job_id: str, submitted: float, on_event=None) -> dict
     """Watch the job to its end; what came, and when."""
     seen: dict = {
         "progress": 0,
+        "progress_steps": [],
         "epochs": [],
         "epoch_seconds": [],
         "states": [],
@@ -236,6 +237,7 @@ def follow(client: Client, job_id: str, submitted: float, on_event=None) -> dict
         payload = event.payload
         if isinstance(payload, pb.Progress):
             seen["progress"] += 1
+            seen["progress_steps"].append(payload.step)
             if seen["first_progress_s"] is None:
                 seen["first_progress_s"] = time.monotonic() - submitted
         elif isinstance(payload, pb.EpochSummary):
