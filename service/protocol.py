@@ -395,6 +395,10 @@ class RayTrainTask:
     job_dir and data_dir are paths on the Ray nodes: the server's state
     directory (and data directory) must be shared with them at the same path.
     storage_path: where Ray Train keeps its checkpoints (shared too).
+    data_budget_bytes: the server's --data-budget-bytes. Every host must make the
+        same choice to stream or not (their compiled steps run in lock step), so
+        a node's own memory does not decide: 0 holds the data unless the job
+        asks to stream.
     """
 
     job_id: str
@@ -405,6 +409,7 @@ class RayTrainTask:
     data_dir: Path | None
     storage_path: Path
     dataset_dir: Path | None = None  # as TrainTask's (shared with the nodes too)
+    data_budget_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -417,6 +422,7 @@ class RayTrainTask:
                 "data_dir": None if self.data_dir is None else str(self.data_dir),
                 "storage_path": str(self.storage_path),
                 "dataset_dir": None if self.dataset_dir is None else str(self.dataset_dir),
+                "data_budget_bytes": self.data_budget_bytes,
             }
         )
 
@@ -432,6 +438,7 @@ class RayTrainTask:
             data_dir=None if data["data_dir"] is None else Path(data["data_dir"]),
             storage_path=Path(data["storage_path"]),
             dataset_dir=Path(data["dataset_dir"]) if data.get("dataset_dir") else None,
+            data_budget_bytes=data.get("data_budget_bytes", 0),
         )
 
 

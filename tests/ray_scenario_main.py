@@ -5,8 +5,8 @@ Usage (by tests/test_ray_cluster.py): ip netns exec NS python ray_scenario_main.
 
 Starts its own `ntrain serve --ray-address RAY_ADDRESS`, then: a reference
 job end to end (progress on WatchJob, both workers' weights, a checkpoint,
-Evaluate), a cancel, and a job one of whose Ray workers is killed with
-SIGKILL after its first checkpoint. Writes what it saw to OUT.json: the test
+Evaluate), a job that streams its data, a cancel, and a job one of whose Ray
+workers is killed with SIGKILL after its first checkpoint. Writes what it saw to OUT.json: the test
 asserts on it. Every wait is bounded.
 """
 
@@ -62,6 +62,8 @@ def main() -> None:
         report["info_strategies"] = list(client.info().strategies)
         report["reference"] = reference_job(client, ray_address, work)
         out.write_text(json.dumps(report, indent=1))  # what came so far, should a later part hang
+        report["streamed"] = streamed_job(client, ray_address)
+        out.write_text(json.dumps(report, indent=1))
         report["cancel"] = cancel_job(client, ray_address)
         out.write_text(json.dumps(report, indent=1))
         report["kill"] = killed_job(client, ray_address, work)
@@ -93,6 +95,25 @@ def reference_job(client: Client, ray_address: str, work: Path) -> dict:
         "evaluate_accuracy": evaluation.accuracy,
         "evaluate_checkpoint_accuracy": from_checkpoint.accuracy,
         "evaluate_checkpoint_source": from_checkpoint.source,
+    }
+
+
+def streamed_job(client: Client, ray_address: str) -> dict:
+    """A job that asks to stream: every host reads the windows from the file as it trains."""
+    submitted = time.monotonic()
+    job = client.submit({**spec(epochs=2), "dataMode": "stream"})
+    seen = follow(client, job.job_id, submitted)
+    job = client.get(job.job_id)
+    logs = ray_logs(ray_address, job.job_id)
+    return {
+        **seen,
+        "job_id": job.job_id,
+        "state": pb.JobState.Name(job.state),
+        "failure_reason": job.failure_reason,
+        "reasons": [t.reason for t in job.transitions],
+        "test_accuracy": job.result.test_accuracy,
+        "digests": digests(logs),
+        "data_lines": [line for line in logs.splitlines() if ": training data " in line],
     }
 
 

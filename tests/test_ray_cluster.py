@@ -67,6 +67,19 @@ def test_a_job_trains_on_two_hosts_end_to_end(report):
     assert job["evaluate_checkpoint_accuracy"] == pytest.approx(job["test_accuracy"], abs=1e-6)
 
 
+def test_a_job_that_asks_to_stream_streams_on_every_host(report):
+    job = report["streamed"]
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["failure_reason"]
+    assert job["epochs"] == [1, 2]
+    # 128 batches an epoch in windows of 64, said in the RUNNING transition and by each host.
+    running = [reason for reason in job["reasons"] if "replica(s)" in reason]
+    assert running and "streamed in windows of 64 batches" in running[0], job["reasons"]
+    assert len(job["data_lines"]) == 2, job["data_lines"]
+    assert all("streamed in windows of 64 batches" in line for line in job["data_lines"])
+    assert len(job["digests"]) == 2 and len(set(job["digests"].values())) == 1
+    assert job["test_accuracy"] > 0.5
+
+
 def test_cancel_stops_the_ray_job_and_its_workers(report):
     job = report["cancel"]
     assert job["state"] == "JOB_STATE_CANCELED"

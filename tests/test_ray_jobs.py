@@ -64,6 +64,7 @@ TASK = RayTrainTask(
     gpus_per_host=0,
     data_dir=Path("/shared/data"),
     storage_path=Path("/shared/var/jobs/job-0123456789ab/ray"),
+    data_budget_bytes=64 * 2**20,
 )
 
 

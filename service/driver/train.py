@@ -48,8 +48,9 @@ def _log(message: str) -> None:
 def _train(task, strategy, chief: bool, events, start: float) -> None:
     import ray.train
 
-    from naive_model.data import load_dataset
+    from naive_model.data import Dataset, load_dataset
     from naive_model.loop import LoopOptions, run_training
+    from naive_model.streaming import MappedDataset, map_canonical, plan_data
     from naive_model.trainer import Trainer, TrainingDiverged
     from service.driver.ray_driver import WeightsDigest
     from service.protocol import CheckpointSaved, Failed, JobFiles, ModelInfo, Running
@@ -67,16 +68,26 @@ def _train(task, strategy, chief: bool, events, start: float) -> None:
         if restored is not None:  # the group restarted: every worker resumes from Ray's copy
             with restored.as_directory() as directory:
                 shutil.copytree(directory, checkpoints)
-        dataset = load_dataset(
-            task.spec.dataset, data_dir=task.data_dir, folder=task.dataset_dir
+        dataset: Dataset | MappedDataset
+        if task.dataset_dir is not None:  # a pushed data set: read from its files as needed
+            dataset = map_canonical(task.dataset_dir, name=task.spec.dataset)
+        else:
+            dataset = load_dataset(task.spec.dataset, data_dir=task.data_dir)
+        # The same plan on every host: the server's budget, not this node's memory.
+        plan = plan_data(
+            dataset.info,
+            batch_size=task.spec.train.batch_size,
+            mode=task.spec.data_mode,
+            budget_bytes=task.data_budget_bytes,
         )
-        trainer = Trainer(task.spec.train, dataset, strategy)
+        trainer = Trainer(task.spec.train, dataset, strategy, window_batches=plan.window_batches)
+        _log(f"rank {rank}: training data {plan.reason}")
         _log(f"rank {rank}: data and model ready after {time.monotonic() - start:.1f} s")
         if chief:
             info = ModelInfo(input_size=dataset.input_size, num_classes=dataset.num_classes)
             files.root.mkdir(parents=True, exist_ok=True)
             files.model_info.write_text(json.dumps(asdict(info)))
-            events.put(Running(replicas=trainer.num_replicas))
+            events.put(Running(replicas=trainer.num_replicas, data=plan.reason))
 
         def on_event(event) -> None:
             if isinstance(event, CheckpointSaved):

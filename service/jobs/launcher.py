@@ -105,6 +105,7 @@ class Launcher:
             data_dir=None if self.data_dir is None else self.data_dir.resolve(),
             storage_path=job_dir / "ray",
             dataset_dir=self._dataset_dir(record),
+            data_budget_bytes=self.data_budget_bytes,
         )
         return RayRunner(
             task,
