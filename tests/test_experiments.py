@@ -144,8 +144,8 @@ class Service:
         self.metrics = ServiceMetrics(self.registry)
         self.runners = ScriptedRunners(fail_if, epoch_seconds)
         self.stopped = False
-        # The job running when a warm worker was asked for, at each ask.
-        self.prewarmed_beside: list[list[str]] = []
+        # At each ask for warm workers: the jobs running, and how many workers.
+        self.prewarmed_beside: list[tuple[list[str], int]] = []
         self.experiments = ExperimentManager(state_dir, metrics=self.metrics, pause_at="")
         self.controller = JobController(
             self.store,
@@ -169,9 +169,9 @@ class Service:
             SubmitJob(spec, self.demand_of(spec), principal.name, request_id)
         )
 
-    def prewarm(self) -> None:
+    def prewarm(self, count: int = 1) -> None:
         running = self.store.list_jobs(states=(JobState.RUNNING,), limit=1000)[0]
-        self.prewarmed_beside.append([job.request_id for job in running])
+        self.prewarmed_beside.append(([job.request_id for job in running], count))
 
     def check_spec(self, spec: JobSpec) -> None:
         try:
@@ -264,9 +264,10 @@ def test_a_running_trial_with_more_to_come_has_a_worker_warmed_beside_it(start):
     record = service.experiments.submit(spec, principal=ADMIN)
     done = service.wait(record.experiment_id)
     assert done.state is ExperimentState.SUCCEEDED, done.reason
-    # Once for each of trials 0 and 1, while it ran; none for trial 2, the last.
+    # Beside trial 0, two (trials 1 and 2 to come); beside trial 1, one; none beside
+    # trial 2, the last; and as the experiment ends, back to the idle host's one.
     trial = f"{record.experiment_id}-trial-"
-    assert service.prewarmed_beside == [[trial + "0"], [trial + "1"]]
+    assert service.prewarmed_beside == [([trial + "0"], 2), ([trial + "1"], 1), ([], 1)]
 
 
 def test_successive_halving_stops_trials_at_a_rung(start):

@@ -46,7 +46,8 @@ def test_a_workers_ready_hands_its_runtime_to_the_pool_and_the_largest_counts():
 
 def test_the_warm_workers_ready_is_measured_as_the_pool_polls_it():
     pool = WorkerPool(warm=True)
-    pool._warm, other_end = _fake_worker(pool._measured, warm=True)
+    worker, other_end = _fake_worker(pool._measured, warm=True)
+    pool._warm = [worker]
     try:
         assert pool.warm_ready == 0
         other_end.send(Ready(resident_bytes=700 * MIB))
@@ -74,3 +75,35 @@ def test_a_warm_worker_measures_the_runtime_of_this_install():
         assert 200 * MIB < measured < RUNTIME_FALLBACK_BYTES
     finally:
         pool.close()
+
+
+def test_the_pool_holds_as_many_warm_workers_as_asked_and_hands_out_the_oldest(monkeypatch):
+    import service.processes.warm_pool as warm_pool
+
+    started: list[tuple[WorkerProcess, Connection]] = []
+
+    def spawn(**options):
+        started.append(_fake_worker(options["on_ready"], warm=True))
+        return started[-1][0]
+
+    monkeypatch.setattr(warm_pool, "spawn_worker", spawn)
+    pool = WorkerPool(warm=True)
+    try:
+        pool.refill()  # the idle host's one
+        pool.refill(2, shrink=True)  # a search's two
+        assert len(started) == 2
+        first, second = (worker for worker, _ in started)
+        assert pool.take() is first
+        pool.refill()  # idle: at least one, and the one there is kept
+        assert len(started) == 2
+        pool.refill(2, shrink=True)
+        third = started[-1][0]
+        assert len(started) == 3
+        pool.refill(1, shrink=True)  # the search ended: the newest goes
+        assert not third.is_alive() and second.is_alive()
+        assert pool.take() is second
+    finally:
+        pool.close()
+        for worker, other_end in started:
+            worker.stop(grace=0.1)
+            other_end.close()

@@ -91,6 +91,8 @@ MAX_RUNNING_EXPERIMENTS = 16
 # How often trials that could not be submitted (a full queue) are tried again.
 RETRY_SECONDS = 5.0
 WATCH_POLL_SECONDS = 1.0
+# Warm workers held while a search has trials to come (see _prewarm_beside).
+PREWARMED_TRIALS = 2
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -170,7 +172,7 @@ class TrialJobs(Protocol):
 
     def submit(self, spec: JobSpec, request_id: str = "", *, principal: Principal) -> JobRecord: ...
     def check_spec(self, spec: JobSpec) -> None: ...
-    def prewarm(self) -> None: ...
+    def prewarm(self, count: int = 1) -> None: ...
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -566,19 +568,22 @@ class ExperimentManager:
         self._pause("told", trial.number)
 
     def _prewarm_beside(self, experiment: _Experiment, job_id: str) -> None:
-        """A trial started and another will follow: have a worker ready for it.
+        """A trial started and others will follow: have workers ready for the next two.
 
         The warm pool otherwise refills only when nothing runs or waits, which
         in a search is the moment the next trial is submitted: each trial would
         pay TensorFlow's import and the data set's load (two thirds of a
-        successive-halving search's wall time in benchmarks/sweep.py).
+        successive-halving search's wall time in benchmarks/sweep.py). One
+        worker warmed beside a trial stopped after an epoch is still importing
+        when the next trial takes it; two give each a trial more.
         """
         assert self._jobs is not None
         if job_id in experiment.prewarmed:
             return
         experiment.prewarmed.add(job_id)
-        if len(experiment.study.get_trials(deepcopy=False)) < _budget(experiment.spec):
-            self._jobs.prewarm()
+        to_come = _budget(experiment.spec) - len(experiment.study.get_trials(deepcopy=False))
+        if to_come > 0:
+            self._jobs.prewarm(min(PREWARMED_TRIALS, to_come))
 
     def _tell_ended(
         self, experiment: _Experiment, trial: FrozenTrial, end: str, reason: str
@@ -689,6 +694,8 @@ class ExperimentManager:
         study.set_user_attr("state", state.name)
         experiment.state, experiment.reason, experiment.end_time = state, reason, now
         log.info("experiment %s %s: %s", experiment.experiment_id, state.name, reason)
+        if self._jobs is not None:
+            self._jobs.prewarm(1)  # the idle machine's one warm worker, not a search's two
 
     def _cancel_job(self, experiment: _Experiment, job_id: str) -> None:
         """Ask the job loop to cancel a trial's job (once per server; no waiting here)."""

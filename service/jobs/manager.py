@@ -291,15 +291,16 @@ class JobManager:
         self.pool.close()
         self.models.close()
 
-    def prewarm(self) -> None:
-        """Start a warm worker now, though a job runs: the caller knows another job follows.
+    def prewarm(self, count: int = 1) -> None:
+        """Hold `count` warm workers now, though a job runs: the caller knows jobs follow.
 
         An experiment calls it when a trial starts and more trials are to come:
         the next trial then takes a worker with TensorFlow imported and the data
         set loaded (about 7 s on 2 cores), where waiting for the host to be idle
-        would start that import only as the next trial is submitted.
+        would start that import only as the next trial is submitted. Extra warm
+        workers beyond `count` are stopped.
         """
-        self.pool.refill()
+        self.pool.refill(count, shrink=True)
 
     def _warm_up(self) -> None:
         """Nothing runs or waits: import TensorFlow ahead of the next job and Evaluate."""

@@ -1,10 +1,12 @@
-"""The warm pool: one worker with TensorFlow imported, ready while the machine is idle.
+"""The warm pool: workers with TensorFlow imported, ready before a job needs one.
 
-`WorkerPool` hands out that warm worker, so the next job does not pay the
-import, or a cold one when there is none. Every worker it starts reports its
-resident size once TensorFlow is imported (`Ready.resident_bytes`), and the
-pool keeps the largest: what the runtime takes in this install, which
-admission counts for each job (`WorkerPool.runtime_bytes`).
+`WorkerPool` hands out the oldest warm worker, so the next job does not pay
+the import, or a cold one when there is none. It holds one while the machine
+is idle, and two while a search has more trials to come (`refill(count)`).
+Every worker it starts reports its resident size once TensorFlow is imported
+(`Ready.resident_bytes`), and the pool keeps the largest: what the runtime
+takes in this install, which admission counts for each job
+(`WorkerPool.runtime_bytes`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class WorkerPool:
         self.log_path = log_path
         self.dataset = dataset
         self._lock = threading.Lock()
-        self._warm: WorkerProcess | None = None
+        self._warm: list[WorkerProcess] = []  # the oldest first: the likeliest to be ready
         self._closed = False
         # The largest runtime a worker reported, 0 before the first. Its own lock:
         # a Ready is read (and reported here) while `_lock` is held, in warm_ready.
@@ -62,18 +64,17 @@ class WorkerPool:
 
     @property
     def warm_ready(self) -> int:
-        """1 when a warm worker has TensorFlow imported and waits for a task, else 0."""
+        """How many warm workers have TensorFlow imported and wait for a task."""
         with self._lock:
-            worker = self._warm
-            return int(worker is not None and worker.is_alive() and worker.ready)
+            return sum(1 for worker in self._warm if worker.is_alive() and worker.ready)
 
     def take(self) -> WorkerProcess:
         """A worker for one task; the caller sends it the task and stops it after."""
         with self._lock:
-            worker, self._warm = self._warm, None
-        if worker is not None and worker.is_alive():
-            return worker  # even one still importing is ahead of a cold start
-        if worker is not None:
+            warm, self._warm = self._warm[:1], self._warm[1:]
+        for worker in warm:
+            if worker.is_alive():
+                return worker  # even one still importing is ahead of a cold start
             log.warning("the warm worker died (exit code %s); starting a cold one", worker.stop())
         return spawn_worker(
             preload=False,
@@ -83,28 +84,41 @@ class WorkerPool:
             on_ready=self._measured,
         )
 
-    def refill(self) -> None:
-        """Start a warm worker unless one is there (call it when the machine is idle)."""
+    def refill(self, count: int = 1, *, shrink: bool = False) -> None:
+        """Hold `count` warm workers: start the missing ones (with `shrink`, stop extra ones).
+
+        The idle machine holds one. A search asks for two while more trials are
+        to come: each worker then has a whole trial more to import TensorFlow,
+        which a trial stopped after one epoch does not give one
+        (benchmarks/sweep.py), and for one again as it ends.
+        """
         with self._lock:
             if self._closed or not self.warm_enabled:
                 return
-            if self._warm is not None and self._warm.is_alive():
-                return
-            if self._warm is not None:
-                self._warm.stop()
-            self._warm = spawn_worker(
-                preload=True,
-                log_path=self.log_path,
-                dataset=self.dataset,
-                held_fds=self.held_fds,
-                temp_root=self.temp_root,
-                on_ready=self._measured,
-            )
+            alive = [worker for worker in self._warm if worker.is_alive()]
+            gone = [worker for worker in self._warm if not worker.is_alive()]
+            if shrink:  # the newest go: the oldest are the likeliest to be ready
+                gone += alive[count:]
+                alive = alive[:count]
+            self._warm = alive
+            while len(self._warm) < count:
+                self._warm.append(
+                    spawn_worker(
+                        preload=True,
+                        log_path=self.log_path,
+                        dataset=self.dataset,
+                        held_fds=self.held_fds,
+                        temp_root=self.temp_root,
+                        on_ready=self._measured,
+                    )
+                )
+        for worker in gone:
+            worker.stop()
 
     def close(self) -> None:
-        """Stop the warm worker, if any, and start no other."""
+        """Stop the warm workers, and start no other."""
         with self._lock:
             self._closed = True
-            worker, self._warm = self._warm, None
-        if worker is not None:
+            workers, self._warm = self._warm, []
+        for worker in workers:
             worker.stop()
