@@ -129,7 +129,13 @@ def run_training(
         if saved_step == trainer.global_step:
             return  # saved at this very step already (an epoch's due checkpoint)
         start = time.perf_counter()
-        path = trainer.save_checkpoint(checkpoint_dir, max_to_keep=options.max_checkpoints)
+        try:
+            path = trainer.save_checkpoint(checkpoint_dir, max_to_keep=options.max_checkpoints)
+        except Exception:
+            # A full disk: the run ends here, and a job that is not run again
+            # would keep the half-written shards for good.
+            remove_leftovers(checkpoint_dir, None)
+            raise
         last_save = time.monotonic()
         saved_step = trainer.global_step
         emit(
@@ -228,7 +234,11 @@ def export_atomically(trainer: Trainer, path: Path) -> None:
     """Write the SavedModel beside `path`, then rename: a reader never sees half of it."""
     staging = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.export(staging)
+    try:
+        trainer.export(staging)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
 

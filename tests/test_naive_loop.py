@@ -2,7 +2,8 @@
 
 A damaged newest checkpoint (five damages, as a full disk, a crash or a bad
 sector leave it): the loop resumes from the newest intact one and says so in
-one line; leftovers of interrupted saves and exports go when a run starts.
+one line; leftovers of interrupted saves and exports go when a run starts, and a
+save or export that fails (a full disk) removes its own.
 """
 
 from __future__ import annotations
@@ -296,3 +297,34 @@ def test_leftovers_of_interrupted_saves_and_exports_are_removed_when_a_run_start
     assert (tmp_path / "model" / "saved_model.pb").is_file()
     [resumed] = [event for event in events if isinstance(event, Resumed)]
     assert resumed.damaged == ()
+
+
+def test_a_save_or_export_that_finds_no_room_leaves_nothing_half_written(
+    dataset, one_device, tmp_path
+):
+    """A job that fails on a full disk is never run again: its run cleans up there."""
+    no_room = tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    def save_half(folder: Path, max_to_keep: int) -> str:
+        (folder / "ckpt-8_temp").mkdir(parents=True)
+        (folder / "ckpt-8_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+        (folder / "checkpoint.tmp9a8b").write_text("half")
+        raise no_room
+
+    trainer = _trainer(dataset, one_device)
+    trainer.save_checkpoint = save_half  # type: ignore[method-assign]
+    folder = tmp_path / "ckpt"
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        run_training(trainer, LoopOptions(checkpoint_dir=folder))
+    assert list(folder.iterdir()) == []
+
+    def export_half(path: Path) -> None:
+        path.mkdir()
+        (path / "saved_model.pb").write_bytes(b"half")
+        raise no_room
+
+    trainer = _trainer(dataset, one_device, epochs=1)
+    trainer.export = export_half  # type: ignore[method-assign]
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        run_training(trainer, LoopOptions(export_dir=tmp_path / "model"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt"]
