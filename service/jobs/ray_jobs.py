@@ -36,6 +36,9 @@ DRIVER_ENV = {
     # Ray Train gives up on a worker group not started within 60 s and retries,
     # counted as a failure; a busy node (or one pulling a large runtime) needs longer.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # Each host says the same line with its own rank ("rank 1: training data ...");
+    # Ray's log dedup would fold them into rank 0's with "[repeated 1x across cluster]".
+    "RAY_DEDUP_LOGS": "0",
 }
 
 
