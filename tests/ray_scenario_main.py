@@ -72,23 +72,34 @@ def main() -> None:
         server.stop()
 
 
+def followed_to_end(
+    client: Client, ray_address: str, job_id: str, submitted: float, on_event=None
+) -> tuple[dict, pb.Job, str]:
+    """Follow a job to its end: what was seen, its state and weights; the job; its driver log."""
+    seen = follow(client, job_id, submitted, on_event)
+    job = client.get(job_id)
+    logs = ray_logs(ray_address, job_id)
+    ended = {
+        **seen,
+        "job_id": job_id,
+        "state": pb.JobState.Name(job.state),
+        "failure_reason": job.failure_reason,
+        "digests": digests(logs),
+    }
+    return ended, job, logs
+
+
 def reference_job(client: Client, ray_address: str, work: Path) -> dict:
     submitted = time.monotonic()
     job = client.submit(spec(epochs=3))
-    seen = follow(client, job.job_id, submitted)
-    job = client.get(job.job_id)
-    logs = ray_logs(ray_address, job.job_id)
+    ended, job, logs = followed_to_end(client, ray_address, job.job_id, submitted)
     job_dir = work / "state" / "jobs" / job.job_id
     evaluation = client.evaluate(job.job_id)
     from_checkpoint = client.evaluate(job.job_id, checkpoint=True)
     return {
-        **seen,
-        "job_id": job.job_id,
-        "state": pb.JobState.Name(job.state),
-        "failure_reason": job.failure_reason,
+        **ended,
         "strategy": job.strategy,
         "test_accuracy": job.result.test_accuracy,
-        "digests": digests(logs),
         "driver_log": logs.splitlines()[-80:],
         "ray_checkpoints": sorted(p.name for p in (job_dir / "ray" / job.job_id).glob("check*")),
         "has_checkpoint": (job_dir / "checkpoints" / "checkpoint").is_file(),
@@ -102,17 +113,11 @@ def streamed_job(client: Client, ray_address: str) -> dict:
     """A job that asks to stream: every host reads the windows from the file as it trains."""
     submitted = time.monotonic()
     job = client.submit({**spec(epochs=2), "dataMode": "stream"})
-    seen = follow(client, job.job_id, submitted)
-    job = client.get(job.job_id)
-    logs = ray_logs(ray_address, job.job_id)
+    ended, job, logs = followed_to_end(client, ray_address, job.job_id, submitted)
     return {
-        **seen,
-        "job_id": job.job_id,
-        "state": pb.JobState.Name(job.state),
-        "failure_reason": job.failure_reason,
+        **ended,
         "reasons": [t.reason for t in job.transitions],
         "test_accuracy": job.result.test_accuracy,
-        "digests": digests(logs),
         "data_lines": [line for line in logs.splitlines() if ": training data " in line],
     }
 
@@ -163,20 +168,14 @@ def killed_job(client: Client, ray_address: str, work: Path) -> dict:
                 killed["pid"] = workers[-1]
                 killed["after_s"] = time.monotonic() - submitted
 
-    seen = follow(client, job.job_id, submitted, on_event)
-    job = client.get(job.job_id)
-    logs = ray_logs(ray_address, job.job_id)
+    ended, job, logs = followed_to_end(client, ray_address, job.job_id, submitted, on_event)
     return {
-        **seen,
-        "job_id": job.job_id,
-        "state": pb.JobState.Name(job.state),
-        "failure_reason": job.failure_reason,
+        **ended,
         "killed": killed,
         "resumed_lines": [line for line in logs.splitlines() if '"type": "Resumed"' in line],
         "driver_log": logs.splitlines()[-80:],
         # The nodes share this machine's /tmp: the killed worker's scratch must be gone too.
         "scratch_left": [p.name for p in Path("/tmp").glob(f"ntrain-{job.job_id}-*")],
-        "digests": digests(logs),
     }
 
 

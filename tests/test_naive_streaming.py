@@ -107,26 +107,31 @@ def test_streaming_learns_as_the_in_memory_run_does(mapped):
 
 
 @pytest.mark.slow
-def test_a_stop_mid_window_resumes_bitwise_equal(mapped, tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_stop_mid_window_resumes_bitwise_equal(replicas, mapped, tmp_path):
     from naive_model.loop import LoopOptions, run_training
     from naive_model.results import Progress, Resumed
     from naive_model.trainer import TrainingStopped
 
+    def trainer():
+        return _trainer(
+            mapped, strategy=_mirrored() if replicas == 2 else None, steps_per_execution=3
+        )
+
     # 31 steps an epoch in windows of 4 batches, 3 steps a call (15 calls an epoch): the
     # 18th call ends at step 7 of epoch 2, inside its second window.
-    straight = _trainer(mapped, steps_per_execution=3)
+    straight = trainer()
     run_training(straight)
 
     events: list = []
-    stopping = _trainer(mapped, steps_per_execution=3)
     with pytest.raises(TrainingStopped):
         run_training(
-            stopping,
+            trainer(),
             LoopOptions(checkpoint_dir=tmp_path),
             on_event=events.append,
             should_stop=lambda: sum(isinstance(e, Progress) for e in events) >= 18,
         )
-    resumed = _trainer(mapped, steps_per_execution=3)
+    resumed = trainer()
     resumed_events: list = []
     run_training(resumed, LoopOptions(checkpoint_dir=tmp_path), on_event=resumed_events.append)
     start = resumed_events[0]
@@ -151,28 +156,3 @@ def test_streaming_under_mirrored_replicas_trains_as_one_device_does(mapped):
     assert results[0].test_accuracy == pytest.approx(results[1].test_accuracy, abs=0.01)
     copies = [value.numpy() for value in mirrored.model.weights[0].values]
     np.testing.assert_array_equal(copies[0], copies[1])  # the replicas agree
-
-
-@pytest.mark.slow
-def test_a_mirrored_stop_mid_window_resumes_bitwise_equal(mapped, tmp_path):
-    from naive_model.loop import LoopOptions, run_training
-    from naive_model.results import Progress, Resumed
-    from naive_model.trainer import TrainingStopped
-
-    straight = _trainer(mapped, strategy=_mirrored(), steps_per_execution=3)
-    run_training(straight)
-    events: list = []
-    with pytest.raises(TrainingStopped):
-        run_training(
-            _trainer(mapped, strategy=_mirrored(), steps_per_execution=3),
-            LoopOptions(checkpoint_dir=tmp_path),
-            on_event=events.append,
-            should_stop=lambda: sum(isinstance(e, Progress) for e in events) >= 18,
-        )
-    resumed = _trainer(mapped, strategy=_mirrored(), steps_per_execution=3)
-    resumed_events: list = []
-    run_training(resumed, LoopOptions(checkpoint_dir=tmp_path), on_event=resumed_events.append)
-    start = resumed_events[0]
-    assert isinstance(start, Resumed) and start.step_in_epoch % 4 != 0  # mid-window
-    for after, before in zip(resumed.model.weights, straight.model.weights, strict=True):
-        np.testing.assert_array_equal(after.numpy(), before.numpy())
