@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SHARED_MNIST
 
-from naive_model.data import synthetic_dataset
+from naive_model.data import synthetic_dataset, to_features
 from service.cli import exit_status as cli_errors
 from service.cli.app import main as cli_main
 from service.cli.local_server import LocalServer
@@ -157,6 +157,24 @@ def test_predict_shows_mnist_test_images_as_ascii_art(server, finished_job):
     assert result.out.count("predicted ") == 2 and "true label 7" in result.out
     assert sum(line.startswith("|") for line in result.out.splitlines()) == 2 * 14
     assert result.out.rstrip().endswith("right (" + result.out.rsplit("(", 1)[1].strip())
+
+
+def test_predict_sends_pixels_as_uint8_and_answers_as_for_scaled_floats(
+    server, finished_job, tmp_path
+):
+    """uint8 pixels go as they are (a quarter of the bytes); the server scales them."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    np.save(tmp_path / "scaled.npy", to_features(pixels))  # float32 in [0, 1]
+    answers = []
+    for name in ("pixels.npy", "scaled.npy"):
+        result = run_cli(
+            "predict", finished_job, "--input", str(tmp_path / name), "--json",
+            "--address", server.address,
+        )  # fmt: skip
+        assert result.status == cli_errors.EXIT_OK, result.err
+        answers.append(json.loads(result.out)["predictions"])
+    assert len(answers[0]) == 5 and answers[0] == answers[1]
 
 
 def test_cancel_ends_the_job_and_watch_says_so(server):

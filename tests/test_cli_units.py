@@ -238,7 +238,12 @@ def test_load_inputs_reads_npy_and_npz_with_labels(tmp_path):
     images = np.full((3, 28, 28), 255, dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
     inputs, labels = cli_inputs.load_inputs(tmp_path / "x.npy")
-    assert len(inputs) == 3 and len(inputs[0]) == 784 and inputs[0][0] == 1.0 and labels is None
+    # Pixels go to Predict as they are, a quarter of float32's bytes; the server scales them.
+    assert inputs.shape == (3, 784) and inputs.dtype == np.uint8 and labels is None
+    assert (inputs == 255).all()
+    np.save(tmp_path / "f.npy", np.full((2, 4, 4), 0.5, dtype=np.float64))
+    inputs, _ = cli_inputs.load_inputs(tmp_path / "f.npy")
+    assert inputs.shape == (2, 16) and inputs.dtype == np.float32 and (inputs == 0.5).all()
     np.savez(tmp_path / "t.npz", x_test=images, y_test=np.array([1, 2, 3]))
     inputs, labels = cli_inputs.load_inputs(tmp_path / "t.npz")
     assert labels == [1, 2, 3]

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
-import numpy as np
 from ntrain.v1 import training_pb2
 
+from naive_model.data import to_features
 from ntrain.client import Client, FailedPrecondition, job_spec
 from service.cli import experiment_commands
 from service.cli import output as cli_output
@@ -285,9 +285,10 @@ def cmd_predict(args) -> int:
         if args.limit is not None:
             inputs = inputs[: args.limit]
             labels = labels[: args.limit] if labels is not None else None
-    if not inputs:
+    if not len(inputs):
         raise CliError("no inputs to predict")
-    probabilities = args.client.predict(args.job_id, np.asarray(inputs, dtype=np.float32))
+    # (examples, features), uint8 pixels as they are: the server scales them.
+    probabilities = args.client.predict(args.job_id, inputs)
     predictions = [
         training_pb2.Prediction(label=int(row.argmax()), probabilities=row.tolist())
         for row in probabilities
@@ -296,8 +297,9 @@ def cmd_predict(args) -> int:
         print(cli_output.to_json(training_pb2.PredictResponse(predictions=predictions)))
         return EXIT_OK
     if args.show:
+        pixels = to_features(inputs)  # in [0, 1], as the model saw them
         for index, prediction in enumerate(predictions):
-            art = cli_output.ascii_image(inputs[index])
+            art = cli_output.ascii_image(pixels[index])
             caption = cli_output.prediction_caption(
                 prediction, labels[index] if labels is not None else None
             )

@@ -1,7 +1,8 @@
 """What the command line reads: layer specs from text, inputs from .npy/.npz files, MNIST.
 
-uint8 pixels are scaled as the server scales its data sets, by
-`naive_model.data.to_features` (numpy only, no TensorFlow).
+Inputs for Predict keep uint8 pixels as uint8: they cross the wire a quarter
+the size of float32, and the server scales them as it scales its data sets
+(`naive_model.data.to_features`, numpy only, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -42,12 +43,11 @@ def format_layers(layers) -> str:
     return ",".join(f"{layer.units}:{layer.activation}" for layer in layers)
 
 
-def load_inputs(path: str | Path) -> tuple[list[list[float]], list[int] | None]:
-    """Inputs (and labels, when the file has them) from an .npy or .npz file.
+def load_inputs(path: str | Path) -> tuple[np.ndarray, list[int] | None]:
+    """Inputs, (examples, features), and labels when the file has them, from .npy or .npz.
 
     An .npz may hold x (or x_test, or inputs) with y (or y_test); a lone array
-    is taken as the inputs. uint8 pixels are scaled to [0, 1], as the server
-    scales its data sets.
+    is taken as the inputs. uint8 pixels stay uint8; other numbers become float32.
     """
     path = Path(path)
     labels = None
@@ -74,10 +74,16 @@ def load_inputs(path: str | Path) -> tuple[list[list[float]], list[int] | None]:
         inputs = inputs[None, :]
     if not np.issubdtype(inputs.dtype, np.number):
         raise CliError(f"{path}: inputs must be numbers, got dtype {inputs.dtype}")
-    flat = to_features(inputs)  # (examples, features)
+    flat = as_inputs(inputs)  # (examples, features)
     if labels is not None and len(labels) != len(flat):
         labels = None
-    return flat.tolist(), ([int(label) for label in labels] if labels is not None else None)
+    return flat, ([int(label) for label in labels] if labels is not None else None)
+
+
+def as_inputs(images: np.ndarray) -> np.ndarray:
+    """(examples, features): uint8 pixels as they are, any other numbers as float32."""
+    flat = images.reshape(len(images), -1)
+    return flat if flat.dtype == np.uint8 else flat.astype(np.float32)
 
 
 def find_mnist_file(explicit: str | None) -> Path:
@@ -91,17 +97,24 @@ def find_mnist_file(explicit: str | None) -> Path:
     return found
 
 
-def read_test_images(path: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` test images of an .npz data set, as features, and their labels."""
+def read_test_images(
+    path: Path, count: int, *, scaled: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` test images of an .npz data set, (count, features), and their labels.
+
+    Scaled to [0, 1] float32 features, or (`scaled=False`) as Predict's inputs
+    (`as_inputs`: uint8 pixels kept).
+    """
     try:
         with np.load(path, allow_pickle=False) as archive:
             images, labels = archive["x_test"][:count], archive["y_test"][:count]
     except (OSError, KeyError, ValueError) as error:
         raise CliError(f"cannot read test images from {path}: {error}") from None
-    return to_features(images), labels  # (count, features), (count,)
+    features = to_features(images) if scaled else as_inputs(images)
+    return features, labels  # (count, features), (count,)
 
 
-def load_mnist_test(count: int, explicit: str | None) -> tuple[list[list[float]], list[int]]:
-    """The first `count` MNIST test images, scaled to [0, 1], and their labels."""
-    images, labels = read_test_images(find_mnist_file(explicit), count)
-    return images.tolist(), [int(label) for label in labels]
+def load_mnist_test(count: int, explicit: str | None) -> tuple[np.ndarray, list[int]]:
+    """The first `count` MNIST test images, uint8 (count, 784), and their labels."""
+    images, labels = read_test_images(find_mnist_file(explicit), count, scaled=False)
+    return images, [int(label) for label in labels]
