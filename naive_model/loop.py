@@ -226,13 +226,17 @@ def remove_leftovers(checkpoint_dir: Path | None, export_dir: str | Path | None)
                 else:
                     path.unlink(missing_ok=True)
     if export_dir is not None:
-        staging = Path(export_dir).with_name(f".{Path(export_dir).name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(_export_staging(Path(export_dir)), ignore_errors=True)
+
+
+def _export_staging(path: Path) -> Path:
+    """Where an export to `path` is written before it is renamed: `.{name}.tmp` beside it."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def export_atomically(trainer: Trainer, path: Path) -> None:
     """Write the SavedModel beside `path`, then rename: a reader never sees half of it."""
-    staging = path.with_name(f".{path.name}.tmp")
+    staging = _export_staging(path)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         trainer.export(staging)

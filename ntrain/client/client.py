@@ -35,7 +35,7 @@ from ntrain.client.exceptions import (
     from_rpc_error,
 )
 from ntrain.client.states import state_value
-from ntrain.client.tensors import tensor_array, tensor_message
+from ntrain.client.tensors import examples_array, tensor_array, tensor_message
 from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
@@ -515,12 +515,7 @@ class Client:
         other values as float32. The predicted classes are
         `probabilities.argmax(axis=1)`.
         """
-        array = np.asarray(inputs)
-        if array.ndim == 1:
-            array = array[None, :]
-        flat = array.reshape(len(array), -1)  # (examples, features)
-        if flat.dtype != np.uint8:
-            flat = flat.astype(np.float32, copy=False)
+        flat = examples_array(inputs)  # (examples, features)
         per_request = max(
             1, min(PREDICT_CHUNK_EXAMPLES, PREDICT_CHUNK_BYTES // (flat[0:1].nbytes or 1))
         )

@@ -23,6 +23,19 @@ _DATA_TYPES: dict[np.dtype, training_pb2.DataType] = {
 }
 
 
+def examples_array(inputs) -> np.ndarray:
+    """`inputs` as Predict sends them, (examples, features): each example flattened,
+    uint8 pixels as they are (the server scales them), any other numbers as float32.
+
+    A single example, (features,), is one row.
+    """
+    array = np.asarray(inputs)
+    if array.ndim == 1:
+        array = array[None, :]
+    flat = array.reshape(len(array), -1)  # (examples, features)
+    return flat if flat.dtype == np.uint8 else flat.astype(np.float32, copy=False)
+
+
 def tensor_message(array: np.ndarray) -> training_pb2.Tensor:
     """`array` as a Tensor; uint8 stays uint8, float32 as it is (other dtypes are refused).
 

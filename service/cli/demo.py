@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from ntrain.v1 import training_pb2
 
-from naive_model.data import download_mnist, mnist_candidates, synthetic_dataset
+from naive_model.data import download_mnist, mnist_candidates, synthetic_dataset, to_features
 from naive_model.data import find_mnist as find_mnist_file
 from ntrain.client import TERMINAL_STATES, Client, NtrainError
 from service.cli import output as cli_output
@@ -104,7 +104,8 @@ def load_test_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndar
     if path is None:
         dataset = synthetic_dataset()
         return dataset.x_test[:count], dataset.y_test[:count]
-    return read_test_images(path, count)
+    images, labels = read_test_images(path, count)
+    return to_features(images), labels
 
 
 def drawn(image: np.ndarray) -> np.ndarray:

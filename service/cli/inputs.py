@@ -1,8 +1,8 @@
 """What the command line reads: layer specs from text, inputs from .npy/.npz files, MNIST.
 
-Inputs for Predict keep uint8 pixels as uint8: they cross the wire a quarter
-the size of float32, and the server scales them as it scales its data sets
-(`naive_model.data.to_features`, numpy only, no TensorFlow).
+Inputs for Predict keep uint8 pixels as uint8 (`ntrain.client.tensors.examples_array`):
+they cross the wire a quarter the size of float32, and the server scales them
+as it scales its data sets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from ntrain.v1 import training_pb2
 
-from naive_model.data import find_mnist, mnist_candidates, to_features
+from naive_model.data import find_mnist, mnist_candidates
+from ntrain.client.tensors import examples_array
 from service.cli.exit_status import CliError
 
 
@@ -70,20 +71,12 @@ def load_inputs(path: str | Path) -> tuple[np.ndarray, list[int] | None]:
             inputs = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise CliError(f"cannot read inputs from {path}: {error}") from None
-    if inputs.ndim == 1:
-        inputs = inputs[None, :]
     if not np.issubdtype(inputs.dtype, np.number):
         raise CliError(f"{path}: inputs must be numbers, got dtype {inputs.dtype}")
-    flat = as_inputs(inputs)  # (examples, features)
+    flat = examples_array(inputs)  # (examples, features)
     if labels is not None and len(labels) != len(flat):
         labels = None
     return flat, ([int(label) for label in labels] if labels is not None else None)
-
-
-def as_inputs(images: np.ndarray) -> np.ndarray:
-    """(examples, features): uint8 pixels as they are, any other numbers as float32."""
-    flat = images.reshape(len(images), -1)
-    return flat if flat.dtype == np.uint8 else flat.astype(np.float32)
 
 
 def find_mnist_file(explicit: str | None) -> Path:
@@ -97,24 +90,17 @@ def find_mnist_file(explicit: str | None) -> Path:
     return found
 
 
-def read_test_images(
-    path: Path, count: int, *, scaled: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` test images of an .npz data set, (count, features), and their labels.
-
-    Scaled to [0, 1] float32 features, or (`scaled=False`) as Predict's inputs
-    (`as_inputs`: uint8 pixels kept).
-    """
+def read_test_images(path: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` test images of an .npz data set, as the file holds them, and labels."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             images, labels = archive["x_test"][:count], archive["y_test"][:count]
     except (OSError, KeyError, ValueError) as error:
         raise CliError(f"cannot read test images from {path}: {error}") from None
-    features = to_features(images) if scaled else as_inputs(images)
-    return features, labels  # (count, features), (count,)
+    return images, labels  # (count, ...), (count,)
 
 
 def load_mnist_test(count: int, explicit: str | None) -> tuple[np.ndarray, list[int]]:
     """The first `count` MNIST test images, uint8 (count, 784), and their labels."""
-    images, labels = read_test_images(find_mnist_file(explicit), count, scaled=False)
-    return images, [int(label) for label in labels]
+    images, labels = read_test_images(find_mnist_file(explicit), count)
+    return examples_array(images), [int(label) for label in labels]
