@@ -129,6 +129,23 @@ def describe_strategy(strategy: tf.distribute.Strategy) -> str:
     return text
 
 
+def host_place(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """This process's index among the cluster's training hosts, and their count.
+
+    (0, 1) outside a multi-worker cluster. The index is the one
+    MultiWorkerMirroredStrategy orders replicas by: the chief first, then
+    the workers by task id, so host h holds replicas h * L to (h + 1) * L - 1
+    (L local replicas each).
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if resolver is None or not spec:
+        return 0, 1
+    chiefs, workers = len(spec.get("chief", ())), len(spec.get("worker", ()))
+    index = resolver.task_id if resolver.task_type == "chief" else chiefs + resolver.task_id
+    return index, chiefs + workers
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes shared artifacts (checkpoints, exports)."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -33,6 +33,8 @@ WINDOW_BATCHES = 64  # batches in one window: 16 measured 0.81 of in-memory spee
 DATA_MODES = ("auto", "memory", "stream")
 # Windows alive at once: the one trained on, the one read ahead, and the read buffer.
 WINDOWS_HELD = 3
+# A host's share of a window is read through a buffer of about this many bytes.
+SHARE_BUFFER_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,22 @@ def window_block(
     return start, np.random.default_rng([seed, epoch, block]).permutation(count)
 
 
+def host_rows(order: np.ndarray, batch_size: int, host: int, hosts: int) -> np.ndarray:
+    """The rows of a window that one of `hosts` hosts trains on, in the order it trains them.
+
+    Step s of the window trains on order[s * batch_size : (s + 1) * batch_size],
+    the global batch, and its replicas take consecutive slices of it, host by
+    host: host h's replicas take the h-th of `hosts` equal parts. So every
+    row of the window goes to exactly one host, and the cluster trains on the
+    batches one host holding the whole window would.
+
+    order: (window_rows,) the window's order, window_rows a multiple of batch_size.
+    Returns: (window_rows // hosts,) positions in the window.
+    """
+    share = batch_size // hosts
+    return order.reshape(-1, batch_size)[:, host * share : (host + 1) * share].reshape(-1)
+
+
 def read_rows(
     array: np.ndarray, start: int, stop: int, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -199,3 +217,40 @@ def read_block(
     read_rows(x, start, start + count, out=images[:count])  # the leading rows: C-contiguous
     labels[:count] = read_rows(y, start, start + count)
     return images, labels
+
+
+def read_shard(
+    x: np.ndarray, y: np.ndarray, start: int, count: int, positions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A host's share of the block at `start` (`count` rows): only the rows it trains on.
+
+    positions: (rows,) the host's positions in the block in training order
+    (`host_rows`); those at or past `count` are the padding of a short block.
+    Returns the images and labels in file order (zero rows for padding), and
+    for each training position the row of those arrays that holds it.
+
+    A share is spread row by row over the block, so the file is read in
+    spans of about `SHARE_BUFFER_BYTES`, each starting at the next row of the
+    share, and the share's rows are copied out. One read per row was 10x
+    slower (14.6 ms against 1.5 ms for half of an MNIST window of 8,192 rows),
+    and no fewer pages come from the disk: a 4 KiB page holds five 784-byte
+    rows, and a share of a half or a quarter has a row in nearly every one.
+    """
+    in_file_order = np.sort(positions)  # (rows,)
+    real = int(np.searchsorted(in_file_order, count))  # rows before the padding
+    rows = in_file_order[:real]
+    images = np.zeros((len(positions), *x.shape[1:]), dtype=x.dtype)  # (rows, input_size)
+    labels = np.zeros((len(positions),), dtype=np.int64)
+    labels[:real] = read_rows(y, start, start + count)[rows]  # 8 bytes a row: read whole
+    row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
+    span = max(1, SHARE_BUFFER_BYTES // row_bytes)
+    buffer = np.empty((span, *x.shape[1:]), dtype=x.dtype)  # (span, input_size)
+    done = 0
+    while done < real:
+        first = int(rows[done])
+        stop = min(first + span, count)
+        upto = int(np.searchsorted(rows, stop))
+        read_rows(x, start + first, start + stop, out=buffer[: stop - first])
+        images[done:upto] = buffer[rows[done:upto] - first]
+        done = upto
+    return images, labels, np.searchsorted(in_file_order, positions)

@@ -22,13 +22,20 @@ import tensorflow as tf
 
 from naive_model.config import TrainConfig
 from naive_model.data import UINT8_SCALE, Dataset, to_features
-from naive_model.distribute import is_chief
+from naive_model.distribute import host_place, is_chief
 from naive_model.export import export_saved_model
 from naive_model.layers import build_model
 from naive_model.losses import per_example_loss
 from naive_model.optimizers import make_optimizer
 from naive_model.results import EpochResult, Metrics, Progress
-from naive_model.streaming import MappedDataset, read_block, read_rows, window_block
+from naive_model.streaming import (
+    MappedDataset,
+    host_rows,
+    read_block,
+    read_rows,
+    read_shard,
+    window_block,
+)
 
 _SCALAR_INT64 = tf.TensorSpec(shape=(), dtype=tf.int64)
 COMPUTE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
@@ -177,6 +184,12 @@ class Trainer:
         # Streaming: the devices hold one window, and a compiled call never crosses one.
         self.steps_per_window = min(window_batches or self.steps_per_epoch, self.steps_per_epoch)
         self.window_rows = self.steps_per_window * config.batch_size
+        # Streaming on a cluster, each host reads and holds only its share of
+        # every window: the rows of its replicas' slices of each global batch.
+        self.host, self.hosts = host_place(self.strategy) if self.streaming else (0, 1)
+        self.rows_per_step = config.batch_size // self.hosts  # of the data this host holds
+        self.replicas_per_host = self.num_replicas // self.hosts
+        self.held_window_rows = self.steps_per_window * self.rows_per_step
         self.steps_per_execution = min(
             config.steps_per_execution or self.steps_per_window, self.steps_per_window
         )
@@ -209,9 +222,9 @@ class Trainer:
             # `order` the order they train in.
             if self.streaming:
                 images = np.zeros(
-                    (self.window_rows, dataset.input_size), dataset.x_train.dtype
-                )  # (window_rows, input_size)
-                labels = np.zeros((self.window_rows,), np.int64)
+                    (self.held_window_rows, dataset.input_size), dataset.x_train.dtype
+                )  # (held_window_rows, input_size)
+                labels = np.zeros((self.held_window_rows,), np.int64)
             else:
                 images = dataset.training_images()  # (N, input_size) uint8 or float32
                 labels = np.asarray(dataset.y_train, dtype=np.int64)  # (N,)
@@ -267,8 +280,10 @@ class Trainer:
 
     def _replica_step(self, step_in_epoch: tf.Tensor) -> None:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        start = step_in_epoch * self.global_batch_size + tf.cast(
-            replica * self.per_replica_batch_size, tf.int64
+        # Replicas count from 0 on each host when the host holds only its share.
+        local_replica = replica % self.replicas_per_host
+        start = step_in_epoch * self.rows_per_step + tf.cast(
+            local_replica * self.per_replica_batch_size, tf.int64
         )
         # tf.slice, whose size is static, not `order[start:stop]`: XLA cannot
         # prove that strided slice has n elements, so it pads the batch to the
@@ -485,6 +500,16 @@ class Trainer:
             accumulator.assign(tf.zeros_like(accumulator.read_value()))
 
     @property
+    def data_share(self) -> str | None:
+        """What of each window this host reads, in words; None when it reads all of it."""
+        if self.hosts == 1:
+            return None
+        return (
+            f"host {self.host} of {self.hosts} reads and holds {self.held_window_rows} "
+            f"of each window's {self.window_rows} rows"
+        )
+
+    @property
     def windows_per_epoch(self) -> int:
         return math.ceil(self.steps_per_epoch / self.steps_per_window)
 
@@ -509,9 +534,13 @@ class Trainer:
             start, order = window_block(
                 len(x), rows, window, seed=config.seed, epoch=epoch, shuffle=config.shuffle
             )
-            images, labels = read_block(x, y, start, len(order), rows)
+            count = len(order)
             # Padding rows (past a short block's end) stay where they are.
-            return images, labels, np.concatenate([order, np.arange(len(order), rows)])
+            order = np.concatenate([order, np.arange(count, rows)])  # (window_rows,)
+            if self.hosts == 1:
+                return (*read_block(x, y, start, count, rows), order)
+            mine = host_rows(order, config.batch_size, self.host, self.hosts)
+            return read_shard(x, y, start, count, mine)
 
         dtype = tf.as_dtype(x.dtype)
         stream = (
@@ -523,7 +552,7 @@ class Trainer:
 
     def _next_window(self) -> None:
         assert self._windows is not None
-        images, labels, order = next(self._windows)  # (window_rows, input_size), 2x (window_rows,)
+        images, labels, order = next(self._windows)  # (held_window_rows, input_size), 2x (held,)
         self._next_window_index += 1
         self._images.assign(images)
         self._labels.assign(labels)

@@ -110,7 +110,7 @@ def reference_job(client: Client, ray_address: str, work: Path) -> dict:
 
 
 def streamed_job(client: Client, ray_address: str) -> dict:
-    """A job that asks to stream: every host reads the windows from the file as it trains."""
+    """A job that asks to stream: every host reads its share of each window as it trains."""
     submitted = time.monotonic()
     job = client.submit({**spec(epochs=2), "dataMode": "stream"})
     ended, job, logs = followed_to_end(client, ray_address, job.job_id, submitted)

@@ -15,9 +15,17 @@ import pytest
 # logical devices the mirrored tests replicate over.
 import tensorflow  # noqa: F401
 
+from naive_model import streaming
 from naive_model.config import LayerSpec, StrategyConfig, TrainConfig
 from naive_model.formats import ConvertOptions, convert
-from naive_model.streaming import map_canonical, read_block, read_rows, window_block
+from naive_model.streaming import (
+    host_rows,
+    map_canonical,
+    read_block,
+    read_rows,
+    read_shard,
+    window_block,
+)
 
 SMALL = (LayerSpec(units=32, activation="relu"), LayerSpec(units=10, activation="softmax"))
 
@@ -56,6 +64,43 @@ def test_rows_read_from_the_file_equal_rows_read_through_the_mapping(tmp_path):
     assert not images[100:].any() and not labels[100:].any()  # past the rows: padding
     images, labels = read_block(x, np.arange(500), 128, 128, 128)  # an array in memory
     assert np.array_equal(images, x[128:256]) and np.array_equal(labels, np.arange(128, 256))
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_hosts_share_each_window_row_by_row_as_the_global_batches_cut_it(hosts):
+    _, order = window_block(1000, 256, 1, seed=5, epoch=2)  # 8 steps of a global batch of 32
+    shares = [host_rows(order, 32, host, hosts) for host in range(hosts)]
+    assert all(len(share) == 256 // hosts for share in shares)
+    assert sorted(np.concatenate(shares).tolist()) == list(range(256))  # each row once
+    for step in range(8):  # host h's slice of step s is the h-th part of that global batch
+        batch = order[step * 32 : (step + 1) * 32]
+        per_host = 32 // hosts
+        parts = [share[step * per_host : (step + 1) * per_host] for share in shares]
+        assert np.array_equal(np.concatenate(parts), batch)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize("span_rows", [3, 1000])  # read through a buffer of 3 rows, or all
+def test_a_share_holds_exactly_its_rows_and_pads_past_a_short_block(
+    tmp_path, monkeypatch, in_memory, span_rows
+):
+    monkeypatch.setattr(streaming, "SHARE_BUFFER_BYTES", 7 * span_rows)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (500, 7), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(500, dtype=np.int64))
+    images_file = x if in_memory else np.load(tmp_path / "x.npy", mmap_mode="r")
+    labels_file = np.load(tmp_path / "y.npy", mmap_mode=None if in_memory else "r")
+    order = np.concatenate([rng.permutation(100), np.arange(100, 128)])  # block at 400: 100 rows
+    positions = host_rows(order, 32, 1, 2)  # (64,) some past the block's 100 rows
+    images, labels, local = read_shard(images_file, labels_file, 400, 100, positions)
+    assert images.shape == (64, 7) and labels.dtype == np.int64
+    for trained, position in zip(local, positions, strict=True):  # what each step gathers
+        if position < 100:
+            assert np.array_equal(images[trained], x[400 + position])
+            assert labels[trained] == 400 + position
+        else:
+            assert not images[trained].any() and labels[trained] == 0  # padding
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,10 @@ def test_a_job_that_asks_to_stream_streams_on_every_host(report):
     lines = job["data_lines"]
     assert {re.search(r"rank (\d+): training data", line)[1] for line in lines} == {"0", "1"}, lines
     assert all("streamed in windows of 64 batches" in line for line in lines), lines
+    # Each host reads only its half of every window: its replica's slices of the batches.
+    for line in lines:
+        rank = re.search(r"rank (\d+): training data", line)[1]
+        assert f"host {rank} of 2 reads and holds 2048 of each window's 4096 rows" in line, line
     assert len(job["digests"]) == 2 and len(set(job["digests"].values())) == 1
     assert job["test_accuracy"] > 0.5
 

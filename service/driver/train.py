@@ -81,7 +81,8 @@ def _train(task, strategy, chief: bool, events, start: float) -> None:
             budget_bytes=task.data_budget_bytes,
         )
         trainer = Trainer(task.spec.train, dataset, strategy, window_batches=plan.window_batches)
-        _log(f"rank {rank}: training data {plan.reason}")
+        share = f"; {trainer.data_share}" if trainer.data_share else ""
+        _log(f"rank {rank}: training data {plan.reason}{share}")
         _log(f"rank {rank}: data and model ready after {time.monotonic() - start:.1f} s")
         if chief:
             info = ModelInfo(input_size=dataset.input_size, num_classes=dataset.num_classes)
