@@ -289,6 +289,42 @@ def test_successive_halving_stops_trials_at_a_rung(start):
     assert done.trials[done.best_trial].epochs == 9
 
 
+@pytest.mark.parametrize("pruner_kind", ["optuna", "patient"])
+def test_no_trial_is_stopped_on_the_evidence_of_fewer_trials_than_the_reduction_factor(
+    pruner_kind,
+):
+    import optuna
+
+    from service.jobs.experiments import PatientHalvingPruner
+
+    pruner_class = {
+        "optuna": optuna.pruners.SuccessiveHalvingPruner,
+        "patient": PatientHalvingPruner,
+    }[pruner_kind]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=pruner_class(min_resource=1, reduction_factor=3, min_early_stopping_rate=0),
+    )
+
+    def stopped_after_epoch_1(accuracy: float) -> bool:
+        trial = study.ask()
+        trial.report(accuracy, 1)
+        stop = trial.should_prune()
+        if stop:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.0)
+        return stop
+
+    # The second trial is behind the first at the rung: Optuna stops it for good.
+    first, second = stopped_after_epoch_1(0.90), stopped_after_epoch_1(0.85)
+    assert not first and second is (pruner_kind == "optuna")
+    # From the third on, both keep only the best third of the trials at the rung.
+    assert stopped_after_epoch_1(0.80)
+    assert not stopped_after_epoch_1(0.95)
+
+
 def test_a_grid_runs_each_point_once(service):
     spec = experiment(
         searcher="grid",

@@ -845,12 +845,57 @@ class _GridSampler(optuna.samplers.GridSampler):
 
 def _pruner(spec: ExperimentSpec) -> optuna.pruners.BasePruner:
     if spec.early_stopping == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
+        return PatientHalvingPruner(
             min_resource=spec.min_epochs,
             reduction_factor=spec.reduction_factor,
             min_early_stopping_rate=0,
         )
     return optuna.pruners.NopPruner()
+
+
+RUNG_KEY_PREFIX = "completed_rung_"  # Optuna's system attribute: a trial's value at rung k
+
+
+class PatientHalvingPruner(optuna.pruners.SuccessiveHalvingPruner):
+    """Optuna's successive halving, but no trial is stopped on fewer than reduction_factor.
+
+    Optuna judges a trial at a rung against the trials that reached it so far
+    and, while fewer than reduction_factor have, lets only the best go on: the
+    second trial of a search is stopped for good whenever the first was ahead
+    of it after one epoch, however it would have ended. ASHA as published (Li
+    et al., MLSys 2020) promotes nothing from a rung that holds fewer than
+    reduction_factor trials; it pauses them and decides later, which Optuna
+    cannot do (a pruned trial does not come back). Here such a trial goes on
+    instead: at most reduction_factor - 1 trials a rung train further than
+    Optuna would let them. In benchmarks/sweep.py's 16-trial search this
+    keeps the trial that random search found best (stopped at epoch 1
+    otherwise, 0.38 points behind) for 2 epochs more in all (34 against 32).
+
+    Optuna's own rule still decides every other trial, and records each
+    trial's value at each rung it reaches, which the count below reads.
+    """
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if not super().prune(study, trial):
+            return False
+        # It was judged at its newest recorded rung: how many trials reached that one?
+        fresh = study._storage.get_trial(trial._trial_id)
+        rung = max(_rungs_reached(fresh), default=None)
+        if rung is None:  # stopped for a NaN before any rung was recorded
+            return True
+        key = f"{RUNG_KEY_PREFIX}{rung}"
+        reached = sum(
+            1 for other in study.get_trials(deepcopy=False) if key in other.system_attrs
+        )
+        return reached >= self._reduction_factor
+
+
+def _rungs_reached(trial: FrozenTrial) -> list[int]:
+    return [
+        int(name[len(RUNG_KEY_PREFIX) :])
+        for name in trial.system_attrs
+        if name.startswith(RUNG_KEY_PREFIX)
+    ]
 
 
 def _grid(spec: ExperimentSpec) -> dict[str, list[Any]]:
