@@ -884,9 +884,7 @@ class PatientHalvingPruner(optuna.pruners.SuccessiveHalvingPruner):
         if rung is None:  # stopped for a NaN before any rung was recorded
             return True
         key = f"{RUNG_KEY_PREFIX}{rung}"
-        reached = sum(
-            1 for other in study.get_trials(deepcopy=False) if key in other.system_attrs
-        )
+        reached = sum(1 for other in study.get_trials(deepcopy=False) if key in other.system_attrs)
         return reached >= self._reduction_factor
 
 
