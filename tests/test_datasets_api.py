@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -315,6 +316,32 @@ def test_only_the_owner_or_an_admin_deletes_and_a_viewer_pushes_nothing(tmp_path
     with pytest.raises(PermissionDenied, match="may not push data sets"):
         DatasetUploads(store).upload(header, iter([]), principal=Principal(name="v", role=VIEWER))
     assert store.delete("table", principal=Principal(name="root", role=ADMIN))
+
+
+def test_a_digest_alone_names_stored_bytes_only_for_one_who_pushed_them(tmp_path):
+    from service.jobs.dataset_uploads import DatasetUploads
+
+    store, digest = _stored(tmp_path)  # alice pushed them as "table"
+    uploads = DatasetUploads(store)
+    data, header = _csv_upload(tmp_path, "mine")
+    alice, bob = Principal(name="alice", role=TRAINER), Principal(name="bob", role=TRAINER)
+    # Alice again: her header names them at once, no byte sent.
+    assert uploads.upload(header, iter([]), principal=alice).digest == digest
+    # Bob must send the bytes: a header alone, or other bytes, is refused.
+    bobs = replace(header, name="bobs")
+    with pytest.raises(InvalidArgumentError, match="0 bytes came"):
+        uploads.upload(bobs, iter([]), principal=bob)
+    junk = b"x" * len(data)
+    with pytest.raises(InvalidArgumentError, match="hash to"):
+        uploads.upload(bobs, iter([junk]), principal=bob)
+    # A size other than the stored bytes' is refused for anyone, and never recorded.
+    with pytest.raises(InvalidArgumentError, match=f"are {len(data)} bytes long"):
+        uploads.upload(replace(header, size_bytes=5), iter([b"junk!"]), principal=alice)
+    assert [version.name for version in store.versions()] == ["mine", "table"]
+    # With the bytes, Bob names them too (stored once), and they show their true size.
+    named = uploads.upload(bobs, iter([data[:100], data[100:]]), principal=bob)
+    assert named.digest == digest and named.owner == "bob" and named.size_bytes == len(data)
+    assert len(list(store.folder(digest).parent.glob("sha256-*"))) == 1
 
 
 def test_client_errors_are_typed(client):

@@ -173,10 +173,11 @@ class DatasetStore:
             seq = self._db.execute(
                 "SELECT COALESCE(MAX(push_seq), 0) + 1 FROM dataset_versions"
             ).fetchone()[0]
+            # A push again moves the version to the top and shows when: as `ls` orders.
             self._db.execute(
                 "INSERT INTO dataset_versions (name, digest, owner, push_seq, create_time, "
                 "size_bytes) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name, digest) DO UPDATE "
-                "SET push_seq = excluded.push_seq",
+                "SET push_seq = excluded.push_seq, create_time = excluded.create_time",
                 (name, digest, owner, seq, self._clock(), size_bytes),
             )
             row = self._row(name, digest)
@@ -197,6 +198,14 @@ class DatasetStore:
             what = f"data set {shown(name)}" if digest is None else f"data set {shown(reference)}"
             raise NotFound(f"{what} was not pushed to this server (ntrain data ls lists them)")
         return self._version(row)
+
+    def pushers(self, digest: str) -> dict[str, int]:
+        """Who pushed the bytes `digest` under some name, and the size each was pushed with."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT owner, size_bytes FROM dataset_versions WHERE digest = ?", (digest,)
+            ).fetchall()
+        return {row["owner"]: row["size_bytes"] for row in rows}
 
     def find(self, reference: str) -> DatasetVersion | None:
         """As `resolve`, None for a name nobody pushed."""

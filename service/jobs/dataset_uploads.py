@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from naive_model.config import shown
 from naive_model.formats import FORMATS
-from service.jobs.access import Action, Principal, authorize
+from service.jobs.access import ADMIN, Action, Principal, authorize
 from service.jobs.dataset_store import (
     DIGEST_PATTERN,
     RESERVED_NAMES,
@@ -139,8 +140,21 @@ class DatasetUploads:
         authorize(principal, Action.PUSH_DATA)
         check_header(header, self.max_bytes)
         stored = self.store.stored_manifest(header.sha256)
-        if stored is not None:  # the same bytes again: no need to receive them
+        pushers = self.store.pushers(header.sha256) if stored is not None else {}
+        if stored is not None and pushers:  # these bytes are stored already
             self._check_same_options(header, stored)
+            size = next(iter(pushers.values()))
+            if header.size_bytes != size:
+                raise InvalidArgument(
+                    f"header.size_bytes is {header.size_bytes}, but the bytes with that SHA-256 "
+                    f"are {size} bytes long",
+                    field="header.size_bytes",
+                )
+            # A digest is no proof of having the bytes: one who pushed them before (or an
+            # admin) names them at once; anyone else sends them, and they are checked.
+            if principal.name in pushers or principal.role == ADMIN:
+                return self._add(header, principal, converted=None)
+            self._receive(header, chunks, None)
             return self._add(header, principal, converted=None)
         free = shutil.disk_usage(self.store.temp_dir).free
         if free < DISK_ROOM_FACTOR * header.size_bytes:
@@ -176,10 +190,14 @@ class DatasetUploads:
             source.unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _receive(self, header: UploadHeader, chunks: Iterator[bytes], path: Path) -> None:
+    def _receive(self, header: UploadHeader, chunks: Iterator[bytes], path: Path | None) -> None:
+        """Check the chunks against the header's size and digest, writing them to `path`.
+
+        With no path they are only checked (bytes the server holds already).
+        """
         digest = hashlib.sha256()
         size = 0
-        with open(path, "wb") as file:
+        with open(path or os.devnull, "wb") as file:
             for chunk in chunks:
                 size += len(chunk)
                 if size > header.size_bytes:
