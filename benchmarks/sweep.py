@@ -86,12 +86,18 @@ def run_arm(client: Client, spec: pb.ExperimentSpec, progress: Path | None) -> d
     start = done.create_time.ToNanoseconds() / 1e9
     end = done.end_time.ToNanoseconds() / 1e9
     first_reach = None
+    curves: dict[int, list[float]] = {}  # trial number: its test accuracy after each epoch
     for trial in done.trials:
+        by_epoch: dict[int, float] = {}
         for event in client.watch(trial.job_id):
             payload = event.payload
-            if isinstance(payload, pb.EpochSummary) and payload.eval_accuracy >= THRESHOLD:
+            if not isinstance(payload, pb.EpochSummary):
+                continue
+            by_epoch[payload.epoch] = payload.eval_accuracy
+            if payload.eval_accuracy >= THRESHOLD:
                 reached = event.time.timestamp() - start
                 first_reach = reached if first_reach is None else min(first_reach, reached)
+        curves[trial.number] = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     # Where each trial's time went, from its job's transitions: waiting in the queue,
     # starting (a worker process, TensorFlow, the data set), and training.
     phases = {"queued": 0.0, "starting": 0.0, "training": 0.0}
@@ -125,6 +131,7 @@ def run_arm(client: Client, spec: pb.ExperimentSpec, progress: Path | None) -> d
                 "epochs": t.epochs,
                 "state": pb.TrialState.Name(t.state),
                 "metric": t.metric,
+                "curve": curves[t.number],
             }
             for t in done.trials
         ],
@@ -133,6 +140,117 @@ def run_arm(client: Client, spec: pb.ExperimentSpec, progress: Path | None) -> d
         with progress.open("a") as out:
             out.write(json.dumps({spec.name: arm}) + "\n")
     return arm
+
+
+def rungs(epochs: int, min_epochs: int, reduction_factor: int) -> list[int]:
+    """The epochs at which successive halving decides: 1, 3, 9 for (9, 1, 3)."""
+    points = []
+    rung = min_epochs
+    while rung < epochs:
+        points.append(rung)
+        rung *= reduction_factor
+    return points
+
+
+def _top(value: float, values: list[float], reduction_factor: int) -> bool:
+    """Whether `value` is among the best len(values) // reduction_factor (at least 1) of them."""
+    keep = max(len(values) // reduction_factor, 1)
+    return value >= sorted(values, reverse=True)[keep - 1]
+
+
+def what_if(curves: list[list[float]], epochs: int, eta: int = 3, min_epochs: int = 1) -> dict:
+    """Three kinds of successive halving replayed on trials that all ran to the end.
+
+    curves: each trial's test accuracy after each epoch, in the order the
+    trials were asked (random search's arm has them all). One trial trains
+    at a time, as in the benchmark. For each kind: the epochs it would train,
+    the job starts it would need (a new trial, or a stopped one resumed), and
+    the best accuracy among trials trained to the end.
+
+    - optuna: Optuna's SuccessiveHalvingPruner: a trial that reaches a rung
+      goes on if it is among the best 1/eta of the trials that reached it so
+      far (the best of them while fewer than eta have), and is stopped for
+      good otherwise.
+    - patient: what this service does (`PatientHalvingPruner`): the same,
+      but a trial goes on while fewer than eta trials have reached its rung.
+    - asha: ASHA as published (Li et al. 2020), with one worker: a stopped
+      trial is paused, and resumed from its checkpoint once it is among the
+      best 1/eta of its rung; paused trials are promoted before new ones start.
+    - synchronous: every trial to the first rung, then the best 1/eta of them
+      to the next, and so on.
+    """
+    points = [*rungs(epochs, min_epochs, eta), epochs]
+    results = {}
+
+    # optuna and patient: trials in order; a stop is final.
+    for kind, fewest in (("optuna", 1), ("patient", eta)):
+        reached: dict[int, list[float]] = {point: [] for point in points}
+        trained, finals = 0, []
+        for curve in curves:
+            for point in points:
+                value = curve[point - 1]
+                reached[point].append(value)
+                if point == epochs:
+                    trained += epochs
+                    finals.append(value)
+                elif len(reached[point]) >= fewest and not _top(value, reached[point], eta):
+                    trained += point
+                    break
+        results[kind] = {"epochs": trained, "starts": len(curves), "best": max(finals)}
+
+    # asha: one worker; promote a paused trial when one qualifies, else start a new one.
+    at: dict[int, dict[int, float]] = {point: {} for point in points}  # rung: trial: value
+    promoted: dict[int, set[int]] = {point: set() for point in points}
+    trained, starts, last, waiting = 0, 0, None, list(range(len(curves)))
+    while True:
+        job = None
+        for index in range(len(points) - 2, -1, -1):  # the highest rung first
+            point, values = points[index], at[points[index]]
+            ready = [
+                trial
+                for trial, value in values.items()
+                if trial not in promoted[point]
+                and _top(value, list(values.values()), eta)
+                and len(values) >= eta  # as published: a rung promotes once it has eta trials
+            ]
+            if ready:
+                trial = max(ready, key=values.__getitem__)
+                promoted[point].add(trial)
+                job = (trial, point, points[index + 1])
+                break
+        if job is None and waiting:
+            job = (waiting.pop(0), 0, points[0])
+        if job is None:
+            break
+        trial, begin, end = job
+        starts += trial != last  # the trial that just reached a rung goes on in its job
+        trained += end - begin
+        at[end][trial] = curves[trial][end - 1]
+        last = trial
+    finished = at[epochs]
+    results["asha"] = {
+        "epochs": trained,
+        "starts": starts,
+        "best": max(finished.values()) if finished else None,
+    }
+
+    # synchronous: whole rungs.
+    alive, trained, starts = list(range(len(curves))), 0, 0
+    begin = 0
+    for point in points:
+        trained += (point - begin) * len(alive)
+        starts += len(alive)
+        if point == epochs:
+            break
+        keep = max(len(alive) // eta, 1)
+        alive = sorted(alive, key=lambda trial: curves[trial][point - 1], reverse=True)[:keep]
+        begin = point
+    results["synchronous"] = {
+        "epochs": trained,
+        "starts": starts,
+        "best": max(curves[trial][epochs - 1] for trial in alive),
+    }
+    return results
 
 
 class LoadSampler:
@@ -188,6 +306,25 @@ def main() -> None:
         finally:
             server.stop()
     random, halving = arms["random"], arms["successive_halving"]
+    replayed = what_if([t["curve"] for t in random["per_trial"]], args.epochs)
+    # Seconds a job start and an epoch cost, from the two arms (every trial starts once):
+    # wall = starts * start + epochs * epoch, solved for the two.
+    per_epoch = (random["wall_seconds"] - halving["wall_seconds"]) / (
+        random["epochs_trained"] - halving["epochs_trained"]
+    )
+    per_start = (halving["wall_seconds"] - per_epoch * halving["epochs_trained"]) / halving[
+        "trials"
+    ]
+    # The replay of the service's rule must decide as the service did in the other arm.
+    replayed["patient"]["as_the_arm_did"] = (
+        replayed["patient"]["epochs"] == halving["epochs_trained"]
+        and replayed["patient"]["best"] == halving["best_test_accuracy"]
+    )
+    for kind in replayed.values():
+        wall = kind["starts"] * per_start + kind["epochs"] * per_epoch
+        kind["wall_ratio"] = round(wall / random["wall_seconds"], 3)
+        kind["epochs_ratio"] = round(kind["epochs"] / random["epochs_trained"], 3)
+        kind["best_points"] = round(100 * (kind["best"] - random["best_test_accuracy"]), 2)
     ratios = {
         "epochs": round(halving["epochs_trained"] / random["epochs_trained"], 3),
         "wall_time": round(halving["wall_seconds"] / random["wall_seconds"], 3),
@@ -207,6 +344,12 @@ def main() -> None:
         "load_average": load.stop(),
         "arms": arms,
         "ratios": ratios,
+        # Random search's curves replayed under three kinds of successive halving.
+        "what_if": {
+            "seconds_per_start": round(per_start, 2),
+            "seconds_per_epoch": round(per_epoch, 2),
+            **replayed,
+        },
         "targets": {
             "epochs": EPOCHS_TARGET,
             "wall_time": WALL_TARGET,

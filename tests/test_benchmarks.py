@@ -201,3 +201,26 @@ def test_datasets_reports_upload_and_conversion_figures(tmp_path):
         entry = results["conversion"]["entries"][kind]
         assert entry["rows"] == 6000 and entry["seconds_per_GB"] > 0 and entry["cpu_seconds"] > 0
     assert len(results["upload"]["load_average"]["before"]) == 3
+
+
+def test_the_sweeps_replay_stops_a_slow_starter_for_good_only_with_optunas_rule():
+    from benchmarks.sweep import what_if
+
+    # Test accuracy after epochs 1, 2, 3; rungs at 1 and 3 epochs, reduction factor 3.
+    # Trial 1 starts behind trial 0 and ends best.
+    curves = [
+        [0.90, 0.93, 0.95],
+        [0.85, 0.95, 0.99],
+        [0.80, 0.85, 0.90],
+        [0.70, 0.80, 0.85],
+        [0.60, 0.70, 0.80],
+        [0.50, 0.60, 0.70],
+    ]
+    replayed = what_if(curves, 3)
+    # Optuna's rule: trial 0 goes on alone; trial 1 is behind it at the rung and stops for good.
+    assert replayed["optuna"] == {"epochs": 3 + 5 * 1, "starts": 6, "best": 0.95}
+    # The service's: trial 1 goes on too, since fewer than three trials had reached the rung.
+    assert replayed["patient"] == {"epochs": 3 + 3 + 4 * 1, "starts": 6, "best": 0.99}
+    # ASHA: trial 0 waits for three trials at the rung; trial 1 is promoted once six are there.
+    assert replayed["asha"] == {"epochs": 6 + 2 + 2, "starts": 6 + 2, "best": 0.99}
+    assert replayed["synchronous"] == {"epochs": 6 + 2 * 2, "starts": 6 + 2, "best": 0.99}
