@@ -180,7 +180,7 @@ def test_the_worker_imports_no_grpc_nor_generated_protobuf_code():
 
 @pytest.mark.slow
 def test_a_live_worker_has_no_grpc_library_mapped(tmp_path):
-    """The worker of a real server, mid-training, has not loaded gRPC's C core."""
+    """The worker of a real server, mid-training, has loaded neither gRPC's C core nor sklearn."""
     server = RunningServer(tmp_path, warm_worker=False)
     try:
         job = server.submit(job_spec(epochs=100_000))
@@ -194,6 +194,8 @@ def test_a_live_worker_has_no_grpc_library_mapped(tmp_path):
         maps = Path(f"/proc/{worker}/maps").read_text()
         assert "_pywrap_tensorflow" in maps  # it is training: TensorFlow is loaded
         assert "cygrpc" not in maps and "grpc/_cython" not in maps
+        # Nor scikit-learn, which Keras would import for its wrappers (a second of its start).
+        assert "/sklearn/" not in maps
         server.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60)
     finally:
         server.stop()
