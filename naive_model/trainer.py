@@ -104,7 +104,7 @@ class TrainingStopped(Exception):
     """Training was asked to stop between two compiled calls; the epoch is unfinished."""
 
     def __init__(self, epoch: int, step: int):
-        super().__init__(f"training stopped in epoch {epoch} at step {step}")
+        super().__init__(f"training stopped in epoch {epoch} at global step {step}")
         self.epoch = epoch
         self.step = step
 

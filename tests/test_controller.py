@@ -407,11 +407,13 @@ def test_a_job_without_restarts_fails_at_its_workers_first_death(loop):
 def test_a_run_stopped_outside_a_shutdown_is_queued_again_to_resume(loop):
     job = loop.submit()
     loop.running(job.job_id, CheckpointSaved(path="/c", epoch=1, step=5, seconds=0.1))
-    loop.runner(job.job_id).end(RunEnd.STOPPED, "stopped in epoch 2 at step 5")
+    loop.runner(job.job_id).end(RunEnd.STOPPED, "stopped in epoch 2 at global step 5")
     loop.settle()
     record = loop.record(job.job_id)
     assert record.transitions[3].state is QUEUED and record.restarts == 0
-    assert record.transitions[3].reason == "stopped in epoch 2 at step 5; resumes from epoch 1"
+    assert (
+        record.transitions[3].reason == "stopped in epoch 2 at global step 5; resumes from epoch 1"
+    )
 
 
 def test_an_event_of_a_job_that_has_no_run_is_ignored(loop):
@@ -555,7 +557,7 @@ def test_shutdown_asks_runs_to_checkpoint_and_leaves_their_jobs_to_resume(loop):
     runner = loop.running(running.job_id)
     runners = loop.controller.call(StopAdmitting())
     assert runners == [runner] and runner.stop_requests == 1
-    runner.end(RunEnd.STOPPED, "stopped in epoch 1 at step 3")
+    runner.end(RunEnd.STOPPED, "stopped in epoch 1 at global step 3")
     loop.settle()
     assert loop.record(running.job_id).state is RUNNING
     assert loop.record(queued.job_id).state is QUEUED  # nothing dispatched once closed
@@ -769,13 +771,13 @@ def test_an_urgent_cpu_job_preempts_the_running_one_which_resumes_where_it_stood
     victim = loop.running(low.job_id, progress(4), saved)
     high = loop.submit(spec(priority=HIGH))
     assert high.state is QUEUED and victim.stop_requests == 1 and victim.stops == []
-    victim.end(RunEnd.STOPPED, "stopped in epoch 1 at step 4")
+    victim.end(RunEnd.STOPPED, "stopped in epoch 1 at global step 4")
     loop.settle()
     assert loop.record(high.job_id).state is STARTING
     record = loop.record(low.job_id)
     assert record.state is QUEUED and record.preemptions == 1 and record.restarts == 0
     assert record.transitions[-1].reason == (
-        f"preempted by {high.job_id} (preemption 1); stopped in epoch 1 at step 4; "
+        f"preempted by {high.job_id} (preemption 1); stopped in epoch 1 at global step 4; "
         "resumes from epoch 2, step 4 of it"
     )
     assert loop.sample("ntrain_job_preemptions_total", job_id=low.job_id, strategy="cpu") == 1

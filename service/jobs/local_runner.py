@@ -91,7 +91,8 @@ class LocalRunner(RunnerThread):
                     return RunOutcome(RunEnd.FAILED, event.reason)
                 if isinstance(event, Stopped):
                     return RunOutcome(
-                        RunEnd.STOPPED, f"stopped in epoch {event.epoch} at step {event.step}"
+                        RunEnd.STOPPED,
+                        f"stopped in epoch {event.epoch} at global step {event.step}",
                     )
                 if event is not None:
                     self._on_event(event)
