@@ -229,11 +229,13 @@ def _check_labels(block: np.ndarray, first: int, places: _Places, num_classes: i
     if bad.any():
         row = int(np.argmax(bad))
         where = places.label(first + row)
-        raise DatasetError(
-            f"{where} is {labels[row]}: a label must be in [0, {top})"
-            + ("" if num_classes or labels[row] < 0 else ", the most classes allowed"),
-            where=where,
-        )
+        if labels[row] < 0:
+            rule = "a label must be a class number, 0 or more"
+        elif num_classes:
+            rule = f"a label must be in [0, {top}) for {num_classes} classes"
+        else:
+            rule = f"a label must be below {top}, the most classes allowed"
+        raise DatasetError(f"{where} is {labels[row]}: {rule}", where=where)
     return labels
 
 

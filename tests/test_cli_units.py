@@ -250,6 +250,10 @@ def test_load_inputs_reads_npy_and_npz_with_labels(tmp_path):
     np.savez(tmp_path / "bad.npz", a=images, b=images)
     with pytest.raises(cli_errors.CliError, match="no inputs"):
         cli_inputs.load_inputs(tmp_path / "bad.npz")
+    # A CSV (what a user who pushed one may try) is named as such, not read as a pickle.
+    (tmp_path / "rows.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(cli_errors.CliError, match="takes a .npy or .npz file"):
+        cli_inputs.load_inputs(tmp_path / "rows.csv")
 
 
 def test_missing_input_file_is_one_line(tmp_path, capsys):

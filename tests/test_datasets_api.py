@@ -289,7 +289,7 @@ def test_job_names_resolve_to_the_converted_folder(tmp_path):
         assert resolved.version is not None and resolved.version.folder == store.folder(digest)
         assert (resolved.info.input_size, resolved.info.num_classes) == (5, 3)
     assert lookup_dataset("table", None, datasets=store).num_train == 900
-    with pytest.raises(InvalidArgumentError, match="was not pushed"):
+    with pytest.raises(InvalidArgumentError, match="not on this server"):
         lookup_dataset(f"table@sha256:{'0' * 64}", None, datasets=store)
     with pytest.raises(InvalidArgumentError, match="must be NAME or NAME@sha256"):
         lookup_dataset("table@sha256:abc", None, datasets=store)

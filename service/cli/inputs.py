@@ -51,6 +51,11 @@ def load_inputs(path: str | Path) -> tuple[np.ndarray, list[int] | None]:
     is taken as the inputs. uint8 pixels stay uint8; other numbers become float32.
     """
     path = Path(path)
+    if path.suffix and path.suffix not in (".npy", ".npz"):
+        raise CliError(
+            f"{path}: --input takes a .npy or .npz file of numbers (numpy.save or numpy.savez); "
+            "a CSV or Parquet file's feature columns can be saved as one with numpy or pandas"
+        )
     labels = None
     try:
         if path.suffix == ".npz":

@@ -91,7 +91,11 @@ def resolve_dataset(
             return ResolvedDataset(canonical_info(version.folder, name=name), version)
         if is_reference(name):
             where = "" if datasets is not None else " (this server stores no pushed data sets)"
-            raise InvalidArgument(f"{field}: data set {shown(name)} was not pushed{where}")
+            # A finished job names the version it trained on, which may have been deleted since.
+            raise InvalidArgument(
+                f"{field}: data set {shown(name)} is not on this server (never pushed, or "
+                f"deleted){where}"
+            )
     return ResolvedDataset(lookup_file_dataset(name, data_dir, field))
 
 
