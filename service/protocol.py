@@ -256,6 +256,8 @@ class ConversionFailed:
 class StopTraining:
     """Server to a training worker: checkpoint at the next compiled-call boundary, then end."""
 
+    reason: str = ""  # why, for the job's log: "preempted by job-...", a shutdown
+
 
 @dataclass(frozen=True)
 class DescribeCache:

@@ -113,6 +113,7 @@ class FakeRunner:
         self.alive = False
         self.stops: list[Stop] = []
         self.stop_requests = 0
+        self.stop_reasons: list[str] = []
 
     def start(self) -> None:
         self.started = self.alive = True
@@ -120,8 +121,9 @@ class FakeRunner:
     def stop(self, stop: Stop) -> None:
         self.stops.append(stop)
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "") -> None:
         self.stop_requests += 1
+        self.stop_reasons.append(reason)
 
     def join(self, timeout: float | None = None) -> None:
         pass
@@ -771,6 +773,7 @@ def test_an_urgent_cpu_job_preempts_the_running_one_which_resumes_where_it_stood
     victim = loop.running(low.job_id, progress(4), saved)
     high = loop.submit(spec(priority=HIGH))
     assert high.state is QUEUED and victim.stop_requests == 1 and victim.stops == []
+    assert victim.stop_reasons == [f"preempted by {high.job_id}"]  # for the victim's own log
     victim.end(RunEnd.STOPPED, "stopped in epoch 1 at global step 4")
     loop.settle()
     assert loop.record(high.job_id).state is STARTING

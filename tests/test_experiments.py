@@ -66,7 +66,7 @@ class ScriptedRunner:
     def stop(self, stop: Stop) -> None:
         self._stop = stop
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "") -> None:
         self._stop = Stop(RunEnd.STOPPED, "the server shut down")
 
     def join(self, timeout: float | None = None) -> None:

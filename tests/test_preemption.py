@@ -88,3 +88,6 @@ def test_an_urgent_job_preempts_a_running_one_which_resumes_and_ends_bitwise_equ
     for name, value in straight.items():
         np.testing.assert_array_equal(paused[name], value, err_msg=name)
     assert resumed.result.test_accuracy == alone.result.test_accuracy
+    # The victim's own log says why it stopped.
+    log = server.manager.store.job_files(victim.job_id).train_log.read_text()
+    assert f"as asked (preempted by {urgent.job_id}), after saving a checkpoint" in log

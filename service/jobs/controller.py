@@ -697,7 +697,7 @@ class JobController:
                 run = self._runs[victim]
                 run.preempted_by = job_id
                 run.stop_deadline = now + self._preemption_grace
-                run.runner.request_stop()
+                run.runner.request_stop(f"preempted by {job_id}")
             log.info("job %s preempts %s", job_id, ", ".join(victims))
 
     def _reports_of(self, job_id: str) -> tuple[OnEvent, OnEnd]:
@@ -844,7 +844,7 @@ class JobController:
     def _stop_admitting(self) -> list[Runner]:
         self._closed = True
         for run in self._runs.values():
-            run.runner.request_stop()
+            run.runner.request_stop("the server is shutting down")
         return [run.runner for run in self._runs.values()]
 
     def _stop_runs(self) -> None:

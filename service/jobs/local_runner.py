@@ -54,7 +54,7 @@ class LocalRunner(RunnerThread):
             worker = self._worker
         if worker is not None:
             try:
-                worker.send(StopTraining())
+                worker.send(StopTraining(self.stop_reason))
             except OSError:
                 pass  # it is gone already; _follow reports that
 
@@ -84,7 +84,7 @@ class LocalRunner(RunnerThread):
         try:
             worker.send(self.task)
             if stop_requested:  # asked before the worker was there
-                worker.send(StopTraining())
+                worker.send(StopTraining(self.stop_reason))
             while True:
                 event = worker.receive()
                 if isinstance(event, Failed):

@@ -67,8 +67,11 @@ class Runner(Protocol):
     def stop(self, stop: Stop) -> None:
         """End the run now; it reports `stop` as its outcome unless it had finished."""
 
-    def request_stop(self) -> None:
-        """Ask the run to checkpoint at its next compiled-call boundary and end (STOPPED)."""
+    def request_stop(self, reason: str = "") -> None:
+        """Ask the run to checkpoint at its next compiled-call boundary and end (STOPPED).
+
+        reason: why, in a few words, for the job's own log.
+        """
 
     def join(self, timeout: float | None = None) -> None: ...
 
@@ -95,6 +98,7 @@ class RunnerThread(ABC):
         self._lock = threading.Lock()
         self._stop: Stop | None = None
         self._stop_requested = False
+        self._stop_reason = ""
         self._thread = threading.Thread(target=self._run, name=f"{kind}-{job_id}", daemon=True)
 
     def start(self) -> None:
@@ -112,10 +116,17 @@ class RunnerThread(ABC):
                 self._stop = stop
         self._end_now()
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "") -> None:
         with self._lock:
             self._stop_requested = True
+            self._stop_reason = reason
         self._ask_to_stop()
+
+    @property
+    def stop_reason(self) -> str:
+        """Why a stop was requested ("" when none was, or no reason was given)."""
+        with self._lock:
+            return self._stop_reason
 
     @property
     def stopping(self) -> Stop | None:

@@ -114,7 +114,8 @@ def train(conn: Connection, task: TrainTask, *, measured: bool) -> None:
     try:
         if not measured:  # a cold worker: the runtime now, before the task's data and model
             send(Ready(resident_bytes=tasks.import_tensorflow()))
-        tasks.train(task, send, _listen_for_stop(conn).is_set)
+        stop = _listen_for_stop(conn)
+        tasks.train(task, send, stop.requested.is_set, stop_reason=lambda: stop.reason)
     # Each failure is reported before its traceback is logged: the log is on the
     # state directory's disk, and when that disk is full the traceback cannot be
     # written, and the server would hear only an exit code.
@@ -178,20 +179,30 @@ def _beat(send: _LockedSend, seconds: float) -> None:
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
-def _listen_for_stop(conn: Connection) -> threading.Event:
-    """A thread that waits for the server's StopTraining; the event is set when it came."""
-    requested = threading.Event()
+class _StopRequest:
+    """The server's StopTraining, once it came: `requested` is set, `reason` says why."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.reason = ""
+
+
+def _listen_for_stop(conn: Connection) -> _StopRequest:
+    """A thread that waits for the server's StopTraining."""
+    stop = _StopRequest()
 
     def listen() -> None:
         try:
-            while not isinstance(conn.recv(), StopTraining):
-                pass
+            message = conn.recv()
+            while not isinstance(message, StopTraining):
+                message = conn.recv()
         except (EOFError, OSError):
             return  # the server is gone: the parent watch ends this process
-        requested.set()
+        stop.reason = message.reason
+        stop.requested.set()
 
     threading.Thread(target=listen, name="stop-listener", daemon=True).start()
-    return requested
+    return stop
 
 
 def _exit_with_parent() -> None:

@@ -118,7 +118,11 @@ def _strategy(task: TrainTask):
 
 
 def train(
-    task: TrainTask, send: Callable[[WorkerEvent], None], should_stop: Callable[[], bool]
+    task: TrainTask,
+    send: Callable[[WorkerEvent], None],
+    should_stop: Callable[[], bool],
+    *,
+    stop_reason: Callable[[], str] = lambda: "",
 ) -> None:
     """Train the job to its end (resuming from its checkpoint), sending every loop event.
 
@@ -189,7 +193,8 @@ def train(
     try:
         run_training(trainer, options, on_event=on_event, should_stop=should_stop)
     except TrainingStopped as stopped:
-        _log(f"{stopped} as asked, after saving a checkpoint")
+        why = stop_reason()
+        _log(f"{stopped} as asked{f' ({why})' if why else ''}, after saving a checkpoint")
         send(Stopped(epoch=stopped.epoch, step=stopped.step))
     except TrainingDiverged as diverged:
         _log(f"training failed: {diverged}")
