@@ -210,10 +210,25 @@ class EvaluateTask:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SharedArray:
+    """An array the server wrote to a shared-memory file, in C order, for the worker to map.
+
+    The server removes the file's name once the worker has answered a task
+    that named it (the worker keeps its mapping); nothing of it outlives the
+    two processes.
+    """
+
+    path: str  # /dev/shm/ntrain-inputs-...
+    shape: tuple[int, ...]
+    dtype: str  # "float32" or "uint8"
+
+
+@dataclass(frozen=True, kw_only=True)
 class PredictTask:
     job_dir: Path
     # (examples, input_size) numpy array: float32, or uint8 pixels the worker scales
-    # as data sets are scaled for training (naive_model.data.to_features).
+    # as data sets are scaled for training (naive_model.data.to_features); or a
+    # SharedArray holding one (large inputs: service.processes.shared_inputs).
     inputs: Any
 
 
@@ -512,6 +527,7 @@ __all__ = [
     "Resumed",
     "Running",
     "SERVICE_STRATEGIES",
+    "SharedArray",
     "EVENT_MARKER",
     "RAY_TASK_ENV",
     "RayEvent",

@@ -232,6 +232,28 @@ def test_a_tensor_answers_as_examples_do_and_uint8_is_scaled_as_for_training(ser
         )
 
 
+def test_large_inputs_reach_the_worker_through_shared_memory_and_leave_no_file(server, jobs):
+    first_job, _ = jobs
+    rng = np.random.default_rng(4)
+    floats = rng.random((512, 784), dtype=np.float32)  # 1.6 MB: past MIN_SHARED_BYTES
+    pixels = rng.integers(0, 256, size=(1024, 784), dtype=np.uint8)  # 0.8 MB
+
+    answers = [predict_tensor(server, first_job, x) for x in (floats, pixels, floats)]
+
+    np.testing.assert_allclose(
+        answers[0], in_process(server, first_job, floats), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_array_equal(answers[2], answers[0])
+    np.testing.assert_allclose(
+        answers[1], in_process(server, first_job, to_features(pixels)), rtol=1e-6, atol=1e-7
+    )
+    # The worker holds the server's file mapped, and its name is already gone.
+    (pid,) = inference_worker_pids()
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    mapped = {line.split()[5] for line in maps if "/dev/shm/ntrain-inputs-" in line}
+    assert mapped and not any(Path(path).exists() for path in mapped), maps
+
+
 def bad_tensor(**fields) -> pb.Tensor:
     good = {"dtype": pb.DATA_TYPE_FLOAT32, "shape": [2, 784], "content": bytes(2 * 784 * 4)}
     return pb.Tensor(**{**good, **fields})

@@ -11,13 +11,15 @@ is seen only when its socket closes, which may be after the task was sent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 from pathlib import Path
 
+from service.processes.shared_inputs import SharedInputs
 from service.processes.worker_process import WorkerProcess, spawn_worker
-from service.protocol import DescribeCache, EvaluateTask, PredictTask, WorkerEvent
+from service.protocol import DescribeCache, EvaluateTask, Failed, PredictTask, WorkerEvent
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class InferenceWorker:
         self._lock = threading.Lock()  # guards _process and _closed
         self._process: WorkerProcess | None = None
         self._closed = False
+        # Large Predict inputs, through shared memory; one file per worker process.
+        self._shared = SharedInputs()
+        self._shared_with: WorkerProcess | None = None
 
     @property
     def pid(self) -> int | None:
@@ -109,18 +114,34 @@ class InferenceWorker:
                 if self._closed:
                     raise WorkerGone("the server is shutting down", may_retry=False)
                 process = self._running()
+            sent = self._with_shared_inputs(task, process)
             try:
-                process.send(task)
+                process.send(sent)
                 event = process.receive(timeout)
             except (EOFError, OSError):
                 ended = _ended(self._discard(process))
                 raise WorkerGone(f"the inference worker {ended}", may_retry=True) from None
+            finally:
+                if sent is not task:  # the worker has the file mapped, or is gone
+                    self._shared.answered()
             if event is None:
                 self._discard(process)
                 raise WorkerGone(
                     f"the inference worker did not answer in {timeout:.0f} s", may_retry=False
                 )
+            if sent is not task and isinstance(event, Failed):
+                self._shared.close()  # it may have failed before mapping it: a new file next time
             return event
+
+    def _with_shared_inputs(self, task, process: WorkerProcess):
+        """`task`, its large Predict inputs moved to shared memory when that works."""
+        if not isinstance(task, PredictTask):
+            return task
+        if self._shared_with is not process:  # a new process maps a new file
+            self._shared.close()
+            self._shared_with = process
+        shared = self._shared.put(task.inputs)
+        return task if shared is None else dataclasses.replace(task, inputs=shared)
 
     def close(self) -> None:
         """Stop the process, if any, and start no other (a task in flight gets WorkerGone)."""

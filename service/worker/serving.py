@@ -43,10 +43,12 @@ from service.protocol import (
     ModelCacheState,
     Predictions,
     PredictTask,
+    SharedArray,
     WorkerEvent,
 )
 from service.worker import tasks
 from service.worker.cache import LruCache
+from service.worker.shared_view import SharedView
 
 # The share of the cache's bytes that test splits may take; models get the rest.
 DATA_SHARE = 0.25
@@ -80,6 +82,7 @@ class ModelServer:
         data_bytes = int(DATA_SHARE * cache_bytes)
         self.models: LruCache = LruCache(max_models, cache_bytes - data_bytes)
         self.test_splits: LruCache = LruCache(DATA_SPLITS, data_bytes)
+        self._shared = SharedView()  # large Predict inputs the server wrote to shared memory
 
     def warm_up(self, dataset: str | None, data_dir: Path | None) -> None:
         """Export, load and call a tiny model, and load a test split, before the first task.
@@ -127,7 +130,10 @@ class ModelServer:
             return Failed(reason=f"{type(error).__name__}: {error}")
 
     def predict(self, task: PredictTask) -> Predictions:
-        inputs = to_features(np.asarray(task.inputs))  # (examples, input_size) float32
+        inputs = task.inputs
+        if isinstance(inputs, SharedArray):  # large inputs: the server's shared file
+            inputs = self._shared.array(inputs)
+        inputs = to_features(np.asarray(inputs))  # (examples, input_size) float32, a copy
         serve = self._model(JobFiles(task.job_dir).model)
         return Predictions(probabilities=predict_saved_model(serve, inputs))
 
