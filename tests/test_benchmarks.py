@@ -224,3 +224,22 @@ def test_the_sweeps_replay_stops_a_slow_starter_for_good_only_with_optunas_rule(
     # ASHA: trial 0 waits for three trials at the rung; trial 1 is promoted once six are there.
     assert replayed["asha"] == {"epochs": 6 + 2 + 2, "starts": 6 + 2, "best": 0.99}
     assert replayed["synchronous"] == {"epochs": 6 + 2 * 2, "starts": 6 + 2, "best": 0.99}
+
+
+def test_predict_floor_times_grpc_and_the_hop_beside_the_model(tmp_path):
+    output = tmp_path / "floor.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", "benchmarks.predict_floor", "--rounds", "1", "--calls", "2"]
+        + ["--json", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert set(report["median_ms"]) == {"in_process", "grpc", "grpc_pipe"}
+    assert all(len(seconds) == 1 for seconds in report["rounds_seconds"].values())
+    assert report["hop_ms"] == round(
+        report["median_ms"]["grpc_pipe"] - report["median_ms"]["grpc"], 2
+    )
