@@ -53,8 +53,10 @@ def test_small_arrays_and_a_full_tmpfs_go_through_the_socket(tmp_path, monkeypat
     assert _files(tmp_path) == []  # nothing half made
 
 
-def test_no_shared_memory_directory_means_the_socket(tmp_path):
+def test_no_shared_memory_directory_or_a_strided_array_means_the_socket(tmp_path):
     assert SharedInputs(tmp_path / "none").put(np.zeros((1024, 784), np.float32)) is None
+    every_other_row = np.zeros((2048, 784), np.float32)[::2]
+    assert SharedInputs(tmp_path).put(every_other_row) is None
 
 
 @pytest.mark.skipif(not shared_inputs.SHM_DIR.is_dir(), reason="no /dev/shm")

@@ -20,8 +20,7 @@ import mmap
 import os
 import uuid
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from service.protocol import SharedArray
 
@@ -44,22 +43,30 @@ class SharedInputs:
         self._map: mmap.mmap | None = None
         self._named = False  # the file still has its name: the worker has not answered yet
 
-    def put(self, array: np.ndarray) -> SharedArray | None:
-        """Write `array` to the shared file; None when it should go through the socket."""
+    def put(self, array: Any) -> SharedArray | None:
+        """Write `array` (a C-ordered numpy array) to the shared file; None: use the socket.
+
+        The bytes are copied through the buffer protocol: this stage of the
+        server imports no numpy.
+        """
         if array.nbytes < MIN_SHARED_BYTES or not self.directory.is_dir():
             return None
         try:
-            if self._map is None or len(self._map) < array.nbytes:
+            data = memoryview(array).cast("B")  # TypeError unless C-contiguous
+        except TypeError:
+            return None
+        try:
+            if self._map is None or len(self._map) < len(data):
                 self.close()
-                self._create(array.nbytes)
+                self._create(len(data))
             assert self._map is not None and self._path is not None
-            view = np.ndarray(array.shape, dtype=array.dtype, buffer=self._map)
-            view[...] = array  # the one copy
-            del view
+            self._map[: len(data)] = data  # the one copy
         except OSError as error:  # no room in /dev/shm, or none at all
             log.info("Predict inputs go through the worker's socket: %s", error)
             self.close()
             return None
+        finally:
+            data.release()
         return SharedArray(path=str(self._path), shape=tuple(array.shape), dtype=array.dtype.name)
 
     def answered(self) -> None:
