@@ -11,8 +11,10 @@ watcher, then for `--periods` periods after `--watchers` clients (a channel
 each, gRPC's default options) opened WatchJob, took one event and stopped
 reading (`--window-bytes` keeps their flow-control window small): the server
 process's CPU seconds (/proc/PID/stat) and the job's
-steps a second (its progress through GetJob). Flags after `--` go to
-`ntrain serve` (e.g. --stream-send-timeout 10).
+steps a second (its progress through GetJob), and how many of those streams
+the server dropped (`--stream-send-timeout`) or ended at their age
+(`--stream-max-age`). Flags after `--` go to `ntrain serve` (e.g.
+--stream-max-age 10).
 """
 
 from __future__ import annotations
@@ -119,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                 name = f"watchers_{period * args.seconds:.0f}_{(period + 1) * args.seconds:.0f}s"
                 results[name] = _measure(stub, job.job_id, server.pid, args.seconds)
                 print(name, json.dumps(results[name]), flush=True)
-            results["dropped_log_lines"] = (
-                (Path(folder) / "log").read_text().count("dropped a WatchJob stream")
-            )
-            print("dropped", results["dropped_log_lines"], flush=True)
+            server_log = (Path(folder) / "log").read_text()
+            results["dropped_log_lines"] = server_log.count("dropped a WatchJob stream")
+            results["aged_log_lines"] = server_log.count("at its age limit")
+            print("dropped", results["dropped_log_lines"], "aged", results["aged_log_lines"])
             for watcher_channel, call in watchers:
                 call.cancel()
                 watcher_channel.close()

@@ -328,6 +328,19 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
     def SubmitJob(self, request, context):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be positive, got 0")
 
+    def WatchExperiment(self, request, context):
+        """Two states, then the end for renewal (as at --stream-max-age); the next
+        stream starts again from the state the first was left in."""
+        with self.lock:
+            self.experiment_requests = getattr(self, "experiment_requests", 0) + 1
+            attempt = self.experiment_requests
+        states = [training_pb2.Experiment(experiment_id="exp-1", reason=n) for n in "abc"]
+        if attempt == 1:
+            yield from states[:2]
+            context.set_trailing_metadata((("ntrain-stream-renew", "1"),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this stream reached its age limit")
+        yield from states[1:]
+
     MODEL = {"saved_model.pb": b"graph" * 100, "variables/variables.index": b"index"}
 
     def DownloadModel(self, request, context):
@@ -367,6 +380,44 @@ def test_watch_reconnects_from_the_last_sequence_without_gaps_or_repeats(fake_se
     assert sequences == [1, 2, 3, 4, 5, 6]
     assert service.watch_requests == [0, 3]
     assert reconnects == [3]
+
+
+def test_an_experiment_watch_renewed_by_the_server_goes_on_without_a_repeat(fake_server):
+    service, address = fake_server
+    with client.Client(address) as api:
+        states = [experiment.reason for experiment in api.watch_experiment("exp-1")]
+    assert states == ["a", "b", "c"] and service.experiment_requests == 2
+
+
+class Renewal(FakeRpcError):
+    def __init__(self):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, "this stream reached its age limit")
+
+    def trailing_metadata(self):
+        return (("ntrain-stream-renew", "1"),)
+
+
+def test_a_watch_gives_up_after_its_reconnect_time_and_renewals_cost_none_of_it():
+    now, slept, told = [0.0], [], []
+    answers = iter([Renewal(), Renewal()] + [FakeRpcError(grpc.StatusCode.UNAVAILABLE, "gone")] * 9)
+
+    class DownStub:
+        def WatchJob(self, request):
+            raise next(answers)
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    events = client.watch_events(
+        DownStub(), "job1", after_sequence=4, reconnect_seconds=5.0,
+        on_reconnect=told.append, clock=lambda: now[0], sleep=sleep,
+    )  # fmt: skip
+    with pytest.raises(FakeRpcError) as gave_up:
+        list(events)
+    assert gave_up.value.details() == "gone" and told == [4]  # said once, at the first loss
+    assert slept == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0]  # backing off; no wait after a renewal
+    assert now[0] == pytest.approx(5.1)
 
 
 def test_a_followed_log_reconnects_where_it_stopped(fake_server):
@@ -502,6 +553,19 @@ def test_serve_passes_the_progress_interval_to_the_server(served_configs):
     assert [config.progress_interval_seconds for config in seen] == [0.0, PROGRESS_INTERVAL_SECONDS]
     with pytest.raises(SystemExit) as error:
         main(["serve", "--progress-interval", "-1"])
+    assert error.value.code == 2
+
+
+def test_serve_passes_the_stream_max_age_to_the_server(served_configs):
+    from service.api.streams import MAX_AGE_SECONDS
+    from service.cli import main
+
+    seen = served_configs
+    assert main(["serve", "--stream-max-age", "0", "--no-metrics"]) == 1
+    assert main(["serve", "--no-metrics"]) == 1
+    assert [config.stream_max_age_seconds for config in seen] == [0.0, MAX_AGE_SECONDS]
+    with pytest.raises(SystemExit) as error:
+        main(["serve", "--stream-max-age", "-1"])
     assert error.value.code == 2
 
 

@@ -14,7 +14,7 @@ import pytest
 from service.api import streams
 from service.api.streams import StreamSlots
 from service.jobs.access import LOCAL, Principal
-from service.jobs.errors import ResourceExhausted
+from service.jobs.errors import ResourceExhausted, Unavailable
 
 VIEWER = Principal(name="viewer", role="viewer")
 OWNER = Principal(name="alice", role="trainer")
@@ -25,12 +25,21 @@ class FakeContext:
         self.cancelled = 0
         self._peer = peer
 
+        self.trailing_metadata: tuple[tuple[str, str], ...] = ()
+        self.client_here = True
+
     def cancel(self) -> bool:
         self.cancelled += 1
         return True
 
     def peer(self) -> str:
         return self._peer
+
+    def is_active(self) -> bool:
+        return self.client_here
+
+    def set_trailing_metadata(self, trailing_metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing_metadata = trailing_metadata
 
 
 def test_one_principal_holds_its_share_and_leaves_the_rest_to_others():
@@ -105,3 +114,47 @@ def test_the_reaper_thread_drops_a_stalled_stream(monkeypatch):
                 time.sleep(0.01)
     finally:
         slots.stop()
+
+
+def _events(stream, count: int):
+    """A watch's events as `JobManager.watch` gives them: it waits while `is_active` holds."""
+    yield from range(count)
+    while stream.is_active():
+        yield "idle"  # stands for a wait that ends when nothing came
+
+
+def test_a_resumable_stream_ends_for_renewal_at_its_age_and_others_never_age():
+    now = [100.0]
+    slots = StreamSlots(
+        total=4, per_principal=4, max_age=600.0, clock=lambda: now[0], spread=lambda: 0.5
+    )
+    watch, download = FakeContext(), FakeContext()
+    with (
+        slots.slot("WatchJob", VIEWER, watch, resumable=True) as watching,
+        slots.slot("DownloadModel", VIEWER, download) as downloading,
+    ):
+        assert watching.ends_at == 100.0 + 600.0 * 1.25  # a quarter more: spread 0.5 of 0.5
+        assert downloading.ends_at is None
+        messages = slots.send(watching, _events(watching, 3))
+        assert [next(messages) for _ in range(3)] == [0, 1, 2]
+        now[0] += 749.0
+        assert next(messages) == "idle" and watching.is_active()
+        now[0] += 1.0
+        assert not watching.is_active()  # what the watch waits on: it stops waiting
+        with pytest.raises(Unavailable, match="WatchJob stream reached its age limit"):
+            next(messages)
+        assert watch.trailing_metadata == (streams.RENEW_METADATA,)
+        parts = slots.send(downloading, iter(["part"]))
+        assert list(parts) == ["part"] and downloading.is_active()  # never ages
+        assert download.trailing_metadata == ()
+
+
+def test_a_stream_that_ends_by_itself_before_its_age_ends_as_usual():
+    slots = StreamSlots(total=1, per_principal=1, max_age=600.0)
+    context = FakeContext()
+    with slots.slot("GetJobLogs", OWNER, context, resumable=True) as stream:
+        assert list(slots.send(stream, iter(["line"]))) == ["line"]
+    assert context.trailing_metadata == ()
+    never = StreamSlots(total=1, per_principal=1, max_age=0.0)  # --stream-max-age 0
+    with never.slot("WatchJob", OWNER, FakeContext(), resumable=True) as stream:
+        assert stream.ends_at is None

@@ -13,6 +13,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 from service_harness import RunningServer, job_spec
 
+from ntrain.client.watch import renewed, watch_events
 from service.api.auth import new_token, token_hash
 from service.jobs.access import Principal
 
@@ -221,6 +222,49 @@ def test_a_watcher_that_stops_reading_is_dropped_and_gives_its_slot_back(tmp_pat
                 pass
         assert dropped.value.code() == grpc.StatusCode.CANCELLED
         events.cancel()
+        channel.close()
+        server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
+    finally:
+        server.stop()
+
+
+def test_streams_end_at_their_age_and_readers_go_on_without_a_gap(tmp_path):
+    """Under gRPC's default window a client that stops reading is dropped only by age."""
+    server = RunningServer(tmp_path, warm_worker=False, max_cpu_jobs=1, stream_max_age_seconds=2.0)
+    try:
+        running = server.submit(job_spec(epochs=100_000, batch_size=8, steps_per_execution=1))
+        server.wait_for(running.job_id, [pb.JOB_STATE_RUNNING])
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.server.port}")  # BDP probing on
+        stalled = training_pb2_grpc.TrainingServiceStub(channel).WatchJob(
+            pb.WatchJobRequest(job_id=running.job_id), timeout=300
+        )
+        next(stalled)  # open, then never read again
+        reconnects, opened = [], []
+
+        class CountingStub:
+            def WatchJob(self, request):
+                opened.append(request.after_sequence)
+                return server.stub.WatchJob(request)
+
+        reader = watch_events(CountingStub(), running.job_id, on_reconnect=reconnects.append)
+        sequences, deadline = [], time.monotonic() + 8.0  # past at least two ages of 2-3 s
+        for event in reader:
+            sequences.append(event.sequence)
+            if time.monotonic() > deadline:
+                break
+        reader.close()
+        assert sequences == list(range(1, len(sequences) + 1))  # none missed or repeated
+        assert len(opened) >= 3 and reconnects == []  # renewed twice or more, silently
+        assert set(opened[1:]) <= set(sequences)  # each time from the last event given
+        deadline = time.monotonic() + 30
+        while len(server.server.streams) > 0:  # the stalled one went at its age
+            assert time.monotonic() < deadline, "the stalled watcher was not dropped in 30 s"
+            time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as ended:  # what the stalled one reads at last
+            for _ in stalled:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert renewed(ended.value)
         channel.close()
         server.stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=60)
     finally:

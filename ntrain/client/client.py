@@ -36,7 +36,13 @@ from ntrain.client.exceptions import (
 )
 from ntrain.client.states import state_value
 from ntrain.client.tensors import examples_array, tensor_array, tensor_message
-from ntrain.client.watch import RECONNECT_SECONDS, JobEvent, follow_log, watch_events
+from ntrain.client.watch import (
+    RECONNECT_SECONDS,
+    JobEvent,
+    follow_log,
+    watch_events,
+    watch_experiment_states,
+)
 from ntrain.v1 import training_pb2, training_pb2_grpc
 
 # Seconds for quick requests, and for Evaluate/Predict, which run a worker process.
@@ -299,10 +305,18 @@ class Client:
             self._call(self._stub.ListExperiments, request, self.timeout).experiments
         )
 
-    def watch_experiment(self, experiment_id: str) -> Iterator[training_pb2.Experiment]:
-        """The experiment now, then each time it changes, until it and its trials ended."""
-        request = training_pb2.WatchExperimentRequest(experiment_id=experiment_id)
-        return self._stream(self._stub.WatchExperiment(request), None)
+    def watch_experiment(
+        self, experiment_id: str, *, reconnect_seconds: float = RECONNECT_SECONDS
+    ) -> Iterator[training_pb2.Experiment]:
+        """The experiment now, then each time it changes, until it and its trials ended.
+
+        A dropped stream reconnects (no state is given twice); after
+        `reconnect_seconds` without a connection it raises `Unavailable`.
+        """
+        states = watch_experiment_states(
+            self._stub, experiment_id, reconnect_seconds=reconnect_seconds
+        )
+        return self._stream(states, None)
 
     def wait_experiment(self, experiment_id: str) -> training_pb2.Experiment:
         """Follow an experiment until it and its trials have ended; it as it ended."""

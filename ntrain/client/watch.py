@@ -14,6 +14,56 @@ from ntrain.v1 import training_pb2, training_pb2_grpc
 # How long `watch` keeps trying to reconnect after the stream drops.
 RECONNECT_SECONDS = 60.0
 
+# The server ends a long watch or log follow at its age limit (`ntrain serve
+# --stream-max-age`) with UNAVAILABLE and this trailing metadata: reconnect at
+# once, where the stream ended, and tell no one.
+RENEW_METADATA_KEY = "ntrain-stream-renew"
+
+
+def renewed(error: grpc.RpcError) -> bool:
+    """The server ended the stream for renewal, not because it is going away."""
+    trailing = getattr(error, "trailing_metadata", None)
+    metadata = trailing() if trailing is not None else None
+    return any(key == RENEW_METADATA_KEY for key, _ in metadata or ())
+
+
+class _Reconnection:
+    """When a follow's stream ends UNAVAILABLE: at once after a renewal, else backing off.
+
+    `lost()` returns once it is time to reconnect (telling `on_reconnect(where)`
+    at the first failed attempt), and raises the error after `seconds` of
+    failed attempts; `received()` resets it.
+    """
+
+    def __init__(
+        self, seconds: float, clock: Callable[[], float], sleep: Callable[[float], None]
+    ) -> None:
+        self._seconds, self._clock, self._sleep = seconds, clock, sleep
+        self._failing_since: float | None = None
+        self._delay = 0.1
+
+    def received(self) -> None:
+        self._failing_since, self._delay = None, 0.1
+
+    def lost(
+        self,
+        error: grpc.RpcError,
+        on_reconnect: Callable[[int], None] | None = None,
+        where: int = 0,
+    ) -> None:
+        if renewed(error):
+            return
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+            if on_reconnect is not None:
+                on_reconnect(where)
+        elif now - self._failing_since > self._seconds:
+            raise error
+        self._sleep(self._delay)  # back off between attempts; gRPC offers no event to wait for
+        self._delay = min(self._delay * 2, 2.0)
+
+
 # What an event carries: exactly one of these messages of the contract.
 EventPayload = (
     training_pb2.StateTransition
@@ -69,13 +119,12 @@ def watch_events(
     repeated, and gives up after `reconnect_seconds` without a connection.
     """
     last = after_sequence
-    failing_since: float | None = None
-    delay = 0.1
+    reconnection = _Reconnection(reconnect_seconds, clock, sleep)
     while True:
         try:
             request = training_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)
             for event in stub.WatchJob(request):
-                failing_since, delay = None, 0.1
+                reconnection.received()
                 if event.sequence <= last:
                     continue  # never show an event twice, whatever the server sends
                 last = event.sequence
@@ -84,15 +133,7 @@ def watch_events(
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            now = clock()
-            if failing_since is None:
-                failing_since = now
-                if on_reconnect is not None:
-                    on_reconnect(last)
-            elif now - failing_since > reconnect_seconds:
-                raise
-            sleep(delay)  # back off between attempts; gRPC offers no event to wait for here
-            delay = min(delay * 2, 2.0)
+            reconnection.lost(error, on_reconnect, last)
 
 
 def follow_log(
@@ -115,25 +156,49 @@ def follow_log(
     `reconnect_seconds` without a connection, raising, never ending short.
     `on_reconnect(offset)` is told when it starts trying.
     """
-    failing_since: float | None = None
-    delay = 0.1
+    reconnection = _Reconnection(reconnect_seconds, clock, sleep)
     while True:
         try:
             request = training_pb2.GetJobLogsRequest(job_id=job_id, follow=follow, offset=offset)
             for chunk in stub.GetJobLogs(request, timeout=timeout):
-                failing_since, delay = None, 0.1
+                reconnection.received()
                 offset = chunk.next_offset
                 yield from chunk.lines
             return
         except grpc.RpcError as error:
             if not follow or error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            now = clock()
-            if failing_since is None:
-                failing_since = now
-                if on_reconnect is not None:
-                    on_reconnect(offset)
-            elif now - failing_since > reconnect_seconds:
+            reconnection.lost(error, on_reconnect, offset)
+
+
+def watch_experiment_states(
+    stub: training_pb2_grpc.TrainingServiceStub,
+    experiment_id: str,
+    *,
+    reconnect_seconds: float = RECONNECT_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[training_pb2.Experiment]:
+    """The experiment now, then each time it changes, until it has settled.
+
+    Each message is the whole experiment, so a dropped stream (UNAVAILABLE)
+    reconnects and goes on; the state it was left in, sent again first, is
+    not given twice. It gives up after `reconnect_seconds` without a connection.
+    """
+    last: bytes | None = None
+    reconnection = _Reconnection(reconnect_seconds, clock, sleep)
+    while True:
+        try:
+            request = training_pb2.WatchExperimentRequest(experiment_id=experiment_id)
+            for experiment in stub.WatchExperiment(request):
+                reconnection.received()
+                state = experiment.SerializeToString(deterministic=True)
+                if state == last:
+                    continue
+                last = state
+                yield experiment
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            sleep(delay)
-            delay = min(delay * 2, 2.0)
+            reconnection.lost(error)

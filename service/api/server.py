@@ -206,6 +206,7 @@ class TrainingServer:
             config.max_streams,
             config.max_streams_per_principal,
             send_timeout=config.stream_send_timeout_seconds,
+            max_age=config.stream_max_age_seconds,
         )
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
             TrainingServicer(

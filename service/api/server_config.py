@@ -14,6 +14,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.api.streams import MAX_AGE_SECONDS, SEND_TIMEOUT_SECONDS
 from service.api.tls import TlsFiles
 from service.devices import GpuDevice
 from service.jobs.controller import (
@@ -41,6 +42,10 @@ class ServerConfig:
         streams open at once, and of one principal (service.api.streams).
     stream_send_timeout_seconds: a stream whose client has not taken a message
         for this long is dropped.
+    stream_max_age_seconds: a resumable stream (WatchJob, a followed GetJobLogs,
+        WatchExperiment) ends UNAVAILABLE for renewal after this and a random
+        part more (0: never), so a client that stopped reading is dropped
+        whatever its window.
     ray_address: Ray Jobs' address (http://HOST:8265) for multi_worker jobs;
         None refuses them. ray_token_file: the token of Ray's token auth mode.
     mlflow_tracking_uri: an MLflow tracking server (http://HOST:PORT) that gets one
@@ -82,7 +87,8 @@ class ServerConfig:
     shutdown_grace_seconds: float = 30.0
     max_streams: int = 512
     max_streams_per_principal: int = 128  # at most max_streams
-    stream_send_timeout_seconds: float = 30.0
+    stream_send_timeout_seconds: float = SEND_TIMEOUT_SECONDS
+    stream_max_age_seconds: float = MAX_AGE_SECONDS
     ray_address: str | None = None
     ray_token_file: Path | None = None
     mlflow_tracking_uri: str | None = None
@@ -151,6 +157,10 @@ def check_config(config: ServerConfig) -> None:
     timeout = config.stream_send_timeout_seconds
     if not timeout > 0:
         raise ValueError(f"stream_send_timeout_seconds must be positive, got {timeout}")
+    if not config.stream_max_age_seconds >= 0:
+        raise ValueError(
+            f"stream_max_age_seconds must be 0 or more, got {config.stream_max_age_seconds}"
+        )
     if config.ray_address is not None:
         parsed = urllib.parse.urlsplit(config.ray_address)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:

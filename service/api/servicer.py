@@ -32,7 +32,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Args:
     streams: the slots of WatchJob, GetJobLogs and DownloadModel streams (past
         a principal's share or the server's total, RESOURCE_EXHAUSTED), which
-        also note how long each stream's client keeps a message waiting.
+        also note how long each stream's client keeps a message waiting, and
+        end a resumable stream at its age limit.
 
     uploads: receives UploadDataset's files into its store of data sets.
     experiments: runs SubmitExperiment and the other experiment RPCs (None:
@@ -89,20 +90,25 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
         validation.check_job_id(request.job_id)
-        events = self.manager.watch(
-            request.job_id, request.after_sequence, is_active=context.is_active
-        )
-        with self.streams.slot("WatchJob", principal_of(context), context) as stream:
+        principal = principal_of(context)
+        with self.streams.slot("WatchJob", principal, context, resumable=True) as stream:
+            events = self.manager.watch(
+                request.job_id, request.after_sequence, is_active=stream.is_active
+            )
             yield from self.streams.send(stream, map(convert.event_to_proto, events))
 
     def GetJobLogs(
         self, request: pb.GetJobLogsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.LogChunk]:
         validation.check_job_id(request.job_id)
-        pieces = self.manager.logs(
-            request.job_id, request.offset, follow=request.follow, is_active=context.is_active
-        )
-        with self.streams.slot("GetJobLogs", principal_of(context), context) as stream:
+        principal = principal_of(context)
+        # A followed log resumes from the offset each chunk names; a read to the end is short.
+        with self.streams.slot(
+            "GetJobLogs", principal, context, resumable=request.follow
+        ) as stream:
+            pieces = self.manager.logs(
+                request.job_id, request.offset, follow=request.follow, is_active=stream.is_active
+            )
             yield from self.streams.send(stream, map(convert.log_lines_to_proto, pieces))
 
     def DownloadModel(
@@ -235,9 +241,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     ) -> Iterator[pb.Experiment]:
         check_experiment_id(request.experiment_id)
         self.experiments.get(request.experiment_id, principal=principal_of(context))
-        records = self.experiments.watch(request.experiment_id, is_active=context.is_active)
         principal = principal_of(context)
-        with self.streams.slot("WatchExperiment", principal, context) as stream:
+        with self.streams.slot("WatchExperiment", principal, context, resumable=True) as stream:
+            records = self.experiments.watch(request.experiment_id, is_active=stream.is_active)
             yield from self.streams.send(
                 stream,
                 (
@@ -254,6 +260,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         check_experiment_id(request.experiment_id)
         record = self.experiments.cancel(request.experiment_id, principal=principal_of(context))
         return experiment_convert.experiment_to_proto(record)
+
 
 def _upload_chunks(requests: Iterator[pb.UploadDatasetRequest]) -> Iterator[bytes]:
     """The file's bytes, from the messages after the header."""

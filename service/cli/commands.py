@@ -415,6 +415,7 @@ def cmd_serve(args) -> int:
         "max_streams": args.max_streams,
         "max_streams_per_principal": args.max_streams_per_principal,
         "stream_send_timeout_seconds": args.stream_send_timeout,
+        "stream_max_age_seconds": args.stream_max_age,
         "shutdown_grace_seconds": args.shutdown_grace,
         "tls": tls,
         "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,

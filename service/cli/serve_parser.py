@@ -184,6 +184,15 @@ def add_serve_parser(subcommands) -> argparse.ArgumentParser:
         "stopped reading holds a thread and a slot until then (default 30)",
     )
     serve.add_argument(
+        "--stream-max-age",
+        metavar="SECONDS",
+        type=seconds,
+        default=None,
+        help="end a watch or a log follow after this long and a random half of it more; "
+        "ntrain's clients reconnect at once where they were, and one that stopped reading "
+        "is dropped whatever its window (default 600; 0: never)",
+    )
+    serve.add_argument(
         "--checkpoint-seconds",
         metavar="SECONDS",
         type=positive_seconds,
