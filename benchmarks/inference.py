@@ -62,7 +62,7 @@ from ntrain.v1 import training_pb2 as pb
 from ntrain.v1 import training_pb2_grpc
 
 from benchmarks.report import SHARED_MNIST, machine, paired_ratio, publish, side_by_side
-from ntrain.client.tensors import tensor_array, tensor_message
+from ntrain.client.tensors import fill_tensor, tensor_array
 from service.api import convert
 from service.api.server import ServerConfig, TrainingServer
 from service.cli.specs import book_job_spec
@@ -107,8 +107,10 @@ def timed(call: Callable[[], object]) -> float:
 
 
 def predict_request(job_id: str, x: np.ndarray) -> pb.PredictRequest:
-    """As ntrain.client builds it: the array as one tensor."""
-    return pb.PredictRequest(job_id=job_id, tensor=tensor_message(x))
+    """As ntrain.client builds it: the array as one tensor, filled in place."""
+    request = pb.PredictRequest(job_id=job_id)
+    fill_tensor(request.tensor, x)
+    return request
 
 
 def examples_request(job_id: str, x: np.ndarray) -> pb.PredictRequest:

@@ -37,7 +37,7 @@ import numpy as np
 from ntrain.v1 import training_pb2 as pb
 
 from benchmarks.report import machine, paired_ratio, publish, side_by_side
-from ntrain.client.tensors import tensor_array, tensor_message
+from ntrain.client.tensors import fill_tensor, tensor_array, tensor_message
 from service.api import convert
 from service.jobs import validation
 
@@ -112,7 +112,12 @@ def main() -> None:
             request_serializer=pb.PredictRequest.SerializeToString,
             response_deserializer=pb.PredictResponse.FromString,
         )
-        request_of = lambda: pb.PredictRequest(job_id="j", tensor=tensor_message(x))  # noqa: E731
+
+        def request_of() -> pb.PredictRequest:  # as ntrain.client builds it
+            request = pb.PredictRequest(job_id="j")
+            fill_tensor(request.tensor, x)
+            return request
+
         return lambda: tensor_array(call(request_of(), timeout=60).probabilities)
 
     calls = {

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ntrain.v1 import training_pb2 as pb
 
-from ntrain.client.tensors import tensor_array, tensor_message
+from ntrain.client.tensors import fill_tensor, tensor_array, tensor_message
 from service.api.convert import tensor_from_proto
 from service.jobs.errors import InvalidArgument
 from service.jobs.validation import MAX_PREDICT_INPUTS, check_predict_tensor
@@ -39,6 +39,17 @@ def test_uint8_is_sent_as_it_is():
 
     assert tensor.dtype == pb.DATA_TYPE_UINT8 and tensor.content == bytes(range(12))
     np.testing.assert_array_equal(tensor_array(tensor), rows)
+
+
+def test_a_request_filled_in_place_is_the_request_built_from_a_tensor():
+    rows = np.random.default_rng(0).random((5, 7), dtype=np.float32)
+    built = pb.PredictRequest(job_id="job-1", tensor=tensor_message(rows))
+    filled = pb.PredictRequest(job_id="job-1")
+    fill_tensor(filled.tensor, np.zeros((2, 3, 4), np.uint8))  # filled again: nothing stays
+    fill_tensor(filled.tensor, rows)
+    assert filled.SerializeToString(deterministic=True) == built.SerializeToString(
+        deterministic=True
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.int32, np.bool_])

@@ -35,7 +35,7 @@ from ntrain.client.exceptions import (
     from_rpc_error,
 )
 from ntrain.client.states import state_value
-from ntrain.client.tensors import examples_array, tensor_array, tensor_message
+from ntrain.client.tensors import examples_array, fill_tensor, tensor_array
 from ntrain.client.watch import (
     RECONNECT_SECONDS,
     JobEvent,
@@ -535,9 +535,8 @@ class Client:
         )
         parts: builtins.list[np.ndarray] = []
         for start in range(0, len(flat), per_request):
-            request = training_pb2.PredictRequest(
-                job_id=job_id, tensor=tensor_message(flat[start : start + per_request])
-            )
+            request = training_pb2.PredictRequest(job_id=job_id)
+            fill_tensor(request.tensor, flat[start : start + per_request])
             response = self._call(self._stub.Predict, request, self.model_timeout)
             parts.append(tensor_array(response.probabilities))
         if not parts:

@@ -42,14 +42,26 @@ def tensor_message(array: np.ndarray) -> training_pb2.Tensor:
     Raises:
         ValueError: the array's dtype is neither uint8 nor float32.
     """
+    return fill_tensor(training_pb2.Tensor(), array)
+
+
+def fill_tensor(tensor: training_pb2.Tensor, array: np.ndarray) -> training_pb2.Tensor:
+    """Set `tensor` (a field of the message being built) to `array`, as `tensor_message`.
+
+    Filling the field in place copies the bytes once. Handing a built Tensor
+    to the enclosing message's constructor copies it again into the new
+    message: 3.6 ms against 0.5 ms for 3.2 MB with upb.
+
+    Raises:
+        ValueError: the array's dtype is neither uint8 nor float32.
+    """
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     if dtype not in _DATA_TYPES:
         raise ValueError(f"a Tensor holds uint8 or float32 values, not {array.dtype}")
-    return training_pb2.Tensor(
-        dtype=_DATA_TYPES[dtype],
-        shape=array.shape,
-        content=np.ascontiguousarray(array, dtype=dtype).tobytes(),
-    )
+    tensor.dtype = _DATA_TYPES[dtype]
+    tensor.shape[:] = array.shape
+    tensor.content = np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return tensor
 
 
 def tensor_array(tensor: training_pb2.Tensor) -> np.ndarray:
@@ -62,8 +74,9 @@ def tensor_array(tensor: training_pb2.Tensor) -> np.ndarray:
     if dtype is None:
         raise ValueError(f"a Tensor of unknown dtype {tensor.dtype}")
     shape = tuple(tensor.shape)
-    if any(size < 0 for size in shape) or len(tensor.content) != math.prod(shape) * dtype.itemsize:
+    content = tensor.content  # each read of a bytes field is a new copy (upb)
+    if any(size < 0 for size in shape) or len(content) != math.prod(shape) * dtype.itemsize:
         raise ValueError(
-            f"a Tensor of shape {list(shape)} holds {len(tensor.content)} bytes of {dtype.name}"
+            f"a Tensor of shape {list(shape)} holds {len(content)} bytes of {dtype.name}"
         )
-    return np.frombuffer(tensor.content, dtype=dtype).reshape(shape)
+    return np.frombuffer(content, dtype=dtype).reshape(shape)

@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ntrain.v1 import training_pb2 as pb
 
 from naive_model.config import MAX_LAYERS, LayerSpec, TrainConfig
-from ntrain.client.tensors import DTYPES, tensor_array, tensor_message
+from ntrain.client.tensors import DTYPES, fill_tensor
 from service.jobs.dataset_store import DatasetVersion
 from service.jobs.dataset_uploads import UploadHeader
 from service.jobs.errors import InvalidArgument
@@ -191,12 +191,13 @@ def tensor_from_proto(tensor: pb.Tensor, field: str) -> np.ndarray:
     if any(size < 0 for size in shape):
         raise InvalidArgument(f"{field}.shape must hold no negative size, got {shape}")
     expected = math.prod(shape) * dtype.itemsize  # a Python int: no overflow, however large
-    if len(tensor.content) != expected:
+    content = tensor.content  # each read of a bytes field is a new copy (upb): one here
+    if len(content) != expected:
         raise InvalidArgument(
             f"{field}.content must hold {expected} bytes ({shape} of "
-            f"{pb.DataType.Name(tensor.dtype)}), got {len(tensor.content)}"
+            f"{pb.DataType.Name(tensor.dtype)}), got {len(content)}"
         )
-    return tensor_array(tensor)
+    return np.frombuffer(content, dtype=dtype).reshape(shape)
 
 
 # -- protocol -> responses ---------------------------------------------------------
@@ -383,7 +384,9 @@ def evaluation_to_proto(evaluation: Evaluation) -> pb.EvaluateResponse:
 def predictions_to_proto(probabilities: np.ndarray, *, as_tensor: bool) -> pb.PredictResponse:
     """(examples, classes) probabilities: one tensor, or one Prediction per example."""
     if as_tensor:
-        return pb.PredictResponse(probabilities=tensor_message(probabilities))
+        response = pb.PredictResponse()
+        fill_tensor(response.probabilities, probabilities)
+        return response
     return pb.PredictResponse(
         predictions=[
             pb.Prediction(label=int(row.argmax()), probabilities=row.tolist())
