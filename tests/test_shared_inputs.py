@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,3 +70,15 @@ def test_the_default_directory_is_the_hosts_shared_memory():
     finally:
         server.close()
     assert not os.path.exists(shared.path)
+
+
+def test_a_killed_servers_file_is_removed_by_the_next_server_and_no_other(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its process id now names no process (nothing here starts another so fast)
+    killed = tmp_path / f"ntrain-inputs-{gone.pid}-{'a' * 32}"
+    live = tmp_path / f"ntrain-inputs-{os.getpid()}-{'b' * 32}"
+    other = tmp_path / f"ntrain-inputs-{'c' * 32}"  # no process id: not one of these
+    for path in (killed, live, other):
+        path.write_bytes(b"x")
+    SharedInputs(tmp_path)
+    assert _files(tmp_path) == sorted([live.name, other.name])

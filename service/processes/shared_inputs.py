@@ -10,7 +10,10 @@ written (`posix_fallocate`: a tmpfs that is full, as Docker's 64 MB /dev/shm
 can be, refuses here instead of killing the server with SIGBUS on a write),
 and its name is removed as soon as the worker has answered a task that named
 it: the worker keeps its mapping, so a server killed later leaves nothing
-behind. When anything fails, the inputs go through the socket as before.
+behind. A server killed between the write and the answer leaves its file; the
+name holds the server's process id, and the next server to start removes the
+files of processes that are gone. When anything fails, the inputs go through
+the socket as before.
 """
 
 from __future__ import annotations
@@ -29,6 +32,31 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 # Below this, pickling through the socket costs less than a shared file's set-up.
 MIN_SHARED_BYTES = 256 * 2**10
+PREFIX = "ntrain-inputs-"  # then the server's process id, "-", and a random name
+
+
+def remove_orphans(directory: Path = SHM_DIR) -> list[Path]:
+    """Remove the shared files of server processes that no longer run; those removed."""
+    removed = []
+    for path in directory.glob(f"{PREFIX}*-*"):
+        pid = path.name.removeprefix(PREFIX).partition("-")[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d shared input file(s) of servers that were killed", len(removed))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class SharedInputs:
@@ -39,6 +67,7 @@ class SharedInputs:
 
     def __init__(self, directory: Path = SHM_DIR):
         self.directory = directory
+        remove_orphans(directory)
         self._path: Path | None = None
         self._map: mmap.mmap | None = None
         self._named = False  # the file still has its name: the worker has not answered yet
@@ -86,7 +115,7 @@ class SharedInputs:
 
     def _create(self, size: int) -> None:
         size = 1 << (size - 1).bit_length()  # powers of two: few regrowths
-        path = self.directory / f"ntrain-inputs-{uuid.uuid4().hex}"
+        path = self.directory / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._path, self._named = path, True
         try:
