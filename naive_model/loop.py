@@ -120,6 +120,7 @@ def run_training(
                 )
             )
 
+    first_step = trainer.global_step  # after a resume, the step it resumed at
     last_save = time.monotonic()
     saved_step = -1  # the global step of the last checkpoint this run saved
 
@@ -207,6 +208,7 @@ def run_training(
         train_seconds=train_seconds,
         examples_per_second=steady.rate(fallback=last.examples_per_second if last else 0.0),
         has_model=options.export_dir is not None,
+        run_steps=trainer.global_step - first_step,
     )
     emit(result)
     return result

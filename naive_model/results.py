@@ -115,6 +115,7 @@ class TrainingResult:
     train_seconds: float  # training time of this run (not counting a resumed run's past)
     examples_per_second: float  # steady rate: the first compiled call pays for tracing
     has_model: bool  # a SavedModel was exported
+    run_steps: int | None = None  # steps of this run: fewer than `steps` after a resume
 
 
 LoopEvent = Progress | EpochEnd | CheckpointSaved | Resumed | TrainingResult

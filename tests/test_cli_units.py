@@ -234,6 +234,18 @@ def test_jobs_table_lists_each_job():
     assert anonymous.split()[-1] == "-"
 
 
+def test_a_resumed_jobs_result_names_the_steps_its_seconds_timed():
+    figures = dict(test_accuracy=0.97, steps=3750, train_seconds=10.0, examples_per_second=9600)
+    straight = cli_output.format_result(training_pb2.JobResult(**figures, run_steps=3750))
+    resumed = cli_output.format_result(training_pb2.JobResult(**figures, run_steps=1875))
+    older_server = cli_output.format_result(training_pb2.JobResult(**figures))
+    assert straight.endswith("; 3750 steps in 10.0 s, 9,600 examples/s")
+    assert resumed.endswith(
+        "; 3750 steps, the last 1875 after resuming, in 10.0 s, 9,600 examples/s"
+    )
+    assert older_server == straight
+
+
 def test_load_inputs_reads_npy_and_npz_with_labels(tmp_path):
     images = np.full((3, 28, 28), 255, dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)

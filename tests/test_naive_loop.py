@@ -90,6 +90,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(dataset, one_device,
     assert isinstance(events[0], Resumed) and (events[0].epoch, events[0].step) == (2, 16)
     assert [e.epoch for e in events if isinstance(e, EpochEnd)] == [3, 4]
     assert result.steps == 32 and second.epoch == 4
+    assert result.run_steps == 16  # the steps its train_seconds timed
     # The per-epoch order is seeded by (seed, epoch), so the resumed run is exact.
     for resumed, straight in zip(second.model.weights, uninterrupted.model.weights, strict=True):
         np.testing.assert_array_equal(resumed.numpy(), straight.numpy())

@@ -298,6 +298,7 @@ def result_to_proto(result: TrainingResult) -> pb.JobResult:
         train_seconds=result.train_seconds,
         examples_per_second=result.examples_per_second,
         has_model=result.has_model,
+        run_steps=result.steps if result.run_steps is None else result.run_steps,
     )
 
 

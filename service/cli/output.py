@@ -111,12 +111,17 @@ def format_state_change(change: training_pb2.StateTransition) -> str:
 
 
 def format_result(result: training_pb2.JobResult) -> str:
-    """One line: test accuracy first, then how the training went."""
+    """One line: test accuracy first, then how the training went.
+
+    After a resume the seconds are the last run's, so its steps are named with them.
+    """
+    steps = f"{result.steps} steps in"
+    if 0 < result.run_steps < result.steps:
+        steps = f"{result.steps} steps, the last {result.run_steps} after resuming, in"
     return (
         f"test accuracy {format_percent(result.test_accuracy)} (loss {result.test_loss:.4f}); "
         f"train accuracy {format_percent(result.train_accuracy)} (loss {result.train_loss:.4f}); "
-        f"{result.steps} steps in {result.train_seconds:.1f} s, "
-        f"{result.examples_per_second:,.0f} examples/s"
+        f"{steps} {result.train_seconds:.1f} s, {result.examples_per_second:,.0f} examples/s"
     )
 
 

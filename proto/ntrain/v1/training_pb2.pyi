@@ -196,7 +196,7 @@ class EpochSummary(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps", "train_seconds", "examples_per_second", "has_model")
+    __slots__ = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps", "train_seconds", "examples_per_second", "has_model", "run_steps")
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class JobResult(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RUN_STEPS_FIELD_NUMBER: _ClassVar[int]
     train_loss: float
     train_accuracy: float
     test_loss: float
@@ -213,7 +214,8 @@ class JobResult(_message.Message):
     train_seconds: float
     examples_per_second: float
     has_model: bool
-    def __init__(self, train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., has_model: _Optional[bool] = ...) -> None: ...
+    run_steps: int
+    def __init__(self, train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., has_model: _Optional[bool] = ..., run_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "request_id", "spec", "state", "transitions", "create_time", "failure_reason", "progress", "result", "devices", "strategy", "owner", "restarts", "preemptions", "dataset_version", "model")
