@@ -79,6 +79,9 @@ class ConvertOptions:
             )
 
 
+CSV_FIRST_LINE = 2  # a CSV's row 0 is the line below its header
+
+
 @dataclass(frozen=True)
 class _Places:
     """How a source names its places in errors: arrays by index, tables by row and column."""
@@ -87,6 +90,7 @@ class _Places:
     labels: str
     columns: tuple[str, ...] = ()  # a table's feature columns
     label_column: str = ""
+    first_line: int = 0  # a text file's line of row 0 (a CSV's 2, below its header); 0: none
 
     def feature(self, row: int, column: int) -> str:
         if self.columns:
@@ -95,6 +99,10 @@ class _Places:
 
     def label(self, row: int) -> str:
         return f"rows[{row}].{self.label_column}" if self.columns else f"{self.labels}[{row}]"
+
+    def line(self, row: int) -> str:
+        """" (line N)" where a row is a line of text, so an editor finds it; else ""."""
+        return f" (line {row + self.first_line})" if self.first_line else ""
 
 
 @dataclass(frozen=True)
@@ -202,8 +210,8 @@ def _check_features(block: np.ndarray, first: int, places: _Places) -> None:
         row, column = np.argwhere(~finite)[0]
         where = places.feature(first + int(row), int(column))
         raise DatasetError(
-            f"{where} is {block[row, column].item()!r}: features must be finite float32 numbers "
-            "(no NaN or infinity)",
+            f"{where}{places.line(first + int(row))} is {block[row, column].item()!r}: "
+            "features must be finite float32 numbers (no NaN or infinity)",
             where=where,
         )
 
@@ -216,7 +224,8 @@ def _check_labels(block: np.ndarray, first: int, places: _Places, num_classes: i
             row = int(np.argmin(integral))
             where = places.label(first + row)
             raise DatasetError(
-                f"{where} is {block[row].item()!r}: a label must be an integer class number",
+                f"{where}{places.line(first + row)} is {block[row].item()!r}: a label must be "
+                "an integer class number",
                 where=where,
             )
     elif block.dtype.kind not in "iub":
@@ -235,7 +244,9 @@ def _check_labels(block: np.ndarray, first: int, places: _Places, num_classes: i
             rule = f"a label must be in [0, {top}) for {num_classes} classes"
         else:
             rule = f"a label must be below {top}, the most classes allowed"
-        raise DatasetError(f"{where} is {labels[row]}: {rule}", where=where)
+        raise DatasetError(
+            f"{where}{places.line(first + row)} is {labels[row]}: {rule}", where=where
+        )
     return labels
 
 
@@ -503,7 +514,7 @@ def _open_csv(path: Path, options: ConvertOptions) -> _Source:
     features = _table_columns(header, options)
     if not has_rows:
         raise DatasetError("the CSV file has a header but no rows", where="file")
-    places = _Places("rows", "rows", tuple(features), options.label_column)
+    places = _Places("rows", "rows", tuple(features), options.label_column, CSV_FIRST_LINE)
     types = {name: pa.float32() for name in features}
     types[options.label_column] = pa.float64()
 
@@ -540,16 +551,16 @@ def _csv_problem(
     path: Path, header: list[str], features: list[str], label: str, error: Exception
 ) -> DatasetError:
     """The first bad row of a CSV that pyarrow refused, found by reading it again in Python."""
-    places = _Places("rows", "rows", tuple(features), label)
+    places = _Places("rows", "rows", tuple(features), label, CSV_FIRST_LINE)
     try:
         with open(path, encoding="utf-8", newline="") as text:
             for row, values in enumerate(csv.reader(text), start=-1):
                 if row < 0:
                     continue
-                line = row + 2
+                line = places.line(row)
                 if len(values) != len(header):
                     return DatasetError(
-                        f"row {row} (line {line}) has {len(values)} fields; the header has "
+                        f"row {row}{line} has {len(values)} fields; the header has "
                         f"{len(header)}",
                         where=f"rows[{row}]",
                     )
@@ -560,13 +571,13 @@ def _csv_problem(
                         if name == label:
                             where = places.label(row)
                             return DatasetError(
-                                f"{where} (line {line}) is {shown(value)}: a label must be an "
+                                f"{where}{line} is {shown(value)}: a label must be an "
                                 "integer class number",
                                 where=where,
                             )
                         where = f"rows[{row}].{name}"
                         return DatasetError(
-                            f"{where} (line {line}) is {shown(value)}, not a number", where=where
+                            f"{where}{line} is {shown(value)}, not a number", where=where
                         )
     except UnicodeDecodeError as bad:
         return DatasetError(f"the CSV file is not UTF-8 text: {bad}", where="file")

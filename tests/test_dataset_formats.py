@@ -148,22 +148,22 @@ def _mnist_flipped(mnist_path) -> bytes:
 CSV = {"format": "csv", "label_column": "y"}
 # (case, file name, its content, options, where, words of the message)
 BAD_DATA = [
-    ("non-numeric feature", "a.csv", "a,b,y\n1,2,0\n3,x,1\n", CSV, "rows[1].b", "not a number"),
+    ("non-numeric feature", "a.csv", "a,b,y\n1,2,0\n3,x,1\n", CSV, "rows[1].b", "(line 3) is 'x'"),
     ("empty feature", "a.csv", "a,b,y\n1,,0\n", CSV, "rows[0].b", "not a number"),
-    ("NaN", "a.csv", "a,b,y\n1,2,0\n3,nan,1\n", CSV, "rows[1].b", "finite"),
-    ("infinity", "a.csv", "a,b,y\n1,2,0\n-inf,2,1\n", CSV, "rows[1].a", "finite"),
-    ("fractional label", "a.csv", "a,b,y\n1,2,0\n3,4,1.5\n", CSV, "rows[1].y", "integer"),
+    ("NaN", "a.csv", "a,b,y\n1,2,0\n3,nan,1\n", CSV, "rows[1].b", "(line 3) is nan: features"),
+    ("infinity", "a.csv", "a,b,y\n1,2,0\n-inf,2,1\n", CSV, "rows[1].a", "(line 3) is -inf"),
+    ("fractional label", "a.csv", "a,b,y\n1,2,0\n3,4,1.5\n", CSV, "rows[1].y", "(line 3) is 1.5"),
     ("word as label", "a.csv", "a,b,y\n1,2,0\n3,4,cat\n", CSV, "rows[1].y", "integer"),
-    ("negative label", "a.csv", "a,b,y\n1,2,0\n3,4,-1\n", CSV, "rows[1].y", "0 or more"),
+    ("negative label", "a.csv", "a,b,y\n1,2,0\n3,4,-1\n", CSV, "rows[1].y", "(line 3) is -1: a"),
     (
         "label past num_classes",
         "a.csv",
         "a,b,y\n1,2,0\n3,4,7\n",
         {**CSV, "num_classes": 5},
         "rows[1].y",
-        "[0, 5)",
+        "(line 3) is 7: a label must be in [0, 5)",
     ),
-    ("ragged row", "a.csv", "a,b,y\n1,2,0\n3,4\n", CSV, "rows[1]", "2 fields"),
+    ("ragged row", "a.csv", "a,b,y\n1,2,0\n3,4\n", CSV, "rows[1]", "row 1 (line 3) has 2 fields"),
     (
         "missing label column",
         "a.csv",
@@ -191,7 +191,7 @@ BAD_DATA = [
         npz_bytes(x_train=[[1.0, np.nan]] * 3, y_train=[0, 1, 1], x_test=[[1.0, 1]], y_test=[0]),
         {"format": "npz"},
         "x_train[0][1]",
-        "finite",
+        "x_train[0][1] is nan: features",  # an array has no lines
     ),
     (
         "float labels",
