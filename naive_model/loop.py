@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from naive_model.leftovers import export_staging, remove_leftovers
 from naive_model.results import (
     CheckpointSaved,
     EpochEnd,
@@ -214,31 +215,9 @@ def run_training(
     return result
 
 
-def remove_leftovers(checkpoint_dir: Path | None, export_dir: str | Path | None) -> None:
-    """Remove what an interrupted save or export left (a full disk, a kill): never read again.
-
-    TensorFlow writes a checkpoint's shards in `ckpt-N_temp*` folders and its
-    list through `checkpoint.tmp*` files; an export stages in `.{name}.tmp`.
-    """
-    if checkpoint_dir is not None and checkpoint_dir.is_dir():
-        for path in checkpoint_dir.iterdir():
-            if (path.name.startswith("ckpt-") and "_temp" in path.name) or ".tmp" in path.name:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-    if export_dir is not None:
-        shutil.rmtree(_export_staging(Path(export_dir)), ignore_errors=True)
-
-
-def _export_staging(path: Path) -> Path:
-    """Where an export to `path` is written before it is renamed: `.{name}.tmp` beside it."""
-    return path.with_name(f".{path.name}.tmp")
-
-
 def export_atomically(trainer: Trainer, path: Path) -> None:
     """Write the SavedModel beside `path`, then rename: a reader never sees half of it."""
-    staging = _export_staging(path)
+    staging = export_staging(path)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         trainer.export(staging)

@@ -406,6 +406,19 @@ def test_a_job_without_restarts_fails_at_its_workers_first_death(loop):
     assert loop.record(job.job_id).failure_reason == "the worker process exited with code 1"
 
 
+def test_a_job_that_ends_keeps_no_half_written_checkpoint(loop):
+    job = loop.submit(spec(max_restarts=0))
+    checkpoints = loop.store.job_files(job.job_id).checkpoints
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "ckpt-2.index").write_bytes(b"kept")  # a whole checkpoint
+    (checkpoints / "ckpt-3_temp_9f1c" / "part-00000-of-00001").mkdir(parents=True)
+    (checkpoints / "checkpoint.tmp4e2a").write_bytes(b"")  # its list, half-renamed
+    loop.runner(job.job_id).end(RunEnd.WORKER_DIED, "killed by SIGKILL mid-save")
+    loop.settle()
+    assert loop.record(job.job_id).state is FAILED
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["ckpt-2.index"]
+
+
 def test_a_run_stopped_outside_a_shutdown_is_queued_again_to_resume(loop):
     job = loop.submit()
     loop.running(job.job_id, CheckpointSaved(path="/c", epoch=1, step=5, seconds=0.1))

@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from naive_model.config import shown
+from naive_model.leftovers import remove_leftovers
 from service.jobs.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -858,6 +859,9 @@ class JobController:
     def _finish(self, record: JobRecord, state: JobState, reason: str, run_seconds: float) -> None:
         self._transition(record.job_id, state, reason)
         self.metrics.job_finished(record.job_id, state.name.lower(), run_seconds)
+        # A worker killed in the middle of a save left its half-written shards; a
+        # run would remove them as it starts, but this job runs no more.
+        remove_leftovers(self.store.job_files(record.job_id).checkpoints, None)
 
     def _transition(
         self,
