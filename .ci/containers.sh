@@ -524,6 +524,12 @@ finish() {
     for pid in "${bg_pid[@]}"; do
         wait "$pid"
     done
+    # The daemon's socket, exec root and pidfile go with it (nothing is left in
+    # /tmp); its log stays beside the result. Not while anything is mounted there.
+    if [ -z "$dockerd_pid" ] && ! grep -q " $RUN_DIR/" /proc/mounts; then
+        [ -f "$RUN_DIR/dockerd.log" ] && cp "$RUN_DIR/dockerd.log" "$OUT_DIR/dockerd.log"
+        rm -rf "$RUN_DIR"
+    fi
     local total
     total=$(elapsed "$START" "$(date +%s.%N)")
     python3 .ci/containers_checks.py write-result "$CHECKS" "$RESULT" --seconds "$total" \
