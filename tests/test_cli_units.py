@@ -341,16 +341,20 @@ class FlakyService(training_pb2_grpc.TrainingServiceServicer):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be positive, got 0")
 
     def WatchExperiment(self, request, context):
-        """Two states, then the end for renewal (as at --stream-max-age); the next
-        stream starts again from the state the first was left in."""
+        """Two states, then exp-1's stream ends for renewal (as at --stream-max-age) and
+        exp-2's as a server going away; the next stream starts again from the state the
+        first was left in."""
         with self.lock:
-            self.experiment_requests = getattr(self, "experiment_requests", 0) + 1
-            attempt = self.experiment_requests
+            self.experiment_requests = getattr(self, "experiment_requests", {})
+            attempt = self.experiment_requests.get(request.experiment_id, 0) + 1
+            self.experiment_requests[request.experiment_id] = attempt
         states = [training_pb2.Experiment(experiment_id="exp-1", reason=n) for n in "abc"]
         if attempt == 1:
             yield from states[:2]
-            context.set_trailing_metadata((("ntrain-stream-renew", "1"),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, "this stream reached its age limit")
+            if request.experiment_id == "exp-1":
+                context.set_trailing_metadata((("ntrain-stream-renew", "1"),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, "this stream reached its age limit")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server went away")
         yield from states[1:]
 
     MODEL = {"saved_model.pb": b"graph" * 100, "variables/variables.index": b"index"}
@@ -394,11 +398,17 @@ def test_watch_reconnects_from_the_last_sequence_without_gaps_or_repeats(fake_se
     assert reconnects == [3]
 
 
-def test_an_experiment_watch_renewed_by_the_server_goes_on_without_a_repeat(fake_server):
+@pytest.mark.parametrize(("experiment_id", "told"), [("exp-1", 0), ("exp-2", 1)])
+def test_an_experiment_watch_goes_on_without_a_repeat_and_says_so_unless_renewed(
+    fake_server, experiment_id, told
+):
     service, address = fake_server
+    reconnects = []
     with client.Client(address) as api:
-        states = [experiment.reason for experiment in api.watch_experiment("exp-1")]
-    assert states == ["a", "b", "c"] and service.experiment_requests == 2
+        states = api.watch_experiment(experiment_id, on_reconnect=lambda: reconnects.append(1))
+        reasons = [experiment.reason for experiment in states]
+    assert reasons == ["a", "b", "c"] and service.experiment_requests[experiment_id] == 2
+    assert len(reconnects) == told  # a renewal is silent; a lost server is said once
 
 
 class Renewal(FakeRpcError):

@@ -20,7 +20,7 @@ from naive_model.config import TrainConfig
 from naive_model.results import EpochEnd, TrainingResult
 from service.jobs.access import Principal
 from service.jobs.controller import JobController, Placement, SubmitJob
-from service.jobs.errors import FailedPrecondition, InvalidArgument
+from service.jobs.errors import FailedPrecondition, InvalidArgument, Unavailable
 from service.jobs.experiment_spec import (
     CategoricalParameter,
     ExperimentSpec,
@@ -368,6 +368,18 @@ def test_cancel_ends_the_experiment_and_its_running_trials(start):
     assert all(job.state is JobState.CANCELED for job in service.trial_jobs(record.experiment_id))
     with pytest.raises(FailedPrecondition):
         service.experiments.cancel(record.experiment_id, principal=ADMIN)
+
+
+def test_a_watch_open_when_the_server_stops_ends_unavailable_to_reconnect(start):
+    service = start(epoch_seconds=0.05)
+    spec = experiment(base=JobSpec(train=TrainConfig(epochs=400), dataset="synthetic"))
+    record = service.experiments.submit(spec, principal=ADMIN)
+    watching = service.experiments.watch(record.experiment_id)
+    assert next(watching).experiment_id == record.experiment_id
+    service.experiments.stop()  # as the server's shutdown does, the experiment unsettled
+    with pytest.raises(Unavailable, match="the experiment goes on when it is back"):
+        for _ in watching:  # not an end, which a client would take for the experiment's
+            pass
 
 
 def test_too_many_failed_trials_fail_the_experiment(start):

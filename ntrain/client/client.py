@@ -306,15 +306,23 @@ class Client:
         )
 
     def watch_experiment(
-        self, experiment_id: str, *, reconnect_seconds: float = RECONNECT_SECONDS
+        self,
+        experiment_id: str,
+        *,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> Iterator[training_pb2.Experiment]:
         """The experiment now, then each time it changes, until it and its trials ended.
 
         A dropped stream reconnects (no state is given twice); after
         `reconnect_seconds` without a connection it raises `Unavailable`.
+        `on_reconnect()` is told when it starts trying.
         """
         states = watch_experiment_states(
-            self._stub, experiment_id, reconnect_seconds=reconnect_seconds
+            self._stub,
+            experiment_id,
+            reconnect_seconds=reconnect_seconds,
+            on_reconnect=on_reconnect,
         )
         return self._stream(states, None)
 

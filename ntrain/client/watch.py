@@ -176,6 +176,7 @@ def watch_experiment_states(
     experiment_id: str,
     *,
     reconnect_seconds: float = RECONNECT_SECONDS,
+    on_reconnect: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[training_pb2.Experiment]:
@@ -183,10 +184,12 @@ def watch_experiment_states(
 
     Each message is the whole experiment, so a dropped stream (UNAVAILABLE)
     reconnects and goes on; the state it was left in, sent again first, is
-    not given twice. It gives up after `reconnect_seconds` without a connection.
+    not given twice. It gives up after `reconnect_seconds` without a
+    connection; `on_reconnect()` is told when it starts trying.
     """
     last: bytes | None = None
     reconnection = _Reconnection(reconnect_seconds, clock, sleep)
+    told = None if on_reconnect is None else (lambda _: on_reconnect())
     while True:
         try:
             request = training_pb2.WatchExperimentRequest(experiment_id=experiment_id)
@@ -201,4 +204,4 @@ def watch_experiment_states(
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            reconnection.lost(error)
+            reconnection.lost(error, told)

@@ -8,6 +8,7 @@ returns, and returns the exit status.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 from ntrain.v1 import training_pb2
@@ -49,7 +50,15 @@ def follow_experiment(client, experiment_id: str) -> int:
     """Print a line as each trial changes state, then the table; 0 if it SUCCEEDED."""
     seen: dict[int, int] = {}
     try:
-        for experiment in client.watch_experiment(experiment_id):
+        states = client.watch_experiment(
+            experiment_id,
+            on_reconnect=lambda: print(
+                f"ntrain: connection lost; reconnecting to experiment {experiment_id}",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
+        for experiment in states:
             for trial in experiment.trials:
                 if seen.get(trial.number) != trial.state:
                     seen[trial.number] = trial.state

@@ -384,7 +384,11 @@ class ExperimentManager:
     ) -> Iterator[ExperimentRecord]:
         yield record
         experiment_id = record.experiment_id
-        while not record.settled and not self._closed and is_active():
+        while not record.settled and is_active():
+            if self._closed:  # it goes on after the next start, where the client reconnects
+                raise Unavailable(
+                    "the server is shutting down; the experiment goes on when it is back: reconnect"
+                )
             with self._changed:
                 self._changed.wait_for(
                     functools.partial(self._moved_on, record), WATCH_POLL_SECONDS
