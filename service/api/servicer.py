@@ -240,8 +240,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: pb.WatchExperimentRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Experiment]:
         check_experiment_id(request.experiment_id)
-        self.experiments.get(request.experiment_id, principal=principal_of(context))
         principal = principal_of(context)
+        self.experiments.get(request.experiment_id, principal=principal)
         with self.streams.slot("WatchExperiment", principal, context, resumable=True) as stream:
             records = self.experiments.watch(request.experiment_id, is_active=stream.is_active)
             yield from self.streams.send(

@@ -83,8 +83,10 @@ def _trial_line(trial: training_pb2.Trial, metric: str) -> str:
     params = ", ".join(f"{name}={value}" for name, value in sorted(trial.params.items()))
     line = f"{trial_state_name(trial.state)} {params}"
     if trial.HasField("metric"):
-        epochs = f"{trial.epochs} epoch" + ("" if trial.epochs == 1 else "s")
-        line += f"; {metric} {_metric(metric, trial.metric)} after {epochs}"
+        line += (
+            f"; {metric} {_metric(metric, trial.metric)} "
+            f"after {cli_output.plural(trial.epochs, 'epoch')}"
+        )
     if trial.stopped_early_at:
         line += f" (stopped early at epoch {trial.stopped_early_at})"
     return line
