@@ -118,4 +118,15 @@ class TrainingResult:
     run_steps: int | None = None  # steps of this run: fewer than `steps` after a resume
 
 
+def steps_timed(steps: int, run_steps: int | None) -> str:
+    """'N steps in', or after a resume 'N steps, the last M after resuming, in':
+    the words before a result's seconds, which time only its last run.
+
+    run_steps: the last run's steps; None when not known (an older result).
+    """
+    if run_steps is not None and run_steps < steps:
+        return f"{steps} steps, the last {run_steps} after resuming, in"
+    return f"{steps} steps in"
+
+
 LoopEvent = Progress | EpochEnd | CheckpointSaved | Resumed | TrainingResult

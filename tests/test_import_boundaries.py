@@ -54,6 +54,7 @@ ALLOWED = {
         "service.jobs.lock",
         "naive_model.config",
         "naive_model.data",
+        "naive_model.results",  # a result's words, as the training log says them
         "ntrain",
     },
     "service.protogen": set(),

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from google.protobuf import json_format
 from ntrain.v1 import training_pb2
 
+from naive_model.results import steps_timed
 from ntrain.client.states import state_name  # noqa: F401  (the CLI's name for it)
 
 # Dark to bright; a pixel in [0, 1] picks one.
@@ -115,9 +116,7 @@ def format_result(result: training_pb2.JobResult) -> str:
 
     After a resume the seconds are the last run's, so its steps are named with them.
     """
-    steps = f"{result.steps} steps in"
-    if 0 < result.run_steps < result.steps:
-        steps = f"{result.steps} steps, the last {result.run_steps} after resuming, in"
+    steps = steps_timed(result.steps, result.run_steps or None)  # 0: an older server's
     return (
         f"test accuracy {format_percent(result.test_accuracy)} (loss {result.test_loss:.4f}); "
         f"train accuracy {format_percent(result.train_accuracy)} (loss {result.train_loss:.4f}); "

@@ -14,6 +14,7 @@ from naive_model.results import (
     Progress,
     Resumed,
     TrainingResult,
+    steps_timed,
 )
 
 
@@ -53,12 +54,10 @@ def describe_event(event: LoopEvent) -> str:
             )
             return f"{event.describe_fallback()}; {line}" if event.damaged else line
         case TrainingResult():
-            steps = f"{event.steps} steps in"
-            if event.run_steps is not None and event.run_steps < event.steps:
-                steps = f"{event.steps} steps, the last {event.run_steps} after resuming, in"
             return (
                 f"training finished: test loss {event.test_loss:.4f} accuracy "
-                f"{event.test_accuracy:.2%}; {steps} {event.train_seconds:.2f} s, "
+                f"{event.test_accuracy:.2%}; {steps_timed(event.steps, event.run_steps)} "
+                f"{event.train_seconds:.2f} s, "
                 f"{event.examples_per_second:,.0f} examples/s; "
                 + ("model exported" if event.has_model else "no model exported")
             )
