@@ -101,7 +101,7 @@ class _Places:
         return f"rows[{row}].{self.label_column}" if self.columns else f"{self.labels}[{row}]"
 
     def line(self, row: int) -> str:
-        """" (line N)" where a row is a line of text, so an editor finds it; else ""."""
+        """The row's line in a text file, as ' (line N)' for an editor to find; else ''."""
         return f" (line {row + self.first_line})" if self.first_line else ""
 
 
