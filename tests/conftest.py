@@ -13,8 +13,10 @@ a collected test module imports it).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -109,3 +111,21 @@ def compose_without_project_name(compose: dict, tmp_path: Path) -> Path:
     path = tmp_path / "docker-compose.unnamed.yml"
     path.write_text(yaml.safe_dump(compose))
     return path
+
+
+def run_benchmark(
+    module: str, folder: Path, *args: str, env=None, timeout: float = 600
+) -> tuple[dict, str]:
+    """`python -m benchmarks.MODULE ARGS --json FOLDER/MODULE.json` from the repository:
+    its JSON report, and what it printed on stderr (it must exit 0)."""
+    output = folder / f"{module}.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args, "--json", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return json.loads(output.read_text()), finished.stderr

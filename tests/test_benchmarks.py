@@ -6,15 +6,12 @@ these tests keep the benchmark programs from rotting, on a small data set.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import run_benchmark
 
 from benchmarks.report import paired_ratio, side_by_side
 from naive_model.data import synthetic_dataset
@@ -61,22 +58,6 @@ def small_npz(tmp_path_factory):
     return path
 
 
-def run_benchmark(module: str, data, tmp_path, env=None) -> tuple[dict, str]:
-    """The benchmark's JSON report, and what it printed on stderr."""
-    output = tmp_path / f"{module}.json"
-    finished = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--data", str(data)]
-        + ["--json", str(output)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert finished.returncode == 0, finished.stderr[-4000:]
-    return json.loads(output.read_text()), finished.stderr
-
-
 def without_packages(tmp_path, *packages: str) -> dict[str, str]:
     """An environment in which importing `packages` fails as if they were not installed.
 
@@ -94,7 +75,9 @@ def without_packages(tmp_path, *packages: str) -> dict[str, str]:
 
 def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_npz, tmp_path):
     env = without_packages(tmp_path, "jax", "torch")
-    report, stderr = run_benchmark("throughput", small_npz, tmp_path, env)
+    report, stderr = run_benchmark(
+        "throughput", tmp_path, "--quick", "--data", str(small_npz), env=env
+    )
 
     entries = report["entries"]
     assert set(entries) == {"seed_eager", "compiled", "keras_fit_best", "roofline", "mirrored_2"}
@@ -140,7 +123,7 @@ def test_throughput_reports_every_entry_and_ratios_of_the_fastest_rounds(small_n
 
 
 def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
-    report, _ = run_benchmark("step_anatomy", small_npz, tmp_path)
+    report, _ = run_benchmark("step_anatomy", tmp_path, "--quick", "--data", str(small_npz))
 
     fastest = report["samples_per_sec"]
     entries = {"roofline", "roofline_serial", "matmul_chain", "chain_update", "compiled"}
@@ -158,18 +141,10 @@ def test_step_anatomy_times_the_chain_beside_the_roofline(small_npz, tmp_path):
 
 
 def test_memory_peak_reports_a_workers_peak_beside_the_estimate(tmp_path):
-    output = tmp_path / "memory_peak.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory_peak", "--config", "wide_activations"]
-        + ["--json", str(output)],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    report, _ = run_benchmark("memory_peak", tmp_path, "--config", "wide_activations")
     from benchmarks.memory_peak import MIB, train_config
 
-    entry = json.loads(output.read_text())["entries"]["wide_activations"]
+    entry = report["entries"]["wide_activations"]
     stages = entry["peak_mib_by_stage"]
     assert entry["peak_mib"] == max(stages.values()) > stages["tensorflow_imported"] > 0
     # The runtime is what the worker measured after its imports, in this install.
@@ -184,16 +159,10 @@ def test_memory_peak_reports_a_workers_peak_beside_the_estimate(tmp_path):
 
 
 def test_datasets_reports_upload_and_conversion_figures(tmp_path):
-    output = tmp_path / "datasets.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.datasets", "--quick", "--only", "upload"]
-        + ["--only", "conversion", "--json", str(output), "--work-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    results = json.loads(output.read_text())
+    results, _ = run_benchmark(
+        "datasets", tmp_path, "--quick", "--only", "upload", "--only", "conversion",
+        "--work-dir", str(tmp_path),
+    )  # fmt: skip
     upload = results["upload"]
     assert upload["bytes"] == 64 * 2**20 and upload["MB_per_second"] > 0
     assert upload["server_rss_mib"]["peak"] >= upload["server_rss_mib"]["idle"] > 0
@@ -227,17 +196,9 @@ def test_the_sweeps_replay_stops_a_slow_starter_for_good_only_with_optunas_rule(
 
 
 def test_predict_floor_times_grpc_and_the_hop_beside_the_model(tmp_path):
-    output = tmp_path / "floor.json"
-    finished = subprocess.run(
-        [sys.executable, "-m", "benchmarks.predict_floor", "--rounds", "1", "--calls", "2"]
-        + ["--json", str(output)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    report, _ = run_benchmark(
+        "predict_floor", tmp_path, "--rounds", "1", "--calls", "2", timeout=300
     )
-    assert finished.returncode == 0, finished.stderr[-4000:]
-    report = json.loads(output.read_text())
     assert set(report["median_ms"]) == {"in_process", "grpc", "grpc_pipe"}
     assert all(len(seconds) == 1 for seconds in report["rounds_seconds"].values())
     assert report["hop_ms"] == round(

@@ -5,14 +5,11 @@ Timings are not asserted (they belong to the benchmark): this keeps it from rott
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import run_benchmark
 
 from naive_model.data import synthetic_dataset
 
@@ -54,17 +51,8 @@ def report(tmp_path_factory) -> dict:
     np.savez(
         npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test
     )
-    output = folder / "inference.json"
-    finished = subprocess.run(
-        [sys.executable, "-m", "benchmarks.inference", "--quick", "--data", str(npz)]
-        + ["--json", str(output)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert finished.returncode == 0, finished.stderr[-4000:]
-    return json.loads(output.read_text())
+    report, _ = run_benchmark("inference", folder, "--quick", "--data", str(npz))
+    return report
 
 
 def test_every_entry_ran_side_by_side_in_every_round(report):
