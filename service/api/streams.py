@@ -178,12 +178,8 @@ class StreamSlots:
         """
         iterator = iter(messages)
         try:
-            while not stream.aged():
-                try:
-                    message = next(iterator)
-                except StopIteration:
-                    if not stream.aged():
-                        return
+            for message in iterator:
+                if stream.aged():  # the client resumes after what it was given
                     break
                 stream.waiting_since = self._clock()
                 yield message
@@ -192,6 +188,8 @@ class StreamSlots:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+        if not stream.aged():
+            return
         log.info(
             "ended a %s stream of %s from %s at its age limit; a client that reads reconnects",
             stream.method,
